@@ -1,0 +1,376 @@
+//! Reading a tar stream as untrusted input: every entry is parsed into a validated
+//! [`Entry`] (a [`SafePath`] that cannot leave the root, a known type, metadata) and checked
+//! against the stream so far and the manifest's [`Limits`] before a [`Sink`] sees it.
+//!
+//! One walker serves three callers: the unpacker (a sink that writes files), `verify`
+//! (a sink that writes nothing), and the bundle builder importing a vendor tarball (which must
+//! refuse the same things the agent would refuse, at build time rather than on a server).
+
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Created in the unpack target before the first entry and removed after the last step has
+/// been verified and flushed. A target that contains it is not usable. Entries with this name
+/// are refused so that a payload cannot fake completion.
+pub const INCOMPLETE_MARKER: &str = ".reinstall-incomplete";
+
+/// A relative path with no `..`, no root, no empty or `.` components. The empty path is the
+/// root of the tree itself (the tar entry `./`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SafePath(PathBuf);
+
+impl SafePath {
+    pub fn parse(raw: &[u8]) -> std::result::Result<SafePath, String> {
+        if raw.contains(&0) {
+            return Err("path contains a NUL byte".into());
+        }
+        if raw.first() == Some(&b'/') {
+            return Err("absolute path".into());
+        }
+        let mut out = PathBuf::new();
+        for comp in raw.split(|b| *b == b'/') {
+            match comp {
+                b"" | b"." => continue,
+                b".." => return Err("path contains a `..` component".into()),
+                c => out.push(std::ffi::OsStr::from_bytes(c)),
+            }
+        }
+        Ok(SafePath(out))
+    }
+
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.as_os_str().is_empty()
+    }
+
+    /// Proper ancestors, outermost first, excluding the root.
+    pub fn ancestors(&self) -> impl Iterator<Item = &Path> {
+        let mut v: Vec<&Path> = self
+            .0
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        v.reverse();
+        v.into_iter()
+    }
+
+    pub fn display(&self) -> String {
+        if self.is_root() {
+            "./".into()
+        } else {
+            self.0.to_string_lossy().into_owned()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File,
+    Symlink(Vec<u8>),
+    /// A hard link to an earlier entry of the same stream.
+    Hardlink(SafePath),
+    Char(u32, u32),
+    Block(u32, u32),
+    Fifo,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits including setuid/setgid/sticky (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    /// Extended attributes (including `security.capability` and the POSIX ACLs
+    /// `system.posix_acl_access`/`_default`), carried as PAX `SCHILY.xattr.NAME` records.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+pub struct Entry {
+    pub path: SafePath,
+    pub kind: EntryKind,
+    pub meta: Meta,
+    pub size: u64,
+}
+
+/// Hard ceilings for one stream. The unpacker uses the manifest's exact numbers: a payload that
+/// holds more than its signed manifest says is refused at the first entry or byte over.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub entries: u64,
+    pub unpacked_size: u64,
+}
+
+impl Limits {
+    pub const NONE: Limits = Limits {
+        entries: u64::MAX,
+        unpacked_size: u64::MAX,
+    };
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub unpacked_size: u64,
+}
+
+/// Where validated entries go. `data` yields exactly `entry.size` bytes for files.
+pub trait Sink {
+    fn entry(&mut self, entry: &Entry, data: &mut dyn Read) -> Result<()>;
+}
+
+/// Writes nothing; reads data through so the stream is fully checked.
+pub struct NullSink;
+impl Sink for NullSink {
+    fn entry(&mut self, _: &Entry, data: &mut dyn Read) -> Result<()> {
+        std::io::copy(data, &mut std::io::sink()).map_err(|e| Error::Tar(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Reads the whole tar stream, validating each entry before handing it to `sink`.
+pub fn walk(
+    reader: impl Read,
+    limits: Limits,
+    sink: &mut dyn Sink,
+    progress: &mut dyn FnMut(&Stats),
+) -> Result<Stats> {
+    let mut archive = tar::Archive::new(reader);
+    let mut stats = Stats::default();
+    let mut checker = Checker::default();
+    let entries = archive.entries().map_err(|e| Error::Tar(e.to_string()))?;
+    for item in entries {
+        let mut te = item.map_err(|e| Error::Tar(format!("reading tar header: {e}")))?;
+        stats.entries += 1;
+        if stats.entries > limits.entries {
+            return Err(Error::Limit(format!(
+                "more than {} entries",
+                limits.entries
+            )));
+        }
+        stats.unpacked_size = stats.unpacked_size.saturating_add(te.size());
+        if stats.unpacked_size > limits.unpacked_size {
+            return Err(Error::Limit(format!(
+                "entries hold more than {} bytes",
+                limits.unpacked_size
+            )));
+        }
+        let Some(entry) = parse_entry(&mut te)? else {
+            continue;
+        };
+        checker.check(&entry)?;
+        sink.entry(&entry, &mut te)?;
+        progress(&stats);
+    }
+    Ok(stats)
+}
+
+/// The stream-level rules: nothing is written through a symlink the stream made, and a hard
+/// link points at an earlier non-directory entry.
+#[derive(Default)]
+struct Checker {
+    symlinks: HashSet<PathBuf>,
+    nondirs: HashSet<PathBuf>,
+}
+
+impl Checker {
+    fn check(&mut self, e: &Entry) -> Result<()> {
+        let bad = |reason: String| Error::Entry {
+            entry: e.path.display(),
+            reason,
+        };
+        if e.path.as_path() == Path::new(INCOMPLETE_MARKER) {
+            return Err(bad("this name is reserved for the unpacker's marker".into()));
+        }
+        let through_link = |p: &SafePath| {
+            p.ancestors()
+                .find(|a| self.symlinks.contains(*a))
+                .map(Path::to_path_buf)
+        };
+        if let Some(link) = through_link(&e.path) {
+            return Err(bad(format!(
+                "would be written through the symlink {}, which could lead outside the target",
+                link.display()
+            )));
+        }
+        if let EntryKind::Hardlink(t) = &e.kind {
+            if through_link(t).is_some() || !self.nondirs.contains(t.as_path()) {
+                return Err(bad(format!(
+                    "hard link to {}, which is not an earlier file of this archive",
+                    t.display()
+                )));
+            }
+        }
+        let p = e.path.as_path().to_path_buf();
+        self.symlinks.remove(&p);
+        match e.kind {
+            EntryKind::Dir => {
+                self.nondirs.remove(&p);
+            }
+            EntryKind::Symlink(_) => {
+                self.symlinks.insert(p.clone());
+                self.nondirs.insert(p);
+            }
+            _ => {
+                self.nondirs.insert(p);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_entry<R: Read>(te: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
+    let raw_path = te.path_bytes().into_owned();
+    let name = String::from_utf8_lossy(&raw_path).into_owned();
+    let bad = |reason: String| Error::Entry {
+        entry: name.clone(),
+        reason,
+    };
+    let path = SafePath::parse(&raw_path).map_err(bad)?;
+    let h = te.header();
+    let num = |r: std::io::Result<u64>, field: &str| {
+        r.map_err(|e| bad(format!("bad {field} field: {e}")))
+    };
+    let dev = |r: std::io::Result<Option<u32>>| {
+        r.map_err(|e| bad(format!("bad device number: {e}")))
+            .map(|v| v.unwrap_or(0))
+    };
+    let et = h.entry_type();
+    let mut meta = Meta {
+        mode: h.mode().map_err(|e| bad(format!("bad mode field: {e}")))? & 0o7777,
+        uid: num(h.uid(), "uid")? as u32,
+        gid: num(h.gid(), "gid")? as u32,
+        mtime: num(h.mtime(), "mtime")? as i64,
+        xattrs: Vec::new(),
+    };
+    let kind = match et {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            EntryKind::File
+        }
+        tar::EntryType::Directory => EntryKind::Dir,
+        tar::EntryType::Symlink => EntryKind::Symlink(
+            te.link_name_bytes()
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| bad("symlink without a target".into()))?
+                .into_owned(),
+        ),
+        tar::EntryType::Link => {
+            let t = te
+                .link_name_bytes()
+                .ok_or_else(|| bad("hard link without a target".into()))?;
+            EntryKind::Hardlink(
+                SafePath::parse(&t).map_err(|r| bad(format!("hard link target: {r}")))?,
+            )
+        }
+        tar::EntryType::Char => EntryKind::Char(dev(h.device_major())?, dev(h.device_minor())?),
+        tar::EntryType::Block => EntryKind::Block(dev(h.device_major())?, dev(h.device_minor())?),
+        tar::EntryType::Fifo => EntryKind::Fifo,
+        // A global PAX header carries defaults we do not use (comments, charset).
+        tar::EntryType::XGlobalHeader => return Ok(None),
+        other => {
+            return Err(bad(format!(
+                "unsupported tar entry type {:?}",
+                other.as_byte() as char
+            )))
+        }
+    };
+    if path.is_root() && kind != EntryKind::Dir {
+        return Err(bad("the archive root is not a directory".into()));
+    }
+    if let Some(exts) = te
+        .pax_extensions()
+        .map_err(|e| bad(format!("PAX header: {e}")))?
+    {
+        for ext in exts {
+            let ext = ext.map_err(|e| bad(format!("PAX header: {e}")))?;
+            let key = ext.key_bytes();
+            let val = ext.value_bytes();
+            let int = || {
+                std::str::from_utf8(val)
+                    .ok()
+                    .and_then(|s| s.split('.').next()?.parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "PAX {} is not a number",
+                            String::from_utf8_lossy(key)
+                        ))
+                    })
+            };
+            match key {
+                b"uid" => meta.uid = int()? as u32,
+                b"gid" => meta.gid = int()? as u32,
+                b"mtime" => meta.mtime = int()?,
+                k if k.starts_with(b"SCHILY.xattr.") => {
+                    meta.xattrs.push((k[13..].to_vec(), val.to_vec()));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Some(Entry {
+        path,
+        kind,
+        meta,
+        size: te.size(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_path_refuses_escapes_and_normalizes() {
+        for bad in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"a/..", b"a\0b"] {
+            assert!(
+                SafePath::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            SafePath::parse(b"./a//b/./c").unwrap().as_path(),
+            Path::new("a/b/c")
+        );
+        assert!(SafePath::parse(b"./").unwrap().is_root());
+        assert!(SafePath::parse(b"a..b/..c").is_ok());
+        let p = SafePath::parse(b"a/b/c").unwrap();
+        let anc: Vec<_> = p.ancestors().collect();
+        assert_eq!(anc, [Path::new("a"), Path::new("a/b")]);
+    }
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: SafePath::parse(path.as_bytes()).unwrap(),
+            kind,
+            meta: Meta::default(),
+            size: 0,
+        }
+    }
+
+    #[test]
+    fn checker_refuses_writes_through_symlinks_and_dangling_hardlinks() {
+        let mut c = Checker::default();
+        c.check(&entry("etc", EntryKind::Symlink(b"/etc".to_vec())))
+            .unwrap();
+        let e = c.check(&entry("etc/passwd", EntryKind::File)).unwrap_err();
+        assert!(e.to_string().contains("symlink etc"), "{e}");
+        let hl = EntryKind::Hardlink(SafePath::parse(b"nothing").unwrap());
+        assert!(c.check(&entry("x", hl)).is_err());
+        c.check(&entry("f", EntryKind::File)).unwrap();
+        let hl = EntryKind::Hardlink(SafePath::parse(b"f").unwrap());
+        c.check(&entry("g", hl)).unwrap();
+        // Replacing the symlink by a real directory makes the path usable again.
+        c.check(&entry("etc", EntryKind::Dir)).unwrap();
+        c.check(&entry("etc/passwd", EntryKind::File)).unwrap();
+        assert!(c.check(&entry(INCOMPLETE_MARKER, EntryKind::File)).is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! Writing validated entries into a target directory, keeping everything an OS tree needs.
+//!
+//! Order per file matters: data, then owner (chown clears setuid bits and
+//! `security.capability`), then mode, then extended attributes, then times. Directory modes
+//! and times are applied last, after their contents stopped changing them.
+//!
+//! Defence in depth beyond the stream checks in [`crate::tree`]: every parent directory is
+//! checked on disk (`lstat`) to be a real directory before anything is created in it, so a
+//! symlink left by an earlier, interrupted attempt cannot redirect a write either.
+
+use crate::error::io_err;
+use crate::tree::{Entry, EntryKind, Meta, SafePath, Sink};
+use crate::{Error, Result};
+use nix::sys::stat::{self, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub struct FsSink {
+    root: PathBuf,
+    /// Paths (relative) known to be real directories, created or checked by us.
+    dirs: HashSet<PathBuf>,
+    /// Directory modes and mtimes, applied by [`FsSink::finish_dirs`].
+    deferred: Vec<(PathBuf, Meta)>,
+    root_meta: Option<Meta>,
+    buf: Vec<u8>,
+}
+
+impl FsSink {
+    pub fn new(root: &Path) -> Self {
+        FsSink {
+            root: root.to_path_buf(),
+            dirs: HashSet::new(),
+            deferred: Vec::new(),
+            root_meta: None,
+            buf: vec![0u8; 1 << 20],
+        }
+    }
+
+    /// Applies the deferred directory modes and mtimes, except the root's (see
+    /// [`FsSink::finish_root`]).
+    pub fn finish_dirs(&mut self) -> Result<()> {
+        for (rel, meta) in std::mem::take(&mut self.deferred).iter().rev() {
+            let p = self.root.join(rel);
+            set_mode(&p, meta.mode)?;
+            set_times(&p, meta.mtime)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the root entry's mode and mtime. Called after the unpacker's marker is gone,
+    /// since removing it changes the root's mtime.
+    pub fn finish_root(&mut self) -> Result<()> {
+        if let Some(meta) = self.root_meta.take() {
+            set_mode(&self.root, meta.mode)?;
+            set_times(&self.root, meta.mtime)?;
+        }
+        Ok(())
+    }
+
+    fn err(&self, e: &Entry, reason: String) -> Error {
+        Error::Entry {
+            entry: e.path.display(),
+            reason,
+        }
+    }
+
+    /// Makes sure every ancestor of `rel` is a real directory (creating missing ones, 0755).
+    fn prepare_parents(&mut self, e: &Entry, rel: &SafePath) -> Result<()> {
+        for anc in rel.ancestors() {
+            if self.dirs.contains(anc) {
+                continue;
+            }
+            let abs = self.root.join(anc);
+            match std::fs::symlink_metadata(&abs) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    return Err(self.err(
+                        e,
+                        format!("{} is in the way and is not a directory", anc.display()),
+                    ))
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    std::fs::create_dir(&abs).map_err(io_err("creating", &abs))?;
+                }
+                Err(err) => return Err(Error::io("reading", abs, err)),
+            }
+            self.dirs.insert(anc.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Removes whatever non-directory is at `abs` so a new entry can take its place (a later
+    /// entry of the same name wins, as with GNU tar). A directory is never removed.
+    fn clear(&self, e: &Entry, abs: &Path) -> Result<()> {
+        match std::fs::symlink_metadata(abs) {
+            Ok(md) if md.is_dir() => Err(self.err(e, "would replace a directory".into())),
+            Ok(_) => std::fs::remove_file(abs).map_err(io_err("removing", abs)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(Error::io("reading", abs, err)),
+        }
+    }
+
+    /// Runs `make` and, if the path exists, clears it and runs `make` once more.
+    fn create(
+        &self,
+        e: &Entry,
+        abs: &Path,
+        mut make: impl FnMut() -> io::Result<()>,
+    ) -> Result<()> {
+        match make() {
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                self.clear(e, abs)?;
+                make().map_err(io_err("creating", abs))
+            }
+            r => r.map_err(io_err("creating", abs)),
+        }
+    }
+
+    fn write_file(&mut self, e: &Entry, abs: &Path, data: &mut dyn Read) -> Result<()> {
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(abs)
+        };
+        let mut f = match open() {
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                self.clear(e, abs)?;
+                open().map_err(io_err("creating", abs))?
+            }
+            r => r.map_err(io_err("creating", abs))?,
+        };
+        let mut left = e.size;
+        while left > 0 {
+            let want = self.buf.len().min(left as usize);
+            let n = data
+                .read(&mut self.buf[..want])
+                .map_err(|err| self.err(e, format!("reading data: {err}")))?;
+            if n == 0 {
+                return Err(self.err(e, "archive ends inside this file".into()));
+            }
+            f.write_all(&self.buf[..n])
+                .map_err(io_err("writing", abs))?;
+            left -= n as u64;
+        }
+        std::os::unix::fs::fchown(&f, Some(e.meta.uid), Some(e.meta.gid))
+            .map_err(io_err("changing owner of", abs))?;
+        f.set_permissions(std::fs::Permissions::from_mode(e.meta.mode))
+            .map_err(io_err("changing mode of", abs))?;
+        set_xattrs(abs, &e.meta)?;
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.meta.mtime.max(0) as u64);
+        f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+            .map_err(io_err("setting times of", abs))?;
+        Ok(())
+    }
+}
+
+impl Sink for FsSink {
+    fn entry(&mut self, e: &Entry, data: &mut dyn Read) -> Result<()> {
+        self.prepare_parents(e, &e.path)?;
+        let rel = e.path.as_path();
+        let abs = self.root.join(rel);
+        match &e.kind {
+            EntryKind::Dir => {
+                if e.path.is_root() {
+                    self.root_meta = Some(e.meta.clone());
+                } else {
+                    match std::fs::create_dir(&abs) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                            if !std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
+                                self.clear(e, &abs)?;
+                                std::fs::create_dir(&abs).map_err(io_err("creating", &abs))?;
+                            }
+                        }
+                        Err(err) => return Err(Error::io("creating", &abs, err)),
+                    }
+                    self.dirs.insert(rel.to_path_buf());
+                    self.deferred.push((rel.to_path_buf(), e.meta.clone()));
+                }
+                chown(&abs, &e.meta)?;
+                set_xattrs(&abs, &e.meta)?;
+            }
+            EntryKind::File => self.write_file(e, &abs, data)?,
+            EntryKind::Symlink(target) => {
+                let t = std::ffi::OsStr::from_bytes(target);
+                self.create(e, &abs, || std::os::unix::fs::symlink(t, &abs))?;
+                chown(&abs, &e.meta)?;
+                set_xattrs(&abs, &e.meta)?;
+                set_times(&abs, e.meta.mtime)?;
+            }
+            EntryKind::Hardlink(target) => {
+                self.prepare_parents(e, target)?;
+                let src = self.root.join(target.as_path());
+                // linkat(2) without AT_SYMLINK_FOLLOW: a link to a symlink links the symlink.
+                self.create(e, &abs, || std::fs::hard_link(&src, &abs))?;
+            }
+            EntryKind::Char(..) | EntryKind::Block(..) | EntryKind::Fifo => {
+                let (kind, dev) = match e.kind {
+                    EntryKind::Char(ma, mi) => {
+                        (SFlag::S_IFCHR, stat::makedev(ma as u64, mi as u64))
+                    }
+                    EntryKind::Block(ma, mi) => {
+                        (SFlag::S_IFBLK, stat::makedev(ma as u64, mi as u64))
+                    }
+                    _ => (SFlag::S_IFIFO, 0),
+                };
+                self.create(e, &abs, || {
+                    stat::mknod(&abs, kind, Mode::from_bits_truncate(0o600), dev)
+                        .map_err(io::Error::from)
+                })?;
+                chown(&abs, &e.meta)?;
+                set_mode(&abs, e.meta.mode)?;
+                set_xattrs(&abs, &e.meta)?;
+                set_times(&abs, e.meta.mtime)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn chown(p: &Path, m: &Meta) -> Result<()> {
+    std::os::unix::fs::lchown(p, Some(m.uid), Some(m.gid)).map_err(io_err("changing owner of", p))
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<()> {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("changing mode of", p))
+}
+
+fn set_xattrs(p: &Path, m: &Meta) -> Result<()> {
+    for (k, v) in &m.xattrs {
+        let name = std::ffi::OsStr::from_bytes(k);
+        xattr::set(p, name, v).map_err(|e| {
+            Error::io(
+                "setting extended attribute",
+                format!("{} on {}", String::from_utf8_lossy(k), p.display()),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Sets atime and mtime without following a symlink.
+fn set_times(p: &Path, mtime: i64) -> Result<()> {
+    let t = TimeSpec::new(mtime, 0);
+    stat::utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink)
+        .map_err(|e| Error::io("setting times of", p, e.into()))
+}
+
+/// Opens `TARGET` for an unpack: creates it if missing; refuses a non-directory or a directory
+/// holding anything but `lost+found` (a fresh ext4) and the incomplete-marker of an earlier
+/// attempt of ours.
+pub fn prepare_target(target: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(target) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a directory",
+                target.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(target).map_err(io_err("creating", target))?;
+        }
+        Err(e) => return Err(Error::io("reading", target, e)),
+    }
+    let mut marker = false;
+    let mut other = None;
+    for ent in std::fs::read_dir(target).map_err(io_err("listing", target))? {
+        let name = ent.map_err(io_err("listing", target))?.file_name();
+        if name == crate::tree::INCOMPLETE_MARKER {
+            marker = true;
+        } else if name != "lost+found" {
+            other.get_or_insert(name);
+        }
+    }
+    match other {
+        Some(name) if !marker => Err(Error::Invalid(format!(
+            "{} is not empty (it holds {:?}); unpack only into an empty directory",
+            target.display(),
+            name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the marker that says "this tree is not usable", durably, before the first entry.
+pub fn mark_incomplete(target: &Path, what: &str) -> Result<()> {
+    let p = target.join(crate::tree::INCOMPLETE_MARKER);
+    let mut f = File::create(&p).map_err(io_err("creating", &p))?;
+    writeln!(
+        f,
+        "unpack of {what} started; this tree is not usable until this file is gone"
+    )
+    .and_then(|_| f.sync_all())
+    .map_err(io_err("writing", &p))?;
+    sync_dir(target)
+}
+
+/// Appends the failure reason to the marker (best effort: the marker itself is what counts).
+pub fn note_failure(target: &Path, reason: &str) {
+    let p = target.join(crate::tree::INCOMPLETE_MARKER);
+    if let Ok(mut f) = OpenOptions::new().append(true).open(&p) {
+        let _ = writeln!(f, "failed: {reason}");
+        let _ = f.sync_all();
+    }
+}
+
+/// Flushes the whole filesystem holding `target`, then removes the marker durably.
+pub fn mark_complete(target: &Path) -> Result<()> {
+    let d = File::open(target).map_err(io_err("opening", target))?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
+        .map_err(|e| Error::io("flushing the filesystem of", target, e.into()))?;
+    let p = target.join(crate::tree::INCOMPLETE_MARKER);
+    std::fs::remove_file(&p).map_err(io_err("removing", &p))?;
+    sync_dir(target)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("flushing", dir))
+}
