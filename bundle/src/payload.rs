@@ -140,8 +140,9 @@ impl<W: Write> Write for PayloadWriter<W> {
 /// The read side: a `Read` of the decompressed tar stream, fed by two worker threads.
 pub struct PayloadReader {
     reader: Option<ChunkReader>,
-    fetch: Option<JoinHandle<Result<(String, u64)>>>,
-    decode: Option<JoinHandle<Result<u64>>>,
+    fetch: Option<JoinHandle<Result<Fetched>>>,
+    /// The decompressed length, if the stream was read to its end.
+    decode: Option<JoinHandle<Result<Option<u64>>>>,
     path: PathBuf,
     manifest: Manifest,
 }
@@ -170,7 +171,7 @@ impl PayloadReader {
         let (mut w2, r2) = pipe::channel();
         let expected = manifest.payload.size;
         let p = path.to_path_buf();
-        let fetch = std::thread::spawn(move || -> Result<(String, u64)> {
+        let fetch = std::thread::spawn(move || -> Result<Fetched> {
             let mut h = Sha256::new();
             let mut n = 0u64;
             loop {
@@ -197,15 +198,22 @@ impl PayloadReader {
                 buf.truncate(got);
                 h.update(&buf);
                 if w1.send(buf).is_err() {
-                    break; // the consumer stopped; it reports why
+                    // The consumer stopped; it reports why.
+                    return Ok(Fetched {
+                        sha256: None,
+                        size: n,
+                    });
                 }
             }
-            Ok((pipe::hex(&h.finalize()), n))
+            Ok(Fetched {
+                sha256: Some(pipe::hex(&h.finalize())),
+                size: n,
+            })
         });
         let compression = manifest.payload.compression;
         let tar_size = manifest.contents.tar_size;
         let p = path.to_path_buf();
-        let decode = std::thread::spawn(move || -> Result<u64> {
+        let decode = std::thread::spawn(move || -> Result<Option<u64>> {
             let decrypt_err: Rc<RefCell<Option<String>>> = Rc::default();
             let fail = |w: pipe::ChunkWriter, e: Error| {
                 w.fail(io::Error::other(e.to_string()));
@@ -240,11 +248,11 @@ impl PayloadReader {
             loop {
                 let mut buf = vec![0u8; CHUNK];
                 match read_full(&mut limited, &mut buf) {
-                    Ok(0) => return Ok(limited.count),
+                    Ok(0) => return Ok(Some(limited.count)),
                     Ok(n) => {
                         buf.truncate(n);
                         if w2.send(buf).is_err() {
-                            return Ok(limited.count);
+                            return Ok(None); // the consumer stopped; it reports why
                         }
                     }
                     Err(e) => {
@@ -280,9 +288,7 @@ impl PayloadReader {
             // authenticated and hashed.
             let drained = io::copy(&mut r, &mut io::sink());
             drop(r);
-            if let Err(e) = self.join_workers() {
-                return Err(e);
-            }
+            self.join_workers()?;
             drained.map_err(|e| Error::Tar(e.to_string()))?;
         }
         Ok(())
@@ -301,23 +307,26 @@ impl PayloadReader {
     fn join_workers(&mut self) -> Result<()> {
         let decoded = self.decode.take().map(join);
         let fetched = self.fetch.take().map(join);
-        // Report the earliest stage's failure first: it caused the later ones.
-        let (sha, size) = match fetched {
+        // Report the earliest stage's failure first: it caused the later ones. A blob that
+        // does not match its signed manifest is the root cause of anything after it.
+        let f = match fetched {
             Some(Ok(v)) => v,
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
         };
-        let tar_bytes = decoded.transpose()?.unwrap_or(0);
         let m = &self.manifest;
-        check_size(&self.path, m, size)?;
-        if sha != m.payload.sha256 {
-            return Err(Error::PayloadHash {
-                path: self.path.clone(),
-                expected: m.payload.sha256.clone(),
-                actual: sha,
-            });
+        if let Some(sha) = f.sha256 {
+            check_size(&self.path, m, f.size)?;
+            if sha != m.payload.sha256 {
+                return Err(Error::PayloadHash {
+                    path: self.path.clone(),
+                    expected: m.payload.sha256.clone(),
+                    actual: sha,
+                });
+            }
         }
-        if tar_bytes != m.contents.tar_size {
+        let tar_bytes = decoded.transpose()?.flatten();
+        if let Some(tar_bytes) = tar_bytes.filter(|n| *n != m.contents.tar_size) {
             return Err(Error::Limit(format!(
                 "decompressed stream is {tar_bytes} bytes, the manifest's contents.tar_size is {}",
                 m.contents.tar_size
@@ -341,6 +350,12 @@ impl Drop for PayloadReader {
         drop(self.reader.take());
         let _ = self.join_workers();
     }
+}
+
+/// What the fetch stage saw: the hash only if it read the blob to its end.
+struct Fetched {
+    sha256: Option<String>,
+    size: u64,
 }
 
 fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {

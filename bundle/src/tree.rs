@@ -137,6 +137,11 @@ impl Sink for NullSink {
 }
 
 /// Reads the whole tar stream, validating each entry before handing it to `sink`.
+///
+/// The `tar` crate is used in raw mode, and GNU long names and PAX records are applied here:
+/// its own PAX parser splits records at newlines, which breaks binary values such as POSIX
+/// ACLs or capabilities containing a 0x0a byte. PAX records are length-prefixed
+/// (POSIX.1-2008, pax "Extended Header Records"), and [`parse_pax`] reads them so.
 pub fn walk(
     reader: impl Read,
     limits: Limits,
@@ -146,9 +151,35 @@ pub fn walk(
     let mut archive = tar::Archive::new(reader);
     let mut stats = Stats::default();
     let mut checker = Checker::default();
-    let entries = archive.entries().map_err(|e| Error::Tar(e.to_string()))?;
+    let mut pending = Pending::default();
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::Tar(e.to_string()))?
+        .raw(true);
     for item in entries {
         let mut te = item.map_err(|e| Error::Tar(format!("reading tar header: {e}")))?;
+        match te.header().entry_type() {
+            tar::EntryType::GNULongName => {
+                pending.name = Some(read_meta(&mut te, "GNU long name")?);
+                continue;
+            }
+            tar::EntryType::GNULongLink => {
+                pending.link = Some(read_meta(&mut te, "GNU long link")?);
+                continue;
+            }
+            tar::EntryType::XHeader => {
+                let data = read_meta(&mut te, "PAX header")?;
+                pending.pax =
+                    parse_pax(&data).map_err(|r| Error::Tar(format!("PAX header: {r}")))?;
+                continue;
+            }
+            // A global PAX header carries defaults we do not use (comments, charset).
+            tar::EntryType::XGlobalHeader => {
+                read_meta(&mut te, "global PAX header")?;
+                continue;
+            }
+            _ => {}
+        }
         stats.entries += 1;
         if stats.entries > limits.entries {
             return Err(Error::Limit(format!(
@@ -163,14 +194,66 @@ pub fn walk(
                 limits.unpacked_size
             )));
         }
-        let Some(entry) = parse_entry(&mut te)? else {
-            continue;
-        };
+        let entry = parse_entry(&te, std::mem::take(&mut pending))?;
         checker.check(&entry)?;
         sink.entry(&entry, &mut te)?;
         progress(&stats);
     }
     Ok(stats)
+}
+
+/// One PAX record: key and raw value.
+pub type PaxRecord = (Vec<u8>, Vec<u8>);
+
+/// Long-name and PAX records that apply to the next entry.
+#[derive(Default)]
+struct Pending {
+    name: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    pax: Vec<PaxRecord>,
+}
+
+/// Reads a metadata entry's data, capped: a long name or PAX header has no business being
+/// larger than this, and an unbounded one would be a memory bomb.
+fn read_meta<R: Read>(te: &mut tar::Entry<'_, R>, what: &str) -> Result<Vec<u8>> {
+    const MAX: u64 = 1 << 20;
+    if te.size() > MAX {
+        return Err(Error::Tar(format!(
+            "{what} of {} bytes (limit {MAX})",
+            te.size()
+        )));
+    }
+    let mut v = Vec::with_capacity(te.size() as usize);
+    te.read_to_end(&mut v)
+        .map_err(|e| Error::Tar(format!("reading {what}: {e}")))?;
+    Ok(v)
+}
+
+/// Parses PAX extended header records: `"<len> <key>=<value>\n"`, where `len` counts the whole
+/// record and the value may hold any bytes, newlines included.
+pub fn parse_pax(mut data: &[u8]) -> std::result::Result<Vec<PaxRecord>, String> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let sp = data
+            .iter()
+            .position(|b| *b == b' ')
+            .ok_or("record without a length")?;
+        let len: usize = std::str::from_utf8(&data[..sp])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("record length is not a number")?;
+        if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err(format!("record length {len} does not fit the data"));
+        }
+        let kv = &data[sp + 1..len - 1];
+        let eq = kv
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or("record without `=`")?;
+        out.push((kv[..eq].to_vec(), kv[eq + 1..].to_vec()));
+        data = &data[len..];
+    }
+    Ok(out)
 }
 
 /// The stream-level rules: nothing is written through a symlink the stream made, and a hard
@@ -227,15 +310,34 @@ impl Checker {
     }
 }
 
-fn parse_entry<R: Read>(te: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
-    let raw_path = te.path_bytes().into_owned();
+fn parse_entry<R: Read>(te: &tar::Entry<'_, R>, pending: Pending) -> Result<Entry> {
+    let h = te.header();
+    let mut raw_path = pending
+        .name
+        .map(strip_nul)
+        .unwrap_or_else(|| h.path_bytes().into_owned());
+    let mut raw_link = pending
+        .link
+        .map(strip_nul)
+        .or_else(|| h.link_name_bytes().map(|l| l.into_owned()));
+    let mut xattrs = Vec::new();
+    let mut overrides: Vec<(&[u8], &[u8])> = Vec::new();
+    for (k, v) in &pending.pax {
+        match k.as_slice() {
+            b"path" => raw_path = v.clone(),
+            b"linkpath" => raw_link = Some(v.clone()),
+            k if k.starts_with(b"SCHILY.xattr.") => xattrs.push((k[13..].to_vec(), v.clone())),
+            k if k.starts_with(b"GNU.sparse.") || k == b"size" => overrides.push((k, v)),
+            b"uid" | b"gid" | b"mtime" => overrides.push((k, v)),
+            _ => {}
+        }
+    }
     let name = String::from_utf8_lossy(&raw_path).into_owned();
     let bad = |reason: String| Error::Entry {
         entry: name.clone(),
         reason,
     };
     let path = SafePath::parse(&raw_path).map_err(bad)?;
-    let h = te.header();
     let num = |r: std::io::Result<u64>, field: &str| {
         r.map_err(|e| bad(format!("bad {field} field: {e}")))
     };
@@ -243,38 +345,61 @@ fn parse_entry<R: Read>(te: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
         r.map_err(|e| bad(format!("bad device number: {e}")))
             .map(|v| v.unwrap_or(0))
     };
-    let et = h.entry_type();
     let mut meta = Meta {
         mode: h.mode().map_err(|e| bad(format!("bad mode field: {e}")))? & 0o7777,
         uid: num(h.uid(), "uid")? as u32,
         gid: num(h.gid(), "gid")? as u32,
         mtime: num(h.mtime(), "mtime")? as i64,
-        xattrs: Vec::new(),
+        xattrs,
     };
-    let kind = match et {
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-            EntryKind::File
+    for (k, v) in overrides {
+        let int = || {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.split('.').next()?.parse::<i64>().ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "PAX {} is not a number",
+                        String::from_utf8_lossy(k)
+                    ))
+                })
+        };
+        match k {
+            b"uid" => meta.uid = int()? as u32,
+            b"gid" => meta.gid = int()? as u32,
+            b"mtime" => meta.mtime = int()?,
+            b"size" if int()? as u64 == te.size() => {}
+            _ => {
+                return Err(bad(format!(
+                    "PAX record {} (sparse files or PAX sizes) is not supported; re-create the tarball without --sparse",
+                    String::from_utf8_lossy(k)
+                )))
+            }
         }
+    }
+    let link = |what: &str| {
+        raw_link
+            .clone()
+            .filter(|l| !l.is_empty())
+            .ok_or_else(|| bad(format!("{what} without a target")))
+    };
+    let kind = match h.entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
         tar::EntryType::Directory => EntryKind::Dir,
-        tar::EntryType::Symlink => EntryKind::Symlink(
-            te.link_name_bytes()
-                .filter(|l| !l.is_empty())
-                .ok_or_else(|| bad("symlink without a target".into()))?
-                .into_owned(),
+        tar::EntryType::Symlink => EntryKind::Symlink(link("symlink")?),
+        tar::EntryType::Link => EntryKind::Hardlink(
+            SafePath::parse(&link("hard link")?)
+                .map_err(|r| bad(format!("hard link target: {r}")))?,
         ),
-        tar::EntryType::Link => {
-            let t = te
-                .link_name_bytes()
-                .ok_or_else(|| bad("hard link without a target".into()))?;
-            EntryKind::Hardlink(
-                SafePath::parse(&t).map_err(|r| bad(format!("hard link target: {r}")))?,
-            )
-        }
         tar::EntryType::Char => EntryKind::Char(dev(h.device_major())?, dev(h.device_minor())?),
         tar::EntryType::Block => EntryKind::Block(dev(h.device_major())?, dev(h.device_minor())?),
         tar::EntryType::Fifo => EntryKind::Fifo,
-        // A global PAX header carries defaults we do not use (comments, charset).
-        tar::EntryType::XGlobalHeader => return Ok(None),
+        tar::EntryType::GNUSparse => {
+            return Err(bad(
+                "GNU sparse entries are not supported; re-create the tarball without --sparse"
+                    .into(),
+            ))
+        }
         other => {
             return Err(bad(format!(
                 "unsupported tar entry type {:?}",
@@ -285,47 +410,45 @@ fn parse_entry<R: Read>(te: &mut tar::Entry<'_, R>) -> Result<Option<Entry>> {
     if path.is_root() && kind != EntryKind::Dir {
         return Err(bad("the archive root is not a directory".into()));
     }
-    if let Some(exts) = te
-        .pax_extensions()
-        .map_err(|e| bad(format!("PAX header: {e}")))?
-    {
-        for ext in exts {
-            let ext = ext.map_err(|e| bad(format!("PAX header: {e}")))?;
-            let key = ext.key_bytes();
-            let val = ext.value_bytes();
-            let int = || {
-                std::str::from_utf8(val)
-                    .ok()
-                    .and_then(|s| s.split('.').next()?.parse::<i64>().ok())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "PAX {} is not a number",
-                            String::from_utf8_lossy(key)
-                        ))
-                    })
-            };
-            match key {
-                b"uid" => meta.uid = int()? as u32,
-                b"gid" => meta.gid = int()? as u32,
-                b"mtime" => meta.mtime = int()?,
-                k if k.starts_with(b"SCHILY.xattr.") => {
-                    meta.xattrs.push((k[13..].to_vec(), val.to_vec()));
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(Some(Entry {
+    Ok(Entry {
         path,
         kind,
         meta,
         size: te.size(),
-    }))
+    })
+}
+
+fn strip_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pax_values_may_hold_newlines_and_any_byte() {
+        let mut data = Vec::new();
+        for (k, v) in [
+            (&b"path"[..], &b"a/b"[..]),
+            (b"SCHILY.xattr.user.x", b"1\n2 3=\0\xff"),
+        ] {
+            let body = [k, b"=", v, b"\n"].concat();
+            let mut len = body.len() + 2;
+            if format!("{len} ").len() + body.len() != len {
+                len += 1;
+            }
+            data.extend_from_slice(format!("{len} ").as_bytes());
+            data.extend_from_slice(&body);
+        }
+        let recs = parse_pax(&data).unwrap();
+        assert_eq!(recs[1].1, b"1\n2 3=\0\xff");
+        assert!(parse_pax(b"99 path=x\n").is_err());
+        assert!(parse_pax(b"9 pathx\n").is_err());
+    }
 
     #[test]
     fn safe_path_refuses_escapes_and_normalizes() {

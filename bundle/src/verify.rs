@@ -68,14 +68,15 @@ pub fn check_hash(s: &Signed, progress: &mut dyn Progress) -> Result<()> {
     Ok(())
 }
 
-/// Decrypts and reads the whole payload without writing anything: hash, age authentication,
-/// decompressed length, every entry's path and link, entry count and sizes against the
-/// manifest.
+/// Hashes the payload, then decrypts and reads it whole without writing anything: age
+/// authentication, decompressed length, every entry's path and link, entry count and sizes
+/// against the manifest. Two passes, so that a tampered blob is always reported as such.
 pub fn check_contents(
     s: &Signed,
     identity: age::x25519::Identity,
     progress: &mut dyn Progress,
 ) -> Result<Stats> {
+    check_hash(s, progress)?;
     run(s, identity, &mut NullSink, "check", progress)
 }
 
