@@ -234,11 +234,10 @@ impl Store {
     /// `NAME@VERSION`, or the newest `NAME`.
     pub fn find(&self, name: &BundleName, version: Option<&BundleName>) -> Result<Stored> {
         let all = self.list()?;
-        let found = all
-            .into_iter()
-            .filter(|s| s.manifest.name == name.as_str())
-            .filter(|s| version.is_none_or(|v| s.manifest.version == v.as_str()))
-            .last();
+        let found = all.into_iter().rev().find(|s| {
+            s.manifest.name == name.as_str()
+                && version.is_none_or(|v| s.manifest.version == v.as_str())
+        });
         match (found, version) {
             (Some(s), _) => Ok(s),
             (None, Some(v)) => bail!("no bundle {name}@{v} in {}", self.dir.display()),
