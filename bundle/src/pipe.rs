@@ -4,7 +4,7 @@
 //! bound by syscalls, the others by CPU).
 
 use sha2::{Digest, Sha256};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 /// Size of the chunks passed between stages.
@@ -17,16 +17,21 @@ pub type Chunk = io::Result<Vec<u8>>;
 
 pub fn channel() -> (ChunkWriter, ChunkReader) {
     let (tx, rx) = sync_channel(DEPTH);
+    // Spent chunks flow back to the producer for reuse: allocating and zeroing a fresh MiB per
+    // chunk per stage cost several percent of an unpack (measured with perf).
+    let (ret_tx, ret_rx) = sync_channel(DEPTH + 2);
     (
         ChunkWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            spent: ret_rx,
         },
         ChunkReader {
             rx,
             cur: Vec::new(),
             pos: 0,
             done: false,
+            spent: ret_tx,
         },
     )
 }
@@ -38,17 +43,23 @@ pub struct ChunkReader {
     cur: Vec<u8>,
     pos: usize,
     done: bool,
+    spent: SyncSender<Vec<u8>>,
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+impl BufRead for ChunkReader {
+    /// Lends the current chunk itself: the decryptor and decompressor read straight from it,
+    /// saving a copy per stage.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.pos == self.cur.len() {
             if self.done {
-                return Ok(0);
+                return Ok(&[]);
             }
             match self.rx.recv() {
                 Ok(Ok(c)) => {
-                    self.cur = c;
+                    let old = std::mem::replace(&mut self.cur, c);
+                    if old.capacity() >= CHUNK {
+                        let _ = self.spent.try_send(old);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
@@ -58,13 +69,24 @@ impl Read for ChunkReader {
                 // The producer finished (dropped its sender) without error.
                 Err(_) => {
                     self.done = true;
-                    return Ok(0);
+                    return Ok(&[]);
                 }
             }
         }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = out.len().min(avail.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
@@ -74,9 +96,22 @@ impl Read for ChunkReader {
 pub struct ChunkWriter {
     tx: SyncSender<Chunk>,
     buf: Vec<u8>,
+    spent: Receiver<Vec<u8>>,
 }
 
 impl ChunkWriter {
+    /// A `CHUNK`-long buffer to fill and [`send`](Self::send): a spent one if the consumer
+    /// returned any, else a new one.
+    pub fn buffer(&self) -> Vec<u8> {
+        match self.spent.try_recv() {
+            Ok(mut b) => {
+                b.resize(CHUNK, 0);
+                b
+            }
+            Err(_) => vec![0u8; CHUNK],
+        }
+    }
+
     /// Passes an error downstream (the consumer's next `read` returns it).
     pub fn fail(self, e: io::Error) {
         let _ = self.tx.send(Err(e));
