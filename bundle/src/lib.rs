@@ -15,6 +15,7 @@
 //! `age -d -i identity.txt payload.age | zstd -d | tar -tv`.
 
 pub mod error;
+pub mod failpoint;
 pub mod manifest;
 pub mod name;
 pub mod pack;

@@ -164,6 +164,14 @@ impl FsSink {
 
 impl Sink for FsSink {
     fn entry(&mut self, e: &Entry, data: &mut dyn Read) -> Result<()> {
+        self.write_entry(e, data)?;
+        crate::failpoint::hit("unpack-entry");
+        Ok(())
+    }
+}
+
+impl FsSink {
+    fn write_entry(&mut self, e: &Entry, data: &mut dyn Read) -> Result<()> {
         self.prepare_parents(e, &e.path)?;
         let rel = e.path.as_path();
         let abs = self.root.join(rel);
@@ -257,8 +265,10 @@ fn set_times(p: &Path, mtime: i64) -> Result<()> {
 }
 
 /// Opens `TARGET` for an unpack: creates it if missing; refuses a non-directory or a directory
-/// holding anything but `lost+found` (a fresh ext4) and the incomplete-marker of an earlier
-/// attempt of ours.
+/// holding anything but `lost+found` (a fresh ext4). A target that holds the incomplete-marker
+/// is what an earlier attempt of ours left: its contents are not usable and are removed first
+/// (nothing is followed out of the target: `remove_dir_all` does not follow symlinks), so that
+/// a redo never mixes the old attempt's files into the new tree.
 pub fn prepare_target(target: &Path) -> Result<()> {
     match std::fs::symlink_metadata(target) {
         Ok(md) if md.is_dir() => {}
@@ -289,8 +299,27 @@ pub fn prepare_target(target: &Path) -> Result<()> {
             target.display(),
             name
         ))),
-        _ => Ok(()),
+        Some(_) => clear_failed_attempt(target),
+        None => Ok(()),
     }
+}
+
+fn clear_failed_attempt(target: &Path) -> Result<()> {
+    for ent in std::fs::read_dir(target).map_err(io_err("listing", target))? {
+        let ent = ent.map_err(io_err("listing", target))?;
+        let name = ent.file_name();
+        if name == crate::tree::INCOMPLETE_MARKER || name == "lost+found" {
+            continue;
+        }
+        let p = ent.path();
+        let is_dir = ent.file_type().map_err(io_err("reading", &p))?.is_dir();
+        if is_dir {
+            std::fs::remove_dir_all(&p).map_err(io_err("removing", &p))?;
+        } else {
+            std::fs::remove_file(&p).map_err(io_err("removing", &p))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the marker that says "this tree is not usable", durably, before the first entry.

@@ -8,6 +8,7 @@
 //! first and removes it only after every check passed and the filesystem was flushed.
 
 use crate::error::io_err;
+use crate::failpoint;
 use crate::payload::{check_size, PayloadReader};
 use crate::progress::Progress;
 use crate::release::ReleasePublicKey;
@@ -89,9 +90,11 @@ pub fn unpack_into(
 ) -> Result<Stats> {
     unpack::prepare_target(target)?;
     unpack::mark_incomplete(target, &s.manifest.id())?;
+    failpoint::hit("unpack-marked");
     let mut sink = FsSink::new(target);
     let result = run(s, identity, &mut sink, "unpack", progress).and_then(|stats| {
         sink.finish_dirs()?;
+        failpoint::hit("unpack-before-complete");
         unpack::mark_complete(target)?;
         sink.finish_root()?;
         unpack::sync_dir(target)?;
