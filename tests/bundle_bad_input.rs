@@ -54,16 +54,7 @@ impl Case {
     fn unpack(&self, dir: &Path) -> (String, PathBuf) {
         let target = self.root.join("target");
         let before = listing(&self.root, &target);
-        let err = fails(
-            reinstall()
-                .args(["bundle", "unpack", "--pubkey"])
-                .arg(self.home.join("release.pub"))
-                .arg("--identity")
-                .arg(dir.join("identity.txt"))
-                .arg(dir)
-                .arg("--into")
-                .arg(&target),
-        );
+        let err = fails(&mut unpack_cmd(&self.home, dir, &target));
         assert_eq!(
             err.trim_end().lines().count(),
             1,
@@ -331,26 +322,10 @@ fn a_good_bundle_unpacks_and_the_marker_is_gone() {
     assert_eq!(v["ok"], true);
     assert_eq!(v["checked"], "signature,size,sha256,contents");
     let target = c.root.join("target");
-    ok(reinstall()
-        .args(["bundle", "unpack", "--pubkey"])
-        .arg(c.home.join("release.pub"))
-        .arg("--identity")
-        .arg(good.join("identity.txt"))
-        .arg(&good)
-        .arg("--into")
-        .arg(&target));
+    ok(&mut unpack_cmd(&c.home, &good, &target));
     assert!(!target.join(MARKER).exists());
     assert!(target.join("sub/h3").exists());
     // A second unpack into the now non-empty target is refused, and touches nothing.
-    let err = fails(
-        reinstall()
-            .args(["bundle", "unpack", "--pubkey"])
-            .arg(c.home.join("release.pub"))
-            .arg("--identity")
-            .arg(good.join("identity.txt"))
-            .arg(&good)
-            .arg("--into")
-            .arg(&target),
-    );
+    let err = fails(&mut unpack_cmd(&c.home, &good, &target));
     assert_has(&err, "is not empty");
 }

@@ -95,14 +95,7 @@ fn unpack_of_a_real_os_tree_matches_gnu_tar_entry_by_entry() {
     make_os_tree(&src);
     let (home, ex) = build_and_export(w.path(), &src, &[]);
     let ours = w.path().join("ours");
-    ok(reinstall()
-        .args(["bundle", "unpack", "--pubkey"])
-        .arg(home.join("release.pub"))
-        .arg("--identity")
-        .arg(ex.join("identity.txt"))
-        .arg(&ex)
-        .arg("--into")
-        .arg(&ours));
+    ok(&mut unpack_cmd(&home, &ex, &ours));
     assert!(!ours.join(".reinstall-incomplete").exists());
     let gnu = w.path().join("gnu");
     gnu_tar_copy(&src, &gnu);
@@ -137,14 +130,7 @@ fn gnu_tarballs_are_imported_with_xattrs_and_acls_in_every_compression() {
         ));
         let (home, ex) = build_and_export(w.path(), &tarball, &[]);
         let out = w.path().join(format!("out-{file}"));
-        ok(reinstall()
-            .args(["bundle", "unpack", "--pubkey"])
-            .arg(home.join("release.pub"))
-            .arg("--identity")
-            .arg(ex.join("identity.txt"))
-            .arg(&ex)
-            .arg("--into")
-            .arg(&out));
+        ok(&mut unpack_cmd(&home, &ex, &out));
         assert_same(file, &describe(&out), &reference);
     }
 }

@@ -12,17 +12,7 @@ fn an_unpack_killed_anywhere_leaves_the_marker_and_a_redo_completes_it() {
     make_special_tree(&src);
     let (home, ex) = build_and_export(w.path(), &src, &[]);
     let expected = describe(&src);
-    let unpack = |target: &std::path::Path| {
-        let mut c = reinstall();
-        c.args(["bundle", "unpack", "--pubkey"])
-            .arg(home.join("release.pub"))
-            .arg("--identity")
-            .arg(ex.join("identity.txt"))
-            .arg(&ex)
-            .arg("--into")
-            .arg(target);
-        c
-    };
+    let unpack = |target: &std::path::Path| unpack_cmd(&home, &ex, target);
     for fp in [
         "unpack-marked",
         "unpack-entry@1",

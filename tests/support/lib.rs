@@ -254,3 +254,17 @@ pub fn raw_entry(
     h.set_cksum();
     b.append(&h, data).unwrap();
 }
+
+/// `reinstall bundle unpack` of the exported bundle `ex`, with the release key of `home` and
+/// the bundle's own identity, into `target`.
+pub fn unpack_cmd(home: &Path, ex: &Path, target: &Path) -> Command {
+    let mut c = reinstall();
+    c.args(["bundle", "unpack", "--pubkey"])
+        .arg(home.join("release.pub"))
+        .arg("--identity")
+        .arg(ex.join("identity.txt"))
+        .arg(ex)
+        .arg("--into")
+        .arg(target);
+    c
+}
