@@ -113,12 +113,15 @@ fn import<W: Write>(
     out: &mut PayloadWriter<W>,
     progress: &mut dyn Progress,
 ) -> Result<Stats> {
-    let mut tee = Tee { r, w: &mut *out };
-    let stats = tree::walk(&mut tee, Limits::NONE, &mut NullSink, &mut |s| {
+    // The tee writes every byte as it is read; bytes the BufReader holds but the walker never
+    // consumed have been written already, so the rest is copied from the tee's own source.
+    let mut br = BufReader::with_capacity(1 << 20, Tee { r, w: &mut *out });
+    let stats = tree::walk(&mut br, Limits::NONE, &mut NullSink, &mut |s| {
         progress.update("import", s.unpacked_size, None, s.entries)
     })
     .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     // Whatever follows the end-of-archive marker (padding) is part of the stream too.
+    let mut tee = br.into_inner();
     io::copy(&mut tee.r, tee.w).map_err(io_err("reading", path))?;
     Ok(stats)
 }

@@ -337,6 +337,20 @@ impl Read for PayloadReader {
     }
 }
 
+impl io::BufRead for PayloadReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        match &mut self.reader {
+            Some(r) => r.fill_buf(),
+            None => Ok(&[]),
+        }
+    }
+    fn consume(&mut self, n: usize) {
+        if let Some(r) = &mut self.reader {
+            r.consume(n)
+        }
+    }
+}
+
 impl Drop for PayloadReader {
     fn drop(&mut self) {
         drop(self.reader.take());

@@ -8,7 +8,7 @@
 
 use crate::{Error, Result};
 use std::collections::HashSet;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -122,60 +122,84 @@ pub struct Stats {
     pub unpacked_size: u64,
 }
 
-/// Where validated entries go. `data` yields exactly `entry.size` bytes for files.
+/// Where validated entries go. `data` holds exactly `entry.size` bytes; what the sink does
+/// not read is skipped.
 pub trait Sink {
-    fn entry(&mut self, entry: &Entry, data: &mut dyn Read) -> Result<()>;
+    fn entry(&mut self, entry: &Entry, data: &mut EntryData<'_>) -> Result<()>;
 }
 
-/// Writes nothing; reads data through so the stream is fully checked.
+/// Writes nothing (the walker skips the data, which still flows through every check).
 pub struct NullSink;
 impl Sink for NullSink {
-    fn entry(&mut self, _: &Entry, data: &mut dyn Read) -> Result<()> {
-        std::io::copy(data, &mut std::io::sink()).map_err(|e| Error::Tar(e.to_string()))?;
+    fn entry(&mut self, _: &Entry, _: &mut EntryData<'_>) -> Result<()> {
         Ok(())
     }
 }
 
 /// Reads the whole tar stream, validating each entry before handing it to `sink`.
 ///
-/// The `tar` crate is used in raw mode, and GNU long names and PAX records are applied here:
-/// its own PAX parser splits records at newlines, which breaks binary values such as POSIX
-/// ACLs or capabilities containing a 0x0a byte. PAX records are length-prefixed
-/// (POSIX.1-2008, pax "Extended Header Records"), and [`parse_pax`] reads them so.
+/// The blocks are read here, with `tar::Header` decoding each header's fields, rather than
+/// through `tar::Archive`, for two reasons: its PAX parser splits records at newlines, which
+/// breaks binary values such as POSIX ACLs or capabilities holding a 0x0a byte (PAX records are
+/// length-prefixed, POSIX.1-2008 "pax Extended Header Records"; [`parse_pax`] reads them so);
+/// and its entries can only be `read` into a caller's buffer, one more copy of every byte than
+/// writing straight from the decompressor's chunks ([`EntryData::for_each_chunk`]).
 pub fn walk(
-    reader: impl Read,
+    mut reader: impl BufRead,
     limits: Limits,
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(&Stats),
 ) -> Result<Stats> {
-    let mut archive = tar::Archive::new(reader);
     let mut stats = Stats::default();
     let mut checker = Checker::default();
     let mut pending = Pending::default();
-    let entries = archive
-        .entries()
-        .map_err(|e| Error::Tar(e.to_string()))?
-        .raw(true);
-    for item in entries {
-        let mut te = item.map_err(|e| Error::Tar(format!("reading tar header: {e}")))?;
-        match te.header().entry_type() {
+    let mut block = [0u8; 512];
+    loop {
+        if !read_block(&mut reader, &mut block)? {
+            return Err(Error::Tar(
+                "the archive ends without an end-of-archive block (truncated?)".into(),
+            ));
+        }
+        if block.iter().all(|b| *b == 0) {
+            // End of archive. What follows (a second zero block, padding) is read by the
+            // payload reader's `finish`, so that it is authenticated and hashed too.
+            return Ok(stats);
+        }
+        let h = tar::Header::from_byte_slice(&block).clone();
+        check_checksum(&h)?;
+        let size = h
+            .entry_size()
+            .map_err(|e| Error::Tar(format!("bad size field: {e}")))?;
+        let padded = size.div_ceil(512) * 512;
+        let meta = |r: &mut dyn BufRead, what: &str| -> Result<Vec<u8>> {
+            const MAX: u64 = 1 << 20;
+            if size > MAX {
+                return Err(Error::Tar(format!("{what} of {size} bytes (limit {MAX})")));
+            }
+            let mut v = vec![0u8; padded as usize];
+            r.read_exact(&mut v)
+                .map_err(|e| Error::Tar(format!("reading {what}: {e}")))?;
+            v.truncate(size as usize);
+            Ok(v)
+        };
+        match h.entry_type() {
             tar::EntryType::GNULongName => {
-                pending.name = Some(read_meta(&mut te, "GNU long name")?);
+                pending.name = Some(meta(&mut reader, "GNU long name")?);
                 continue;
             }
             tar::EntryType::GNULongLink => {
-                pending.link = Some(read_meta(&mut te, "GNU long link")?);
+                pending.link = Some(meta(&mut reader, "GNU long link")?);
                 continue;
             }
             tar::EntryType::XHeader => {
-                let data = read_meta(&mut te, "PAX header")?;
+                let data = meta(&mut reader, "PAX header")?;
                 pending.pax =
                     parse_pax(&data).map_err(|r| Error::Tar(format!("PAX header: {r}")))?;
                 continue;
             }
             // A global PAX header carries defaults we do not use (comments, charset).
             tar::EntryType::XGlobalHeader => {
-                read_meta(&mut te, "global PAX header")?;
+                meta(&mut reader, "global PAX header")?;
                 continue;
             }
             _ => {}
@@ -187,23 +211,117 @@ pub fn walk(
                 limits.entries
             )));
         }
-        stats.unpacked_size = stats.unpacked_size.saturating_add(te.size());
+        stats.unpacked_size = stats.unpacked_size.saturating_add(size);
         if stats.unpacked_size > limits.unpacked_size {
             return Err(Error::Limit(format!(
                 "entries hold more than {} bytes",
                 limits.unpacked_size
             )));
         }
-        let entry = parse_entry(&te, std::mem::take(&mut pending))?;
+        let entry = parse_entry(&h, size, std::mem::take(&mut pending))?;
         checker.check(&entry)?;
-        sink.entry(&entry, &mut te)?;
+        let mut data = EntryData {
+            r: &mut reader,
+            left: size,
+        };
+        sink.entry(&entry, &mut data)?;
+        // Whatever the sink did not read, and the padding to the next block.
+        let rest = data.left + (padded - size);
+        skip(&mut reader, rest)
+            .map_err(|e| Error::Tar(format!("reading {:?}: {e}", entry.path.display())))?;
         progress(&stats);
     }
-    Ok(stats)
 }
 
-/// One PAX record: key and raw value.
-pub type PaxRecord = (Vec<u8>, Vec<u8>);
+/// The data of one entry, straight from the stream.
+pub struct EntryData<'a> {
+    r: &'a mut dyn BufRead,
+    left: u64,
+}
+
+impl EntryData<'_> {
+    /// Hands the data to `f` in the pieces the stream holds them in, without copying.
+    pub fn for_each_chunk(&mut self, mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        while self.left > 0 {
+            let buf = self
+                .r
+                .fill_buf()
+                .map_err(|e| Error::Tar(format!("reading entry data: {e}")))?;
+            if buf.is_empty() {
+                return Err(Error::Tar("the archive ends inside an entry".into()));
+            }
+            let n = buf.len().min(self.left as usize);
+            f(&buf[..n])?;
+            self.r.consume(n);
+            self.left -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Read for EntryData<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let max = out.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.r.read(&mut out[..max])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads one 512-byte block; `false` at a clean end of stream.
+fn read_block(r: &mut dyn BufRead, block: &mut [u8; 512]) -> Result<bool> {
+    let mut got = 0;
+    while got < 512 {
+        let n = r
+            .read(&mut block[got..])
+            .map_err(|e| Error::Tar(format!("reading tar header: {e}")))?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(Error::Tar("the archive ends inside a header".into()));
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+fn skip(r: &mut dyn BufRead, mut n: u64) -> std::io::Result<()> {
+    while n > 0 {
+        let avail = r.fill_buf()?.len();
+        if avail == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the archive ends inside an entry",
+            ));
+        }
+        let k = avail.min(n as usize);
+        r.consume(k);
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// The header checksum (POSIX ustar): the sum of all header bytes with the checksum field
+/// counted as spaces.
+fn check_checksum(h: &tar::Header) -> Result<()> {
+    let stored = h
+        .cksum()
+        .map_err(|e| Error::Tar(format!("bad checksum field: {e}")))?;
+    let b = h.as_bytes();
+    let sum: u32 = b[..148]
+        .iter()
+        .chain(&b[156..])
+        .map(|x| *x as u32)
+        .sum::<u32>()
+        + 8 * 32;
+    if sum != stored {
+        return Err(Error::Tar(format!(
+            "header checksum mismatch (stored {stored}, computed {sum}): not a tar stream, or corrupt"
+        )));
+    }
+    Ok(())
+}
 
 /// Long-name and PAX records that apply to the next entry.
 #[derive(Default)]
@@ -213,21 +331,8 @@ struct Pending {
     pax: Vec<PaxRecord>,
 }
 
-/// Reads a metadata entry's data, capped: a long name or PAX header has no business being
-/// larger than this, and an unbounded one would be a memory bomb.
-fn read_meta<R: Read>(te: &mut tar::Entry<'_, R>, what: &str) -> Result<Vec<u8>> {
-    const MAX: u64 = 1 << 20;
-    if te.size() > MAX {
-        return Err(Error::Tar(format!(
-            "{what} of {} bytes (limit {MAX})",
-            te.size()
-        )));
-    }
-    let mut v = Vec::with_capacity(te.size() as usize);
-    te.read_to_end(&mut v)
-        .map_err(|e| Error::Tar(format!("reading {what}: {e}")))?;
-    Ok(v)
-}
+/// One PAX record: key and raw value.
+pub type PaxRecord = (Vec<u8>, Vec<u8>);
 
 /// Parses PAX extended header records: `"<len> <key>=<value>\n"`, where `len` counts the whole
 /// record and the value may hold any bytes, newlines included.
@@ -310,8 +415,7 @@ impl Checker {
     }
 }
 
-fn parse_entry<R: Read>(te: &tar::Entry<'_, R>, pending: Pending) -> Result<Entry> {
-    let h = te.header();
+fn parse_entry(h: &tar::Header, size: u64, pending: Pending) -> Result<Entry> {
     let mut raw_path = pending
         .name
         .map(strip_nul)
@@ -368,7 +472,7 @@ fn parse_entry<R: Read>(te: &tar::Entry<'_, R>, pending: Pending) -> Result<Entr
             b"uid" => meta.uid = int()? as u32,
             b"gid" => meta.gid = int()? as u32,
             b"mtime" => meta.mtime = int()?,
-            b"size" if int()? as u64 == te.size() => {}
+            b"size" if int()? as u64 == size => {}
             _ => {
                 return Err(bad(format!(
                     "PAX record {} (sparse files or PAX sizes) is not supported; re-create the tarball without --sparse",
@@ -414,7 +518,7 @@ fn parse_entry<R: Read>(te: &tar::Entry<'_, R>, pending: Pending) -> Result<Entr
         path,
         kind,
         meta,
-        size: te.size(),
+        size,
     })
 }
 
@@ -428,6 +532,43 @@ fn strip_nul(mut v: Vec<u8>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn small_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "a/file", &b"hello"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn walker_reads_a_tar_and_skips_unread_data() {
+        let stats = walk(&small_tar()[..], Limits::NONE, &mut NullSink, &mut |_| {}).unwrap();
+        assert_eq!(
+            stats,
+            Stats {
+                entries: 1,
+                unpacked_size: 5
+            }
+        );
+    }
+
+    #[test]
+    fn walker_refuses_corrupt_headers_and_truncated_archives() {
+        let mut t = small_tar();
+        t[3] ^= 0x20; // in the name field
+        let e = walk(&t[..], Limits::NONE, &mut NullSink, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+        let t = small_tar();
+        let e = walk(&t[..600], Limits::NONE, &mut NullSink, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("ends inside"), "{e}");
+        let e = walk(&t[..1024], Limits::NONE, &mut NullSink, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
 
     #[test]
     fn pax_values_may_hold_newlines_and_any_byte() {

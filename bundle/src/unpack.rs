@@ -9,13 +9,13 @@
 //! symlink left by an earlier, interrupted attempt cannot redirect a write either.
 
 use crate::error::io_err;
-use crate::tree::{Entry, EntryKind, Meta, SafePath, Sink};
+use crate::tree::{Entry, EntryData, EntryKind, Meta, SafePath, Sink};
 use crate::{Error, Result};
 use nix::sys::stat::{self, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,7 +27,6 @@ pub struct FsSink {
     /// Directory modes and mtimes, applied by [`FsSink::finish_dirs`].
     deferred: Vec<(PathBuf, Meta)>,
     root_meta: Option<Meta>,
-    buf: Vec<u8>,
 }
 
 impl FsSink {
@@ -37,7 +36,6 @@ impl FsSink {
             dirs: HashSet::new(),
             deferred: Vec::new(),
             root_meta: None,
-            buf: vec![0u8; 1 << 20],
         }
     }
 
@@ -121,7 +119,7 @@ impl FsSink {
         }
     }
 
-    fn write_file(&mut self, e: &Entry, abs: &Path, data: &mut dyn Read) -> Result<()> {
+    fn write_file(&mut self, e: &Entry, abs: &Path, data: &mut EntryData<'_>) -> Result<()> {
         let open = || {
             OpenOptions::new()
                 .write(true)
@@ -137,19 +135,7 @@ impl FsSink {
             }
             r => r.map_err(io_err("creating", abs))?,
         };
-        let mut left = e.size;
-        while left > 0 {
-            let want = self.buf.len().min(left as usize);
-            let n = data
-                .read(&mut self.buf[..want])
-                .map_err(|err| self.err(e, format!("reading data: {err}")))?;
-            if n == 0 {
-                return Err(self.err(e, "archive ends inside this file".into()));
-            }
-            f.write_all(&self.buf[..n])
-                .map_err(io_err("writing", abs))?;
-            left -= n as u64;
-        }
+        data.for_each_chunk(|piece| f.write_all(piece).map_err(io_err("writing", abs)))?;
         std::os::unix::fs::fchown(&f, Some(e.meta.uid), Some(e.meta.gid))
             .map_err(io_err("changing owner of", abs))?;
         f.set_permissions(std::fs::Permissions::from_mode(e.meta.mode))
@@ -163,7 +149,7 @@ impl FsSink {
 }
 
 impl Sink for FsSink {
-    fn entry(&mut self, e: &Entry, data: &mut dyn Read) -> Result<()> {
+    fn entry(&mut self, e: &Entry, data: &mut EntryData<'_>) -> Result<()> {
         self.write_entry(e, data)?;
         crate::failpoint::hit("unpack-entry");
         Ok(())
@@ -171,7 +157,7 @@ impl Sink for FsSink {
 }
 
 impl FsSink {
-    fn write_entry(&mut self, e: &Entry, data: &mut dyn Read) -> Result<()> {
+    fn write_entry(&mut self, e: &Entry, data: &mut EntryData<'_>) -> Result<()> {
         self.prepare_parents(e, &e.path)?;
         let rel = e.path.as_path();
         let abs = self.root.join(rel);
