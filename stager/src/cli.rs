@@ -2,11 +2,15 @@
 //!
 //! `--json` output is a stable interface for scripts: fields are only ever added.
 
-use crate::store::{BuildRequest, Store, Stored};
 use anyhow::{Context, Result};
 use bundle::progress::{self, Terminal};
 use bundle::{BundleName, Compression, Kind, Os};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use proto::identity::{IdentityFile, Role};
+use stager::config::Config;
+use stager::db::Db;
+use stager::pki;
+use stager::store::{BuildRequest, Store, Stored};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -22,8 +26,19 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Create a stager home: the release signing key pair (minisign format) and the store.
+    /// Create a stager home: release signing key (minisign), CA and server certificate,
+    /// stager.toml, the state database and the bundle store.
     Init(InitOpts),
+    /// Issue an agent identity for HOST: one file the agent installs (default path on the
+    /// host: /etc/reinstall/identity.toml).
+    Enroll(EnrollOpts),
+    /// Issue an operator identity for NAME.
+    Operator(OperatorOpts),
+    /// Revoke every certificate issued to NAME (agent or operator); a running server refuses
+    /// them from their next request on.
+    Revoke(RevokeOpts),
+    /// Serve the API over HTTPS with client certificates required (TLS 1.3, HTTP/1.1 and 2).
+    Serve(ServeOpts),
     /// Build, list and export bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -50,6 +65,63 @@ pub struct HomeOpt {
 pub struct InitOpts {
     #[command(flatten)]
     pub home: HomeOpt,
+    /// Name of this stager (in certificates and identity files).
+    #[arg(long, default_value = "stager")]
+    pub name: String,
+    /// Extra DNS name or IP address for the server certificate (repeatable); localhost and
+    /// 127.0.0.1 are always included.
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
+    /// Address `stager serve` listens on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: String,
+    /// URL agents use to reach this stager (default: https://LISTEN).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Rescue bundle for jobs that name none (NAME or NAME@VERSION).
+    #[arg(long)]
+    pub default_rescue: Option<String>,
+}
+
+#[derive(Args)]
+pub struct EnrollOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// Host name, as jobs will name it.
+    pub host: String,
+    /// Where to write the identity file (default: HOST.identity.toml).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 825, allow_negative_numbers = true)]
+    pub days: i64,
+}
+
+#[derive(Args)]
+pub struct OperatorOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    pub name: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
+    pub days: i64,
+}
+
+#[derive(Args)]
+pub struct RevokeOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct ServeOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// Address to listen on (default: `listen` in stager.toml).
+    #[arg(long)]
+    pub listen: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -119,13 +191,122 @@ pub struct ExportOpts {
 }
 
 pub fn init(o: InitOpts) -> Result<()> {
-    let s = Store::init(&o.home.dir)?;
+    let dir = &o.home.dir;
+    validate_name("--name", &o.name)?;
+    let s = Store::init(dir)?;
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    for x in o.sans {
+        if !sans.contains(&x) {
+            sans.push(x);
+        }
+    }
+    pki::init(dir, &o.name, &sans)?;
+    let config = Config {
+        name: o.name,
+        url: o.url.unwrap_or_else(|| format!("https://{}", o.listen)),
+        listen: o.listen,
+        default_rescue: o.default_rescue,
+        max_connections: 10_000,
+    };
+    config.save(dir)?;
+    Db::open(&dir.join(stager::db::FILE))?;
     println!("initialized stager home {}", s.dir.display());
     println!(
         "release public key (agents pin this): {}",
         s.release_pub().display()
     );
+    println!("CA certificate: {}", dir.join(pki::CA_CERT).display());
+    println!(
+        "server certificate for {}; agents will reach {}",
+        sans.join(", "),
+        config.url
+    );
     Ok(())
+}
+
+/// Host and operator names: 1-253 of A-Z a-z 0-9 . _ -, not starting with . or -.
+fn validate_name(field: &str, n: &str) -> Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 253
+        && !n.starts_with(['.', '-'])
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    anyhow::ensure!(ok, "{field} {n:?} is not a valid name (A-Z a-z 0-9 . _ -)");
+    Ok(())
+}
+
+fn issue(
+    dir: &std::path::Path,
+    name: &str,
+    role: Role,
+    days: i64,
+    out: &std::path::Path,
+) -> Result<()> {
+    validate_name(if role == Role::Agent { "HOST" } else { "NAME" }, name)?;
+    let config = Config::load(dir)?;
+    Store::open(dir)?;
+    if out.exists() {
+        anyhow::bail!(
+            "{} already exists; not overwriting an identity",
+            out.display()
+        );
+    }
+    let issued = pki::issue_client(dir, &config.name, name, role.as_str(), days)?;
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("reading {}", dir.join(f).display()))
+    };
+    let file = IdentityFile {
+        format: proto::identity::FORMAT,
+        name: name.to_string(),
+        role,
+        stager: config.url.clone(),
+        ca: read(pki::CA_CERT)?,
+        cert: issued.cert_pem,
+        key: issued.key_pem,
+        release_pub: read("release.pub")?,
+    };
+    let db = Db::open(&dir.join(stager::db::FILE))?;
+    let not_after =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
+            .to_string();
+    db.add_cert(&issued.fingerprint, name, role.as_str(), &not_after)?;
+    pki::write_private(out, &file.to_toml())?;
+    println!(
+        "issued {} identity for {name:?} to {} (certificate sha256 {}, valid until {not_after})",
+        role.as_str(),
+        out.display(),
+        issued.fingerprint
+    );
+    Ok(())
+}
+
+pub fn enroll(o: EnrollOpts) -> Result<()> {
+    let out = o
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("{}.identity.toml", o.host)));
+    issue(&o.home.dir, &o.host, Role::Agent, o.days, &out)
+}
+
+pub fn operator(o: OperatorOpts) -> Result<()> {
+    issue(&o.home.dir, &o.name, Role::Operator, o.days, &o.out)
+}
+
+pub fn revoke(o: RevokeOpts) -> Result<()> {
+    Store::open(&o.home.dir)?;
+    let db = Db::open(&o.home.dir.join(stager::db::FILE))?;
+    let n = db.revoke(&o.name)?;
+    anyhow::ensure!(n > 0, "no unrevoked certificate issued to {:?}", o.name);
+    println!("revoked {n} certificate(s) of {:?}", o.name);
+    Ok(())
+}
+
+pub fn serve(o: ServeOpts) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(stager::server::serve(&o.home.dir, o.listen))
 }
 
 pub fn build(o: BuildOpts) -> Result<()> {

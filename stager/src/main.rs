@@ -1,8 +1,6 @@
-//! `stager`: the staging server's command. Today: the release key and the bundle store.
-//! The mutual-TLS API server (`stager serve`), PKI and jobs arrive with issue 3.
+//! `stager`: the staging server's command: home, PKI, bundles, and the API server.
 
 mod cli;
-mod store;
 
 use anyhow::Result;
 use clap::Parser;
@@ -22,6 +20,10 @@ fn main() -> ExitCode {
 fn run(args: cli::Cli) -> Result<()> {
     match args.command {
         cli::Command::Init(o) => cli::init(o),
+        cli::Command::Enroll(o) => cli::enroll(o),
+        cli::Command::Operator(o) => cli::operator(o),
+        cli::Command::Revoke(o) => cli::revoke(o),
+        cli::Command::Serve(o) => cli::serve(o),
         cli::Command::Bundle(cli::BundleCommand::Build(o)) => cli::build(o),
         cli::Command::Bundle(cli::BundleCommand::List(o)) => cli::list(o),
         cli::Command::Bundle(cli::BundleCommand::Export(o)) => cli::export(o),

@@ -1,0 +1,216 @@
+//! `/v1/` request and response bodies.
+
+use serde::{Deserialize, Serialize};
+
+pub const PREFIX: &str = "/v1";
+
+/// Operator: `POST /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    pub hosts: Vec<String>,
+    /// Target bundle: `NAME` (newest version) or `NAME@VERSION`.
+    pub target: String,
+    /// Rescue bundle; the stager's configured default if absent.
+    #[serde(default)]
+    pub rescue: Option<String>,
+    /// Stop in the rescue OS after it called home; do not install the target.
+    #[serde(default)]
+    pub hold_in_rescue: bool,
+}
+
+/// Operator: `POST /v1/hosts/{host}/rescue`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RescueRequest {
+    /// Make rescue the default boot, not only the next one.
+    #[serde(default)]
+    pub permanent: bool,
+}
+
+/// A bundle as a job names it: enough for an agent to fetch and check it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRef {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// At least one host has not finished.
+    Active,
+    /// Every host is done.
+    Done,
+    /// Every host finished, at least one failed.
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// The agent has not picked the job up yet.
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl HostState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            HostState::Done | HostState::Failed | HostState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub created: String,
+    pub created_by: String,
+    pub target: BundleRef,
+    pub rescue: BundleRef,
+    pub hold_in_rescue: bool,
+    pub state: JobState,
+    pub hosts: Vec<HostJob>,
+}
+
+/// One host's progress in a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostJob {
+    pub host: String,
+    pub state: HostState,
+    pub phase: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: Option<u64>,
+    /// Bytes per second over the last progress events, if known.
+    pub rate: Option<f64>,
+    pub updated: Option<String>,
+    pub last_event: Option<EventRecord>,
+}
+
+/// Operator: `GET /v1/hosts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub enrolled: String,
+    pub last_seen: Option<String>,
+    /// The address the stager last saw the agent's connection come from.
+    pub address: Option<String>,
+    pub phase: Option<String>,
+    pub job: Option<u64>,
+    pub rescue_requested: Option<RescueRequest>,
+    /// The network identity the agent last reported (free-form JSON from the agent).
+    pub network: Option<serde_json::Value>,
+}
+
+/// Agent: `GET /v1/agent/work?wait=SECONDS` (long poll).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Work {
+    pub job: Option<AgentJob>,
+    /// An operator asked this host to boot its rescue OS.
+    pub rescue: Option<RescueRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentJob {
+    pub id: u64,
+    pub host: String,
+    pub target: BundleRef,
+    pub rescue: BundleRef,
+    pub hold_in_rescue: bool,
+    pub cancelled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    PhaseEntered,
+    PhaseDone,
+    Progress,
+    /// A recoverable error (the agent retries).
+    Error,
+    /// The network identity the agent sees (`network` is set).
+    Network,
+    /// The job is complete on this host.
+    Done,
+    /// The job failed on this host and the agent gave up.
+    Failed,
+}
+
+/// Agent: `POST /v1/agent/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub job: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<serde_json::Value>,
+}
+
+/// An event as stored, with when and from where it arrived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub time: String,
+    pub address: Option<String>,
+    pub event: Event,
+}
+
+/// Every 4xx/5xx response body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each fixture parses, and serializing it again gives the same JSON value.
+    fn pinned<T: serde::de::DeserializeOwned + Serialize>(name: &str, text: &str) -> T {
+        let v: T = serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let again: serde_json::Value = serde_json::to_value(&v).unwrap();
+        let orig: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(again, orig, "{name} does not round-trip");
+        v
+    }
+
+    #[test]
+    fn v1_fixtures_round_trip() {
+        let c: CreateJob = pinned(
+            "create_job",
+            include_str!("../tests/fixtures/v1/create_job.json"),
+        );
+        assert_eq!(c.hosts, ["web1", "web2"]);
+        let j: Job = pinned("job", include_str!("../tests/fixtures/v1/job.json"));
+        assert_eq!(j.hosts[0].state, HostState::Running);
+        let w: Work = pinned("work", include_str!("../tests/fixtures/v1/work.json"));
+        assert!(w.job.is_some());
+        let e: Event = pinned("event", include_str!("../tests/fixtures/v1/event.json"));
+        assert_eq!(e.kind, EventKind::Progress);
+        let h: Vec<Host> = pinned("hosts", include_str!("../tests/fixtures/v1/hosts.json"));
+        assert_eq!(h[0].name, "web1");
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let e = serde_json::from_str::<CreateJob>(r#"{"hosts":["a"],"target":"t","force":true}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `force`"), "{e}");
+        assert!(serde_json::from_str::<Event>(r#"{"job":1,"kind":"progress","x":1}"#).is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! The `/v1/` API: routing, authorization from the verified client certificate, handlers.
+//!
+//! Authorization rules (DESIGN.md §5): an agent certificate names one host and sees only that
+//! host's unfinished job, that job's manifests, blobs and age identities; it cannot call
+//! operator routes. An operator certificate can call operator routes and read manifests and
+//! blobs, but never a bundle's age identity. A revoked certificate, or one this stager has no
+//! record of, is refused on every route but `/healthz`.
+
+use crate::db::Principal;
+use crate::http::{self, ApiError, ResBody};
+use crate::server::{Conn, State};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use proto::v1::{BundleRef, CreateJob, Event, RescueRequest, Work};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest long-poll an agent may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// The route name used in metrics (path parameters elided).
+pub fn route_name(method: &Method, path: &str) -> String {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let shape: Vec<&str> = segs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match (segs.first(), i) {
+            (Some(&"v1"), 2)
+                if matches!(segs.get(1), Some(&"jobs") | Some(&"hosts") | Some(&"blobs")) =>
+            {
+                ":id"
+            }
+            (Some(&"v1"), 2 | 3) if segs.get(1) == Some(&"bundles") => ":name",
+            _ => s,
+        })
+        .collect();
+    format!("{method} /{}", shape.join("/"))
+}
+
+pub async fn handle(
+    state: Arc<State>,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Response<ResBody> {
+    match dispatch(&state, &conn, req).await {
+        Ok(r) => r,
+        Err(e) => http::error(&e),
+    }
+}
+
+async fn dispatch(
+    state: &Arc<State>,
+    conn: &Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ResBody>, ApiError> {
+    let path = req.uri().path().to_string();
+    let segs: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let method = req.method().clone();
+    if segs == ["healthz"] && method == Method::GET {
+        return Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})));
+    }
+    let who = principal(state, conn).await?;
+    let get = method == Method::GET || method == Method::HEAD;
+    match (segs.as_slice(), get, method == Method::POST) {
+        (["metrics"], true, _) => {
+            operator(&who)?;
+            Ok(http::full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(state).await?,
+            ))
+        }
+        (["v1", "jobs"], _, true) => {
+            operator(&who)?;
+            let body: CreateJob = http::read_json(req).await?;
+            create_job(state, &who, body).await
+        }
+        (["v1", "jobs"], true, _) => {
+            operator(&who)?;
+            let jobs = state.db(|db| db.jobs()).await?;
+            Ok(http::json(StatusCode::OK, &jobs))
+        }
+        (["v1", "jobs", id], true, _) => {
+            operator(&who)?;
+            let id = job_id(id)?;
+            match state.db(move |db| db.job(id)).await? {
+                Some(j) => Ok(http::json(StatusCode::OK, &j)),
+                None => Err(ApiError::not_found(format!("no job {id}"))),
+            }
+        }
+        (["v1", "jobs", id, "cancel"], _, true) => {
+            operator(&who)?;
+            let id = job_id(id)?;
+            let Some(hosts) = state.db(move |db| db.cancel(id)).await? else {
+                return Err(ApiError::not_found(format!("no job {id}")));
+            };
+            for h in &hosts {
+                state.wake(h);
+            }
+            let j = state.db(move |db| db.job(id)).await?;
+            Ok(http::json(StatusCode::OK, &j))
+        }
+        (["v1", "hosts"], true, _) => {
+            operator(&who)?;
+            let hosts = state.db(|db| db.hosts()).await?;
+            Ok(http::json(StatusCode::OK, &hosts))
+        }
+        (["v1", "hosts", host, "rescue"], _, true) => {
+            operator(&who)?;
+            let body: RescueRequest = http::read_json(req).await?;
+            let h = host.to_string();
+            state
+                .db(move |db| db.request_rescue(&h, &body).map_err(ApiError::from))
+                .await?;
+            state.wake(host);
+            Ok(http::json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({"host": host, "rescue": "requested"}),
+            ))
+        }
+        (["v1", "agent", "work"], true, _) => {
+            let host = agent(&who)?;
+            let wait = query_wait(req.uri().query())?;
+            agent_work(state, conn, host, wait).await
+        }
+        (["v1", "agent", "events"], _, true) => {
+            let host = agent(&who)?.to_string();
+            let ev: Event = http::read_json(req).await?;
+            let addr = conn.addr.clone();
+            state
+                .db(move |db| db.record_event(&host, &addr, &ev).map_err(ApiError::from))
+                .await?;
+            Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})))
+        }
+        (["v1", "bundles", name, version, part], true, _) => {
+            let part = *part;
+            let file = match part {
+                "manifest" => bundle::MANIFEST_FILE,
+                "signature" => bundle::SIGNATURE_FILE,
+                "identity" => bundle::IDENTITY_FILE,
+                _ => return Err(ApiError::not_found(format!("no bundle part {part:?}"))),
+            };
+            let stored = find_bundle(state, name, version)?;
+            let bref = bundle_ref(&stored);
+            match who.role.as_str() {
+                "agent" => {
+                    agent_may_read(state, &who.name, |j| {
+                        [&j.target, &j.rescue]
+                            .iter()
+                            .any(|b| b.name == bref.name && b.version == bref.version)
+                    })
+                    .await?
+                }
+                _ if part == "identity" => {
+                    return Err(ApiError::forbidden(
+                        "bundle identities are released only to agents whose job names the bundle",
+                    ))
+                }
+                _ => {}
+            }
+            let bytes = tokio::fs::read(stored.dir.join(file)).await.map_err(|e| {
+                ApiError::internal(format!("reading {}: {e}", stored.dir.join(file).display()))
+            })?;
+            Ok(http::full(
+                StatusCode::OK,
+                "application/octet-stream",
+                bytes,
+            ))
+        }
+        (["v1", "blobs", sha], true, _) => {
+            if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(ApiError::bad_request(format!(
+                    "{sha:?} is not a SHA-256 (64 lower-case hex digits)"
+                )));
+            }
+            if who.role == "agent" {
+                let s = sha.to_string();
+                agent_may_read(state, &who.name, move |j| {
+                    j.target.sha256 == s || j.rescue.sha256 == s
+                })
+                .await?;
+            }
+            let path = state.store.dir.join("blobs/sha256").join(sha);
+            if !path.exists() {
+                return Err(ApiError::not_found(format!("no blob {sha}")));
+            }
+            http::serve_file(&req, &path, sha, state.metrics.bytes_served.clone()).await
+        }
+        _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
+    }
+}
+
+async fn principal(state: &Arc<State>, conn: &Arc<Conn>) -> Result<Principal, ApiError> {
+    let Some(fp) = conn.fingerprint.clone() else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a client certificate is required",
+        ));
+    };
+    let p = state.db(move |db| db.principal(&fp)).await?;
+    match p {
+        None => {
+            state.metrics.unknown_certs.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::forbidden(
+                "this certificate was not issued by this stager",
+            ))
+        }
+        Some(p) if p.revoked => {
+            state
+                .metrics
+                .revoked_refused
+                .fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::forbidden(format!(
+                "the certificate of {} {:?} was revoked",
+                p.role, p.name
+            )))
+        }
+        Some(p) => Ok(p),
+    }
+}
+
+fn operator(who: &Principal) -> Result<(), ApiError> {
+    if who.role == "operator" {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "operator route; this certificate belongs to {} {:?}",
+            who.role, who.name
+        )))
+    }
+}
+
+fn agent(who: &Principal) -> Result<&str, ApiError> {
+    if who.role == "agent" {
+        Ok(&who.name)
+    } else {
+        Err(ApiError::forbidden(format!(
+            "agent route; this certificate belongs to {} {:?}",
+            who.role, who.name
+        )))
+    }
+}
+
+fn job_id(s: &str) -> Result<u64, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("job id {s:?} is not a number")))
+}
+
+fn query_wait(q: Option<&str>) -> Result<Duration, ApiError> {
+    let mut wait = Duration::ZERO;
+    for kv in q.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("wait", v)) => {
+                let secs: u64 = v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("wait={v:?} is not a number of seconds"))
+                })?;
+                wait = Duration::from_secs(secs).min(MAX_WAIT);
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {kv:?}"
+                )))
+            }
+        }
+    }
+    Ok(wait)
+}
+
+/// Refuses unless the agent's unfinished job satisfies `names_it`.
+async fn agent_may_read(
+    state: &Arc<State>,
+    host: &str,
+    names_it: impl FnOnce(&proto::v1::AgentJob) -> bool,
+) -> Result<(), ApiError> {
+    let h = host.to_string();
+    let job = state.db(move |db| db.work_for(&h)).await?;
+    match job {
+        Some(j) if names_it(&j) => Ok(()),
+        _ => Err(ApiError::forbidden(format!(
+            "host {host:?} has no unfinished job naming this bundle"
+        ))),
+    }
+}
+
+fn find_bundle(state: &State, name: &str, version: &str) -> Result<crate::store::Stored, ApiError> {
+    let n = bundle::BundleName::parse("bundle name", name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let v = bundle::BundleName::parse("bundle version", version)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    state
+        .store
+        .find(&n, Some(&v))
+        .map_err(|e| ApiError::not_found(e.to_string()))
+}
+
+fn bundle_ref(s: &crate::store::Stored) -> BundleRef {
+    BundleRef {
+        name: s.manifest.name.clone(),
+        version: s.manifest.version.clone(),
+        sha256: s.manifest.payload.sha256.clone(),
+        size: s.manifest.payload.size,
+    }
+}
+
+/// Resolves `NAME[@VERSION]` to a stored bundle of the expected kind.
+fn resolve(
+    state: &State,
+    spec: &str,
+    kind: bundle::Kind,
+    field: &str,
+) -> Result<BundleRef, ApiError> {
+    let (n, v) = bundle::name::parse_ref(spec)
+        .map_err(|e| ApiError::bad_request(format!("{field}: {e}")))?;
+    let s = state
+        .store
+        .find(&n, v.as_ref())
+        .map_err(|e| ApiError::not_found(format!("{field}: {e}")))?;
+    if s.manifest.kind != kind {
+        return Err(ApiError::bad_request(format!(
+            "{field}: bundle {} is a {:?} bundle, not {kind:?}",
+            s.manifest.id(),
+            s.manifest.kind
+        )));
+    }
+    Ok(bundle_ref(&s))
+}
+
+async fn create_job(
+    state: &Arc<State>,
+    who: &Principal,
+    body: CreateJob,
+) -> Result<Response<ResBody>, ApiError> {
+    if body.hosts.is_empty() {
+        return Err(ApiError::bad_request("hosts is empty"));
+    }
+    let mut hosts = body.hosts.clone();
+    hosts.sort();
+    hosts.dedup();
+    let target = resolve(state, &body.target, bundle::Kind::Target, "target")?;
+    let rescue_spec = body
+        .rescue
+        .clone()
+        .or_else(|| state.config.default_rescue.clone())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "no rescue bundle: name one, or set default_rescue in stager.toml",
+            )
+        })?;
+    let rescue = resolve(state, &rescue_spec, bundle::Kind::Rescue, "rescue")?;
+    let creator = who.name.clone();
+    let hs = hosts.clone();
+    let id = state
+        .db(move |db| {
+            db.create_job(&creator, &hs, &target, &rescue, body.hold_in_rescue)
+                .map_err(ApiError::from)
+        })
+        .await?;
+    for h in &hosts {
+        state.wake(h);
+    }
+    let job = state.db(move |db| db.job(id)).await?;
+    Ok(http::json(StatusCode::CREATED, &job))
+}
+
+/// Long poll: answers at once when there is work, else when work appears, else after `wait`.
+async fn agent_work(
+    state: &Arc<State>,
+    conn: &Arc<Conn>,
+    host: &str,
+    wait: Duration,
+) -> Result<Response<ResBody>, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let notify = state.notifier(host);
+    let (h, addr) = (host.to_string(), conn.addr.clone());
+    state.db(move |db| db.seen(&h, &addr)).await?;
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let h = host.to_string();
+        let work = state
+            .db(move |db| -> Result<Work, ApiError> {
+                Ok(Work {
+                    job: db.work_for(&h)?,
+                    rescue: db.rescue_request(&h)?,
+                })
+            })
+            .await?;
+        if work.job.is_some() || work.rescue.is_some() || tokio::time::Instant::now() >= deadline {
+            return Ok(http::json(StatusCode::OK, &work));
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}

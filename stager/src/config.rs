@@ -1,0 +1,50 @@
+//! `stager.toml` in the stager home: written by `stager init`, read by every command.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this stager in certificates and identity files.
+    pub name: String,
+    /// Where `stager serve` listens unless `--listen` says otherwise.
+    pub listen: String,
+    /// The URL written into identity files: how agents reach this stager.
+    pub url: String,
+    /// Rescue bundle (`NAME` or `NAME@VERSION`) for jobs that do not name one.
+    #[serde(default)]
+    pub default_rescue: Option<String>,
+    /// Most TLS connections served at once; more wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl Config {
+    pub fn path(dir: &Path) -> std::path::PathBuf {
+        dir.join("stager.toml")
+    }
+
+    pub fn load(dir: &Path) -> Result<Config> {
+        let p = Self::path(dir);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let p = Self::path(dir);
+        let text = format!(
+            "# stager configuration (see README: Stager)\n{}",
+            toml::to_string(self).expect("config serializes")
+        );
+        let tmp = p.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+    }
+}

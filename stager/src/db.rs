@@ -1,0 +1,541 @@
+//! The state database: SQLite in WAL mode with `synchronous=FULL`, so that an acknowledged
+//! job or event (the HTTP response went out after the commit) survives a SIGKILL or a power
+//! cut of the stager.
+//!
+//! Schema changes are numbered migrations applied in [`MIGRATIONS`] order; `user_version`
+//! records how far a database has come.
+
+use proto::v1::{
+    AgentJob, BundleRef, Event, EventKind, EventRecord, Host, HostJob, HostState, Job, JobState,
+    RescueRequest,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::Mutex;
+
+pub const FILE: &str = "state.db";
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE certs (
+    fingerprint TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('agent', 'operator')),
+    issued TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    revoked TEXT
+);
+CREATE INDEX certs_name ON certs (name);
+CREATE TABLE hosts (
+    name TEXT PRIMARY KEY,
+    enrolled TEXT NOT NULL,
+    last_seen TEXT,
+    address TEXT,
+    phase TEXT,
+    network TEXT,
+    rescue_requested INTEGER NOT NULL DEFAULT 0,
+    rescue_permanent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    target TEXT NOT NULL,
+    rescue TEXT NOT NULL,
+    hold_in_rescue INTEGER NOT NULL,
+    cancelled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE job_hosts (
+    job INTEGER NOT NULL REFERENCES jobs (id),
+    host TEXT NOT NULL REFERENCES hosts (name),
+    state TEXT NOT NULL,
+    phase TEXT,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER,
+    rate REAL,
+    updated_ms INTEGER,
+    updated TEXT,
+    last_event INTEGER,
+    PRIMARY KEY (job, host)
+);
+CREATE INDEX job_hosts_host ON job_hosts (host, state);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    time TEXT NOT NULL,
+    address TEXT,
+    body TEXT NOT NULL
+);
+"#];
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+/// Who a verified client certificate belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub role: String,
+    pub revoked: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Db {
+    pub fn open(path: &Path) -> anyhow::Result<Db> {
+        let conn = Connection::open(path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if v as usize > MIGRATIONS.len() {
+            anyhow::bail!(
+                "{} is at schema {v}, newer than this stager knows ({}); upgrade the stager",
+                path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(v as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn c(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_cert(
+        &self,
+        fp: &str,
+        name: &str,
+        role: &str,
+        not_after: &str,
+    ) -> rusqlite::Result<()> {
+        let c = self.c();
+        c.execute(
+            "INSERT INTO certs (fingerprint, name, role, issued, not_after) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![fp, name, role, now(), not_after],
+        )?;
+        if role == "agent" {
+            c.execute(
+                "INSERT OR IGNORE INTO hosts (name, enrolled) VALUES (?1, ?2)",
+                params![name, now()],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn principal(&self, fp: &str) -> rusqlite::Result<Option<Principal>> {
+        self.c()
+            .query_row(
+                "SELECT name, role, revoked IS NOT NULL FROM certs WHERE fingerprint = ?1",
+                [fp],
+                |r| {
+                    Ok(Principal {
+                        name: r.get(0)?,
+                        role: r.get(1)?,
+                        revoked: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// Revokes every certificate issued to `name`; returns how many.
+    pub fn revoke(&self, name: &str) -> rusqlite::Result<usize> {
+        self.c().execute(
+            "UPDATE certs SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
+            params![name, now()],
+        )
+    }
+
+    pub fn host_exists(&self, name: &str) -> rusqlite::Result<bool> {
+        self.c()
+            .query_row("SELECT 1 FROM hosts WHERE name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map(|o| o.is_some())
+    }
+
+    /// Records that `host` was seen, from `address`.
+    pub fn seen(&self, host: &str, address: &str) -> rusqlite::Result<()> {
+        self.c()
+            .execute(
+                "UPDATE hosts SET last_seen = ?2, address = ?3 WHERE name = ?1",
+                params![host, now(), address],
+            )
+            .map(|_| ())
+    }
+
+    pub fn hosts(&self) -> rusqlite::Result<Vec<Host>> {
+        let c = self.c();
+        let mut st = c.prepare(
+            "SELECT h.name, h.enrolled, h.last_seen, h.address, h.phase, h.network,
+                    h.rescue_requested, h.rescue_permanent,
+                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name)
+             FROM hosts h ORDER BY h.name",
+        )?;
+        let rows = st.query_map([], |r| {
+            let network: Option<String> = r.get(5)?;
+            Ok(Host {
+                name: r.get(0)?,
+                enrolled: r.get(1)?,
+                last_seen: r.get(2)?,
+                address: r.get(3)?,
+                phase: r.get(4)?,
+                network: network.and_then(|n| serde_json::from_str(&n).ok()),
+                rescue_requested: r.get::<_, bool>(6)?.then(|| RescueRequest {
+                    permanent: r.get(7).unwrap_or(false),
+                }),
+                job: r.get::<_, Option<i64>>(8)?.map(|j| j as u64),
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Creates a job for `hosts`. Refuses unknown hosts and hosts that already have an
+    /// unfinished job, naming them.
+    pub fn create_job(
+        &self,
+        creator: &str,
+        hosts: &[String],
+        target: &BundleRef,
+        rescue: &BundleRef,
+        hold: bool,
+    ) -> Result<u64, Refusal> {
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        for h in hosts {
+            let known = tx
+                .query_row("SELECT 1 FROM hosts WHERE name = ?1", [h], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if !known {
+                return Err(Refusal::NotFound(format!(
+                    "host {h:?} is not enrolled (stager enroll {h})"
+                )));
+            }
+            let busy: Option<i64> = tx
+                .query_row(
+                    "SELECT jh.job FROM job_hosts jh JOIN jobs j ON j.id = jh.job
+                     WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0",
+                    [h],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(j) = busy {
+                return Err(Refusal::Conflict(format!(
+                    "host {h:?} already has unfinished job {j}; cancel it first"
+                )));
+            }
+        }
+        tx.execute(
+            "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                now(),
+                creator,
+                serde_json::to_string(target).expect("json"),
+                serde_json::to_string(rescue).expect("json"),
+                hold
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for h in hosts {
+            tx.execute(
+                "INSERT INTO job_hosts (job, host, state) VALUES (?1, ?2, 'pending')",
+                params![id, h],
+            )?;
+        }
+        tx.commit()?;
+        Ok(id as u64)
+    }
+
+    pub fn job(&self, id: u64) -> rusqlite::Result<Option<Job>> {
+        let c = self.c();
+        job_in(&c, id as i64)
+    }
+
+    pub fn jobs(&self) -> rusqlite::Result<Vec<Job>> {
+        let c = self.c();
+        let ids: Vec<i64> = c
+            .prepare("SELECT id FROM jobs ORDER BY id")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(job_in(&c, id)?);
+        }
+        Ok(out)
+    }
+
+    /// Cancels a job: hosts that had not finished are marked cancelled. Returns the hosts
+    /// affected, or `None` if there is no such job.
+    pub fn cancel(&self, id: u64) -> rusqlite::Result<Option<Vec<String>>> {
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let n = tx.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?1", [id as i64])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let hosts: Vec<String> = tx
+            .prepare(
+                "SELECT host FROM job_hosts WHERE job = ?1 AND state IN ('pending', 'running')",
+            )?
+            .query_map([id as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.execute(
+            "UPDATE job_hosts SET state = 'cancelled', updated = ?2 WHERE job = ?1 AND state IN ('pending', 'running')",
+            params![id as i64, now()],
+        )?;
+        tx.commit()?;
+        Ok(Some(hosts))
+    }
+
+    /// The unfinished job of `host`, as the agent sees it.
+    pub fn work_for(&self, host: &str) -> rusqlite::Result<Option<AgentJob>> {
+        let c = self.c();
+        c.query_row(
+            "SELECT j.id, j.target, j.rescue, j.hold_in_rescue, j.cancelled FROM job_hosts jh
+             JOIN jobs j ON j.id = jh.job
+             WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0
+             ORDER BY j.id DESC LIMIT 1",
+            [host],
+            |r| {
+                let t: String = r.get(1)?;
+                let s: String = r.get(2)?;
+                Ok(AgentJob {
+                    id: r.get::<_, i64>(0)? as u64,
+                    host: host.to_string(),
+                    target: serde_json::from_str(&t).expect("stored json"),
+                    rescue: serde_json::from_str(&s).expect("stored json"),
+                    hold_in_rescue: r.get(3)?,
+                    cancelled: r.get(4)?,
+                })
+            },
+        )
+        .optional()
+    }
+
+    pub fn rescue_request(&self, host: &str) -> rusqlite::Result<Option<RescueRequest>> {
+        self.c().query_row(
+            "SELECT rescue_requested, rescue_permanent FROM hosts WHERE name = ?1",
+            [host],
+            |r| {
+                Ok(r.get::<_, bool>(0)?.then(|| RescueRequest {
+                    permanent: r.get(1).unwrap_or(false),
+                }))
+            },
+        )
+    }
+
+    pub fn request_rescue(&self, host: &str, req: &RescueRequest) -> Result<(), Refusal> {
+        let n = self.c().execute(
+            "UPDATE hosts SET rescue_requested = 1, rescue_permanent = ?2 WHERE name = ?1",
+            params![host, req.permanent],
+        )?;
+        if n == 0 {
+            return Err(Refusal::NotFound(format!("host {host:?} is not enrolled")));
+        }
+        Ok(())
+    }
+
+    /// Records an agent's event against its job, and updates the host's progress.
+    pub fn record_event(&self, host: &str, address: &str, ev: &Event) -> Result<(), Refusal> {
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let row: Option<(String, bool, u64, Option<i64>)> = tx
+            .query_row(
+                "SELECT jh.state, j.cancelled, jh.bytes_done, jh.updated_ms FROM job_hosts jh
+                 JOIN jobs j ON j.id = jh.job WHERE jh.job = ?1 AND jh.host = ?2",
+                params![ev.job as i64, host],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((state, cancelled, prev_bytes, prev_ms)) = row else {
+            return Err(Refusal::NotFound(format!(
+                "job {} does not include host {host:?}",
+                ev.job
+            )));
+        };
+        if cancelled {
+            return Err(Refusal::Conflict(format!("job {} was cancelled", ev.job)));
+        }
+        let time = now();
+        let ms = now_ms();
+        let body = serde_json::to_string(ev).expect("json");
+        tx.execute(
+            "INSERT INTO events (job, host, time, address, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![ev.job as i64, host, time, address, body],
+        )?;
+        let event_id = tx.last_insert_rowid();
+        let new_state = match ev.kind {
+            EventKind::Done => "done",
+            EventKind::Failed => "failed",
+            _ if state == "pending" => "running",
+            _ => state.as_str(),
+        };
+        let rate = match (ev.bytes_done, prev_ms) {
+            (Some(b), Some(p)) if b > prev_bytes && ms > p => {
+                Some((b - prev_bytes) as f64 * 1000.0 / (ms - p) as f64)
+            }
+            _ => None,
+        };
+        tx.execute(
+            "UPDATE job_hosts SET state = ?3, phase = COALESCE(?4, phase),
+                bytes_done = COALESCE(?5, bytes_done), bytes_total = COALESCE(?6, bytes_total),
+                rate = COALESCE(?7, rate), updated_ms = ?8, updated = ?9, last_event = ?10
+             WHERE job = ?1 AND host = ?2",
+            params![
+                ev.job as i64,
+                host,
+                new_state,
+                ev.phase,
+                ev.bytes_done.map(|b| b as i64),
+                ev.bytes_total.map(|b| b as i64),
+                rate,
+                ms,
+                time,
+                event_id
+            ],
+        )?;
+        tx.execute(
+            "UPDATE hosts SET last_seen = ?2, address = ?3, phase = COALESCE(?4, phase),
+                network = COALESCE(?5, network) WHERE name = ?1",
+            params![
+                host,
+                time,
+                address,
+                ev.phase,
+                ev.network.as_ref().map(|n| n.to_string())
+            ],
+        )?;
+        // The rescue OS acknowledges a rescue request by reporting that it entered it.
+        if ev.kind == EventKind::PhaseEntered && ev.phase.as_deref() == Some("rescue") {
+            tx.execute(
+                "UPDATE hosts SET rescue_requested = 0 WHERE name = ?1",
+                [host],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Host-job counts by state and phase, for `/metrics`.
+    pub fn phase_counts(&self) -> rusqlite::Result<Vec<(String, String, u64)>> {
+        let c = self.c();
+        let mut st = c.prepare(
+            "SELECT state, COALESCE(phase, ''), COUNT(*) FROM job_hosts GROUP BY 1, 2 ORDER BY 1, 2",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        rows.collect()
+    }
+}
+
+fn job_in(c: &Connection, id: i64) -> rusqlite::Result<Option<Job>> {
+    let head = c
+        .query_row(
+            "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled FROM jobs WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, bool>(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((created, created_by, target, rescue, hold, cancelled)) = head else {
+        return Ok(None);
+    };
+    let mut st = c.prepare(
+        "SELECT jh.host, jh.state, jh.phase, jh.bytes_done, jh.bytes_total, jh.rate, jh.updated,
+                e.time, e.address, e.body
+         FROM job_hosts jh LEFT JOIN events e ON e.id = jh.last_event
+         WHERE jh.job = ?1 ORDER BY jh.host",
+    )?;
+    let hosts: Vec<HostJob> = st
+        .query_map([id], |r| {
+            let state: String = r.get(1)?;
+            let body: Option<String> = r.get(9)?;
+            Ok(HostJob {
+                host: r.get(0)?,
+                state: parse_state(&state),
+                phase: r.get(2)?,
+                bytes_done: r.get::<_, i64>(3)? as u64,
+                bytes_total: r.get::<_, Option<i64>>(4)?.map(|b| b as u64),
+                rate: r.get(5)?,
+                updated: r.get(6)?,
+                last_event: match (r.get::<_, Option<String>>(7)?, body) {
+                    (Some(time), Some(body)) => Some(EventRecord {
+                        time,
+                        address: r.get(8)?,
+                        event: serde_json::from_str(&body).expect("stored json"),
+                    }),
+                    _ => None,
+                },
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let state = if cancelled {
+        JobState::Cancelled
+    } else if hosts.iter().any(|h| !h.state.is_final()) {
+        JobState::Active
+    } else if hosts.iter().any(|h| h.state == HostState::Failed) {
+        JobState::Failed
+    } else {
+        JobState::Done
+    };
+    Ok(Some(Job {
+        id: id as u64,
+        created,
+        created_by,
+        target: serde_json::from_str(&target).expect("stored json"),
+        rescue: serde_json::from_str(&rescue).expect("stored json"),
+        hold_in_rescue: hold,
+        state,
+        hosts,
+    }))
+}
+
+fn parse_state(s: &str) -> HostState {
+    match s {
+        "pending" => HostState::Pending,
+        "running" => HostState::Running,
+        "done" => HostState::Done,
+        "failed" => HostState::Failed,
+        _ => HostState::Cancelled,
+    }
+}

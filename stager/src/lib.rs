@@ -1,0 +1,12 @@
+//! The stager: keys and PKI, the bundle store, the state database, and the mutual-TLS API
+//! server. The binary (`src/main.rs`) is a thin command line over these modules; tests use
+//! them directly where a test needs what no command offers (an already expired certificate).
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod metrics;
+pub mod pki;
+pub mod server;
+pub mod store;

@@ -1,0 +1,94 @@
+//! `/metrics` in the Prometheus text exposition format (version 0.0.4).
+
+use crate::http::ApiError;
+use crate::server::State;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub bytes_served: Arc<AtomicU64>,
+    pub handshakes_refused: AtomicU64,
+    pub revoked_refused: AtomicU64,
+    pub unknown_certs: AtomicU64,
+    pub connections: AtomicU64,
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
+    let m = &state.metrics;
+    let counts = state.db(|db| db.phase_counts()).await?;
+    let mut s = String::new();
+    let counter = |s: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter(
+        &mut s,
+        "stager_bytes_served_total",
+        "Blob bytes sent to clients.",
+        m.bytes_served.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut s,
+        "stager_handshakes_refused_total",
+        "TLS handshakes that failed: no client certificate, another CA, expired, or a timeout.",
+        m.handshakes_refused.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut s,
+        "stager_revoked_refused_total",
+        "Requests refused because the client certificate was revoked.",
+        m.revoked_refused.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut s,
+        "stager_unknown_certificates_total",
+        "Requests with a certificate this stager has no record of.",
+        m.unknown_certs.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(
+        s,
+        "# HELP stager_connections Open client connections.\n# TYPE stager_connections gauge\nstager_connections {}",
+        m.connections.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(s, "# HELP stager_requests_total Requests by route and status.\n# TYPE stager_requests_total counter");
+    for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            s,
+            "stager_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+            esc(route)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP stager_host_jobs Hosts in jobs, by state and phase.\n# TYPE stager_host_jobs gauge"
+    );
+    for (state, phase, n) in counts {
+        let _ = writeln!(
+            s,
+            "stager_host_jobs{{state=\"{}\",phase=\"{}\"}} {n}",
+            esc(&state),
+            esc(&phase)
+        );
+    }
+    Ok(s)
+}

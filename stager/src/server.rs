@@ -1,0 +1,190 @@
+//! `stager serve`: TLS 1.3 with a client certificate required, HTTP/1.1 and HTTP/2 (ALPN), one
+//! task per connection, bounded by a connection cap and timeouts so that slow or idle clients
+//! cannot exhaust it.
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::http::ApiError;
+use crate::store::Store;
+use anyhow::{Context, Result};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+
+/// A TLS handshake must finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request headers must arrive within this (HTTP/1.1).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct State {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub db: Arc<Db>,
+    pub store: Store,
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// What is known about a connection once its TLS handshake is done.
+pub struct Conn {
+    /// SHA-256 of the verified client certificate.
+    pub fingerprint: Option<String>,
+    /// The peer's IP address as the stager sees it.
+    pub addr: String,
+}
+
+impl State {
+    pub fn open(dir: &Path) -> Result<State> {
+        Ok(State {
+            dir: dir.to_path_buf(),
+            config: Config::load(dir)?,
+            db: Arc::new(Db::open(&dir.join(crate::db::FILE))?),
+            store: Store::open(dir)?,
+            waiters: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
+        })
+    }
+
+    /// Runs a database call off the async threads (a commit waits for fsync).
+    pub async fn db<T, E>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Db) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        E: Into<ApiError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db).map_err(Into::into))
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    pub fn notifier(&self, host: &str) -> Arc<Notify> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(host.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Wakes the long polls of `host`.
+    pub fn wake(&self, host: &str) {
+        self.notifier(host).notify_waiters();
+    }
+}
+
+pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_path = dir.join(crate::pki::CA_CERT);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca_path)
+        .with_context(|| format!("reading {}", ca_path.display()))?
+    {
+        roots.add(c.with_context(|| format!("parsing {}", ca_path.display()))?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("building the client certificate verifier")?;
+    let cert_path = dir.join(crate::pki::SERVER_CERT);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing {}", cert_path.display()))?;
+    let key_path = dir.join(crate::pki::SERVER_KEY);
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .with_context(|| format!("reading {}", key_path.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("loading the server certificate")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Serves until the process is stopped. Prints the address once it is listening.
+pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
+    let state = Arc::new(State::open(dir)?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(dir)?));
+    let addr = listen.unwrap_or_else(|| state.config.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    println!("stager: listening on https://{}", listener.local_addr()?);
+    let cap = Arc::new(Semaphore::new(state.config.max_connections));
+    loop {
+        let permit = cap.clone().acquire_owned().await.expect("semaphore open");
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                eprintln!("stager: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let state = state.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            state.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => Some(s),
+                _ => None,
+            };
+            if let Some(tls) = tls {
+                let fingerprint = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| crate::pki::fingerprint(c));
+                let conn = Arc::new(Conn {
+                    fingerprint,
+                    addr: peer.ip().to_string(),
+                });
+                let st = state.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let (st, conn) = (st.clone(), conn.clone());
+                    async move {
+                        let route = crate::api::route_name(req.method(), req.uri().path());
+                        let resp = crate::api::handle(st.clone(), conn, req).await;
+                        st.metrics.request(&route, resp.status().as_u16());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                b.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                b.http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(64)
+                    .keep_alive_interval(Some(Duration::from_secs(60)));
+                let _ = b.serve_connection(TokioIo::new(tls), svc).await;
+            } else {
+                state
+                    .metrics
+                    .handshakes_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+pub fn counter() -> Arc<AtomicU64> {
+    Arc::new(AtomicU64::new(0))
+}
