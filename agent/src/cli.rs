@@ -8,20 +8,70 @@ use bundle::release::ReleasePublicKey;
 use bundle::verify;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
+/// Remote two-disk OS reinstaller: the operator's command and (later) the agent.
+///
+/// Without a subcommand, creates a reinstall job on the stager:
+///
+///   reinstall --identity OP.toml --host web1 --target debian@12.8 --wait
 #[derive(Parser)]
 #[command(
     name = "reinstall",
     version,
-    about = "Remote two-disk OS reinstaller: operator command and agent"
+    args_conflicts_with_subcommands = true,
+    after_help = "Not yet available (see README): plan, agent. Exit status: 0 ok, 1 failed, 2 usage."
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(flatten)]
+    pub job: JobOpts,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+}
+
+#[derive(Args)]
+pub struct Global {
+    /// Stager commands: the identity file from `stager operator` (default
+    /// /etc/reinstall/identity.toml). Bundle commands: the bundle's age identity (default
+    /// DIR/identity.txt).
+    #[arg(long, global = true)]
+    pub identity: Option<PathBuf>,
+    /// A host to act on (repeatable).
+    #[arg(long = "host", global = true)]
+    pub hosts: Vec<String>,
+    /// A file of hosts, one per line (# starts a comment).
+    #[arg(long, global = true)]
+    pub hosts_file: Option<PathBuf>,
+    /// Print JSON on stdout (stable: fields are only ever added).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct JobOpts {
+    /// Target bundle: NAME (newest) or NAME@VERSION. Creates a job for the hosts.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Rescue bundle (default: the stager's default_rescue).
+    #[arg(long)]
+    pub rescue: Option<String>,
+    /// Stop in the rescue OS; do not install the target.
+    #[arg(long)]
+    pub hold_in_rescue: bool,
+    /// Follow the job (phase, bytes, rate per host) until it is done or failed; exit 1 if it
+    /// failed or was cancelled.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Show jobs and hosts (all, or those named with --host).
+    Status,
+    /// Send the hosts to their rescue OS (once, or for good with --permanent).
+    Rescue(RescueOpts),
     /// Check and unpack bundles (a directory as written by `stager bundle export`).
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -40,16 +90,17 @@ pub enum BundleCommand {
 }
 
 #[derive(Args)]
+pub struct RescueOpts {
+    /// Make rescue the default boot, not only the next one.
+    #[arg(long)]
+    pub permanent: bool,
+}
+
+#[derive(Args)]
 pub struct KeyOpts {
     /// The release public key (minisign format) that must have signed the manifest.
     #[arg(long)]
     pub pubkey: PathBuf,
-    /// The bundle's age identity. `verify` defaults to DIR/identity.txt if present.
-    #[arg(long)]
-    pub identity: Option<PathBuf>,
-    /// Print the result as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Args)]
@@ -76,12 +127,12 @@ pub struct UnpackOpts {
 }
 
 fn identity(
-    keys: &KeyOpts,
+    given: Option<&Path>,
     dir: &Path,
     required: bool,
 ) -> Result<Option<bundle::payload::AgeIdentity>> {
-    let path = match &keys.identity {
-        Some(p) => p.clone(),
+    let path = match given {
+        Some(p) => p.to_path_buf(),
         None => {
             let p = dir.join(bundle::IDENTITY_FILE);
             if !required && !p.exists() {
@@ -93,14 +144,14 @@ fn identity(
     Ok(Some(bundle::payload::load_identity(&path)?))
 }
 
-pub fn verify(o: VerifyOpts) -> Result<()> {
+pub fn verify(o: VerifyOpts, id_path: Option<&Path>, json: bool) -> Result<ExitCode> {
     let key = ReleasePublicKey::load(&o.keys.pubkey)?;
     let signed = verify::check_signed(&o.dir, &key)
         .with_context(|| format!("bundle {} failed verification", o.dir.display()))?;
     let id = if o.shallow {
         None
     } else {
-        identity(&o.keys, &o.dir, false)?
+        identity(id_path, &o.dir, false)?
     };
     let mut p = Terminal::stderr();
     let deep = id.is_some();
@@ -113,7 +164,7 @@ pub fn verify(o: VerifyOpts) -> Result<()> {
             .with_context(|| format!("bundle {} failed verification", o.dir.display()))?,
     }
     let m = &signed.manifest;
-    if o.keys.json {
+    if json {
         let v = serde_json::json!({
             "ok": true,
             "bundle": m.id(),
@@ -132,14 +183,14 @@ pub fn verify(o: VerifyOpts) -> Result<()> {
             }
         );
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-pub fn unpack(o: UnpackOpts) -> Result<()> {
+pub fn unpack(o: UnpackOpts, id_path: Option<&Path>, json: bool) -> Result<ExitCode> {
     let key = ReleasePublicKey::load(&o.keys.pubkey)?;
     let signed = verify::check_signed(&o.dir, &key)
         .with_context(|| format!("bundle {} failed verification", o.dir.display()))?;
-    let id = identity(&o.keys, &o.dir, true)?.expect("required");
+    let id = identity(id_path, &o.dir, true)?.expect("required");
     let start = std::time::Instant::now();
     let stats =
         verify::unpack_into(&signed, id, &o.into, &mut *Terminal::stderr()).with_context(|| {
@@ -153,7 +204,7 @@ pub fn unpack(o: UnpackOpts) -> Result<()> {
         })?;
     let secs = start.elapsed().as_secs_f64();
     let m = &signed.manifest;
-    if o.keys.json {
+    if json {
         let v = serde_json::json!({
             "ok": true,
             "bundle": m.id(),
@@ -174,7 +225,7 @@ pub fn unpack(o: UnpackOpts) -> Result<()> {
             progress::bytes((stats.unpacked_size as f64 / secs.max(0.001)) as u64)
         );
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

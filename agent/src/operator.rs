@@ -1,0 +1,245 @@
+//! The operator's commands: create a job (and follow it), show status, send hosts to rescue.
+
+use crate::cli::{Global, JobOpts, RescueOpts};
+use crate::client::Client;
+use anyhow::{bail, Context, Result};
+use bundle::progress::bytes;
+use proto::identity::{IdentityFile, Role};
+use proto::v1::{CreateJob, Host, HostState, Job, JobState, RescueRequest};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn client(g: &Global) -> Result<Client> {
+    let path = g
+        .identity
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(proto::identity::DEFAULT_AGENT_PATH));
+    let id = IdentityFile::load(&path)?;
+    if id.role != Role::Operator {
+        bail!(
+            "{} is the identity of {} {:?}; operator commands need an operator identity (stager operator NAME --out FILE)",
+            path.display(),
+            id.role.as_str(),
+            id.name
+        );
+    }
+    Client::new(id)
+}
+
+/// `--host` flags and `--hosts-file` lines, in order, without duplicates.
+fn hosts(g: &Global) -> Result<Vec<String>> {
+    let mut v = g.hosts.clone();
+    if let Some(f) = &g.hosts_file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for line in text.lines() {
+            let h = line.split('#').next().unwrap_or("").trim();
+            if !h.is_empty() {
+                v.push(h.to_string());
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|h| seen.insert(h.clone()));
+    Ok(v)
+}
+
+pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
+    let hosts = hosts(g)?;
+    if hosts.is_empty() {
+        bail!("no hosts: name them with --host HOST or --hosts-file FILE");
+    }
+    let c = client(g)?;
+    let req = CreateJob {
+        hosts,
+        target: o.target.clone().expect("checked by caller"),
+        rescue: o.rescue.clone(),
+        hold_in_rescue: o.hold_in_rescue,
+    };
+    let job: Job = c.post("/v1/jobs", &req)?;
+    if !o.wait {
+        if g.json {
+            println!("{}", serde_json::to_string_pretty(&job)?);
+        } else {
+            println!(
+                "job {} created: {} on {} host(s), rescue {}",
+                job.id,
+                ref_id(&job.target),
+                job.hosts.len(),
+                ref_id(&job.rescue)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !g.json {
+        eprintln!(
+            "job {} created; following it (Ctrl-C stops following, not the job)",
+            job.id
+        );
+    }
+    follow(&c, job.id, g.json)
+}
+
+fn ref_id(b: &proto::v1::BundleRef) -> String {
+    format!("{}@{}", b.name, b.version)
+}
+
+/// Polls the job until every host finished, showing each change.
+fn follow(c: &Client, id: u64, json: bool) -> Result<ExitCode> {
+    let tty = std::io::stderr().is_terminal() && !json;
+    let mut last_lines: Vec<String> = Vec::new();
+    let mut drawn = 0usize;
+    loop {
+        let job: Job = c.get(&format!("/v1/jobs/{id}"))?;
+        let lines: Vec<String> = job.hosts.iter().map(host_line).collect();
+        if !json {
+            if tty {
+                // Redraw the block of host lines in place.
+                if drawn > 0 {
+                    eprint!("\x1b[{drawn}A");
+                }
+                for l in &lines {
+                    eprintln!("\r\x1b[K{l}");
+                }
+                drawn = lines.len();
+            } else {
+                for (i, l) in lines.iter().enumerate() {
+                    if last_lines.get(i).map(|p| same_state(p, l)) != Some(true) {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        last_lines = lines;
+        if job.state != JobState::Active {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                eprintln!("job {id}: {:?}", job.state);
+            }
+            return Ok(if job.state == JobState::Done {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Host lines differ in bytes all the time; on a non-terminal only state and phase changes
+/// are printed.
+fn same_state(a: &str, b: &str) -> bool {
+    let key = |s: &str| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    key(a) == key(b)
+}
+
+fn host_line(h: &proto::v1::HostJob) -> String {
+    let state = format!("{:?}", h.state).to_lowercase();
+    let mut s = format!(
+        "{:<20} {:<9} {:<16}",
+        h.host,
+        state,
+        h.phase.as_deref().unwrap_or("-")
+    );
+    if h.bytes_done > 0 || h.bytes_total.is_some() {
+        s += &format!(" {}", bytes(h.bytes_done));
+        if let Some(t) = h.bytes_total {
+            s += &format!(" / {}", bytes(t));
+        }
+        if let Some(r) = h.rate.filter(|_| h.state == HostState::Running) {
+            s += &format!("  {}/s", bytes(r as u64));
+        }
+    }
+    if let Some(m) = h
+        .last_event
+        .as_ref()
+        .and_then(|e| e.event.message.as_deref())
+    {
+        s += &format!("  {m}");
+    }
+    s
+}
+
+pub fn status(g: &Global) -> Result<ExitCode> {
+    let c = client(g)?;
+    let want = hosts(g)?;
+    let mut hosts: Vec<Host> = c.get("/v1/hosts")?;
+    let mut jobs: Vec<Job> = c.get("/v1/jobs")?;
+    if !want.is_empty() {
+        for w in &want {
+            if !hosts.iter().any(|h| &h.name == w) {
+                bail!("host {w:?} is not enrolled on this stager");
+            }
+        }
+        hosts.retain(|h| want.contains(&h.name));
+        jobs.retain(|j| j.hosts.iter().any(|h| want.contains(&h.host)));
+        for j in &mut jobs {
+            j.hosts.retain(|h| want.contains(&h.host));
+        }
+    }
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"hosts": hosts, "jobs": jobs}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<16} {:<6} {:<16} LAST SEEN",
+        "HOST", "PHASE", "JOB", "ADDRESS"
+    );
+    for h in &hosts {
+        println!(
+            "{:<20} {:<16} {:<6} {:<16} {}{}",
+            h.name,
+            h.phase.as_deref().unwrap_or("-"),
+            h.job.map(|j| j.to_string()).unwrap_or("-".into()),
+            h.address.as_deref().unwrap_or("-"),
+            h.last_seen.as_deref().unwrap_or("never"),
+            if h.rescue_requested.is_some() {
+                "  (rescue requested)"
+            } else {
+                ""
+            }
+        );
+    }
+    for j in jobs.iter().filter(|j| j.state == JobState::Active) {
+        println!(
+            "\njob {} ({} by {}, {:?}):",
+            j.id,
+            ref_id(&j.target),
+            j.created_by,
+            j.state
+        );
+        for h in &j.hosts {
+            println!("  {}", host_line(h));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rescue(g: &Global, o: &RescueOpts) -> Result<ExitCode> {
+    let hosts = hosts(g)?;
+    if hosts.is_empty() {
+        bail!("no hosts: name them with --host HOST or --hosts-file FILE");
+    }
+    let c = client(g)?;
+    for h in &hosts {
+        let _: serde_json::Value = c.post(
+            &format!("/v1/hosts/{h}/rescue"),
+            &RescueRequest {
+                permanent: o.permanent,
+            },
+        )?;
+        if !g.json {
+            println!(
+                "{h}: rescue requested{}",
+                if o.permanent { " (permanent)" } else { "" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
