@@ -19,7 +19,6 @@ use std::process::ExitCode;
 #[command(
     name = "reinstall",
     version,
-    args_conflicts_with_subcommands = true,
     after_help = "Not yet available (see README): plan, agent. Exit status: 0 ok, 1 failed, 2 usage."
 )]
 pub struct Cli {

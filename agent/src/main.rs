@@ -11,6 +11,13 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let json = args.global.json;
+    let j = &args.job;
+    if args.command.is_some()
+        && (j.target.is_some() || j.rescue.is_some() || j.hold_in_rescue || j.wait)
+    {
+        eprintln!("reinstall: error: --target, --rescue, --hold-in-rescue and --wait create a job; they do not go with a subcommand");
+        return ExitCode::from(2);
+    }
     let r = match args.command {
         Some(cli::Command::Bundle(cli::BundleCommand::Verify(o))) => {
             cli::verify(o, args.global.identity.as_deref(), json)

@@ -1,6 +1,7 @@
 //! Helpers for the workspace integration tests: locating the built binaries, running them,
 //! making stager homes and bundles, and describing a directory tree entry by entry.
 
+pub mod stager;
 pub mod treediff;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,453 @@
+//! A real stager on 127.0.0.1 with real mutual TLS, driven by `curl` (a client nobody here
+//! wrote) and by `reinstall`: every authorization rule, allowed and refused; bad input;
+//! long polls; Range resume; and durability across SIGKILL.
+
+use integration_tests::stager::Stager;
+use integration_tests::*;
+use std::time::{Duration, Instant};
+
+fn small_target(dir: &std::path::Path) -> std::path::PathBuf {
+    let t = dir.join("target-tree");
+    std::fs::create_dir_all(t.join("etc")).unwrap();
+    std::fs::write(t.join("etc/marker"), "target\n").unwrap();
+    t
+}
+
+fn started(w: &tempfile::TempDir) -> Stager {
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    s.start();
+    s
+}
+
+fn create_job(s: &Stager, host: &str) -> u64 {
+    let (code, body) = s.curl(
+        Some("alice"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &format!(r#"{{"hosts":["{host}"],"target":"target"}}"#),
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["id"].as_u64().unwrap()
+}
+
+fn post_event(s: &Stager, host: &str, body: &str) -> (u16, String) {
+    s.curl(
+        Some(host),
+        &["-H", "content-type: application/json", "-d", body],
+        "/v1/agent/events",
+    )
+}
+
+#[test]
+fn curl_creates_a_job_and_fetches_a_blob_over_http1_and_http2() {
+    let w = scratch();
+    let s = started(&w);
+    let id = create_job(&s, "web1");
+    let sha = s.sha_of("target");
+    for proto in ["--http1.1", "--http2"] {
+        let out = s.dir.join(format!("blob{proto}"));
+        let (code, _) = s.curl(
+            Some("web1"),
+            &[proto, "-o", out.to_str().unwrap()],
+            &format!("/v1/blobs/{sha}"),
+        );
+        assert_eq!(code, 200);
+        let got = sh(&format!("sha256sum {} | cut -d' ' -f1", out.display()));
+        assert_eq!(got.trim(), sha, "{proto}");
+    }
+    let (code, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+    assert_eq!(code, 200);
+    assert!(body.contains("\"state\": \"pending\""), "{body}");
+}
+
+#[test]
+fn every_authorization_rule_is_enforced_from_the_certificate() {
+    let w = scratch();
+    let s = started(&w);
+    create_job(&s, "web1");
+    let (tsha, rsha) = (s.sha_of("target"), s.sha_of("rescue"));
+    let allowed: &[(&str, &str)] = &[
+        ("web1", "/v1/agent/work"),
+        ("web1", "/v1/bundles/target/1/manifest"),
+        ("web1", "/v1/bundles/target/1/signature"),
+        ("web1", "/v1/bundles/target/1/identity"),
+        ("web1", "/v1/bundles/rescue/1/identity"),
+        ("web2", "/v1/agent/work"),
+        ("alice", "/v1/jobs"),
+        ("alice", "/v1/hosts"),
+        ("alice", "/metrics"),
+        ("alice", "/v1/bundles/target/1/manifest"),
+        ("web1", "/healthz"),
+    ];
+    for (who, path) in allowed {
+        let (code, body) = s.curl(Some(who), &[], path);
+        assert_eq!(code, 200, "{who} GET {path}: {body}");
+    }
+    for (who, sha) in [("web1", &tsha), ("web1", &rsha), ("alice", &tsha)] {
+        let (code, _) = s.curl(Some(who), &["-o", "/dev/null"], &format!("/v1/blobs/{sha}"));
+        assert_eq!(code, 200, "{who} blob");
+    }
+    let refused: &[(&str, &str, &str)] = &[
+        // Another host's job, bundles and keys.
+        ("web2", "/v1/bundles/target/1/identity", "no unfinished job"),
+        ("web2", &format!("/v1/blobs/{tsha}"), "no unfinished job"),
+        // Agents on operator routes.
+        ("web1", "/v1/jobs", "operator route"),
+        ("web1", "/v1/hosts", "operator route"),
+        ("web1", "/metrics", "operator route"),
+        // Operators never get a bundle's age identity, nor agent routes.
+        (
+            "alice",
+            "/v1/bundles/target/1/identity",
+            "released only to agents",
+        ),
+        ("alice", "/v1/agent/work", "agent route"),
+    ];
+    for (who, path, why) in refused {
+        let (code, body) = s.curl(Some(who), &[], path);
+        assert_eq!(code, 403, "{who} GET {path}: {body}");
+        assert!(body.contains(why), "{who} GET {path}: {body}");
+    }
+    let (code, body) = s.curl(
+        Some("web1"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"hosts":["web1"],"target":"target"}"#,
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 403, "{body}");
+    // web1 reporting on a job that is not its own.
+    let (code, body) = post_event(&s, "web2", r#"{"job":1,"kind":"progress"}"#);
+    assert_eq!(code, 404, "{body}");
+}
+
+#[test]
+fn no_certificate_another_ca_expired_and_revoked_are_refused() {
+    let w = scratch();
+    let s = started(&w);
+    // No client certificate: the handshake fails.
+    let (code, _) = s.curl(None, &[], "/healthz");
+    assert_eq!(code, 0);
+    // A certificate from another stager's CA.
+    let other = scratch();
+    let o = Stager::new(other.path(), &small_target(other.path()));
+    let p = o.pems("alice");
+    let out = run(std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(s.pems("alice").ca)
+        .arg("--cert")
+        .arg(&p.cert)
+        .arg("--key")
+        .arg(&p.key)
+        .arg(s.url("/healthz")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "another CA's certificate was accepted"
+    );
+    // Expired.
+    s.operator("old", -1);
+    let (code, _) = s.curl(Some("old"), &[], "/healthz");
+    assert_eq!(code, 0, "an expired certificate was accepted");
+    // Revoked while the server runs: refused from the next request on.
+    s.operator("bob", 30);
+    let (code, _) = s.curl(Some("bob"), &[], "/v1/jobs");
+    assert_eq!(code, 200);
+    ok(stager().arg("revoke").arg("--dir").arg(&s.home).arg("bob"));
+    let t = Instant::now();
+    let (code, body) = s.curl(Some("bob"), &[], "/v1/jobs");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let (_, metrics) = s.curl(Some("alice"), &[], "/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stager_handshakes_refused_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused >= 3, "{metrics}");
+    assert!(
+        metrics.contains("stager_revoked_refused_total 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_json_4xx_naming_the_problem_and_the_server_keeps_serving() {
+    let w = scratch();
+    let s = started(&w);
+    let json = |body: &str| {
+        vec![
+            "-H".to_string(),
+            "content-type: application/json".into(),
+            "-d".into(),
+            body.to_string(),
+        ]
+    };
+    let big = format!(r#"{{"hosts":["{}"],"target":"t"}}"#, "x".repeat(100_000));
+    let cases: Vec<(Vec<String>, &str, u16, &str)> = vec![
+        (json("{not json"), "/v1/jobs", 400, "request body"),
+        (
+            json(r#"{"hosts":["web1"],"target":"target","force":true}"#),
+            "/v1/jobs",
+            400,
+            "unknown field `force`",
+        ),
+        (json(&big), "/v1/jobs", 413, "over 65536 bytes"),
+        (
+            json(r#"{"hosts":["nosuch"],"target":"target"}"#),
+            "/v1/jobs",
+            404,
+            "\"nosuch\" is not enrolled",
+        ),
+        (
+            json(r#"{"hosts":["web1"],"target":"nosuch"}"#),
+            "/v1/jobs",
+            404,
+            "no bundle named nosuch",
+        ),
+        (
+            json(r#"{"hosts":["web1"],"target":"rescue"}"#),
+            "/v1/jobs",
+            400,
+            "not Target",
+        ),
+        (
+            json(r#"{"hosts":[],"target":"target"}"#),
+            "/v1/jobs",
+            400,
+            "hosts is empty",
+        ),
+        (
+            vec![],
+            "/v1/blobs/..%2F..%2Fetc%2Fpasswd",
+            400,
+            "is not a SHA-256",
+        ),
+        (
+            vec![],
+            "/v1/blobs/0000000000000000000000000000000000000000000000000000000000000000",
+            404,
+            "no blob",
+        ),
+        (
+            vec![],
+            "/v1/bundles/..%2F..%2Fetc/1/manifest",
+            400,
+            "bundle name",
+        ),
+        (vec![], "/v1/jobs/abc", 400, "not a number"),
+        (vec![], "/v1/jobs/999", 404, "no job 999"),
+        (vec![], "/v1/nothing", 404, "no route"),
+    ];
+    for (args, path, want, why) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, body) = s.curl(Some("alice"), &args, path);
+        assert_eq!(code, *want, "{path} {args:?}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(why), "{path}: {msg:?} should mention {why:?}");
+    }
+    // An unsatisfiable range and a malformed one on a real blob.
+    let sha = s.sha_of("target");
+    for r in ["999999999-", "5-1"] {
+        let (code, body) = s.curl(Some("alice"), &["-r", r], &format!("/v1/blobs/{sha}"));
+        assert_eq!(code, 416, "{r}: {body}");
+    }
+    // A second job for a busy host is a conflict that names the job.
+    create_job(&s, "web1");
+    let (code, body) = s.curl(
+        Some("alice"),
+        &json(r#"{"hosts":["web1"],"target":"target"}"#)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "/v1/jobs",
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("unfinished job 1"), "{body}");
+    let (code, _) = s.curl(Some("alice"), &[], "/healthz");
+    assert_eq!(code, 200, "the server stopped serving after bad input");
+}
+
+#[test]
+fn a_long_poll_answers_as_soon_as_a_job_appears() {
+    let w = scratch();
+    let s = started(&w);
+    let p = s.pems("web1");
+    let t = Instant::now();
+    let poll = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&p.ca)
+        .arg("--cert")
+        .arg(&p.cert)
+        .arg("--key")
+        .arg(&p.key)
+        .arg(s.url("/v1/agent/work?wait=30"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let id = create_job(&s, "web1");
+    let out = poll.wait_with_output().unwrap();
+    let elapsed = t.elapsed();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["job"]["id"].as_u64(), Some(id));
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "the long poll took {elapsed:?}"
+    );
+    // With nothing to do, it answers after the wait.
+    let t = Instant::now();
+    let (code, body) = s.curl(Some("web2"), &[], "/v1/agent/work?wait=2");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"job\": null"), "{body}");
+    assert!(t.elapsed() >= Duration::from_secs(2));
+}
+
+#[test]
+fn a_range_download_cut_midway_resumes_to_the_right_hash() {
+    let w = scratch();
+    // Incompressible data, so the blob is big enough to cut.
+    let tree = w.path().join("big");
+    std::fs::create_dir_all(&tree).unwrap();
+    sh(&format!(
+        "head -c 30000000 /dev/urandom > {}/random.bin",
+        tree.display()
+    ));
+    let mut s = Stager::new(w.path(), &tree);
+    s.start();
+    create_job(&s, "web1");
+    let sha = s.sha_of("target");
+    let p = s.pems("web1");
+    let part = w.path().join("blob.part");
+    let curl = |extra: &[&str]| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--cacert"])
+            .arg(&p.ca)
+            .arg("--cert")
+            .arg(&p.cert)
+            .arg("--key")
+            .arg(&p.key)
+            .args(extra)
+            .arg("-o")
+            .arg(&part)
+            .arg(s.url(&format!("/v1/blobs/{sha}")));
+        c
+    };
+    // Throttled, and cut after a second.
+    let mut cut = curl(&["--limit-rate", "4M"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    cut.kill().unwrap();
+    cut.wait().unwrap();
+    let got = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    let total = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
+        .unwrap()
+        .len();
+    assert!(got > 0 && got < total, "cut at {got} of {total}");
+    // Resume where it stopped (curl sends Range: bytes=GOT-).
+    ok(&mut curl(&["-C", "-"]));
+    let h = sh(&format!("sha256sum {} | cut -d' ' -f1", part.display()));
+    assert_eq!(h.trim(), sha);
+    let (_, metrics) = s.curl(Some("alice"), &[], "/metrics");
+    assert!(
+        metrics.contains("route=\"GET /v1/blobs/:id\",status=\"206\""),
+        "{metrics}"
+    );
+    s.kill();
+}
+
+#[test]
+fn sigkill_of_the_stager_loses_no_acknowledged_job_or_event() {
+    let w = scratch();
+    let mut s = started(&w);
+    let id = create_job(&s, "web1");
+    let mut last = 0;
+    for i in 1..=25u64 {
+        let body = format!(
+            r#"{{"job":{id},"kind":"progress","phase":"stage-rescue","bytes_done":{},"bytes_total":1000000}}"#,
+            i * 1000
+        );
+        let (code, b) = post_event(&s, "web1", &body);
+        assert_eq!(code, 200, "{b}");
+        last = i * 1000;
+    }
+    // Acknowledged: now kill without warning, and come back.
+    s.kill();
+    s.start();
+    let (code, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["hosts"][0]["bytes_done"].as_u64(), Some(last), "{body}");
+    assert_eq!(v["hosts"][0]["phase"], "stage-rescue");
+    // And it carries on: the job completes.
+    let (code, _) = post_event(
+        &s,
+        "web1",
+        &format!(r#"{{"job":{id},"kind":"done","phase":"target-up"}}"#),
+    );
+    assert_eq!(code, 200);
+    let (_, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+    assert!(body.contains("\"state\": \"done\""), "{body}");
+}
+
+#[test]
+fn reinstall_wait_follows_the_job_and_exits_by_its_outcome() {
+    let w = scratch();
+    let s = started(&w);
+    for (host, outcome, want_ok) in [("web1", "done", true), ("web2", "failed", false)] {
+        let mut c = s.reinstall("alice");
+        c.args(["--host", host, "--target", "target", "--wait", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = c.spawn().unwrap();
+        // Wait for the job to exist, then play the agent.
+        let id = (0..50)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                let (_, body) = s.curl(Some(host), &[], "/v1/agent/work");
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                v["job"]["id"].as_u64()
+            })
+            .expect("the job never appeared");
+        for ev in [
+            format!(r#"{{"job":{id},"kind":"phase_entered","phase":"stage-rescue"}}"#),
+            format!(r#"{{"job":{id},"kind":"progress","bytes_done":500,"bytes_total":1000}}"#),
+            format!(r#"{{"job":{id},"kind":"{outcome}","message":"finished"}}"#),
+        ] {
+            assert_eq!(post_event(&s, host, &ev).0, 200);
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.success(),
+            want_ok,
+            "{host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["hosts"][0]["state"], outcome);
+        assert_eq!(v["hosts"][0]["bytes_done"], 500);
+    }
+    // status lists both hosts; an agent identity cannot create jobs.
+    let out = ok(s.reinstall("alice").args(["status", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["hosts"].as_array().unwrap().len(), 2);
+    let err = fails(
+        s.reinstall("web1")
+            .args(["--host", "web1", "--target", "target"]),
+    );
+    assert!(
+        err.contains("operator commands need an operator identity"),
+        "{err}"
+    );
+}

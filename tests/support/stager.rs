@@ -1,0 +1,204 @@
+//! A real stager for tests: its own home under a scratch directory, a free port on
+//! 127.0.0.1, a rescue and a target bundle, enrolled hosts and an operator, and PEM files
+//! for `curl`. The server process is killed on drop.
+
+use crate::{ok, reinstall, stager};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct Stager {
+    pub dir: PathBuf,
+    pub home: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// PEM files cut out of an identity file, for curl.
+pub struct Pems {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Stager {
+    /// Initializes a home with bundles `rescue@1` (from `rescue_src`) and `target@1`, hosts
+    /// `web1`, `web2`, operator `alice`; does not start serving.
+    pub fn new(dir: &Path, target_src: &Path) -> Stager {
+        let home = dir.join("home");
+        let port = free_port();
+        ok(stager()
+            .arg("init")
+            .arg("--dir")
+            .arg(&home)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--default-rescue", "rescue"]));
+        let tiny = dir.join("tiny-rescue");
+        std::fs::create_dir_all(tiny.join("etc")).unwrap();
+        std::fs::write(tiny.join("etc/hostname"), "rescue\n").unwrap();
+        for (name, kind, src) in [
+            ("rescue", "rescue", tiny.as_path()),
+            ("target", "target", target_src),
+        ] {
+            ok(stager()
+                .args(["bundle", "build", "--dir"])
+                .arg(&home)
+                .args([
+                    "--name",
+                    name,
+                    "--version",
+                    "1",
+                    "--kind",
+                    kind,
+                    "--os",
+                    "linux",
+                ])
+                .arg(src));
+        }
+        let s = Stager {
+            dir: dir.to_path_buf(),
+            home,
+            port,
+            child: None,
+        };
+        for h in ["web1", "web2"] {
+            s.enroll(h);
+        }
+        s.operator("alice", 365);
+        s
+    }
+
+    pub fn enroll(&self, host: &str) -> PathBuf {
+        let out = self.identity(host);
+        ok(stager()
+            .arg("enroll")
+            .arg("--dir")
+            .arg(&self.home)
+            .arg(host)
+            .arg("--out")
+            .arg(&out));
+        out
+    }
+
+    pub fn operator(&self, name: &str, days: i64) -> PathBuf {
+        let out = self.identity(name);
+        ok(stager()
+            .arg("operator")
+            .arg("--dir")
+            .arg(&self.home)
+            .arg(name)
+            .arg("--out")
+            .arg(&out)
+            .arg(format!("--days={days}")));
+        out
+    }
+
+    pub fn identity(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.toml"))
+    }
+
+    /// Starts `stager serve` and waits until it listens.
+    pub fn start(&mut self) {
+        let mut child = stager()
+            .arg("serve")
+            .arg("--dir")
+            .arg(&self.home)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting stager serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening"), "stager serve said {line:?}");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The certificate, key and CA of an identity file, as PEM files for curl.
+    pub fn pems(&self, name: &str) -> Pems {
+        let text = std::fs::read_to_string(self.identity(name)).unwrap();
+        let id = proto::identity::IdentityFile::parse(Path::new(name), &text).unwrap();
+        let p = |ext: &str, body: &str| {
+            let f = self.dir.join(format!("{name}.{ext}"));
+            std::fs::write(&f, body).unwrap();
+            f
+        };
+        Pems {
+            cert: p("crt", &id.cert),
+            key: p("key", &id.key),
+            ca: p("ca", &id.ca),
+        }
+    }
+
+    /// curl as `name` (`None`: without a client certificate). Returns (HTTP status, body);
+    /// status 0 if the TLS handshake or connection failed.
+    pub fn curl(&self, name: Option<&str>, args: &[&str], path: &str) -> (u16, String) {
+        let ca = self.pems(name.unwrap_or("alice")).ca;
+        let mut c = Command::new("curl");
+        c.args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&ca);
+        if !args.contains(&"-o") {
+            c.args(["-o", "-"]);
+        }
+        if let Some(n) = name {
+            let p = self.pems(n);
+            c.arg("--cert").arg(p.cert).arg("--key").arg(p.key);
+        }
+        let out = c
+            .args(args)
+            .arg(self.url(path))
+            .output()
+            .expect("running curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// `reinstall --identity NAME.toml ARGS...`
+    pub fn reinstall(&self, name: &str) -> Command {
+        let mut c = reinstall();
+        c.arg("--identity").arg(self.identity(name));
+        c
+    }
+
+    pub fn sha_of(&self, bundle: &str) -> String {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.home.join(format!("bundles/{bundle}/1/manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        m["payload"]["sha256"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Stager {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
