@@ -451,3 +451,65 @@ fn reinstall_wait_follows_the_job_and_exits_by_its_outcome() {
         "{err}"
     );
 }
+
+#[test]
+fn slow_clients_are_cut_off_and_do_not_stop_others() {
+    use std::io::Read;
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    s.set_config("handshake_timeout_secs", "2");
+    s.set_config("request_timeout_secs", "2");
+    s.start();
+    // 50 connections that never start TLS.
+    let idle: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap())
+        .collect();
+    // Others are served meanwhile.
+    let (code, _) = s.curl(Some("alice"), &[], "/v1/jobs");
+    assert_eq!(code, 200);
+    let t = Instant::now();
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        let n = c.read(&mut b).unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "the server sent data to a client that never said hello"
+        );
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "idle connections held for {:?}",
+        t.elapsed()
+    );
+    // A client that finishes TLS but sends its headers too slowly (slowloris).
+    let p = s.pems("alice");
+    let script = format!(
+        r#"
+import ssl, socket, time
+c = ssl.create_default_context(cafile="{ca}")
+c.load_cert_chain("{cert}", "{key}")
+s = c.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="127.0.0.1")
+s.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n")
+t = time.time()
+s.settimeout(20)
+try:
+    data = s.recv(1000)
+except Exception as e:
+    data = b""
+print(round(time.time() - t, 1), len(data))
+"#,
+        ca = p.ca.display(),
+        cert = p.cert.display(),
+        key = p.key.display(),
+        port = s.port
+    );
+    let out = ok(std::process::Command::new("python3").arg("-c").arg(&script));
+    let secs: f64 = out.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        secs < 6.0,
+        "slow headers held the connection for {secs} s: {out}"
+    );
+    let (code, _) = s.curl(Some("alice"), &[], "/healthz");
+    assert_eq!(code, 200);
+}

@@ -78,7 +78,7 @@ async fn dispatch(
         }
         (["v1", "jobs"], _, true) => {
             operator(&who)?;
-            let body: CreateJob = http::read_json(req).await?;
+            let body: CreateJob = http::read_json(req, state.body_timeout()).await?;
             create_job(state, &who, body).await
         }
         (["v1", "jobs"], true, _) => {
@@ -113,7 +113,7 @@ async fn dispatch(
         }
         (["v1", "hosts", host, "rescue"], _, true) => {
             operator(&who)?;
-            let body: RescueRequest = http::read_json(req).await?;
+            let body: RescueRequest = http::read_json(req, state.body_timeout()).await?;
             let h = host.to_string();
             state
                 .db(move |db| db.request_rescue(&h, &body).map_err(ApiError::from))
@@ -131,7 +131,7 @@ async fn dispatch(
         }
         (["v1", "agent", "events"], _, true) => {
             let host = agent(&who)?.to_string();
-            let ev: Event = http::read_json(req).await?;
+            let ev: Event = http::read_json(req, state.body_timeout()).await?;
             let addr = conn.addr.clone();
             state
                 .db(move |db| db.record_event(&host, &addr, &ev).map_err(ApiError::from))

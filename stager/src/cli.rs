@@ -207,6 +207,8 @@ pub fn init(o: InitOpts) -> Result<()> {
         listen: o.listen,
         default_rescue: o.default_rescue,
         max_connections: 10_000,
+        handshake_timeout_secs: 10,
+        request_timeout_secs: 30,
     };
     config.save(dir)?;
     Db::open(&dir.join(stager::db::FILE))?;

@@ -19,10 +19,22 @@ pub struct Config {
     /// Most TLS connections served at once; more wait in the kernel's accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Seconds a client has to finish the TLS handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a client has to send a request's headers, and again its body.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
 }
 
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_request_timeout() -> u64 {
+    30
 }
 
 impl Config {

@@ -15,8 +15,6 @@ pub type ResBody = BoxBody<Bytes, io::Error>;
 
 /// Largest JSON request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
-/// How long a client may take to send its request body.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An API error: a status and a message naming the problem, sent as `{"error": "..."}`.
 #[derive(Debug)]
@@ -93,13 +91,14 @@ pub fn error(e: &ApiError) -> Response<ResBody> {
     )
 }
 
-/// Reads a JSON body: at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`]; unknown fields
+/// Reads a JSON body: at most [`MAX_BODY`] bytes within `timeout`; unknown fields
 /// and malformed JSON are refused with serde's message, which names the field and position.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
+    timeout: Duration,
 ) -> Result<T, ApiError> {
     let limited = Limited::new(req.into_body(), MAX_BODY);
-    let collected = tokio::time::timeout(BODY_TIMEOUT, limited.collect())
+    let collected = tokio::time::timeout(timeout, limited.collect())
         .await
         .map_err(|_| {
             ApiError::new(

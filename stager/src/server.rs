@@ -17,11 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 
-/// A TLS handshake must finish within this.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Request headers must arrive within this (HTTP/1.1).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub struct State {
     pub dir: PathBuf,
     pub config: Config,
@@ -75,6 +70,10 @@ impl State {
             .clone()
     }
 
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.request_timeout_secs)
+    }
+
     /// Wakes the long polls of `host`.
     pub fn wake(&self, host: &str) {
         self.notifier(host).notify_waiters();
@@ -113,8 +112,20 @@ pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
     Ok(cfg)
 }
 
+/// Thousands of agents long-poll at once: one descriptor each. Raise the soft limit to the
+/// hard one (the default soft limit of 1024 would refuse the 1025th agent).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 /// Serves until the process is stopped. Prints the address once it is listening.
 pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
+    raise_fd_limit();
     let state = Arc::new(State::open(dir)?);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(dir)?));
     let addr = listen.unwrap_or_else(|| state.config.listen.clone());
@@ -140,7 +151,8 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
         tokio::spawn(async move {
             let _permit = permit;
             state.metrics.connections.fetch_add(1, Ordering::Relaxed);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = Duration::from_secs(state.config.handshake_timeout_secs);
+            let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => Some(s),
                 _ => None,
             };
@@ -168,7 +180,7 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
                 let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 b.http1()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT);
+                    .header_read_timeout(Duration::from_secs(state.config.request_timeout_secs));
                 b.http2()
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(64)

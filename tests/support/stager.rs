@@ -202,3 +202,19 @@ impl Drop for Stager {
         self.kill();
     }
 }
+
+impl Stager {
+    /// Sets `key = value` (TOML) in stager.toml; takes effect at the next start.
+    pub fn set_config(&self, key: &str, value: &str) {
+        let p = self.home.join("stager.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(String::from)
+            .collect();
+        // Top-level keys go before any table.
+        lines.insert(1, format!("{key} = {value}"));
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    }
+}
