@@ -71,6 +71,10 @@ pub enum Command {
     Status,
     /// Send the hosts to their rescue OS (once, or for good with --permanent).
     Rescue(RescueOpts),
+    /// Show the network identity this machine would carry into its next OS (addresses,
+    /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.
+    /// Refuses, naming the interface, what cannot be carried yet (VLANs, bonds).
+    Network,
     /// Check and unpack bundles (a directory as written by `stager bundle export`).
     #[command(subcommand)]
     Bundle(BundleCommand),

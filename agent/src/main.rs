@@ -3,10 +3,28 @@
 
 mod cli;
 mod client;
+mod netid;
 mod operator;
 
 use clap::{CommandFactory, Parser};
 use std::process::ExitCode;
+
+fn network(json: bool) -> anyhow::Result<ExitCode> {
+    let id = netid::capture()?;
+    let files = netid::render_networkd(&id);
+    if json {
+        let v = serde_json::json!({
+            "identity": id,
+            "networkd": files.iter().map(|(n, c)| serde_json::json!({"file": n, "contents": c})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (name, contents) in files {
+            println!("# /etc/systemd/network/{name}\n{contents}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
@@ -27,6 +45,7 @@ fn main() -> ExitCode {
         }
         Some(cli::Command::Status) => operator::status(&args.global),
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
+        Some(cli::Command::Network) => network(json),
         None if args.job.target.is_some() => operator::create(&args.global, &args.job),
         None => {
             let _ = cli::Cli::command().print_help();
