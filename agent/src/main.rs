@@ -2,9 +2,9 @@
 //! daemon, planning and the phase engine arrive with issue 4.
 
 mod cli;
-mod client;
-mod netid;
 mod operator;
+
+use agent::netid;
 
 use clap::{CommandFactory, Parser};
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! The operator's commands: create a job (and follow it), show status, send hosts to rescue.
 
 use crate::cli::{Global, JobOpts, RescueOpts};
-use crate::client::Client;
+use agent::client::Client;
 use anyhow::{bail, Context, Result};
 use bundle::progress::bytes;
 use proto::identity::{IdentityFile, Role};

@@ -1,0 +1,654 @@
+//! Disks: stable identity, the checks that keep the agent from writing the wrong disk, GPT
+//! layouts (planned in memory, validated, then written in one step), and partition nodes.
+//!
+//! Wrong-disk wipes are the worst failure in this field. Before anything is written to a disk:
+//! it is named by its canonical `/dev` path and must be a whole block device; it must not hold
+//! the running root (directly or under device-mapper/md); none of its partitions may be
+//! mounted, used as swap, held by another device (dm, md, LVM) or carry an md/LVM/ZFS member
+//! signature; it is opened with `O_EXCL` (the kernel refuses if it is in use) and locked with
+//! `flock(LOCK_EX)` (systemd's block-device locking convention, `docs/BLOCK_DEVICE_LOCKING.md`);
+//! and its identity (serial/WWN, size, sector sizes) is compared with what was pinned when the
+//! job was planned.
+//!
+//! GPT tables are written with `gptman` (with a protective MBR), after our own validation:
+//! partitions aligned to 1 MiB, in order, not overlapping, inside the usable area.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
+
+/// A disk as pinned in a plan: enough to recognize it again after a reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskId {
+    /// Canonical device path when identified, `/dev/sdb`.
+    pub path: String,
+    pub name: String,
+    /// `/dev/disk/by-id/...` links that point to it.
+    pub by_id: Vec<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<String>,
+    pub model: Option<String>,
+    pub size_bytes: u64,
+    pub logical_sector: u64,
+    pub physical_sector: u64,
+    /// The GPT disk GUID, if it has a GPT.
+    pub ptuuid: Option<String>,
+}
+
+fn sys(name: &str, rel: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/{name}/{rel}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Identifies a whole disk by path.
+pub fn identify(path: &Path) -> Result<DiskId> {
+    let canon = std::fs::canonicalize(path)
+        .with_context(|| format!("{}: no such device", path.display()))?;
+    let md = std::fs::metadata(&canon).with_context(|| format!("reading {}", canon.display()))?;
+    if !md.file_type().is_block_device() {
+        bail!("{} is not a block device", canon.display());
+    }
+    let name = canon
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("device name")?
+        .to_string();
+    if !Path::new(&format!("/sys/block/{name}")).exists() {
+        bail!(
+            "{} is a partition, not a whole disk; name the disk",
+            canon.display()
+        );
+    }
+    let num = |rel: &str| sys(&name, rel).and_then(|v| v.parse::<u64>().ok());
+    let size_bytes = num("size").context("reading the disk size from sysfs")? * 512;
+    let mut by_id = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/dev/disk/by-id") {
+        for e in rd.flatten() {
+            if std::fs::canonicalize(e.path()).ok().as_deref() == Some(canon.as_path()) {
+                by_id.push(e.path().display().to_string());
+            }
+        }
+    }
+    by_id.sort();
+    let logical_sector = num("queue/logical_block_size").unwrap_or(512);
+    let ptuuid = File::open(&canon)
+        .ok()
+        .and_then(|mut f| gptman::GPT::read_from(&mut f, logical_sector).ok())
+        .map(|g| bootcfg::efi::Guid(g.header.disk_guid).to_string());
+    Ok(DiskId {
+        path: canon.display().to_string(),
+        serial: sys(&name, "device/serial").or_else(|| sys(&name, "serial")),
+        wwn: sys(&name, "wwid").or_else(|| sys(&name, "device/wwid")),
+        model: sys(&name, "device/model"),
+        size_bytes,
+        logical_sector,
+        physical_sector: num("queue/physical_block_size").unwrap_or(logical_sector),
+        ptuuid,
+        by_id,
+        name,
+    })
+}
+
+impl DiskId {
+    /// The same physical disk: serial/WWN (when known), size and sector sizes. The path may
+    /// differ between boots; the partition table may have been rewritten by us.
+    pub fn same_disk(&self, other: &DiskId) -> bool {
+        self.serial == other.serial
+            && self.wwn == other.wwn
+            && self.size_bytes == other.size_bytes
+            && self.logical_sector == other.logical_sector
+            && self.physical_sector == other.physical_sector
+    }
+
+    /// Partition device names, from sysfs (`sda1`, `nvme0n1p1`, `loop0p1`).
+    pub fn partitions(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/sys/block/{}", self.name))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().join("partition").exists())
+                    .filter_map(|e| e.file_name().to_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn partition_path(&self, n: u32) -> PathBuf {
+        let sep = if self.name.ends_with(|c: char| c.is_ascii_digit()) {
+            "p"
+        } else {
+            ""
+        };
+        PathBuf::from(format!("/dev/{}{sep}{n}", self.name))
+    }
+}
+
+/// `MAJ:MIN` of a sysfs block entry (`sda` or `sda/sda1`).
+fn devnum(rel: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/{rel}/dev"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Whole disks under a block device given as `MAJ:MIN`: the disk of a partition, and every
+/// disk beneath device-mapper or md (`slaves`).
+fn disks_under(devnum: &str) -> Vec<String> {
+    let Ok(link) = std::fs::canonicalize(format!("/sys/dev/block/{devnum}")) else {
+        return Vec::new();
+    };
+    let base = if link.join("partition").exists() {
+        link.parent().map(Path::to_path_buf).unwrap_or(link)
+    } else {
+        link
+    };
+    let mut out = Vec::new();
+    let slaves: Vec<PathBuf> = std::fs::read_dir(base.join("slaves"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if slaves.is_empty() {
+        if let Some(n) = base.file_name().and_then(|n| n.to_str()) {
+            out.push(n.to_string());
+        }
+    }
+    for s in slaves {
+        if let Ok(d) = std::fs::read_to_string(s.join("dev")) {
+            out.extend(disks_under(d.trim()));
+        }
+    }
+    out
+}
+
+/// Mounted `MAJ:MIN`s and where, from /proc/self/mountinfo.
+fn mounts() -> Vec<(String, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((f.get(2)?.to_string(), f.get(4)?.to_string()))
+        })
+        .collect()
+}
+
+/// The whole disks holding the running root filesystem.
+pub fn root_disks() -> Vec<String> {
+    mounts()
+        .into_iter()
+        .filter(|(_, mp)| mp == "/")
+        .flat_map(|(dev, _)| disks_under(&dev))
+        .collect()
+}
+
+/// Refuses, with the reason, a disk that must not be partitioned.
+pub fn check_destructible(id: &DiskId) -> Result<()> {
+    let d = &id.path;
+    if root_disks().contains(&id.name) {
+        bail!("{d} holds the running root filesystem");
+    }
+    let mut parts: Vec<String> = vec![id.name.clone()];
+    parts.extend(
+        id.partitions()
+            .into_iter()
+            .map(|p| format!("{}/{p}", id.name)),
+    );
+    let mounted = mounts();
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    for rel in &parts {
+        let leaf = rel.rsplit('/').next().unwrap_or(rel);
+        if let Some(num) = devnum(rel) {
+            if let Some((_, mp)) = mounted.iter().find(|(dev, _)| *dev == num) {
+                bail!("{d}: /dev/{leaf} is mounted on {mp}");
+            }
+        }
+        if swaps
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().next() == Some(&format!("/dev/{leaf}")))
+        {
+            bail!("{d}: /dev/{leaf} is in use as swap");
+        }
+        let holders: Vec<String> = std::fs::read_dir(format!("/sys/block/{rel}/holders"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !holders.is_empty() {
+            bail!(
+                "{d}: /dev/{leaf} is held by {} (device-mapper, LVM, md or dm-crypt)",
+                holders.join(", ")
+            );
+        }
+        if let Some(t) = signature(&format!("/dev/{leaf}")) {
+            let what = match t.as_str() {
+                "linux_raid_member" => Some("an md RAID member"),
+                "LVM2_member" => Some("an LVM physical volume"),
+                "zfs_member" => Some("a ZFS pool member"),
+                _ => None,
+            };
+            if let Some(w) = what {
+                bail!("{d}: /dev/{leaf} is {w} ({t}); take it out of its set first");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The filesystem or RAID signature on a device, as `blkid` names it.
+fn signature(dev: &str) -> Option<String> {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE", dev])
+        .output()
+        .ok()?;
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!t.is_empty()).then_some(t)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartKind {
+    Esp,
+    BiosBoot,
+    LinuxRoot,
+    LinuxData,
+}
+
+impl PartKind {
+    /// GPT partition type GUIDs (UEFI spec §5.3.3; Discoverable Partitions Specification).
+    pub fn type_guid(self) -> &'static str {
+        match self {
+            PartKind::Esp => "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            PartKind::BiosBoot => "21686148-6449-6e6f-744e-656564454649",
+            PartKind::LinuxRoot => "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+            PartKind::LinuxData => "0fc63daf-8483-4772-8e79-3d69d8477de4",
+        }
+    }
+}
+
+/// A wanted partition: `size` in bytes, or `None` for the rest of the disk (last only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartSpec {
+    pub label: &'static str,
+    pub kind: PartKind,
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Planned {
+    pub number: u32,
+    pub label: String,
+    pub kind: PartKind,
+    pub first_lba: u64,
+    pub last_lba: u64,
+}
+
+impl Planned {
+    pub fn bytes(&self, sector: u64) -> u64 {
+        (self.last_lba - self.first_lba + 1) * sector
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub sector: u64,
+    pub total_sectors: u64,
+    pub parts: Vec<Planned>,
+}
+
+/// Sectors of a GPT partition entry array of 128 entries of 128 bytes.
+fn entry_sectors(sector: u64) -> u64 {
+    (128 * 128u64).div_ceil(sector)
+}
+
+/// The usable LBA range of a disk: after the primary header and entries, before the backup.
+pub fn usable(total_sectors: u64, sector: u64) -> (u64, u64) {
+    let e = entry_sectors(sector);
+    (2 + e, total_sectors.saturating_sub(2 + e))
+}
+
+/// Lays the partitions out in order, each starting on a 1 MiB boundary. Does not touch the
+/// disk.
+pub fn plan(total_bytes: u64, sector: u64, specs: &[PartSpec]) -> Result<Layout> {
+    anyhow::ensure!(
+        matches!(sector, 512 | 4096),
+        "sector size {sector} is not supported (512 or 4096)"
+    );
+    let total_sectors = total_bytes / sector;
+    let align = MIB / sector;
+    let (first_usable, last_usable) = usable(total_sectors, sector);
+    let mut next = first_usable.div_ceil(align) * align;
+    let mut parts = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let last = match s.size {
+            Some(bytes) => next + bytes.div_ceil(sector) - 1,
+            None => {
+                anyhow::ensure!(
+                    i + 1 == specs.len(),
+                    "only the last partition may take the rest"
+                );
+                // End on an alignment boundary, so the disk's tail is not half a MiB.
+                ((last_usable + 1) / align * align).saturating_sub(1)
+            }
+        };
+        if last > last_usable || last < next {
+            bail!(
+                "the disk is too small: partition {} ({}) does not fit in {} MiB",
+                i + 1,
+                s.label,
+                total_bytes / MIB
+            );
+        }
+        parts.push(Planned {
+            number: i as u32 + 1,
+            label: s.label.to_string(),
+            kind: s.kind,
+            first_lba: next,
+            last_lba: last,
+        });
+        next = (last + 1).div_ceil(align) * align;
+    }
+    let l = Layout {
+        sector,
+        total_sectors,
+        parts,
+    };
+    validate(&l)?;
+    Ok(l)
+}
+
+/// Checks a layout before it is written: the `gptman` crate would accept overlaps.
+pub fn validate(l: &Layout) -> Result<()> {
+    let (first, last) = usable(l.total_sectors, l.sector);
+    let align = MIB / l.sector;
+    let mut prev_end = 0u64;
+    for p in &l.parts {
+        let name = format!("partition {} ({})", p.number, p.label);
+        anyhow::ensure!(p.first_lba <= p.last_lba, "{name} ends before it starts");
+        anyhow::ensure!(
+            p.first_lba >= first && p.last_lba <= last,
+            "{name} is outside the usable area {first}-{last}"
+        );
+        anyhow::ensure!(p.first_lba % align == 0, "{name} is not aligned to 1 MiB");
+        anyhow::ensure!(
+            p.first_lba > prev_end || prev_end == 0,
+            "{name} overlaps the partition before it"
+        );
+        anyhow::ensure!(
+            p.label.len() <= 36,
+            "{name}: label longer than 36 characters"
+        );
+        prev_end = p.last_lba;
+    }
+    Ok(())
+}
+
+/// Disk 2: the rescue ESP, the rescue root, and the stash for the packed target (the rest).
+pub fn rescue_layout(
+    size_bytes: u64,
+    sector: u64,
+    rescue_root: u64,
+    stash_min: u64,
+) -> Result<Layout> {
+    let l = plan(
+        size_bytes,
+        sector,
+        &[
+            PartSpec {
+                label: "reinstall-esp",
+                kind: PartKind::Esp,
+                size: Some(256 * MIB),
+            },
+            PartSpec {
+                label: "reinstall-rescue",
+                kind: PartKind::LinuxRoot,
+                size: Some(rescue_root),
+            },
+            PartSpec {
+                label: "reinstall-stash",
+                kind: PartKind::LinuxData,
+                size: None,
+            },
+        ],
+    )?;
+    let stash = l.parts[2].bytes(sector);
+    anyhow::ensure!(
+        stash >= stash_min,
+        "disk 2 is too small: the stash would hold {} MiB, the target needs {} MiB",
+        stash / MIB,
+        stash_min.div_ceil(MIB)
+    );
+    Ok(l)
+}
+
+/// Disk 1 for a Linux target: [BIOS boot on legacy machines,] ESP, root (the rest).
+pub fn linux_target_layout(size_bytes: u64, sector: u64, bios: bool) -> Result<Layout> {
+    let mut specs = Vec::new();
+    if bios {
+        specs.push(PartSpec {
+            label: "bios-boot",
+            kind: PartKind::BiosBoot,
+            size: Some(MIB),
+        });
+    }
+    specs.push(PartSpec {
+        label: "esp",
+        kind: PartKind::Esp,
+        size: Some(512 * MIB),
+    });
+    specs.push(PartSpec {
+        label: "root",
+        kind: PartKind::LinuxRoot,
+        size: None,
+    });
+    plan(size_bytes, sector, &specs)
+}
+
+/// A disk opened for writing: exclusive (`O_EXCL`: the kernel refuses while anything uses
+/// it) and locked (`flock(LOCK_EX)`), re-identified and compared with the pinned identity.
+pub struct Locked {
+    file: nix::fcntl::Flock<File>,
+    pub id: DiskId,
+}
+
+impl Locked {
+    pub fn open(pinned: &DiskId) -> Result<Locked> {
+        // Find the pinned disk again: by-id links first (paths can change between boots).
+        let path = pinned
+            .by_id
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .cloned()
+            .unwrap_or_else(|| pinned.path.clone());
+        let now = identify(Path::new(&path))?;
+        if !now.same_disk(pinned) {
+            bail!(
+                "{path} is not the disk pinned in the plan (serial {:?}, {} bytes; now serial {:?}, {} bytes); refusing to write",
+                pinned.serial,
+                pinned.size_bytes,
+                now.serial,
+                now.size_bytes
+            );
+        }
+        check_destructible(&now)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc_o_excl())
+            .open(&now.path)
+            .with_context(|| format!("opening {} exclusively (is it in use?)", now.path))?;
+        let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow::anyhow!("locking {}: {e} (another program holds it)", now.path)
+            })?;
+        Ok(Locked { file, id: now })
+    }
+
+    /// Writes `layout` as a new GPT with a protective MBR, after clearing the first and last
+    /// MiB (old tables, RAID superblocks at the end), then makes the kernel see the new
+    /// partitions and waits for their device nodes. Returns their paths.
+    pub fn write_gpt(&mut self, layout: &Layout) -> Result<Vec<PathBuf>> {
+        validate(layout)?;
+        let dev = self.id.path.clone();
+        anyhow::ensure!(
+            layout.sector == self.id.logical_sector
+                && layout.total_sectors * layout.sector <= self.id.size_bytes,
+            "the layout was planned for another disk geometry than {dev}"
+        );
+        let zero = vec![0u8; MIB as usize];
+        let f: &mut File = &mut self.file;
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&zero)
+            .with_context(|| format!("clearing the start of {dev}"))?;
+        f.seek(SeekFrom::Start(self.id.size_bytes - MIB))?;
+        f.write_all(&zero)
+            .with_context(|| format!("clearing the end of {dev}"))?;
+        let mut gpt = gptman::GPT::new_from(f, layout.sector, random_guid()?)
+            .with_context(|| format!("creating a GPT for {dev}"))?;
+        for p in &layout.parts {
+            gpt[p.number] = gptman::GPTPartitionEntry {
+                partition_type_guid: bootcfg::efi::Guid::parse(p.kind.type_guid())
+                    .expect("constant")
+                    .0,
+                unique_partition_guid: random_guid()?,
+                starting_lba: p.first_lba,
+                ending_lba: p.last_lba,
+                attribute_bits: 0,
+                partition_name: p.label.as_str().into(),
+            };
+        }
+        gpt.write_into(f)
+            .with_context(|| format!("writing the GPT of {dev}"))?;
+        gptman::GPT::write_protective_mbr_into(f, layout.sector)
+            .with_context(|| format!("writing the protective MBR of {dev}"))?;
+        f.sync_all().with_context(|| format!("flushing {dev}"))?;
+        self.id.ptuuid = Some(bootcfg::efi::Guid(gpt.header.disk_guid).to_string());
+        reread_partitions(f, &dev)?;
+        let paths: Vec<PathBuf> = layout
+            .parts
+            .iter()
+            .map(|p| self.id.partition_path(p.number))
+            .collect();
+        wait_for(&paths)?;
+        Ok(paths)
+    }
+}
+
+fn libc_o_excl() -> i32 {
+    nix::fcntl::OFlag::O_EXCL.bits()
+}
+
+fn random_guid() -> Result<[u8; 16]> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut b)?;
+    // RFC 4122 version 4, variant 1 (in GPT's mixed-endian layout the version nibble sits in
+    // byte 7).
+    b[7] = (b[7] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(b)
+}
+
+nix::ioctl_none!(blkrrpart, 0x12, 95);
+
+/// BLKRRPART; where the kernel does not scan partitions itself (loop devices without
+/// partscan), `partx` adds them with BLKPG (MACHINE-NOTES: partition nodes).
+fn reread_partitions(f: &File, dev: &str) -> Result<()> {
+    // SAFETY: BLKRRPART takes no argument; the descriptor is an open block device.
+    let rr = unsafe { blkrrpart(f.as_raw_fd()) };
+    if rr.is_err() {
+        let out = std::process::Command::new("partx")
+            .args(["-u", dev])
+            .output()
+            .context("running partx")?;
+        if !out.status.success() {
+            let out = std::process::Command::new("partx")
+                .args(["-a", dev])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "the kernel did not take the new partition table of {dev}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(paths: &[PathBuf]) -> Result<()> {
+    for _ in 0..100 {
+        if paths.iter().all(|p| p.exists()) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let missing: Vec<String> = paths
+        .iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    bail!("partition nodes did not appear: {}", missing.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_aligned_in_order_and_inside_the_usable_area_on_512_and_4k() {
+        for sector in [512, 4096] {
+            let l = rescue_layout(8 << 30, sector, 2 << 30, 1 << 30).unwrap();
+            let align = MIB / sector;
+            assert_eq!(l.parts.len(), 3);
+            assert_eq!(
+                l.parts[0].first_lba, align,
+                "{sector}: the first partition starts at 1 MiB"
+            );
+            assert_eq!(l.parts[0].bytes(sector), 256 * MIB);
+            assert!(l.parts.windows(2).all(|w| w[0].last_lba < w[1].first_lba));
+            let (_, last) = usable(l.total_sectors, sector);
+            assert!(l.parts[2].last_lba <= last);
+            assert_eq!((l.parts[2].last_lba + 1) % align, 0);
+        }
+    }
+
+    #[test]
+    fn too_small_disks_and_bad_layouts_are_refused_with_the_reason() {
+        let e = rescue_layout(1 << 30, 512, 2 << 30, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("too small") && e.contains("reinstall-rescue"),
+            "{e}"
+        );
+        let e = rescue_layout(4 << 30, 512, 2 << 30, 3 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stash"), "{e}");
+        let mut l = linux_target_layout(4 << 30, 512, true).unwrap();
+        assert_eq!(l.parts[0].kind, PartKind::BiosBoot);
+        l.parts[1].first_lba = l.parts[0].last_lba; // overlap
+        assert!(validate(&l).is_err());
+        let mut l = linux_target_layout(4 << 30, 4096, false).unwrap();
+        l.parts[0].first_lba += 1; // misaligned
+        assert!(validate(&l).unwrap_err().to_string().contains("aligned"));
+        assert!(plan(1 << 30, 1024, &[]).is_err());
+    }
+
+    #[test]
+    fn the_running_root_disk_is_never_destructible() {
+        for name in root_disks() {
+            let id = identify(Path::new(&format!("/dev/{name}"))).unwrap();
+            let e = check_destructible(&id).unwrap_err().to_string();
+            assert!(e.contains("running root"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The agent's journal: where a job stands, as one versioned JSON file that survives reboots
+//! and power cuts (DESIGN.md §6).
+//!
+//! Written only through [`Locked::save`]: temp file, fsync, rename over the old one, fsync of
+//! the directory (so a power cut leaves either the old or the new journal, never half of one),
+//! while holding an exclusive `flock` on the journal's lock file (so two agents never
+//! interleave). "Entering X" is recorded before a destructive step and "done X" after it, so
+//! the next boot knows whether X must be redone.
+
+use anyhow::{bail, Context, Result};
+use proto::v1::BundleRef;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: u32 = 1;
+pub const FILE: &str = "journal.json";
+
+/// The phases of DESIGN.md §6, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Plan,
+    StageRescue,
+    BootRescue,
+    RescueUp,
+    InstallTarget,
+    BootTarget,
+    TargetUp,
+    Done,
+    Failed,
+}
+
+/// Where a phase runs: the phase engine refuses to run a phase in the wrong OS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runs {
+    SourceOs,
+    Rescue,
+    Target,
+    Nowhere,
+}
+
+impl Phase {
+    pub fn runs_in(self) -> Runs {
+        match self {
+            Phase::Plan | Phase::StageRescue | Phase::BootRescue => Runs::SourceOs,
+            Phase::RescueUp | Phase::InstallTarget | Phase::BootTarget => Runs::Rescue,
+            Phase::TargetUp => Runs::Target,
+            Phase::Done | Phase::Failed => Runs::Nowhere,
+        }
+    }
+
+    /// The phase after this one; a job held in rescue stops after `rescue-up`.
+    pub fn next(self, hold_in_rescue: bool) -> Phase {
+        match self {
+            Phase::Plan => Phase::StageRescue,
+            Phase::StageRescue => Phase::BootRescue,
+            Phase::BootRescue => Phase::RescueUp,
+            Phase::RescueUp if hold_in_rescue => Phase::Done,
+            Phase::RescueUp => Phase::InstallTarget,
+            Phase::InstallTarget => Phase::BootTarget,
+            Phase::BootTarget => Phase::TargetUp,
+            Phase::TargetUp | Phase::Done => Phase::Done,
+            Phase::Failed => Phase::Failed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Plan => "plan",
+            Phase::StageRescue => "stage-rescue",
+            Phase::BootRescue => "boot-rescue",
+            Phase::RescueUp => "rescue-up",
+            Phase::InstallTarget => "install-target",
+            Phase::BootTarget => "boot-target",
+            Phase::TargetUp => "target-up",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    /// The phase was entered; its effects may be partly on disk and must be redone.
+    Entering,
+    /// The phase finished; its effects are complete and flushed.
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    pub format: u32,
+    pub job: u64,
+    pub host: String,
+    pub target: BundleRef,
+    pub rescue: BundleRef,
+    pub hold_in_rescue: bool,
+    pub phase: Phase,
+    pub step: Step,
+    /// Disks pinned when the job was planned (stable ids), checked before every destructive
+    /// step.
+    #[serde(default)]
+    pub disk1: Option<crate::disk::DiskId>,
+    #[serde(default)]
+    pub disk2: Option<crate::disk::DiskId>,
+    pub updated: String,
+    pub history: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub time: String,
+    pub phase: Phase,
+    pub step: Step,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Journal {
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Journal> {
+        #[derive(Deserialize)]
+        struct Probe {
+            format: u32,
+        }
+        let p: Probe = serde_json::from_slice(bytes)
+            .with_context(|| format!("{}: not a journal", path.display()))?;
+        if p.format != FORMAT {
+            // Older formats are upconverted here, in one place, when there are any.
+            bail!(
+                "{}: journal format {} is not supported by this agent (format {FORMAT}); upgrade the agent",
+                path.display(),
+                p.format
+            );
+        }
+        serde_json::from_slice(bytes)
+            .with_context(|| format!("{}: malformed journal", path.display()))
+    }
+
+    /// Records a step in memory (does not touch the disk; see [`Locked::save`]).
+    pub fn record(&mut self, phase: Phase, step: Step, note: Option<String>) {
+        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        self.phase = phase;
+        self.step = step;
+        self.updated = time.clone();
+        self.history.push(Entry {
+            time,
+            phase,
+            step,
+            note,
+        });
+    }
+}
+
+/// The journal directory, locked for this process.
+pub struct Locked {
+    dir: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Locked {
+    /// Takes the exclusive lock (waiting for no one: a second agent gets a clear error).
+    pub fn open(dir: &Path) -> Result<Locked> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lp = dir.join("journal.lock");
+        let lock = File::create(&lp).with_context(|| format!("creating {}", lp.display()))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow::anyhow!(
+                    "{} is locked by another agent ({e}); is one already running?",
+                    lp.display()
+                )
+            })?;
+        Ok(Locked {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    pub fn load(&self) -> Result<Option<Journal>> {
+        let p = self.path();
+        match std::fs::read(&p) {
+            Ok(b) => Journal::parse(&p, &b).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// Writes the journal atomically and durably.
+    pub fn save(&self, j: &Journal) -> Result<()> {
+        let p = self.path();
+        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let mut bytes = serde_json::to_vec_pretty(j).expect("journal serializes");
+        bytes.push(b'\n');
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        drop(f);
+        std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("flushing {}", self.dir.display()))?;
+        bundle::failpoint::hit("journal-saved");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &[u8] = include_bytes!("../tests/fixtures/journal-v1.json");
+
+    #[test]
+    fn v1_fixture_parses_and_round_trips() {
+        let j = Journal::parse(Path::new("f"), FIXTURE).unwrap();
+        assert_eq!((j.phase, j.step), (Phase::StageRescue, Step::Entering));
+        let again: serde_json::Value = serde_json::to_value(&j).unwrap();
+        assert_eq!(
+            again,
+            serde_json::from_slice::<serde_json::Value>(FIXTURE).unwrap()
+        );
+    }
+
+    #[test]
+    fn phases_follow_design_order_and_hold_in_rescue_stops_early() {
+        let mut p = Phase::Plan;
+        let mut seen = vec![p];
+        while p != Phase::Done {
+            p = p.next(false);
+            seen.push(p);
+        }
+        assert_eq!(seen.len(), 8);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(Phase::RescueUp.next(true), Phase::Done);
+        assert_eq!(Phase::InstallTarget.runs_in(), Runs::Rescue);
+        assert_eq!(Phase::StageRescue.runs_in(), Runs::SourceOs);
+    }
+
+    #[test]
+    fn saves_atomically_and_a_second_agent_is_locked_out() {
+        let d = std::env::temp_dir().join(format!("journal-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let l = Locked::open(&d).unwrap();
+        assert!(l.load().unwrap().is_none());
+        let mut j = Journal::parse(Path::new("f"), FIXTURE).unwrap();
+        j.record(
+            Phase::StageRescue,
+            Step::Done,
+            Some("rescue written".into()),
+        );
+        l.save(&j).unwrap();
+        assert_eq!(l.load().unwrap().unwrap(), j);
+        assert!(!d.join("journal.json.tmp").exists());
+        let e = Locked::open(&d)
+            .err()
+            .expect("second lock must fail")
+            .to_string();
+        assert!(e.contains("another agent"), "{e}");
+        drop(l);
+        Locked::open(&d).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_newer_journal_asks_for_an_upgrade() {
+        let s = String::from_utf8(FIXTURE.to_vec())
+            .unwrap()
+            .replace("\"format\": 1", "\"format\": 2");
+        let e =
+            Journal::parse(Path::new("/var/lib/reinstall/journal.json"), s.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("upgrade the agent"));
+    }
+}

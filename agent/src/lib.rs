@@ -1,0 +1,8 @@
+//! The agent's library: the stager client, disks, the journal and the network identity.
+//! The `reinstall` binary (`src/main.rs`) is the command line over it; integration tests
+//! use it directly for what no command exposes yet (partitioning a loop-device disk).
+
+pub mod client;
+pub mod disk;
+pub mod journal;
+pub mod netid;

@@ -1,0 +1,130 @@
+//! Partitioning real (loop-device) disks of 512- and 4096-byte sectors, read back with a
+//! stock tool (`sfdisk`), and every refusal that keeps the agent off the wrong disk.
+
+use agent::disk::{self, Locked};
+use integration_tests::*;
+use std::path::Path;
+
+/// A sparse file on a loop device, detached (with its partitions) on drop.
+struct Loop {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Loop {
+    fn new(size: &str, sector: u32) -> Loop {
+        let dir = scratch();
+        let img = dir.path().join("disk.img");
+        sh(&format!("truncate -s {size} {}", img.display()));
+        let dev = sh(&format!(
+            "losetup --find --show --sector-size {sector} {}",
+            img.display()
+        ))
+        .trim()
+        .to_string();
+        Loop { dev, _dir: dir }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(format!("{}p2", self.dev))
+            .output();
+        let _ = std::process::Command::new("partx")
+            .args(["-d", &self.dev])
+            .output();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .output();
+    }
+}
+
+#[test]
+fn a_rescue_layout_is_written_and_reads_back_with_sfdisk_on_512_and_4k_disks() {
+    for sector in [512u32, 4096] {
+        let l = Loop::new("3G", sector);
+        let id = disk::identify(Path::new(&l.dev)).unwrap();
+        assert_eq!((id.size_bytes, id.logical_sector), (3 << 30, sector as u64));
+        disk::check_destructible(&id).unwrap();
+        let layout =
+            disk::rescue_layout(id.size_bytes, id.logical_sector, 1 << 30, 512 << 20).unwrap();
+        let mut locked = Locked::open(&id).unwrap();
+        let paths = locked.write_gpt(&layout).unwrap();
+        drop(locked);
+        assert_eq!(paths.len(), 3);
+        for p in &paths {
+            assert!(p.exists(), "{}", p.display());
+        }
+        let out = ok(std::process::Command::new("sfdisk").args(["--json", &l.dev]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let pt = &v["partitiontable"];
+        assert_eq!(pt["label"], "gpt");
+        assert_eq!(pt["sectorsize"].as_u64(), Some(sector as u64));
+        let parts = pt["partitions"].as_array().unwrap();
+        for (want, got) in layout.parts.iter().zip(parts) {
+            assert_eq!(
+                got["start"].as_u64(),
+                Some(want.first_lba),
+                "{sector}: {got}"
+            );
+            assert_eq!(
+                got["size"].as_u64(),
+                Some(want.last_lba - want.first_lba + 1),
+                "{sector}: {got}"
+            );
+            assert_eq!(
+                got["type"].as_str().unwrap().to_lowercase(),
+                want.kind.type_guid()
+            );
+            assert_eq!(got["name"], want.label.as_str());
+        }
+        ok(std::process::Command::new("sfdisk").args(["--verify", &l.dev]));
+        // The protective MBR: one partition of type 0xEE.
+        let mbr = sh(&format!(
+            "dd if={} bs=1 skip=450 count=1 status=none | od -An -tx1",
+            l.dev
+        ));
+        assert_eq!(mbr.trim(), "ee");
+        // The new table's GUID is what identify() now reports.
+        let again = disk::identify(Path::new(&l.dev)).unwrap();
+        assert!(again.ptuuid.is_some());
+        assert!(again.same_disk(&id));
+    }
+}
+
+#[test]
+fn busy_wrong_or_partial_disks_are_refused_with_the_reason() {
+    let l = Loop::new("2G", 512);
+    let id = disk::identify(Path::new(&l.dev)).unwrap();
+    let layout = disk::rescue_layout(id.size_bytes, 512, 512 << 20, 256 << 20).unwrap();
+    Locked::open(&id).unwrap().write_gpt(&layout).unwrap();
+    // A partition is not a disk.
+    let e = disk::identify(Path::new(&format!("{}p1", l.dev)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a partition"), "{e}");
+    // A mounted partition makes the disk untouchable.
+    sh(&format!(
+        "mkfs.ext4 -q {d}p2 && mkdir -p /mnt/rt-{pid} && mount {d}p2 /mnt/rt-{pid}",
+        d = l.dev,
+        pid = std::process::id()
+    ));
+    let e = disk::check_destructible(&id).unwrap_err().to_string();
+    assert!(e.contains("is mounted on"), "{e}");
+    assert!(Locked::open(&id).is_err());
+    sh(&format!(
+        "umount /mnt/rt-{pid} && rmdir /mnt/rt-{pid}",
+        pid = std::process::id()
+    ));
+    // A disk that is not the one pinned in the plan (another size: another disk).
+    let mut pinned = id.clone();
+    pinned.size_bytes += 1 << 20;
+    let e = Locked::open(&pinned).err().unwrap().to_string();
+    assert!(e.contains("not the disk pinned"), "{e}");
+    // Nothing that is not a block device.
+    let e = disk::identify(Path::new("/etc/hostname"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a block device"), "{e}");
+}
