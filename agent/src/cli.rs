@@ -71,6 +71,13 @@ pub enum Command {
     Status,
     /// Send the hosts to their rescue OS (once, or for good with --permanent).
     Rescue(RescueOpts),
+    /// Run the agent: take this host's job from the stager and carry it through its phases,
+    /// resuming from the journal after a crash or a reboot.
+    ///
+    /// Boot selection on real firmware (UEFI, GRUB) is not built yet (issue 5): the agent
+    /// runs only with --fake-firmware, as the tests do, and exits with status 100 where it
+    /// would reboot.
+    Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.
     /// Refuses, naming the interface, what cannot be carried yet (VLANs, bonds).
@@ -90,6 +97,28 @@ pub enum BundleCommand {
     /// The target holds `.reinstall-incomplete` from the first byte written until every check
     /// has passed and the data is flushed; a target that still holds it is not usable.
     Unpack(UnpackOpts),
+}
+
+#[derive(Args)]
+pub struct AgentOpts {
+    /// The running OS tree (its /etc, its journal under var/lib/reinstall).
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Disk 2, when the machine has several candidates.
+    #[arg(long)]
+    pub disk2: Option<PathBuf>,
+    /// A fake firmware state file (JSON) instead of real boot variables: for tests.
+    #[arg(long)]
+    pub fake_firmware: Option<PathBuf>,
+    /// Where the agent mounts the filesystems it writes.
+    #[arg(long, default_value = "/run/reinstall")]
+    pub work: PathBuf,
+    /// Seconds to long-poll the stager for a job.
+    #[arg(long, default_value_t = 60)]
+    pub wait: u64,
+    /// Poll once: exit 0 if there is no job instead of polling again.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Args)]

@@ -9,6 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
     pub identity: IdentityFile,
@@ -59,6 +60,51 @@ impl Client {
         self.decode(path, r)
     }
 
+    /// GET `path` from byte `offset` on (`Range`); the body as a stream.
+    pub fn get_range(
+        &self,
+        path: &str,
+        offset: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, FetchError> {
+        let mut req = self.agent.get(&self.url(path));
+        if offset > 0 {
+            req = req.set("Range", &format!("bytes={offset}-"));
+        }
+        match req.call() {
+            Ok(r) if offset == 0 || r.status() == 206 => Ok(Box::new(r.into_reader())),
+            Ok(r) => Err(FetchError {
+                retryable: false,
+                message: format!(
+                    "stager answered {} to a range request for {path}",
+                    r.status()
+                ),
+            }),
+            Err(ureq::Error::Status(code, resp)) => Err(FetchError {
+                retryable: code >= 500,
+                message: format!(
+                    "stager refused {path} ({code}): {}",
+                    resp.into_json::<proto::v1::ErrorBody>()
+                        .map(|b| b.error)
+                        .unwrap_or_default()
+                ),
+            }),
+            Err(e) => Err(FetchError {
+                retryable: true,
+                message: format!("cannot reach the stager at {}: {e}", self.identity.stager),
+            }),
+        }
+    }
+
+    /// GET `path` as bytes.
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let mut r = self
+            .get_range(path, 0)
+            .map_err(|e| anyhow!("{}", e.message))?;
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut v).with_context(|| format!("reading {path}"))?;
+        Ok(v)
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -80,5 +126,19 @@ impl Client {
                 self.identity.stager
             )),
         }
+    }
+}
+
+/// A failed fetch, and whether trying again could help (the stager was unreachable or
+/// failed, rather than refused).
+#[derive(Debug)]
+pub struct FetchError {
+    pub retryable: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }

@@ -181,17 +181,29 @@ fn mounts() -> Vec<(String, String)> {
 
 /// The whole disks holding the running root filesystem.
 pub fn root_disks() -> Vec<String> {
-    mounts()
+    root_disks_of(Path::new("/"))
+}
+
+/// The whole disks holding the filesystem that contains `root` (the OS tree the agent runs
+/// as: `/` on a real machine, a mounted tree in tests).
+pub fn root_disks_of(root: &Path) -> Vec<String> {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let best = mounts()
         .into_iter()
-        .filter(|(_, mp)| mp == "/")
-        .flat_map(|(dev, _)| disks_under(&dev))
-        .collect()
+        .filter(|(_, mp)| root.starts_with(mp))
+        .max_by_key(|(_, mp)| mp.len());
+    best.map(|(dev, _)| disks_under(&dev)).unwrap_or_default()
 }
 
 /// Refuses, with the reason, a disk that must not be partitioned.
 pub fn check_destructible(id: &DiskId) -> Result<()> {
+    check_destructible_for(id, Path::new("/"))
+}
+
+/// As [`check_destructible`], also refusing the disks under the agent's root tree `root`.
+pub fn check_destructible_for(id: &DiskId, root: &Path) -> Result<()> {
     let d = &id.path;
-    if root_disks().contains(&id.name) {
+    if root_disks().contains(&id.name) || root_disks_of(root).contains(&id.name) {
         bail!("{d} holds the running root filesystem");
     }
     let mut parts: Vec<String> = vec![id.name.clone()];
@@ -462,6 +474,11 @@ pub struct Locked {
 
 impl Locked {
     pub fn open(pinned: &DiskId) -> Result<Locked> {
+        Self::open_for(pinned, Path::new("/"))
+    }
+
+    /// Opens the pinned disk for writing by an agent whose root tree is `root`.
+    pub fn open_for(pinned: &DiskId, root: &Path) -> Result<Locked> {
         // Find the pinned disk again: by-id links first (paths can change between boots).
         let path = pinned
             .by_id
@@ -479,7 +496,7 @@ impl Locked {
                 now.size_bytes
             );
         }
-        check_destructible(&now)?;
+        check_destructible_for(&now, root)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -26,6 +26,37 @@ fn network(json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit status for "reboot now" when the reboot is simulated (--fake-firmware).
+const EXIT_REBOOT: u8 = 100;
+
+fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    use agent::engine::{Agent, Outcome};
+    let Some(fw) = &o.fake_firmware else {
+        anyhow::bail!(
+            "boot selection on real firmware (UEFI variables, GRUB) is not built yet (issue 5); \
+             the agent runs only with --fake-firmware"
+        );
+    };
+    let id_path = identity
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| o.root.join("etc/reinstall/identity.toml"));
+    let id = proto::identity::IdentityFile::load(&id_path)?;
+    let client = agent::client::Client::new(id)?;
+    let boot = Box::new(agent::bootsel::FakeFirmware::new(fw));
+    let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
+    loop {
+        match a.run(std::time::Duration::from_secs(o.wait))? {
+            Outcome::Reboot => {
+                eprintln!("reinstall: one-shot boot set; reboot (simulated: exit {EXIT_REBOOT})");
+                return Ok(ExitCode::from(EXIT_REBOOT));
+            }
+            Outcome::Done => return Ok(ExitCode::SUCCESS),
+            Outcome::Idle if o.once => return Ok(ExitCode::SUCCESS),
+            Outcome::Idle => {}
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let json = args.global.json;
@@ -46,6 +77,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Status) => operator::status(&args.global),
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
         Some(cli::Command::Network) => network(json),
+        Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),
         None if args.job.target.is_some() => operator::create(&args.global, &args.job),
         None => {
             let _ = cli::Cli::command().print_help();

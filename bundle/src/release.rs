@@ -67,7 +67,12 @@ impl ReleaseKey {
 impl ReleasePublicKey {
     pub fn load(path: &Path) -> Result<ReleasePublicKey> {
         let text = std::fs::read_to_string(path).map_err(io_err("reading", path))?;
-        let pk = PublicKeyBox::from_string(&text)
+        Self::from_text(&text, path)
+    }
+
+    /// Parses the text of a `.pub` file; `what` names where it came from in errors.
+    pub fn from_text(text: &str, path: &Path) -> Result<ReleasePublicKey> {
+        let pk = PublicKeyBox::from_string(text)
             .and_then(|b| b.into_public_key())
             .map_err(|e| key_err(path, e))?;
         Ok(ReleasePublicKey(pk))

@@ -42,6 +42,33 @@ pub fn check_signed(dir: &Path, key: &ReleasePublicKey) -> Result<Signed> {
     Ok(Signed { manifest, payload })
 }
 
+/// Checks a manifest's signature and parses it (for bundles arriving over the network; the
+/// payload is checked while it streams). `what` names the manifest in errors.
+pub fn check_manifest(
+    bytes: &[u8],
+    signature: &str,
+    key: &ReleasePublicKey,
+    what: &Path,
+) -> Result<Manifest> {
+    key.verify(bytes, signature, what)?;
+    Manifest::parse(what, bytes)
+}
+
+/// Unpacks a payload arriving from `src` (a download) into `target`, with the same marker
+/// protocol as [`unpack_into`]; the hash and size are checked as it streams.
+pub fn unpack_stream(
+    manifest: &Manifest,
+    src: Box<dyn Read + Send>,
+    what: &Path,
+    identity: age::x25519::Identity,
+    target: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Stats> {
+    unpack_marked(manifest, target, progress, || {
+        PayloadReader::from_reader(src, what, manifest, identity)
+    })
+}
+
 /// Hashes the payload and compares with the manifest (no key needed).
 pub fn check_hash(s: &Signed, progress: &mut dyn Progress) -> Result<()> {
     let mut f = std::fs::File::open(&s.payload).map_err(io_err("opening", &s.payload))?;
@@ -88,18 +115,32 @@ pub fn unpack_into(
     target: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Stats> {
+    unpack_marked(&s.manifest, target, progress, || {
+        PayloadReader::open(&s.payload, &s.manifest, identity)
+    })
+}
+
+/// The marker protocol around one unpack: mark, stream, finish directories, flush, unmark.
+fn unpack_marked(
+    m: &Manifest,
+    target: &Path,
+    progress: &mut dyn Progress,
+    open: impl FnOnce() -> Result<PayloadReader>,
+) -> Result<Stats> {
     unpack::prepare_target(target)?;
-    unpack::mark_incomplete(target, &s.manifest.id())?;
+    unpack::mark_incomplete(target, &m.id())?;
     failpoint::hit("unpack-marked");
     let mut sink = FsSink::new(target);
-    let result = run(s, identity, &mut sink, "unpack", progress).and_then(|stats| {
-        sink.finish_dirs()?;
-        failpoint::hit("unpack-before-complete");
-        unpack::mark_complete(target)?;
-        sink.finish_root()?;
-        unpack::sync_dir(target)?;
-        Ok(stats)
-    });
+    let result = open()
+        .and_then(|reader| walk_payload(m, reader, &mut sink, "unpack", progress))
+        .and_then(|stats| {
+            sink.finish_dirs()?;
+            failpoint::hit("unpack-before-complete");
+            unpack::mark_complete(target)?;
+            sink.finish_root()?;
+            unpack::sync_dir(target)?;
+            Ok(stats)
+        });
     if let Err(e) = &result {
         unpack::note_failure(target, &e.to_string());
     }
@@ -114,11 +155,21 @@ fn run(
     progress: &mut dyn Progress,
 ) -> Result<Stats> {
     let m = &s.manifest;
+    let reader = PayloadReader::open(&s.payload, m, identity)?;
+    walk_payload(m, reader, sink, phase, progress)
+}
+
+fn walk_payload(
+    m: &Manifest,
+    mut reader: PayloadReader,
+    sink: &mut dyn Sink,
+    phase: &str,
+    progress: &mut dyn Progress,
+) -> Result<Stats> {
     let limits = Limits {
         entries: m.contents.entries,
         unpacked_size: m.contents.unpacked_size,
     };
-    let mut reader = PayloadReader::open(&s.payload, m, identity)?;
     let total = Some(m.contents.unpacked_size);
     let walked = tree::walk(&mut reader, limits, sink, &mut |st| {
         progress.update(phase, st.unpacked_size, total, st.entries)

@@ -33,6 +33,14 @@ impl Stager {
     /// Initializes a home with bundles `rescue@1` (from `rescue_src`) and `target@1`, hosts
     /// `web1`, `web2`, operator `alice`; does not start serving.
     pub fn new(dir: &Path, target_src: &Path) -> Stager {
+        let tiny = dir.join("tiny-rescue");
+        std::fs::create_dir_all(tiny.join("etc")).unwrap();
+        std::fs::write(tiny.join("etc/hostname"), "rescue\n").unwrap();
+        Self::with_rescue(dir, &tiny, target_src)
+    }
+
+    /// As [`Stager::new`], with the rescue bundle built from `rescue_src`.
+    pub fn with_rescue(dir: &Path, rescue_src: &Path, target_src: &Path) -> Stager {
         let home = dir.join("home");
         let port = free_port();
         ok(stager()
@@ -41,11 +49,8 @@ impl Stager {
             .arg(&home)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--default-rescue", "rescue"]));
-        let tiny = dir.join("tiny-rescue");
-        std::fs::create_dir_all(tiny.join("etc")).unwrap();
-        std::fs::write(tiny.join("etc/hostname"), "rescue\n").unwrap();
         for (name, kind, src) in [
-            ("rescue", "rescue", tiny.as_path()),
+            ("rescue", "rescue", rescue_src),
             ("target", "target", target_src),
         ] {
             ok(stager()

@@ -1,0 +1,674 @@
+//! The phase engine (DESIGN.md §6): carries a job across both reboots, one idempotent phase
+//! at a time, recording "entering X" in the journal before X's effects and "done X" after.
+//! A run that is killed anywhere resumes from the journal and redoes the phase it was in.
+//!
+//! The invariant (DESIGN.md §2) in this code: the boot selector is only touched in
+//! `boot-rescue` and `boot-target`, each entered only after the phase that wrote the disk it
+//! points at is recorded done (written, flushed, verified); entries are one-shot (`BootNext`)
+//! until the new OS has called home (`rescue-up`, `target-up`) and only then made default.
+
+use crate::bootsel::{BootSelector, EspRef};
+use crate::client::Client;
+use crate::disk::{self, DiskId, Locked};
+use crate::journal::{self, Journal, Phase, Step};
+use crate::mount::{self, Mounted};
+use crate::netid::NetIdentity;
+use crate::{preserve, transfer};
+use anyhow::{bail, Context, Result};
+use bundle::progress::Progress;
+use bundle::release::ReleasePublicKey;
+use proto::v1::{BundleRef, Event, EventKind, Work};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Which OS the agent runs in, from `ROOT/etc/reinstall/world` (absent: the source OS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    Source,
+    Rescue,
+    Target,
+}
+
+pub const WORLD_FILE: &str = "etc/reinstall/world";
+pub const JOURNAL_DIR: &str = "var/lib/reinstall";
+pub const RESCUE_LOADER: &str = "\\EFI\\reinstall\\grubx64.efi";
+pub const TARGET_LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
+const MIB: u64 = 1 << 20;
+
+pub fn world_of(root: &Path) -> World {
+    match std::fs::read_to_string(root.join(WORLD_FILE))
+        .unwrap_or_default()
+        .trim()
+    {
+        "rescue" => World::Rescue,
+        "target" => World::Target,
+        _ => World::Source,
+    }
+}
+
+/// What a run ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// No job for this host.
+    Idle,
+    /// A one-shot boot is set: reboot now.
+    Reboot,
+    /// The job is complete (or held in rescue, as asked).
+    Done,
+}
+
+pub struct Agent {
+    pub root: PathBuf,
+    pub world: World,
+    pub client: Client,
+    pub boot: Box<dyn BootSelector>,
+    /// Disk 2, when the machine has several candidates.
+    pub disk2: Option<PathBuf>,
+    /// Where the agent mounts what it writes (`/run/reinstall` on a machine).
+    pub work: PathBuf,
+    journal: journal::Locked,
+}
+
+impl Agent {
+    pub fn new(
+        root: &Path,
+        client: Client,
+        boot: Box<dyn BootSelector>,
+        disk2: Option<PathBuf>,
+        work: &Path,
+    ) -> Result<Agent> {
+        let journal = journal::Locked::open(&root.join(JOURNAL_DIR))?;
+        let a = Agent {
+            world: world_of(root),
+            root: root.to_path_buf(),
+            client,
+            boot,
+            disk2,
+            work: work.to_path_buf(),
+            journal,
+        };
+        a.clear_stale_mounts();
+        Ok(a)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.root.join(JOURNAL_DIR)
+    }
+
+    /// A killed run can leave its work mounts behind (a reboot would not); they would make the
+    /// disks look busy to the redo.
+    fn clear_stale_mounts(&self) {
+        let work = std::fs::canonicalize(&self.work).unwrap_or_else(|_| self.work.clone());
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut stale: Vec<String> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(String::from))
+            .filter(|mp| Path::new(mp).starts_with(&work))
+            .collect();
+        stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in stale {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Runs phases until the job needs a reboot, finishes, or there is none.
+    pub fn run(&mut self, wait: Duration) -> Result<Outcome> {
+        let mut j = match self.journal.load()? {
+            Some(j) => j,
+            None => match self.new_job(wait)? {
+                Some(j) => j,
+                None => return Ok(Outcome::Idle),
+            },
+        };
+        loop {
+            let todo = match j.step {
+                Step::Entering => j.phase,
+                Step::Done => j.phase.next(j.hold_in_rescue),
+            };
+            if todo == Phase::Done || todo == Phase::Failed {
+                return Ok(Outcome::Done);
+            }
+            let expect = match todo.runs_in() {
+                journal::Runs::SourceOs => World::Source,
+                journal::Runs::Rescue => World::Rescue,
+                journal::Runs::Target => World::Target,
+                journal::Runs::Nowhere => unreachable!(),
+            };
+            if expect != self.world && self.reboot_pending(&j, todo)? {
+                // Restarted (a crash, systemd) after the one-shot was set, before the reboot:
+                // the firmware still holds BootNext. Reboot as planned.
+                return Ok(Outcome::Reboot);
+            }
+            if expect != self.world {
+                // The one-shot boot did not stick: the new OS did not come up or never called
+                // home, and the firmware fell back to the last good one, where we are. Stay
+                // here (reachable), and say so.
+                let msg = format!(
+                    "{} did not come up (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default",
+                    if expect == World::Target { "the target" } else { "the rescue OS" },
+                    todo.as_str(),
+                    self.world
+                );
+                j.record(Phase::Failed, Step::Done, Some(msg.clone()));
+                self.journal.save(&j)?;
+                self.report(&j, EventKind::Failed, Some(msg.clone()), None);
+                eprintln!("reinstall: {msg}");
+                return Ok(Outcome::Done);
+            }
+            j.record(todo, Step::Entering, None);
+            self.journal.save(&j)?;
+            self.report(&j, EventKind::PhaseEntered, None, None);
+            bundle::failpoint::hit(&format!("enter-{}", todo.as_str()));
+            let result = match todo {
+                Phase::Plan => self.plan(&mut j),
+                Phase::StageRescue => self.stage_rescue(&mut j),
+                Phase::BootRescue => self.boot_entry(&j, false),
+                Phase::RescueUp => self.called_home(&j, false),
+                Phase::InstallTarget => self.install_target(&mut j),
+                Phase::BootTarget => self.boot_entry(&j, true),
+                Phase::TargetUp => self.called_home(&j, true),
+                Phase::Done | Phase::Failed => unreachable!(),
+            };
+            if let Err(e) = result {
+                self.report(
+                    &j,
+                    EventKind::Error,
+                    Some(format!("{}: {e:#}", todo.as_str())),
+                    None,
+                );
+                return Err(e.context(format!("phase {}", todo.as_str())));
+            }
+            j.record(todo, Step::Done, None);
+            self.journal.save(&j)?;
+            self.report(&j, EventKind::PhaseDone, None, None);
+            bundle::failpoint::hit(&format!("done-{}", todo.as_str()));
+            if j.phase.next(j.hold_in_rescue) == Phase::Done {
+                self.report(&j, EventKind::Done, Some("job complete".into()), None);
+                return Ok(Outcome::Done);
+            }
+            if matches!(todo, Phase::BootRescue | Phase::BootTarget) {
+                return Ok(Outcome::Reboot);
+            }
+        }
+    }
+
+    /// Whether the one-shot boot into the OS that runs `todo` is set and not yet used.
+    fn reboot_pending(&mut self, j: &Journal, todo: Phase) -> Result<bool> {
+        let entry = match todo {
+            Phase::RescueUp => {
+                self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?
+            }
+            Phase::TargetUp => {
+                self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
+            }
+            _ => return Ok(false),
+        };
+        Ok(self.boot.next()? == Some(entry))
+    }
+
+    fn new_job(&mut self, wait: Duration) -> Result<Option<Journal>> {
+        if self.world != World::Source {
+            return Ok(None);
+        }
+        let w: Work = self
+            .client
+            .get(&format!("/v1/agent/work?wait={}", wait.as_secs()))?;
+        let Some(job) = w.job else { return Ok(None) };
+        let mut j = Journal {
+            format: journal::FORMAT,
+            job: job.id,
+            host: job.host,
+            target: job.target,
+            rescue: job.rescue,
+            hold_in_rescue: job.hold_in_rescue,
+            phase: Phase::Plan,
+            step: Step::Entering,
+            disk1: None,
+            disk2: None,
+            updated: String::new(),
+            history: Vec::new(),
+        };
+        j.record(Phase::Plan, Step::Entering, Some("job received".into()));
+        self.journal.save(&j)?;
+        Ok(Some(j))
+    }
+
+    /// Best effort: the stager being away must not stop a phase (call-home phases retry on
+    /// their own).
+    fn report(
+        &self,
+        j: &Journal,
+        kind: EventKind,
+        message: Option<String>,
+        bytes: Option<(u64, u64)>,
+    ) {
+        let ev = Event {
+            job: j.job,
+            kind,
+            phase: Some(j.phase.as_str().to_string()),
+            bytes_done: bytes.map(|b| b.0),
+            bytes_total: bytes.map(|b| b.1),
+            message,
+            network: None,
+        };
+        if let Err(e) = self
+            .client
+            .post::<_, serde_json::Value>("/v1/agent/events", &ev)
+        {
+            eprintln!("reinstall: reporting to the stager: {e:#}");
+        }
+    }
+
+    fn release_key(&self) -> Result<ReleasePublicKey> {
+        ReleasePublicKey::from_text(
+            &self.client.identity.release_pub,
+            Path::new("identity file release_pub"),
+        )
+        .map_err(Into::into)
+    }
+
+    /// A bundle's manifest, its signature checked against the pinned release key.
+    fn manifest(&self, b: &BundleRef) -> Result<(bundle::Manifest, Vec<u8>, String)> {
+        let base = format!("/v1/bundles/{}/{}", b.name, b.version);
+        let bytes = self.client.get_bytes(&format!("{base}/manifest"))?;
+        let sig = String::from_utf8(self.client.get_bytes(&format!("{base}/signature"))?)?;
+        let what = PathBuf::from(format!("{}@{} manifest", b.name, b.version));
+        let m = bundle::verify::check_manifest(&bytes, &sig, &self.release_key()?, &what)?;
+        anyhow::ensure!(
+            m.payload.sha256 == b.sha256 && m.payload.size == b.size,
+            "bundle {}@{}: the signed manifest names another payload than the job",
+            b.name,
+            b.version
+        );
+        Ok((m, bytes, sig))
+    }
+
+    fn age_identity(&self, b: &BundleRef) -> Result<(bundle::payload::AgeIdentity, String)> {
+        let text = String::from_utf8(
+            self.client
+                .get_bytes(&format!("/v1/bundles/{}/{}/identity", b.name, b.version))?,
+        )?;
+        let id = bundle::payload::parse_identity(&text)
+            .map_err(|e| anyhow::anyhow!("bundle identity: {e}"))?;
+        Ok((id, text))
+    }
+
+    fn plan(&mut self, j: &mut Journal) -> Result<()> {
+        let roots = disk::root_disks_of(&self.root);
+        let [disk1] = roots.as_slice() else {
+            bail!(
+                "the running root is on {} disks ({:?}); exactly one is supported",
+                roots.len(),
+                roots
+            );
+        };
+        let d1 = disk::identify(Path::new(&format!("/dev/{disk1}")))?;
+        let d2 = match &self.disk2 {
+            Some(p) => disk::identify(p)?,
+            None => pick_disk2(disk1)?,
+        };
+        anyhow::ensure!(
+            d1.name != d2.name,
+            "disk 2 {} is the disk of the running root",
+            d2.path
+        );
+        disk::check_destructible_for(&d2, &self.root)?;
+        let (rm, _, _) = self.manifest(&j.rescue)?;
+        let (tm, _, _) = self.manifest(&j.target)?;
+        disk::rescue_layout(
+            d2.size_bytes,
+            d2.logical_sector,
+            rescue_root_size(&rm),
+            stash_size(&tm),
+        )?;
+        disk::linux_target_layout(d1.size_bytes, d1.logical_sector, false)?;
+        let net = crate::netid::capture()?;
+        std::fs::write(
+            self.dir().join("network.json"),
+            serde_json::to_vec_pretty(&net)?,
+        )?;
+        preserve::capture(&self.root, &self.dir().join("carry"))?;
+        j.disk1 = Some(d1);
+        j.disk2 = Some(d2);
+        Ok(())
+    }
+
+    fn stage_rescue(&mut self, j: &mut Journal) -> Result<()> {
+        let pinned = j.disk2.clone().context("no disk 2 in the journal")?;
+        let (rm, _, _) = self.manifest(&j.rescue)?;
+        let (tm, tbytes, tsig) = self.manifest(&j.target)?;
+        let layout = disk::rescue_layout(
+            pinned.size_bytes,
+            pinned.logical_sector,
+            rescue_root_size(&rm),
+            stash_size(&tm),
+        )?;
+        let mut locked = Locked::open_for(&pinned, &self.root)?;
+        let parts = locked.write_gpt(&layout)?;
+        j.disk2 = Some(locked.id.clone());
+        self.journal.save(j)?;
+        drop(locked);
+        mount::mkfs_esp(&parts[0], "RESCUE-ESP")?;
+        mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
+        mount::mkfs_ext4(&parts[2], "reinstall-stash")?;
+        let rescue = Mounted::ext4(&parts[1], &self.work.join("rescue"), false)?;
+        // The rescue OS, streamed from the stager into its partition.
+        let (rid, _) = self.age_identity(&j.rescue)?;
+        let src = transfer::Resuming::new(
+            &self.client,
+            &format!("/v1/blobs/{}", j.rescue.sha256),
+            0,
+            j.rescue.size,
+        );
+        let mut prog = Reporter::new(self, j, "stage-rescue");
+        bundle::verify::unpack_stream(
+            &rm,
+            Box::new(src),
+            Path::new(&j.rescue.sha256),
+            rid,
+            &rescue.path,
+            &mut prog,
+        )
+        .context("unpacking the rescue bundle")?;
+        // The packed target, beside it, verified.
+        let stash = Mounted::ext4(&parts[2], &self.work.join("stash"), false)?;
+        let tdir = stash.path.join("target");
+        std::fs::create_dir_all(&tdir)?;
+        std::fs::write(tdir.join(bundle::MANIFEST_FILE), &tbytes)?;
+        std::fs::write(tdir.join(bundle::SIGNATURE_FILE), &tsig)?;
+        let (_, tid_text) = self.age_identity(&j.target)?;
+        write_private(&tdir.join(bundle::IDENTITY_FILE), &tid_text)?;
+        let mut prog = Reporter::new(self, j, "stage-rescue");
+        transfer::fetch_to_file(
+            &self.client,
+            &j.target.sha256,
+            j.target.size,
+            &tdir.join(bundle::PAYLOAD_FILE),
+            &mut |d, t| prog.update("stash", d, Some(t), 0),
+        )?;
+        let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
+        bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
+        // What the rescue OS needs to be this machine and carry on the job.
+        self.make_bootable_world(j, &rescue.path, "rescue", Phase::BootRescue)?;
+        Ok(())
+    }
+
+    /// Injects identity, network, the agent and its journal into a freshly unpacked tree.
+    fn make_bootable_world(
+        &self,
+        j: &Journal,
+        tree: &Path,
+        world: &str,
+        booted_by: Phase,
+    ) -> Result<()> {
+        preserve::inject(&self.dir().join("carry"), tree)?;
+        let net: NetIdentity =
+            serde_json::from_slice(&std::fs::read(self.dir().join("network.json"))?)?;
+        preserve::inject_network(&net, tree)?;
+        std::fs::create_dir_all(tree.join("etc/reinstall"))?;
+        std::fs::write(tree.join(WORLD_FILE), format!("{world}\n"))?;
+        let bin = tree.join("usr/local/sbin/reinstall");
+        std::fs::create_dir_all(bin.parent().unwrap())?;
+        std::fs::copy(std::env::current_exe()?, &bin).context("installing the agent")?;
+        let unit = tree.join("etc/systemd/system/reinstall-agent.service");
+        std::fs::create_dir_all(unit.parent().unwrap())?;
+        std::fs::write(&unit, AGENT_UNIT)?;
+        let wants = tree.join("etc/systemd/system/multi-user.target.wants/reinstall-agent.service");
+        std::fs::create_dir_all(wants.parent().unwrap())?;
+        if std::fs::symlink_metadata(&wants).is_err() {
+            std::os::unix::fs::symlink("/etc/systemd/system/reinstall-agent.service", &wants)?;
+        }
+        // The journal as the next OS will see it: the boot that starts it has happened.
+        let next = journal::Locked::open(&tree.join(JOURNAL_DIR))?;
+        let mut j2 = j.clone();
+        j2.record(
+            booted_by,
+            Step::Done,
+            Some(format!("written into the {world} OS")),
+        );
+        next.save(&j2)?;
+        copy_dir(
+            &self.dir().join("carry"),
+            &tree.join(JOURNAL_DIR).join("carry"),
+        )?;
+        std::fs::copy(
+            self.dir().join("network.json"),
+            tree.join(JOURNAL_DIR).join("network.json"),
+        )?;
+        Ok(())
+    }
+
+    fn boot_entry(&mut self, j: &Journal, target: bool) -> Result<()> {
+        let (d, label, loader) = if target {
+            (j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)
+        } else {
+            (j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)
+        };
+        let d = d.context("no disk in the journal")?;
+        let esp = EspRef {
+            disk_guid: d
+                .ptuuid
+                .clone()
+                .context("the disk has no GPT GUID recorded")?,
+            partition: 1,
+            loader: loader.to_string(),
+        };
+        let n = self.boot.create_entry(label, &esp)?;
+        self.boot.set_next(n)?;
+        Ok(())
+    }
+
+    /// `rescue-up` / `target-up`: proves the new OS reached the stager from here (retrying
+    /// while it is away), then makes it the default boot. The target goes first, the rescue
+    /// stays second.
+    fn called_home(&mut self, j: &Journal, target: bool) -> Result<()> {
+        let start = Instant::now();
+        let ev = Event {
+            job: j.job,
+            kind: EventKind::Network,
+            phase: Some(j.phase.as_str().into()),
+            bytes_done: None,
+            bytes_total: None,
+            message: Some(format!(
+                "{} OS is up",
+                if target { "target" } else { "rescue" }
+            )),
+            network: std::fs::read(self.dir().join("network.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+        };
+        let mut attempt = 0u32;
+        while let Err(e) = self
+            .client
+            .post::<_, serde_json::Value>("/v1/agent/events", &ev)
+        {
+            if start.elapsed() > transfer::RETRY_FOR {
+                return Err(e.context("calling home"));
+            }
+            std::thread::sleep(Duration::from_secs(1 << attempt.min(4)));
+            attempt += 1;
+        }
+        let rescue = self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?;
+        if target {
+            let t = self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?;
+            self.boot.make_default(rescue)?;
+            self.boot.make_default(t)?;
+        } else {
+            self.boot.make_default(rescue)?;
+        }
+        Ok(())
+    }
+
+    fn entry_of(&mut self, d: Option<&DiskId>, label: &str, loader: &str) -> Result<u16> {
+        let d = d.context("no disk in the journal")?;
+        self.boot.create_entry(
+            label,
+            &EspRef {
+                disk_guid: d.ptuuid.clone().context("no GPT GUID recorded")?,
+                partition: 1,
+                loader: loader.into(),
+            },
+        )
+    }
+
+    fn install_target(&mut self, j: &mut Journal) -> Result<()> {
+        let pinned = j.disk1.clone().context("no disk 1 in the journal")?;
+        let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
+        let layout = disk::linux_target_layout(pinned.size_bytes, pinned.logical_sector, false)?;
+        let mut locked = Locked::open_for(&pinned, &self.root)?;
+        let parts = locked.write_gpt(&layout)?;
+        j.disk1 = Some(locked.id.clone());
+        self.journal.save(j)?;
+        drop(locked);
+        mount::mkfs_esp(&parts[0], "ESP")?;
+        mount::mkfs_ext4(&parts[1], "root")?;
+        let stash_dev = disk::identify(Path::new(&d2.path))
+            .ok()
+            .filter(|now| now.same_disk(&d2))
+            .map(|now| now.partition_path(3))
+            .context("disk 2 (the stash) is not where the journal says")?;
+        let stash = Mounted::ext4(&stash_dev, &self.work.join("stash"), true)?;
+        let root = Mounted::ext4(&parts[1], &self.work.join("target"), false)?;
+        let tdir = stash.path.join("target");
+        let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
+        let id = bundle::payload::load_identity(&tdir.join(bundle::IDENTITY_FILE))?;
+        let mut prog = Reporter::new(self, j, "install-target");
+        bundle::verify::unpack_into(&signed, id, &root.path, &mut prog)
+            .context("unpacking the target")?;
+        self.make_bootable_world(j, &root.path, "target", Phase::BootTarget)?;
+        Ok(())
+    }
+}
+
+const AGENT_UNIT: &str = "[Unit]
+Description=reinstall agent: carries a reinstall job across reboots
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart=/usr/local/sbin/reinstall agent
+Restart=on-failure
+RestartSec=10
+TimeoutStartSec=infinity
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// The one disk that is not the root disk, not a loop/ram/optical/virtual device.
+fn pick_disk2(root: &str) -> Result<DiskId> {
+    let mut c = Vec::new();
+    for e in std::fs::read_dir("/sys/block")?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n == root
+            || ["loop", "ram", "zram", "sr", "dm-", "md", "nbd", "fd"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        {
+            continue;
+        }
+        c.push(n);
+    }
+    match c.as_slice() {
+        [one] => disk::identify(Path::new(&format!("/dev/{one}"))),
+        [] => bail!("no second disk: this machine has only its root disk"),
+        many => bail!(
+            "several candidates for disk 2 ({}); name one with --disk2",
+            many.join(", ")
+        ),
+    }
+}
+
+/// Room for the rescue tree: what it unpacks to, a third more, at least 1 GiB, in MiB.
+fn rescue_root_size(m: &bundle::Manifest) -> u64 {
+    ((m.contents.unpacked_size + m.contents.unpacked_size / 3).max(1 << 30) + 256 * MIB)
+        .div_ceil(MIB)
+        * MIB
+}
+
+fn stash_size(m: &bundle::Manifest) -> u64 {
+    m.payload.size + 64 * MIB
+}
+
+fn write_private(p: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .with_context(|| format!("writing {}", p.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .output();
+    std::fs::create_dir_all(to)?;
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        _ => std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", from.display()))
+            .arg(to)
+            .output()?,
+    };
+    anyhow::ensure!(
+        out.status.success(),
+        "copying {} to {}: {}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Progress to the terminal and, every few seconds, to the stager.
+struct Reporter<'a> {
+    agent: &'a Agent,
+    job: &'a Journal,
+    phase: &'static str,
+    term: Box<dyn Progress>,
+    last: Option<Instant>,
+}
+
+impl<'a> Reporter<'a> {
+    fn new(agent: &'a Agent, job: &'a Journal, phase: &'static str) -> Self {
+        Reporter {
+            agent,
+            job,
+            phase,
+            term: bundle::progress::Terminal::stderr(),
+            last: None,
+        }
+    }
+}
+
+impl Progress for Reporter<'_> {
+    fn update(&mut self, phase: &str, done: u64, total: Option<u64>, entries: u64) {
+        self.term.update(phase, done, total, entries);
+        if self
+            .last
+            .is_some_and(|l| l.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.agent.report(
+            self.job,
+            EventKind::Progress,
+            Some(format!("{}: {phase}", self.phase)),
+            Some((done, total.unwrap_or(0))),
+        );
+    }
+    fn finish(&mut self) {
+        self.term.finish();
+    }
+}

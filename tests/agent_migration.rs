@@ -1,0 +1,475 @@
+//! The whole migration on two loop-device disks: a real stager on 127.0.0.1 over mTLS, the
+//! real agent, fake firmware (a JSON file) and simulated reboots. The harness boots what the
+//! fake firmware says (BootNext once, else the first of BootOrder), mounts that OS's root and
+//! runs the agent in it. Before every boot and after every agent exit it checks the
+//! invariant: what the firmware will boot next is a complete, verified OS.
+//! Then the agent is killed at every failpoint in turn (as SIGKILL would; systemd restarts it)
+//! and must still complete.
+
+use agent::bootsel::{FakeEntry, FakeFirmware, FakeState};
+use agent::disk::{self, Locked};
+use integration_tests::stager::Stager;
+use integration_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.0]).output();
+        let _ = Command::new("losetup").args(["-d", &self.0]).output();
+    }
+}
+
+fn loopdev(img: &Path, size: &str) -> Loop {
+    sh(&format!("truncate -s {size} {}", img.display()));
+    Loop(
+        sh(&format!("losetup --find --show {}", img.display()))
+            .trim()
+            .to_string(),
+    )
+}
+
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+fn mount(dev: &str, at: &Path, ro: bool) -> Mount {
+    std::fs::create_dir_all(at).unwrap();
+    let mut c = Command::new("mount");
+    if ro {
+        c.args(["-o", "ro"]);
+    }
+    ok(c.arg(dev).arg(at));
+    Mount(at.to_path_buf())
+}
+
+/// An OS tree the agent can be injected into: systemd-networkd present, a passwd.
+fn os_tree(dir: &Path, marker: &str) {
+    for d in ["etc", "lib/systemd/system", "usr/bin"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(
+        dir.join("lib/systemd/system/systemd-networkd.service"),
+        "[Unit]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nalice:x:1500:1500::/home/alice:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("etc/os-marker"), marker).unwrap();
+    sh(&format!(
+        "head -c 2000000 /dev/urandom > {}/usr/bin/payload",
+        dir.display()
+    ));
+}
+
+struct Env {
+    w: tempfile::TempDir,
+    stager: Stager,
+    disk1: Loop,
+    disk2: Loop,
+    fw: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let w = scratch();
+        let p = w.path();
+        let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
+        os_tree(&rescue, "rescue");
+        os_tree(&target, "target");
+        let mut stager = Stager::with_rescue(p, &rescue, &target);
+        stager.start();
+        let disk1 = loopdev(&p.join("disk1.img"), "3G");
+        let disk2 = loopdev(&p.join("disk2.img"), "4G");
+        // The source OS on disk 1: ESP + root, with the identity to carry.
+        let id1 = disk::identify(Path::new(&disk1.0)).unwrap();
+        let layout = disk::linux_target_layout(id1.size_bytes, 512, false).unwrap();
+        let parts = Locked::open(&id1).unwrap().write_gpt(&layout).unwrap();
+        ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&parts[1]));
+        let src = p.join("mnt-source");
+        {
+            let _m = mount(&parts[1].display().to_string(), &src, false);
+            os_tree(&src, "source");
+            sh(&format!(
+                "cd {s} && mkdir -p etc/ssh root/.ssh home/alice/.ssh etc/reinstall &&
+                 head -c 400 /dev/urandom > etc/ssh/ssh_host_ed25519_key && chmod 600 etc/ssh/ssh_host_ed25519_key &&
+                 echo 'ssh-ed25519 AAAAhost' > etc/ssh/ssh_host_ed25519_key.pub &&
+                 echo 'ssh-ed25519 AAAAroot ops' > root/.ssh/authorized_keys &&
+                 echo 'ssh-ed25519 AAAAalice' > home/alice/.ssh/authorized_keys && chown -R 1500:1500 home/alice &&
+                 echo web1 > etc/hostname && echo 0123456789abcdef0123456789abcdef > etc/machine-id &&
+                 cp {id} etc/reinstall/identity.toml && chmod 600 etc/reinstall/identity.toml &&
+                 mkdir -p {e} && cp -a --parents etc/ssh root/.ssh etc/reinstall etc/hostname {e}/",
+                s = src.display(),
+                id = stager.identity("web1").display(),
+                e = p.join("carry-expect").display()
+            ));
+        }
+        let fw = p.join("firmware.json");
+        let state = FakeState {
+            entries: vec![FakeEntry {
+                number: 0,
+                label: "source".into(),
+                esp: None,
+            }],
+            boot_order: vec![0],
+            boot_next: None,
+            current: Some(0),
+            log: vec![],
+        };
+        FakeFirmware::new(&fw).save(&state).unwrap();
+        Env {
+            w,
+            stager,
+            disk1,
+            disk2,
+            fw,
+        }
+    }
+
+    fn root_part(&self, label: &str) -> String {
+        match label {
+            "source" | "reinstall-target" => format!("{}p2", self.disk1.0),
+            "reinstall-rescue" => format!("{}p2", self.disk2.0),
+            other => panic!("unknown boot entry {other}"),
+        }
+    }
+
+    /// The invariant: the entry the firmware boots next holds a complete OS of its kind.
+    fn check_next_boot(&self, when: &str) {
+        let s = FakeFirmware::new(&self.fw).load().unwrap();
+        let n = s.boot_next.or(s.boot_order.first().copied()).unwrap();
+        let label = s
+            .entries
+            .iter()
+            .find(|e| e.number == n)
+            .unwrap()
+            .label
+            .clone();
+        let dev = self.root_part(&label);
+        assert!(
+            Path::new(&dev).exists(),
+            "{when}: next boot {label} has no root partition {dev}"
+        );
+        // Inspect it where it is mounted (the running OS), or mount it read-only.
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split(' ');
+                (f.next() == Some(dev.as_str())).then(|| PathBuf::from(f.next().unwrap()))
+            });
+        let (at, _m) = match mounted {
+            Some(at) => (at, None),
+            None => {
+                let at = self.w.path().join("mnt-check");
+                let m = mount(&dev, &at, true);
+                (at, Some(m))
+            }
+        };
+        assert!(
+            !at.join(".reinstall-incomplete").exists(),
+            "{when}: next boot {label} is half-written"
+        );
+        let world = std::fs::read_to_string(at.join("etc/reinstall/world")).unwrap_or_default();
+        let want = match label.as_str() {
+            "source" => "",
+            "reinstall-rescue" => "rescue\n",
+            _ => "target\n",
+        };
+        assert_eq!(world, want, "{when}: next boot {label} holds another OS");
+        if label != "source" {
+            assert!(
+                at.join("var/lib/reinstall/journal.json").exists(),
+                "{when}: {label} has no journal"
+            );
+        }
+    }
+
+    fn agent(&self, root: &Path, failpoint: Option<&str>) -> std::process::Output {
+        let mut c = Command::new(bin("reinstall"));
+        c.arg("agent")
+            .arg("--root")
+            .arg(root)
+            .args(["--disk2", &self.disk2.0])
+            .arg("--fake-firmware")
+            .arg(&self.fw)
+            .arg("--work")
+            .arg(self.w.path().join("work"))
+            .args(["--wait", "5", "--once"]);
+        if let Some(fp) = failpoint {
+            c.env("REINSTALL_FAILPOINTS", fp);
+        }
+        run(&mut c)
+    }
+
+    /// Boots and runs agents until the job is over. Returns the firmware log and what
+    /// happened. `failpoint` is `[in-WORLD:]NAME[@N]`: armed in every agent run (or only in
+    /// that world's) until it fires once. After it fires, the agent is restarted in the same
+    /// OS (as systemd would), or with `power_cut` the machine is power-cycled instead.
+    fn migrate(&self, failpoint: Option<&str>, power_cut: bool) -> (Vec<String>, Vec<String>) {
+        let (only_in, spec) = match failpoint.and_then(|f| f.split_once(':')) {
+            Some((w, f)) => (w.strip_prefix("in-"), Some(f)),
+            None => (None, failpoint),
+        };
+        let mut fp = spec;
+        let mut notes = Vec::new();
+        for boot in 0..8 {
+            let s = FakeFirmware::new(&self.fw).load().unwrap();
+            let label = s
+                .entries
+                .iter()
+                .find(|e| Some(e.number) == s.current)
+                .unwrap()
+                .label
+                .clone();
+            let root = self.w.path().join(format!("mnt-{label}"));
+            let _m = mount(&self.root_part(&label), &root, false);
+            loop {
+                let armed = fp.filter(|_| only_in.is_none_or(|w| label.ends_with(w)));
+                let out = self.agent(&root, armed);
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                let killed = armed.is_some_and(|f| {
+                    err.contains(&format!("failpoint {} hit", f.split('@').next().unwrap()))
+                });
+                if killed {
+                    notes.push(format!(
+                        "{} in {label}",
+                        if power_cut { "power cut" } else { "killed" }
+                    ));
+                    fp = None; // restarted without the failpoint
+                    self.check_next_boot(&format!("after the kill at {failpoint:?}"));
+                    if power_cut {
+                        break;
+                    }
+                    continue;
+                }
+                match out.status.code() {
+                    Some(100) => break,
+                    Some(0) => {
+                        self.check_next_boot("at the end");
+                        let log = FakeFirmware::new(&self.fw).load().unwrap().log;
+                        return (log, notes);
+                    }
+                    other => panic!("agent in {label} (boot {boot}) exited {other:?}: {err}"),
+                }
+            }
+            self.check_next_boot(&format!("before boot {}", boot + 1));
+            drop(_m);
+            FakeFirmware::new(&self.fw).power_cycle().unwrap();
+        }
+        panic!("the migration did not finish in 8 boots");
+    }
+}
+
+fn create_job(s: &Stager) {
+    ok(s.reinstall("alice")
+        .args(["--host", "web1", "--target", "target"]));
+}
+
+fn job_state(s: &Stager) -> serde_json::Value {
+    let (_, body) = s.curl(Some("alice"), &[], "/v1/jobs");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v.as_array().unwrap().last().unwrap().clone()
+}
+
+/// `want` appears in `log` in this order (other entries may be between).
+fn in_order(log: &[String], want: &[&str]) -> bool {
+    let mut it = log.iter();
+    want.iter().all(|w| it.any(|l| l == w))
+}
+
+#[test]
+fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
+    let env = Env::new();
+    create_job(&env.stager);
+    let (log, _) = env.migrate(None, false);
+    assert!(
+        in_order(
+            &log,
+            &[
+                "create reinstall-rescue",
+                "next reinstall-rescue",
+                "boot reinstall-rescue",
+                "default reinstall-rescue",
+                "create reinstall-target",
+                "next reinstall-target",
+                "boot reinstall-target",
+                "default reinstall-target",
+            ]
+        ),
+        "firmware log: {log:?}"
+    );
+    let fw = FakeFirmware::new(&env.fw).load().unwrap();
+    let label = |n: u16| {
+        fw.entries
+            .iter()
+            .find(|e| e.number == n)
+            .unwrap()
+            .label
+            .clone()
+    };
+    assert_eq!(label(fw.boot_order[0]), "reinstall-target");
+    assert_eq!(
+        label(fw.boot_order[1]),
+        "reinstall-rescue",
+        "the rescue entry is kept"
+    );
+    let job = job_state(&env.stager);
+    assert_eq!(job["state"], "done", "{job}");
+    // Both disks hold their OS with the carried identity, byte for byte.
+    let p = env.w.path();
+    let t = p.join("check-target");
+    let r = p.join("check-rescue");
+    let _a = mount(&format!("{}p2", env.disk1.0), &t, true);
+    let _b = mount(&format!("{}p2", env.disk2.0), &r, true);
+    for tree in [&t, &r] {
+        for f in [
+            "etc/ssh/ssh_host_ed25519_key",
+            "root/.ssh/authorized_keys",
+            "etc/reinstall/identity.toml",
+            "etc/hostname",
+        ] {
+            assert_eq!(
+                std::fs::read(tree.join(f)).unwrap(),
+                std::fs::read(p.join("carry-expect").join(f)).unwrap(),
+                "{f} in {} is not the source's",
+                tree.display()
+            );
+        }
+        let key = std::fs::metadata(tree.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+            0o600
+        );
+        let nets: Vec<_> = std::fs::read_dir(tree.join("etc/systemd/network"))
+            .unwrap()
+            .collect();
+        assert!(!nets.is_empty(), "no network files in {}", tree.display());
+        let a = std::fs::metadata(tree.join("home/alice/.ssh/authorized_keys")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&a), 1500);
+    }
+    assert_eq!(
+        std::fs::read_to_string(t.join("etc/os-marker")).unwrap(),
+        "target"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("etc/os-marker")).unwrap(),
+        "rescue"
+    );
+    // The stash holds the verified target blob.
+    let s = p.join("check-stash");
+    let _c = mount(&format!("{}p3", env.disk2.0), &s, true);
+    let h = sh(&format!(
+        "sha256sum {}/target/payload.age | cut -d' ' -f1",
+        s.display()
+    ));
+    assert_eq!(h.trim(), env.stager.sha_of("target"));
+}
+
+#[test]
+fn killed_at_any_failpoint_the_agent_resumes_and_completes() {
+    let points = [
+        "enter-plan",
+        "done-plan",
+        "enter-stage-rescue",
+        "unpack-entry@3",
+        "fetch-chunk@1",
+        "unpack-before-complete",
+        "done-stage-rescue",
+        "enter-boot-rescue",
+        "done-boot-rescue",
+        "enter-rescue-up",
+        "done-rescue-up",
+        "enter-install-target",
+        "in-rescue:unpack-entry@3",
+        "in-rescue:unpack-before-complete",
+        "done-install-target",
+        "enter-boot-target",
+        "done-boot-target",
+        "enter-target-up",
+    ];
+    let mut table = Vec::new();
+    for fp in points {
+        let env = Env::new();
+        create_job(&env.stager);
+        let t = std::time::Instant::now();
+        let (_, notes) = env.migrate(Some(fp), false);
+        let job = job_state(&env.stager);
+        assert_eq!(job["state"], "done", "{fp}: {job}");
+        table.push(format!(
+            "{fp:<34} {:<30} done in {:.1}s",
+            notes.join("; "),
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    eprintln!(
+        "failpoint                          kill                           outcome\n{}",
+        table.join("\n")
+    );
+}
+
+/// A power cut at each failpoint: the machine boots whatever the firmware says and the agent
+/// carries on from that OS's journal. It ends in the target, or in a reachable OS (rescue or
+/// source) that reported the failure; never in a half-written one (checked at every boot).
+#[test]
+fn a_power_cut_at_any_failpoint_never_leaves_an_unbootable_machine() {
+    let points = [
+        "unpack-entry@3",
+        "fetch-chunk@1",
+        "done-stage-rescue",
+        "done-boot-rescue",
+        "enter-rescue-up",
+        "in-rescue:unpack-entry@3",
+        "done-install-target",
+        "done-boot-target",
+        "enter-target-up",
+    ];
+    let mut table = Vec::new();
+    for fp in points {
+        let env = Env::new();
+        create_job(&env.stager);
+        let (log, notes) = env.migrate(Some(fp), true);
+        let job = job_state(&env.stager);
+        let state = job["state"].as_str().unwrap().to_string();
+        let fw = FakeFirmware::new(&env.fw).load().unwrap();
+        let default = fw
+            .entries
+            .iter()
+            .find(|e| e.number == fw.boot_order[0])
+            .unwrap()
+            .label
+            .clone();
+        match state.as_str() {
+            "done" => assert_eq!(default, "reinstall-target", "{fp}: {log:?}"),
+            "failed" => {
+                let msg = job["hosts"][0]["last_event"]["event"]["message"]
+                    .as_str()
+                    .unwrap_or("");
+                assert!(
+                    msg.contains("did not come up"),
+                    "{fp}: failed without saying why: {job}"
+                );
+                assert_ne!(
+                    default, "reinstall-target",
+                    "{fp}: failed but the target is the default"
+                );
+            }
+            other => panic!("{fp}: job ended {other}: {job}"),
+        }
+        table.push(format!(
+            "{fp:<34} {:<30} {state}, default boot {default}",
+            notes.join("; ")
+        ));
+    }
+    eprintln!(
+        "power cut at                       where                          outcome\n{}",
+        table.join("\n")
+    );
+}
