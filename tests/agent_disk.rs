@@ -128,3 +128,26 @@ fn busy_wrong_or_partial_disks_are_refused_with_the_reason() {
         .to_string();
     assert!(e.contains("not a block device"), "{e}");
 }
+
+#[test]
+fn plan_shows_both_disks_and_layouts_and_refuses_the_root_disk() {
+    let l = Loop::new("4G", 4096);
+    let out = ok(reinstall().args(["plan", "--json", "--disk2", &l.dev]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["disk2"]["path"], l.dev.as_str());
+    assert_eq!(v["disk2"]["logical_sector"], 4096);
+    assert_eq!(v["disk2_layout"]["parts"].as_array().unwrap().len(), 3);
+    assert!(v["disk1_layout"]["parts"].as_array().unwrap().len() >= 2);
+    assert!(!v["network"]["interfaces"].as_array().unwrap().is_empty());
+    // Nothing was written.
+    assert!(disk::identify(Path::new(&l.dev)).unwrap().ptuuid.is_none());
+    // The running root disk is never disk 2.
+    for root in disk::root_disks() {
+        let err = fails(reinstall().args(["plan", "--disk2", &format!("/dev/{root}")]));
+        assert!(err.contains("running root"), "{err}");
+    }
+    // Too small for rescue + stash.
+    let small = Loop::new("1G", 512);
+    let err = fails(reinstall().args(["plan", "--disk2", &small.dev]));
+    assert!(err.contains("too small"), "{err}");
+}

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 #[command(
     name = "reinstall",
     version,
-    after_help = "Not yet available (see README): plan, agent. Exit status: 0 ok, 1 failed, 2 usage."
+    after_help = "The agent boots through fake firmware only (real UEFI/GRUB: issue 5). Exit status: 0 ok, 1 failed, 2 usage."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -71,6 +71,11 @@ pub enum Command {
     Status,
     /// Send the hosts to their rescue OS (once, or for good with --permanent).
     Rescue(RescueOpts),
+    /// Show what a reinstall of this machine would do, writing nothing: disk 1 (the running
+    /// root) and disk 2 with their stable ids, the layouts for both, the boot mode, the
+    /// network and security identity to carry, the boot entry changes. Refuses, with the
+    /// reason, a machine it would not reinstall.
+    Plan(PlanOpts),
     /// Run the agent: take this host's job from the stager and carry it through its phases,
     /// resuming from the journal after a crash or a reboot.
     ///
@@ -97,6 +102,16 @@ pub enum BundleCommand {
     /// The target holds `.reinstall-incomplete` from the first byte written until every check
     /// has passed and the data is flushed; a target that still holds it is not usable.
     Unpack(UnpackOpts),
+}
+
+#[derive(Args)]
+pub struct PlanOpts {
+    /// The running OS tree.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Disk 2, when the machine has several candidates.
+    #[arg(long)]
+    pub disk2: Option<PathBuf>,
 }
 
 #[derive(Args)]

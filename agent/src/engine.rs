@@ -386,6 +386,7 @@ impl Agent {
             &tdir.join(bundle::PAYLOAD_FILE),
             &mut |d, t| prog.update("stash", d, Some(t), 0),
         )?;
+        prog.finish();
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
         bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
         // What the rescue OS needs to be this machine and carry on the job.
@@ -556,6 +557,94 @@ TimeoutStartSec=infinity
 WantedBy=multi-user.target
 ";
 
+/// Disk 1 (holding the running root `root`) and disk 2 (`hint`, or the only candidate),
+/// both identified, disk 2 checked destructible. Touches nothing.
+pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId)> {
+    let roots = disk::root_disks_of(root);
+    let [disk1] = roots.as_slice() else {
+        bail!(
+            "the running root is on {} disks ({:?}); exactly one is supported",
+            roots.len(),
+            roots
+        );
+    };
+    let d1 = disk::identify(Path::new(&format!("/dev/{disk1}")))?;
+    let d2 = match hint {
+        Some(p) => disk::identify(p)?,
+        None => pick_disk2(disk1)?,
+    };
+    anyhow::ensure!(
+        d1.name != d2.name,
+        "disk 2 {} is the disk of the running root",
+        d2.path
+    );
+    disk::check_destructible_for(&d2, root)?;
+    Ok((d1, d2))
+}
+
+/// What `reinstall plan` shows: everything the job would do, decided, nothing written.
+#[derive(Debug, serde::Serialize)]
+pub struct PlanReport {
+    pub disk1: DiskId,
+    pub disk2: DiskId,
+    pub disk2_layout: disk::Layout,
+    pub disk1_layout: disk::Layout,
+    pub boot_mode: &'static str,
+    pub firmware_variables_writable: bool,
+    pub network: NetIdentity,
+    pub security_identity: Vec<PathBuf>,
+    pub boot_changes: Vec<String>,
+}
+
+/// Plans with default sizes (rescue root 2 GiB, stash at least 1 GiB); a job checks the real
+/// sizes of its bundles again in its own `plan` phase.
+pub fn plan_report(root: &Path, hint: Option<&Path>) -> Result<PlanReport> {
+    let (d1, d2) = select_disks(root, hint)?;
+    let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, 1 << 30)?;
+    let uefi = Path::new("/sys/firmware/efi").exists();
+    let l1 = disk::linux_target_layout(d1.size_bytes, d1.logical_sector, !uefi)?;
+    let writable = uefi
+        && std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.contains(" /sys/firmware/efi/efivars ")
+                    && l.split(' ').nth(5).is_some_and(|o| o.starts_with("rw"))
+            });
+    let boot_changes = if uefi {
+        vec![
+            format!(
+                "create UEFI entry reinstall-rescue -> {} partition 1 {RESCUE_LOADER}",
+                d2.path
+            ),
+            "boot it once (BootNext); make it first in BootOrder after it calls home".into(),
+            format!(
+                "create UEFI entry reinstall-target -> {} partition 1 {TARGET_LOADER}",
+                d1.path
+            ),
+            "boot it once; make it first after it calls home, rescue kept second".into(),
+        ]
+    } else {
+        vec![
+            format!("install GRUB (i386-pc) on {} with a rescue entry", d1.path),
+            "boot the rescue once (GRUB next_entry); make it the saved entry after it calls home"
+                .into(),
+            "boot the target once the same way; make it the default, rescue kept".into(),
+        ]
+    };
+    Ok(PlanReport {
+        boot_changes,
+        disk1: d1,
+        disk2: d2,
+        disk2_layout: l2,
+        disk1_layout: l1,
+        boot_mode: if uefi { "uefi" } else { "bios" },
+        firmware_variables_writable: writable,
+        network: crate::netid::capture()?,
+        security_identity: preserve::identity_files(root),
+    })
+}
+
 /// The one disk that is not the root disk, not a loop/ram/optical/virtual device.
 fn pick_disk2(root: &str) -> Result<DiskId> {
     let mut c = Vec::new();
@@ -637,6 +726,8 @@ struct Reporter<'a> {
     phase: &'static str,
     term: Box<dyn Progress>,
     last: Option<Instant>,
+    /// The latest numbers, and whether the stager has seen them.
+    latest: Option<(String, u64, u64, bool)>,
 }
 
 impl<'a> Reporter<'a> {
@@ -647,6 +738,22 @@ impl<'a> Reporter<'a> {
             phase,
             term: bundle::progress::Terminal::stderr(),
             last: None,
+            latest: None,
+        }
+    }
+}
+
+impl Reporter<'_> {
+    fn send(&mut self) {
+        self.last = Some(Instant::now());
+        if let Some((phase, done, total, sent)) = &mut self.latest {
+            self.agent.report(
+                self.job,
+                EventKind::Progress,
+                Some(format!("{}: {phase}", self.phase)),
+                Some((*done, *total)),
+            );
+            *sent = true;
         }
     }
 }
@@ -654,21 +761,21 @@ impl<'a> Reporter<'a> {
 impl Progress for Reporter<'_> {
     fn update(&mut self, phase: &str, done: u64, total: Option<u64>, entries: u64) {
         self.term.update(phase, done, total, entries);
+        self.latest = Some((phase.to_string(), done, total.unwrap_or(0), false));
         if self
             .last
             .is_some_and(|l| l.elapsed() < Duration::from_secs(2))
         {
             return;
         }
-        self.last = Some(Instant::now());
-        self.agent.report(
-            self.job,
-            EventKind::Progress,
-            Some(format!("{}: {phase}", self.phase)),
-            Some((done, total.unwrap_or(0))),
-        );
+        self.send();
     }
+
+    /// The last numbers always reach the stager, however soon after the previous ones.
     fn finish(&mut self) {
         self.term.finish();
+        if self.latest.as_ref().is_some_and(|l| !l.3) {
+            self.send();
+        }
     }
 }

@@ -26,6 +26,78 @@ fn network(json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn plan(o: &cli::PlanOpts, json: bool) -> anyhow::Result<ExitCode> {
+    let p = agent::engine::plan_report(&o.root, o.disk2.as_deref())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mib = |b: u64| b >> 20;
+    for (n, d, l, what) in [
+        (
+            1,
+            &p.disk1,
+            &p.disk1_layout,
+            "running root; the target goes here",
+        ),
+        (2, &p.disk2, &p.disk2_layout, "rescue OS and stash go here"),
+    ] {
+        println!(
+            "disk {n}: {} ({what})\n  {} MiB, sectors {}/{}, serial {}, wwn {}, GPT {}\n  by-id: {}",
+            d.path,
+            mib(d.size_bytes),
+            d.logical_sector,
+            d.physical_sector,
+            d.serial.as_deref().unwrap_or("-"),
+            d.wwn.as_deref().unwrap_or("-"),
+            d.ptuuid.as_deref().unwrap_or("none"),
+            if d.by_id.is_empty() { "-".into() } else { d.by_id.join(" ") }
+        );
+        for part in &l.parts {
+            println!(
+                "  will be {}: {:<18} {:?}, {} MiB at sector {}",
+                d.partition_path(part.number).display(),
+                part.label,
+                part.kind,
+                mib(part.bytes(l.sector)),
+                part.first_lba
+            );
+        }
+    }
+    println!(
+        "boot mode: {}, firmware variables writable: {}",
+        p.boot_mode, p.firmware_variables_writable
+    );
+    for c in &p.boot_changes {
+        println!("boot: {c}");
+    }
+    println!("hostname {}; network:", p.network.hostname);
+    for i in &p.network.interfaces {
+        let addrs: Vec<String> = i
+            .addresses
+            .iter()
+            .map(|a| format!("{}/{}", a.address, a.prefix))
+            .collect();
+        println!(
+            "  {} {} mtu {}: {} ({} routes)",
+            i.name,
+            i.mac,
+            i.mtu,
+            addrs.join(" "),
+            i.routes.len()
+        );
+    }
+    println!(
+        "security identity to carry: {}",
+        p.security_identity
+            .iter()
+            .map(|f| format!("/{}", f.display()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Exit status for "reboot now" when the reboot is simulated (--fake-firmware).
 const EXIT_REBOOT: u8 = 100;
 
@@ -78,6 +150,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
         Some(cli::Command::Network) => network(json),
         Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),
+        Some(cli::Command::Plan(ref o)) => plan(o, json),
         None if args.job.target.is_some() => operator::create(&args.global, &args.job),
         None => {
             let _ = cli::Cli::command().print_help();
