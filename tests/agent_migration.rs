@@ -21,12 +21,15 @@ impl Drop for Loop {
     }
 }
 
-fn loopdev(img: &Path, size: &str) -> Loop {
+fn loopdev(img: &Path, size: &str, sector: u32) -> Loop {
     sh(&format!("truncate -s {size} {}", img.display()));
     Loop(
-        sh(&format!("losetup --find --show {}", img.display()))
-            .trim()
-            .to_string(),
+        sh(&format!(
+            "losetup --find --show --sector-size {sector} {}",
+            img.display()
+        ))
+        .trim()
+        .to_string(),
     )
 }
 
@@ -79,6 +82,10 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
+        Self::with_sectors(512)
+    }
+
+    fn with_sectors(sector: u32) -> Env {
         let w = scratch();
         let p = w.path();
         let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
@@ -86,11 +93,11 @@ impl Env {
         os_tree(&target, "target");
         let mut stager = Stager::with_rescue(p, &rescue, &target);
         stager.start();
-        let disk1 = loopdev(&p.join("disk1.img"), "3G");
-        let disk2 = loopdev(&p.join("disk2.img"), "4G");
+        let disk1 = loopdev(&p.join("disk1.img"), "3G", sector);
+        let disk2 = loopdev(&p.join("disk2.img"), "4G", sector);
         // The source OS on disk 1: ESP + root, with the identity to carry.
         let id1 = disk::identify(Path::new(&disk1.0)).unwrap();
-        let layout = disk::linux_target_layout(id1.size_bytes, 512, false).unwrap();
+        let layout = disk::linux_target_layout(id1.size_bytes, id1.logical_sector, false).unwrap();
         let parts = Locked::open(&id1).unwrap().write_gpt(&layout).unwrap();
         ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&parts[1]));
         let src = p.join("mnt-source");
@@ -371,6 +378,55 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
         s.display()
     ));
     assert_eq!(h.trim(), env.stager.sha_of("target"));
+}
+
+#[test]
+fn the_migration_works_on_4096_byte_sector_disks() {
+    let env = Env::with_sectors(4096);
+    create_job(&env.stager);
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
+    let out = ok(Command::new("sfdisk").args(["--json", &env.disk2.0]));
+    assert!(out.contains("\"sectorsize\": 4096"), "{out}");
+    // The ESP's FAT uses the disk's sector size.
+    let bps = sh(&format!(
+        "dd if={}p1 bs=1 skip=11 count=2 status=none | od -An -tu2",
+        env.disk2.0
+    ));
+    assert_eq!(bps.trim(), "4096");
+}
+
+#[test]
+fn the_agent_waits_out_a_stager_outage() {
+    let mut env = Env::new();
+    create_job(&env.stager);
+    env.stager.kill();
+    let root = env.w.path().join("mnt-source");
+    let m = mount(&env.root_part("source"), &root, false);
+    let child = {
+        let mut c = Command::new(bin("reinstall"));
+        c.arg("agent")
+            .arg("--root")
+            .arg(&root)
+            .args(["--disk2", &env.disk2.0])
+            .arg("--fake-firmware")
+            .arg(&env.fw)
+            .arg("--work")
+            .arg(env.w.path().join("work"))
+            .args(["--wait", "5", "--once"])
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    env.stager.start();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(100), "{err}");
+    assert!(err.contains("unreachable; retrying"), "{err}");
+    drop(m);
+    FakeFirmware::new(&env.fw).power_cycle().unwrap();
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
 }
 
 #[test]

@@ -13,6 +13,9 @@ use std::time::Duration;
 pub struct Client {
     agent: ureq::Agent,
     pub identity: IdentityFile,
+    /// Keep retrying an unreachable (or failing, 5xx) stager this long; `None` fails at once
+    /// (the operator's commands).
+    retry_for: Option<Duration>,
 }
 
 impl Client {
@@ -39,7 +42,50 @@ impl Client {
             .timeout_read(Duration::from_secs(360))
             .user_agent(concat!("reinstall/", env!("CARGO_PKG_VERSION")))
             .build();
-        Ok(Client { agent, identity })
+        Ok(Client {
+            agent,
+            identity,
+            retry_for: None,
+        })
+    }
+
+    /// A client that waits out stager outages (the agent's), with backoff.
+    pub fn retrying(mut self, for_: Duration) -> Client {
+        self.retry_for = Some(for_);
+        self
+    }
+
+    /// Runs a request, repeating it while the stager is unreachable or failing (5xx), for as
+    /// long as this client retries.
+    fn call(
+        &self,
+        mut f: impl FnMut() -> Result<ureq::Response, ureq::Error>,
+    ) -> Result<ureq::Response, ureq::Error> {
+        let start = std::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let r = f();
+            let retryable = match &r {
+                Err(ureq::Error::Transport(_)) => true,
+                Err(ureq::Error::Status(code, _)) => *code >= 500,
+                Ok(_) => false,
+            };
+            match self.retry_for {
+                Some(limit) if retryable && start.elapsed() < limit => {
+                    if attempt == 0 {
+                        eprintln!(
+                            "reinstall: the stager at {} is unreachable; retrying",
+                            self.identity.stager
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(
+                        (500u64 << attempt.min(6)).min(30_000),
+                    ));
+                    attempt += 1;
+                }
+                _ => return r,
+            }
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -47,7 +93,8 @@ impl Client {
     }
 
     pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let r = self.agent.get(&self.url(path)).call();
+        let url = self.url(path);
+        let r = self.call(|| self.agent.get(&url).call());
         self.decode(path, r)
     }
 
@@ -56,7 +103,8 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T> {
-        let r = self.agent.post(&self.url(path)).send_json(body);
+        let url = self.url(path);
+        let r = self.call(|| self.agent.post(&url).send_json(body));
         self.decode(path, r)
     }
 
@@ -66,11 +114,15 @@ impl Client {
         path: &str,
         offset: u64,
     ) -> Result<Box<dyn std::io::Read + Send>, FetchError> {
-        let mut req = self.agent.get(&self.url(path));
-        if offset > 0 {
-            req = req.set("Range", &format!("bytes={offset}-"));
-        }
-        match req.call() {
+        let url = self.url(path);
+        let r = self.call(|| {
+            let mut req = self.agent.get(&url);
+            if offset > 0 {
+                req = req.set("Range", &format!("bytes={offset}-"));
+            }
+            req.call()
+        });
+        match r {
             Ok(r) if offset == 0 || r.status() == 206 => Ok(Box::new(r.into_reader())),
             Ok(r) => Err(FetchError {
                 retryable: false,

@@ -348,7 +348,7 @@ impl Agent {
         j.disk2 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
-        mount::mkfs_esp(&parts[0], "RESCUE-ESP")?;
+        mount::mkfs_esp(&parts[0], "RESCUE-ESP", pinned.logical_sector)?;
         mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
         mount::mkfs_ext4(&parts[2], "reinstall-stash")?;
         let rescue = Mounted::ext4(&parts[1], &self.work.join("rescue"), false)?;
@@ -521,7 +521,7 @@ impl Agent {
         j.disk1 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
-        mount::mkfs_esp(&parts[0], "ESP")?;
+        mount::mkfs_esp(&parts[0], "ESP", pinned.logical_sector)?;
         mount::mkfs_ext4(&parts[1], "root")?;
         let stash_dev = disk::identify(Path::new(&d2.path))
             .ok()

@@ -113,7 +113,8 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(|| o.root.join("etc/reinstall/identity.toml"));
     let id = proto::identity::IdentityFile::load(&id_path)?;
-    let client = agent::client::Client::new(id)?;
+    // The agent waits out stager outages; the operator's commands do not.
+    let client = agent::client::Client::new(id)?.retrying(agent::transfer::RETRY_FOR);
     let boot = Box::new(agent::bootsel::FakeFirmware::new(fw));
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
     loop {

@@ -19,8 +19,10 @@ pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
     Ok(())
 }
 
-/// Formats `dev` as FAT32 without mounting it (the running kernel may lack a FAT driver).
-pub fn mkfs_esp(dev: &Path, label: &str) -> Result<()> {
+/// Formats `dev` as FAT32 without mounting it (the running kernel may lack a FAT driver),
+/// with FAT sectors the size of the device's logical sectors (firmware expects 4096-byte
+/// FAT sectors on 4Kn disks).
+pub fn mkfs_esp(dev: &Path, label: &str, sector: u64) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -34,6 +36,7 @@ pub fn mkfs_esp(dev: &Path, label: &str) -> Result<()> {
         &mut f,
         fatfs::FormatVolumeOptions::new()
             .fat_type(fatfs::FatType::Fat32)
+            .bytes_per_sector(sector as u16)
             .volume_label(l),
     )
     .with_context(|| format!("formatting {} as FAT32", dev.display()))?;
