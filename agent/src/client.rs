@@ -2,6 +2,9 @@
 //! only the CA named in the identity file, TLS 1.3 only. Blocking (`ureq`): the agent does one
 //! thing at a time, and the operator CLI waits on the stager anyway.
 
+// ureq's own error type is large; it is passed along once per request, not stored.
+#![allow(clippy::result_large_err)]
+
 use anyhow::{anyhow, Context, Result};
 use proto::identity::IdentityFile;
 use rustls::pki_types::pem::PemObject;
