@@ -78,6 +78,9 @@ struct Env {
     disk1: Loop,
     disk2: Loop,
     fw: PathBuf,
+    /// When set, the agent writes real UEFI variables (bootcfg's efivarfs implementation)
+    /// into this stand-in directory instead of the fake firmware file.
+    efivars: Option<PathBuf>,
 }
 
 impl Env {
@@ -137,6 +140,99 @@ impl Env {
             disk1,
             disk2,
             fw,
+            efivars: None,
+        }
+    }
+
+    /// Switches to UEFI variables in a stand-in efivarfs directory, holding one firmware
+    /// entry for the source OS.
+    fn use_efivars(&mut self) {
+        use bootcfg::efi;
+        let dir = self.w.path().join("efivars");
+        std::fs::create_dir_all(&dir).unwrap();
+        let v = bootcfg::select::Efivarfs { dir: dir.clone() };
+        let src = efi::LoadOption {
+            attributes: 1,
+            description: "source".into(),
+            path: vec![],
+            optional_data: vec![],
+        };
+        v.write("Boot0000", &src.encode().unwrap()).unwrap();
+        v.write("BootOrder", &efi::encode_u16_list(&[0])).unwrap();
+        v.write("BootCurrent", &efi::encode_u16_list(&[0])).unwrap();
+        self.efivars = Some(dir);
+    }
+
+    fn efi(&self) -> Option<bootcfg::select::Efivarfs> {
+        self.efivars
+            .clone()
+            .map(|dir| bootcfg::select::Efivarfs { dir })
+    }
+
+    fn label_of(&self, n: u16) -> String {
+        match self.efi() {
+            Some(v) => {
+                v.entries()
+                    .unwrap()
+                    .into_iter()
+                    .find(|(e, _)| *e == n)
+                    .unwrap()
+                    .1
+                    .description
+            }
+            None => {
+                let s = FakeFirmware::new(&self.fw).load().unwrap();
+                s.entries
+                    .iter()
+                    .find(|e| e.number == n)
+                    .unwrap()
+                    .label
+                    .clone()
+            }
+        }
+    }
+
+    /// What the firmware boots next: BootNext, else the first of BootOrder.
+    fn next_label(&self) -> String {
+        let n = match self.efi() {
+            Some(v) => {
+                let next = v.u16_list("BootNext").unwrap().first().copied();
+                next.or(v.u16_list("BootOrder").unwrap().first().copied())
+            }
+            None => {
+                let s = FakeFirmware::new(&self.fw).load().unwrap();
+                s.boot_next.or(s.boot_order.first().copied())
+            }
+        };
+        self.label_of(n.unwrap())
+    }
+
+    fn current_label(&self) -> String {
+        let n = match self.efi() {
+            Some(v) => v.u16_list("BootCurrent").unwrap()[0],
+            None => FakeFirmware::new(&self.fw).load().unwrap().current.unwrap(),
+        };
+        self.label_of(n)
+    }
+
+    /// A power cycle: the firmware consumes BootNext if set.
+    fn power_cycle(&self) {
+        match self.efi() {
+            Some(v) => {
+                let next = v.u16_list("BootNext").unwrap().first().copied();
+                let n = next.unwrap_or_else(|| v.u16_list("BootOrder").unwrap()[0]);
+                if next.is_some() {
+                    let f = v
+                        .dir
+                        .join(format!("BootNext-{}", bootcfg::efi::GLOBAL_VARIABLE));
+                    std::fs::remove_file(f).unwrap();
+                }
+                v.write("BootCurrent", &bootcfg::efi::encode_u16_list(&[n]))
+                    .unwrap();
+            }
+            None => {
+                FakeFirmware::new(&self.fw).power_cycle().unwrap();
+            }
         }
     }
 
@@ -150,15 +246,7 @@ impl Env {
 
     /// The invariant: the entry the firmware boots next holds a complete OS of its kind.
     fn check_next_boot(&self, when: &str) {
-        let s = FakeFirmware::new(&self.fw).load().unwrap();
-        let n = s.boot_next.or(s.boot_order.first().copied()).unwrap();
-        let label = s
-            .entries
-            .iter()
-            .find(|e| e.number == n)
-            .unwrap()
-            .label
-            .clone();
+        let label = self.next_label();
         let dev = self.root_part(&label);
         assert!(
             Path::new(&dev).exists(),
@@ -205,11 +293,13 @@ impl Env {
             .arg("--root")
             .arg(root)
             .args(["--disk2", &self.disk2.0])
-            .arg("--fake-firmware")
-            .arg(&self.fw)
             .arg("--work")
             .arg(self.w.path().join("work"))
             .args(["--wait", "5", "--once"]);
+        match &self.efivars {
+            Some(d) => c.arg("--efivars").arg(d),
+            None => c.arg("--fake-firmware").arg(&self.fw),
+        };
         if let Some(fp) = failpoint {
             c.env("REINSTALL_FAILPOINTS", fp);
         }
@@ -228,14 +318,7 @@ impl Env {
         let mut fp = spec;
         let mut notes = Vec::new();
         for boot in 0..8 {
-            let s = FakeFirmware::new(&self.fw).load().unwrap();
-            let label = s
-                .entries
-                .iter()
-                .find(|e| Some(e.number) == s.current)
-                .unwrap()
-                .label
-                .clone();
+            let label = self.current_label();
             let root = self.w.path().join(format!("mnt-{label}"));
             let _m = mount(&self.root_part(&label), &root, false);
             loop {
@@ -269,7 +352,7 @@ impl Env {
             }
             self.check_next_boot(&format!("before boot {}", boot + 1));
             drop(_m);
-            FakeFirmware::new(&self.fw).power_cycle().unwrap();
+            self.power_cycle();
         }
         panic!("the migration did not finish in 8 boots");
     }
@@ -380,6 +463,61 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
     assert_eq!(h.trim(), env.stager.sha_of("target"));
 }
 
+/// The same migration with bootcfg's real UEFI implementation writing Boot####, BootOrder and
+/// BootNext into a stand-in efivarfs directory; the entries must name the ESPs exactly.
+#[test]
+fn the_migration_through_uefi_variables_names_the_esps_exactly() {
+    let mut env = Env::new();
+    env.use_efivars();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    let job = job_state(&env.stager);
+    assert_eq!(job["state"], "done", "{job}");
+    let v = env.efi().unwrap();
+    let entries = v.entries().unwrap();
+    let order: Vec<String> = v
+        .u16_list("BootOrder")
+        .unwrap()
+        .iter()
+        .map(|n| env.label_of(*n))
+        .collect();
+    assert_eq!(
+        order[..2],
+        ["reinstall-target", "reinstall-rescue"],
+        "{order:?}"
+    );
+    assert!(v.u16_list("BootNext").unwrap().is_empty());
+    for (label, disk) in [
+        ("reinstall-rescue", &env.disk2.0),
+        ("reinstall-target", &env.disk1.0),
+    ] {
+        let (_, opt) = entries
+            .iter()
+            .find(|(_, o)| o.description == label)
+            .unwrap();
+        let sf: serde_json::Value =
+            serde_json::from_str(&ok(Command::new("sfdisk").args(["--json", disk]))).unwrap();
+        let p1 = &sf["partitiontable"]["partitions"][0];
+        match &opt.path[0] {
+            bootcfg::efi::DevicePathNode::HardDrive {
+                partition_number,
+                start_lba,
+                size_lba,
+                partition_guid,
+            } => {
+                assert_eq!(*partition_number, 1);
+                assert_eq!(Some(*start_lba), p1["start"].as_u64());
+                assert_eq!(Some(*size_lba), p1["size"].as_u64());
+                assert_eq!(
+                    partition_guid.to_string(),
+                    p1["uuid"].as_str().unwrap().to_lowercase()
+                );
+            }
+            other => panic!("{label}: first node is {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn the_migration_works_on_4096_byte_sector_disks() {
     let env = Env::with_sectors(4096);
@@ -424,7 +562,7 @@ fn the_agent_waits_out_a_stager_outage() {
     assert_eq!(out.status.code(), Some(100), "{err}");
     assert!(err.contains("unreachable; retrying"), "{err}");
     drop(m);
-    FakeFirmware::new(&env.fw).power_cycle().unwrap();
+    env.power_cycle();
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
 }

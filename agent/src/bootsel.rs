@@ -1,32 +1,11 @@
-//! Boot selection, as the phase engine sees it: one narrow trait (DESIGN.md §7). The UEFI and
-//! GRUB implementations come with issue 5 (`bootcfg`); this module holds the trait and the
-//! fake firmware that tests and simulated reboots use.
+//! Boot selection, as the phase engine sees it: the narrow trait of `bootcfg::select`
+//! (DESIGN.md §7), and the fake firmware that tests and simulated reboots use.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Where a boot entry's loader lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EspRef {
-    /// GPT disk GUID of the disk.
-    pub disk_guid: String,
-    pub partition: u32,
-    pub loader: String,
-}
-
-pub trait BootSelector: Send + Sync {
-    /// Creates (or finds, by label) an entry; returns its number.
-    fn create_entry(&mut self, label: &str, esp: &EspRef) -> Result<u16>;
-    /// Boot `entry` once, at the next boot only (`BootNext`).
-    fn set_next(&mut self, entry: u16) -> Result<()>;
-    /// Make `entry` the default (first in `BootOrder`), keeping the others after it.
-    fn make_default(&mut self, entry: u16) -> Result<()>;
-    /// The entry this boot came from (`BootCurrent`).
-    fn current(&self) -> Result<Option<u16>>;
-    /// The pending one-shot (`BootNext`); firmware clears it when it boots it.
-    fn next(&self) -> Result<Option<u16>>;
-}
+pub use bootcfg::select::{BootSelector, EspRef};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FakeEntry {

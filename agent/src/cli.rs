@@ -123,8 +123,13 @@ pub struct AgentOpts {
     #[arg(long)]
     pub disk2: Option<PathBuf>,
     /// A fake firmware state file (JSON) instead of real boot variables: for tests.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "efivars")]
     pub fake_firmware: Option<PathBuf>,
+    /// Write real UEFI boot variables (Boot####, BootOrder, BootNext) into this directory,
+    /// laid out as efivarfs: for tests of the UEFI implementation. The machine's own
+    /// /sys/firmware/efi/efivars is refused until the ESPs get a boot loader (issue 5).
+    #[arg(long)]
+    pub efivars: Option<PathBuf>,
     /// Where the agent mounts the filesystems it writes.
     #[arg(long, default_value = "/run/reinstall")]
     pub work: PathBuf,

@@ -122,6 +122,25 @@ impl DiskId {
         v
     }
 
+    /// Partition `n`'s unique GUID, first LBA and size in LBAs, read from the disk's GPT.
+    pub fn partition_extent(&self, n: u32) -> Result<(String, u64, u64)> {
+        let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
+        let gpt = gptman::GPT::read_from(&mut f, self.logical_sector)
+            .with_context(|| format!("reading the GPT of {}", self.path))?;
+        anyhow::ensure!(
+            n >= 1 && (n as usize) <= gpt.iter().count(),
+            "{} has no partition {n}",
+            self.path
+        );
+        let p = &gpt[n];
+        anyhow::ensure!(p.is_used(), "{} has no partition {n}", self.path);
+        Ok((
+            bootcfg::efi::Guid(p.unique_partition_guid).to_string(),
+            p.starting_lba,
+            p.ending_lba - p.starting_lba + 1,
+        ))
+    }
+
     pub fn partition_path(&self, n: u32) -> PathBuf {
         let sep = if self.name.ends_with(|c: char| c.is_ascii_digit()) {
             "p"

@@ -440,21 +440,11 @@ impl Agent {
     }
 
     fn boot_entry(&mut self, j: &Journal, target: bool) -> Result<()> {
-        let (d, label, loader) = if target {
-            (j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)
+        let n = if target {
+            self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
         } else {
-            (j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)
+            self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?
         };
-        let d = d.context("no disk in the journal")?;
-        let esp = EspRef {
-            disk_guid: d
-                .ptuuid
-                .clone()
-                .context("the disk has no GPT GUID recorded")?,
-            partition: 1,
-            loader: loader.to_string(),
-        };
-        let n = self.boot.create_entry(label, &esp)?;
         self.boot.set_next(n)?;
         Ok(())
     }
@@ -500,13 +490,22 @@ impl Agent {
         Ok(())
     }
 
+    /// The boot entry for partition 1 (the ESP) of `d`, created if missing.
     fn entry_of(&mut self, d: Option<&DiskId>, label: &str, loader: &str) -> Result<u16> {
         let d = d.context("no disk in the journal")?;
+        let (guid, start, size) = disk::identify(Path::new(&d.path))
+            .ok()
+            .filter(|now| now.same_disk(d))
+            .with_context(|| format!("{} is not the disk in the journal", d.path))?
+            .partition_extent(1)?;
         self.boot.create_entry(
             label,
             &EspRef {
                 disk_guid: d.ptuuid.clone().context("no GPT GUID recorded")?,
                 partition: 1,
+                partition_guid: Some(guid),
+                start_lba: start,
+                size_lba: size,
                 loader: loader.into(),
             },
         )

@@ -103,11 +103,22 @@ const EXIT_REBOOT: u8 = 100;
 
 fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     use agent::engine::{Agent, Outcome};
-    let Some(fw) = &o.fake_firmware else {
-        anyhow::bail!(
+    let boot: Box<dyn agent::bootsel::BootSelector> = match (&o.fake_firmware, &o.efivars) {
+        (Some(fw), _) => Box::new(agent::bootsel::FakeFirmware::new(fw)),
+        (None, Some(dir))
+            if std::fs::canonicalize(dir).is_ok_and(|d| d.starts_with("/sys/firmware")) =>
+        {
+            anyhow::bail!(
+                "{}: booting this machine through its firmware is not built yet (issue 5: no boot loader \
+                 is written into the ESPs); use a stand-in directory",
+                dir.display()
+            )
+        }
+        (None, Some(dir)) => Box::new(bootcfg::select::Efivarfs { dir: dir.clone() }),
+        (None, None) => anyhow::bail!(
             "boot selection on real firmware (UEFI variables, GRUB) is not built yet (issue 5); \
-             the agent runs only with --fake-firmware"
-        );
+             the agent runs only with --fake-firmware or --efivars DIR (tests)"
+        ),
     };
     let id_path = identity
         .map(std::path::Path::to_path_buf)
@@ -115,7 +126,6 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
     let id = proto::identity::IdentityFile::load(&id_path)?;
     // The agent waits out stager outages; the operator's commands do not.
     let client = agent::client::Client::new(id)?.retrying(agent::transfer::RETRY_FOR);
-    let boot = Box::new(agent::bootsel::FakeFirmware::new(fw));
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
     loop {
         match a.run(std::time::Duration::from_secs(o.wait))? {

@@ -1,7 +1,12 @@
 //! Boot selection as a library (DESIGN.md §7). It knows nothing of HTTP.
 //!
-//! Today this crate holds the pure encoders and decoders for the UEFI variables the agent
-//! will write (`Boot####`, `BootOrder`, `BootNext`) and the efivarfs file format. The side
-//! effects (efivarfs I/O, GRUB, the narrow boot-selector trait) arrive with issue 5.
+//! Pure renderers and encoders: UEFI variables (`Boot####`, `BootOrder`, `BootNext`) and the
+//! efivarfs file format ([`efi`]), `grub.cfg` with one-shot fallback ([`grubcfg`]) and the GRUB
+//! environment block ([`grubenv`]). Not built yet (issue 5): the side effects (efivarfs I/O,
+//! installing GRUB into an ESP or an MBR) and their implementations of the agent's boot
+//! selector trait.
 
 pub mod efi;
+pub mod grubcfg;
+pub mod grubenv;
+pub mod select;

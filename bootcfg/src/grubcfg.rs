@@ -1,0 +1,176 @@
+//! `grub.cfg` for a rescue or Linux target tree: the root filesystem by UUID, the kernel and
+//! initrd found in the tree, console options passed through, and the one-shot logic
+//! (`next_entry` consumed once, `saved_entry` the default) that makes a failed boot fall back.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("no kernel in {0}: looked for boot/vmlinuz-* (and vmlinuz)")]
+    NoKernel(String),
+}
+
+/// One menu entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The entry's id (what `next_entry`/`saved_entry` name) and title.
+    pub id: String,
+    pub title: String,
+    pub root_uuid: String,
+    /// Paths inside that filesystem: `/boot/vmlinuz-6.1.0-28-amd64`.
+    pub kernel: String,
+    pub initrd: Option<String>,
+    /// Extra kernel arguments, e.g. `console=ttyS0,115200`.
+    pub args: String,
+}
+
+/// The newest kernel (by version-aware name order) in `tree/boot`, and its initrd.
+pub fn find_kernel(tree: &Path) -> Result<(String, Option<String>), Error> {
+    let boot = tree.join("boot");
+    let mut kernels: Vec<String> = std::fs::read_dir(&boot)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .filter(|n| n.starts_with("vmlinuz-") || n == "vmlinuz")
+                .collect()
+        })
+        .unwrap_or_default();
+    kernels.sort_by(|a, b| version_cmp(a, b));
+    let k = kernels
+        .pop()
+        .ok_or_else(|| Error::NoKernel(tree.display().to_string()))?;
+    let suffix = k.strip_prefix("vmlinuz").unwrap_or("");
+    let initrd = [
+        format!("initrd.img{suffix}"),
+        format!("initramfs{suffix}.img"),
+    ]
+    .into_iter()
+    .find(|i| boot.join(i).exists())
+    .map(|i| format!("/boot/{i}"));
+    Ok((format!("/boot/{k}"), initrd))
+}
+
+/// Compares names with embedded numbers numerically: `vmlinuz-6.10` after `vmlinuz-6.9`.
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, String)> {
+        let mut v: Vec<(bool, String)> = Vec::new();
+        for c in s.chars() {
+            let d = c.is_ascii_digit();
+            match v.last_mut() {
+                Some((ld, t)) if *ld == d => t.push(c),
+                _ => v.push((d, c.to_string())),
+            }
+        }
+        v
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(&pb) {
+        let o = match (x.0, y.0) {
+            (true, true) => {
+                x.1.parse::<u64>()
+                    .unwrap_or(0)
+                    .cmp(&y.1.parse::<u64>().unwrap_or(0))
+            }
+            _ => x.1.cmp(&y.1),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// Renders grub.cfg. `default` is the entry booted when no one-shot is pending and no entry
+/// was saved.
+pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Written by reinstall (bootcfg). One-shot boots: grub-editenv - set next_entry=ID"
+    );
+    let _ = writeln!(s, "set timeout={timeout_secs}");
+    let _ = writeln!(s, "insmod part_gpt\ninsmod ext2\ninsmod search_fs_uuid");
+    let _ = writeln!(s, "if [ -s $prefix/grubenv ]; then\n  load_env\nfi");
+    // A pending one-shot is cleared before it is tried: if that boot fails, the next one
+    // falls back to the saved (last good) entry.
+    let _ = writeln!(
+        s,
+        "if [ \"${{next_entry}}\" ]; then\n  set default=\"${{next_entry}}\"\n  set next_entry=\n  save_env next_entry\nelif [ \"${{saved_entry}}\" ]; then\n  set default=\"${{saved_entry}}\"\nelse\n  set default=\"{default}\"\nfi"
+    );
+    for e in entries {
+        let _ = writeln!(
+            s,
+            "\nmenuentry '{}' --id '{}' {{",
+            e.title.replace('\'', ""),
+            e.id
+        );
+        let _ = writeln!(
+            s,
+            "  search --no-floppy --fs-uuid --set=root {}",
+            e.root_uuid
+        );
+        let _ = writeln!(
+            s,
+            "  linux {} root=UUID={} ro {}",
+            e.kernel, e.root_uuid, e.args
+        );
+        if let Some(i) = &e.initrd {
+            let _ = writeln!(s, "  initrd {i}");
+        }
+        let _ = writeln!(s, "}}");
+    }
+    s
+}
+
+/// Where grub.cfg goes inside an ESP or /boot/grub.
+pub fn config_path(root: &Path) -> PathBuf {
+    root.join("boot/grub/grub.cfg")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_newest_kernel_and_its_initrd() {
+        let d = std::env::temp_dir().join(format!("grubcfg-{}", std::process::id()));
+        std::fs::create_dir_all(d.join("boot")).unwrap();
+        for f in [
+            "vmlinuz-6.9.0-1-amd64",
+            "vmlinuz-6.10.0-1-amd64",
+            "initrd.img-6.10.0-1-amd64",
+            "config-6.10.0-1-amd64",
+        ] {
+            std::fs::write(d.join("boot").join(f), "").unwrap();
+        }
+        let (k, i) = find_kernel(&d).unwrap();
+        assert_eq!(k, "/boot/vmlinuz-6.10.0-1-amd64");
+        assert_eq!(i.as_deref(), Some("/boot/initrd.img-6.10.0-1-amd64"));
+        std::fs::remove_dir_all(&d).unwrap();
+        let e = find_kernel(Path::new("/nonexistent-tree")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent-tree"));
+    }
+
+    #[test]
+    fn renders_entries_by_uuid_with_the_one_shot_fallback() {
+        let e = Entry {
+            id: "rescue".into(),
+            title: "reinstall rescue".into(),
+            root_uuid: "0c1a5c1e-1111-2222-3333-444455556666".into(),
+            kernel: "/boot/vmlinuz-6.1.0-28-amd64".into(),
+            initrd: Some("/boot/initrd.img-6.1.0-28-amd64".into()),
+            args: "console=ttyS0,115200".into(),
+        };
+        let cfg = render(&[e], "rescue", 1);
+        for want in [
+            "search --no-floppy --fs-uuid --set=root 0c1a5c1e-1111-2222-3333-444455556666",
+            "linux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=0c1a5c1e-1111-2222-3333-444455556666 ro console=ttyS0,115200",
+            "initrd /boot/initrd.img-6.1.0-28-amd64",
+            "set next_entry=\n  save_env next_entry",
+            "menuentry 'reinstall rescue' --id 'rescue'",
+        ] {
+            assert!(cfg.contains(want), "{want:?} missing from:\n{cfg}");
+        }
+    }
+}

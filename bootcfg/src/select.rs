@@ -1,0 +1,300 @@
+//! The one narrow trait the agent's phase engine uses to choose what boots next, and its UEFI
+//! implementation over efivarfs. (The fake firmware for tests lives with the agent; GRUB's
+//! environment-block implementation for BIOS machines is not built yet.)
+
+use crate::efi::{self, DevicePathNode, Guid, LoadOption};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Where a boot entry's loader lives: a GPT partition and a path on its FAT filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EspRef {
+    /// GPT disk GUID (informational: UEFI matches the partition GUID).
+    pub disk_guid: String,
+    pub partition: u32,
+    /// The partition's unique GUID, and extent in logical blocks (the hard-drive device path
+    /// node needs all three).
+    #[serde(default)]
+    pub partition_guid: Option<String>,
+    #[serde(default)]
+    pub start_lba: u64,
+    #[serde(default)]
+    pub size_lba: u64,
+    /// `\EFI\reinstall\grubx64.efi`
+    pub loader: String,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{var}: {reason}")]
+    Var { var: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait BootSelector: Send + Sync {
+    /// Creates (or finds, by label and loader) an entry; returns its number.
+    fn create_entry(&mut self, label: &str, esp: &EspRef) -> anyhow::Result<u16>;
+    /// Boot `entry` once, at the next boot only (`BootNext`).
+    fn set_next(&mut self, entry: u16) -> anyhow::Result<()>;
+    /// Make `entry` the default (first in `BootOrder`), keeping the others after it.
+    fn make_default(&mut self, entry: u16) -> anyhow::Result<()>;
+    /// The entry this boot came from (`BootCurrent`).
+    fn current(&self) -> anyhow::Result<Option<u16>>;
+    /// The pending one-shot (`BootNext`); firmware clears it when it boots it.
+    fn next(&self) -> anyhow::Result<Option<u16>>;
+}
+
+/// UEFI variables through efivarfs (`/sys/firmware/efi/efivars`), or a directory laid out
+/// the same way (tests).
+pub struct Efivarfs {
+    pub dir: PathBuf,
+}
+
+nix::ioctl_read!(fs_get_flags, b'f', 1, libc_long);
+nix::ioctl_write_ptr!(fs_set_flags, b'f', 2, libc_long);
+#[allow(non_camel_case_types)]
+type libc_long = std::ffi::c_long;
+const FS_IMMUTABLE_FL: libc_long = 0x10;
+
+impl Efivarfs {
+    pub fn system() -> Efivarfs {
+        Efivarfs {
+            dir: PathBuf::from("/sys/firmware/efi/efivars"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-{}", efi::GLOBAL_VARIABLE))
+    }
+
+    pub fn read(&self, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+        let p = self.path(name);
+        match std::fs::read(&p) {
+            Ok(b) => {
+                let (a, d) = efi::efivarfs_decode(&b).map_err(|e| Error::Var {
+                    var: name.into(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Some((a, d.to_vec())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Var {
+                var: p.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Writes a variable in one `write(2)` (efivarfs requires it), after clearing the
+    /// immutable flag the kernel sets on existing variables.
+    pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+        let p = self.path(name);
+        let err = |reason: String| Error::Var {
+            var: p.display().to_string(),
+            reason,
+        };
+        if let Ok(f) = std::fs::File::open(&p) {
+            clear_immutable(&f);
+        }
+        let bytes = efi::efivarfs_encode(efi::ATTR_BOOT_VARIABLE, data);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| err(explain(&e)))?;
+        let n = f.write(&bytes).map_err(|e| err(explain(&e)))?;
+        if n != bytes.len() {
+            return Err(err(format!("short write ({n} of {} bytes)", bytes.len())));
+        }
+        // A stand-in directory keeps whatever was longer before.
+        let _ = f.set_len(bytes.len() as u64);
+        Ok(())
+    }
+
+    pub fn u16_list(&self, name: &str) -> Result<Vec<u16>> {
+        match self.read(name)? {
+            Some((_, d)) => efi::decode_u16_list(&d).map_err(|e| Error::Var {
+                var: name.into(),
+                reason: e.to_string(),
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// All `Boot####` entries, decoded.
+    pub fn entries(&self) -> Result<Vec<(u16, LoadOption)>> {
+        let mut v = Vec::new();
+        let suffix = format!("-{}", efi::GLOBAL_VARIABLE);
+        let rd = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::Other(format!("{}: {e}", self.dir.display())))?;
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = n.strip_prefix("Boot").and_then(|r| r.strip_suffix(&suffix)) else {
+                continue;
+            };
+            let Ok(num) = u16::from_str_radix(hex, 16) else {
+                continue;
+            };
+            if hex.len() != 4 {
+                continue;
+            }
+            if let Some((_, d)) = self.read(&format!("Boot{hex}"))? {
+                if let Ok(o) = LoadOption::decode(&d) {
+                    v.push((num, o));
+                }
+            }
+        }
+        v.sort_by_key(|(n, _)| *n);
+        Ok(v)
+    }
+}
+
+fn clear_immutable(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let mut flags: libc_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS/SETFLAGS read and write one long through the pointer given.
+    unsafe {
+        if fs_get_flags(f.as_raw_fd(), &mut flags).is_ok() && flags & FS_IMMUTABLE_FL != 0 {
+            flags &= !FS_IMMUTABLE_FL;
+            let _ = fs_set_flags(f.as_raw_fd(), &flags);
+        }
+    }
+}
+
+fn explain(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(30) => "efivarfs is read-only (remount /sys/firmware/efi/efivars read-write)".into(),
+        Some(28) => "the firmware's variable store (NVRAM) is full".into(),
+        Some(1) | Some(13) => format!("not permitted ({e}); is it immutable, or are we not root?"),
+        _ => e.to_string(),
+    }
+}
+
+fn load_option(label: &str, esp: &EspRef) -> Result<LoadOption> {
+    let guid = esp
+        .partition_guid
+        .as_deref()
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "boot entry {label}: the ESP's partition GUID is unknown"
+            ))
+        })
+        .and_then(|g| Guid::parse(g).map_err(|e| Error::Other(e.to_string())))?;
+    Ok(LoadOption {
+        attributes: efi::LOAD_OPTION_ACTIVE,
+        description: label.to_string(),
+        path: vec![
+            DevicePathNode::HardDrive {
+                partition_number: esp.partition,
+                start_lba: esp.start_lba,
+                size_lba: esp.size_lba,
+                partition_guid: guid,
+            },
+            DevicePathNode::FilePath(esp.loader.clone()),
+        ],
+        optional_data: Vec::new(),
+    })
+}
+
+impl BootSelector for Efivarfs {
+    fn create_entry(&mut self, label: &str, esp: &EspRef) -> anyhow::Result<u16> {
+        let want = load_option(label, esp)?;
+        let entries = self.entries()?;
+        if let Some((n, _)) = entries.iter().find(|(_, o)| *o == want) {
+            return Ok(*n);
+        }
+        let n = (0..=0xffffu16)
+            .find(|n| !entries.iter().any(|(e, _)| e == n))
+            .ok_or_else(|| Error::Other("no free Boot#### number".into()))?;
+        self.write(
+            &format!("Boot{n:04X}"),
+            &want.encode().map_err(|e| Error::Other(e.to_string()))?,
+        )?;
+        let mut order = self.u16_list("BootOrder")?;
+        if !order.contains(&n) {
+            order.push(n);
+            self.write("BootOrder", &efi::encode_u16_list(&order))?;
+        }
+        Ok(n)
+    }
+
+    fn set_next(&mut self, entry: u16) -> anyhow::Result<()> {
+        Ok(self.write("BootNext", &efi::encode_u16_list(&[entry]))?)
+    }
+
+    fn make_default(&mut self, entry: u16) -> anyhow::Result<()> {
+        let mut order = self.u16_list("BootOrder")?;
+        order.retain(|n| *n != entry);
+        order.insert(0, entry);
+        Ok(self.write("BootOrder", &efi::encode_u16_list(&order))?)
+    }
+
+    fn current(&self) -> anyhow::Result<Option<u16>> {
+        Ok(self.u16_list("BootCurrent")?.first().copied())
+    }
+
+    fn next(&self) -> anyhow::Result<Option<u16>> {
+        Ok(self.u16_list("BootNext")?.first().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn esp() -> EspRef {
+        EspRef {
+            disk_guid: "11111111-2222-3333-4444-555555555555".into(),
+            partition: 1,
+            partition_guid: Some("c12a7328-f81f-11d2-ba4b-00a0c93ec93b".into()),
+            start_lba: 2048,
+            size_lba: 524288,
+            loader: "\\EFI\\rescue\\grubx64.efi".into(),
+        }
+    }
+
+    #[test]
+    fn entries_boot_next_and_order_are_written_as_efivarfs_files() {
+        let d = std::env::temp_dir().join(format!("efivars-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut v = Efivarfs { dir: d.clone() };
+        // An existing firmware entry.
+        v.write(
+            "Boot0000",
+            &LoadOption {
+                attributes: 1,
+                description: "UiApp".into(),
+                path: vec![],
+                optional_data: vec![],
+            }
+            .encode()
+            .unwrap(),
+        )
+        .unwrap();
+        v.write("BootOrder", &efi::encode_u16_list(&[0])).unwrap();
+        let n = v.create_entry("rescue", &esp()).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(v.create_entry("rescue", &esp()).unwrap(), 1, "idempotent");
+        let raw = std::fs::read(d.join(format!("Boot0001-{}", efi::GLOBAL_VARIABLE))).unwrap();
+        assert_eq!(
+            &raw[..4],
+            &[7, 0, 0, 0],
+            "non-volatile, boot service and runtime access"
+        );
+        assert_eq!(
+            LoadOption::decode(&raw[4..]).unwrap(),
+            load_option("rescue", &esp()).unwrap()
+        );
+        assert_eq!(v.u16_list("BootOrder").unwrap(), [0, 1]);
+        v.set_next(1).unwrap();
+        assert_eq!(v.next().unwrap(), Some(1));
+        v.make_default(1).unwrap();
+        assert_eq!(v.u16_list("BootOrder").unwrap(), [1, 0]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
