@@ -94,6 +94,10 @@ impl Env {
         let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
         os_tree(&rescue, "rescue");
         os_tree(&target, "target");
+        // The target uses NetworkManager (it has systemd-networkd too, as Fedora does): its
+        // network identity must be written as NetworkManager keyfiles.
+        std::fs::create_dir_all(target.join("usr/sbin")).unwrap();
+        std::fs::write(target.join("usr/sbin/NetworkManager"), "").unwrap();
         let mut stager = Stager::with_rescue(p, &rescue, &target);
         stager.start();
         let disk1 = loopdev(&p.join("disk1.img"), "3G", sector);
@@ -438,10 +442,17 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
             std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
             0o600
         );
-        let nets: Vec<_> = std::fs::read_dir(tree.join("etc/systemd/network"))
-            .unwrap()
-            .collect();
-        assert!(!nets.is_empty(), "no network files in {}", tree.display());
+        let netdir = if tree == &t {
+            "etc/NetworkManager/system-connections"
+        } else {
+            "etc/systemd/network"
+        };
+        let nets: Vec<_> = std::fs::read_dir(tree.join(netdir)).unwrap().collect();
+        assert!(
+            !nets.is_empty(),
+            "no network files in {}/{netdir}",
+            tree.display()
+        );
         let a = std::fs::metadata(tree.join("home/alice/.ssh/authorized_keys")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&a), 1500);
     }

@@ -9,5 +9,6 @@ pub mod engine;
 pub mod journal;
 pub mod mount;
 pub mod netid;
+pub mod netstack;
 pub mod preserve;
 pub mod transfer;

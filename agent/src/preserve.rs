@@ -125,31 +125,53 @@ pub fn inject(carry: &Path, tree: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> 
     Ok((written, skipped))
 }
 
-/// Writes systemd-networkd files for `id` into `tree` and enables systemd-networkd there.
-/// Refuses a tree without systemd-networkd (other network stacks are not rendered yet).
+/// Writes the network identity into `tree` for the network stack the tree uses (see
+/// [`crate::netstack`]), enabling what needs enabling. Refuses a tree without a known stack.
 pub fn inject_network(id: &crate::netid::NetIdentity, tree: &Path) -> Result<Vec<PathBuf>> {
-    let unit = ["lib/systemd/system/systemd-networkd.service", "usr/lib/systemd/system/systemd-networkd.service"]
-        .iter()
-        .find(|u| tree.join(u).exists())
-        .with_context(|| {
-            format!(
-                "{} has no systemd-networkd: rendering netplan, ifupdown or NetworkManager is not built yet",
-                tree.display()
-            )
-        })?;
-    let dir = tree.join("etc/systemd/network");
-    std::fs::create_dir_all(&dir)?;
+    use crate::netstack::{self, Stack};
+    let stack = netstack::detect(tree)?;
     let mut out = Vec::new();
-    for (name, text) in crate::netid::render_networkd(id) {
-        let p = dir.join(&name);
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    for f in netstack::render(stack, id) {
+        let p = tree.join(&f.path);
+        std::fs::create_dir_all(p.parent().expect("files are under a directory"))?;
+        // A symlinked resolv.conf (systemd-resolved) is replaced, not written through.
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&p)?;
+        }
+        std::fs::write(&p, &f.contents).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode))?;
         out.push(p);
     }
-    let wants = tree.join("etc/systemd/system/multi-user.target.wants");
-    std::fs::create_dir_all(&wants)?;
-    let link = wants.join("systemd-networkd.service");
-    if std::fs::symlink_metadata(&link).is_err() {
-        std::os::unix::fs::symlink(Path::new("/").join(unit), &link)?;
+    match stack {
+        Stack::Networkd => {
+            let unit = [
+                "lib/systemd/system/systemd-networkd.service",
+                "usr/lib/systemd/system/systemd-networkd.service",
+            ]
+            .iter()
+            .find(|u| tree.join(u).exists())
+            .expect("detected by its unit");
+            let wants = tree.join("etc/systemd/system/multi-user.target.wants");
+            std::fs::create_dir_all(&wants)?;
+            let link = wants.join("systemd-networkd.service");
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(Path::new("/").join(unit), &link)?;
+            }
+        }
+        Stack::Ifupdown => {
+            let main = tree.join("etc/network/interfaces");
+            let text = std::fs::read_to_string(&main).unwrap_or_default();
+            if !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("source") && l.contains("interfaces.d"))
+            {
+                std::fs::write(
+                    &main,
+                    format!("{text}\nsource /etc/network/interfaces.d/*\n"),
+                )?;
+            }
+        }
+        Stack::Netplan | Stack::NetworkManager => {}
     }
     Ok(out)
 }
