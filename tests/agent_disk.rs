@@ -151,3 +151,40 @@ fn plan_shows_both_disks_and_layouts_and_refuses_the_root_disk() {
     let err = fails(reinstall().args(["plan", "--disk2", &small.dev]));
     assert!(err.contains("too small"), "{err}");
 }
+
+#[test]
+fn plan_sizes_disk_2_for_the_target_bundle_read_from_the_stager() {
+    use integration_tests::stager::Stager;
+    let w = scratch();
+    let tree = w.path().join("target");
+    std::fs::create_dir_all(&tree).unwrap();
+    sh(&format!(
+        "head -c 5000000 /dev/urandom > {}/blob",
+        tree.display()
+    ));
+    let mut s = Stager::new(w.path(), &tree);
+    s.start();
+    let l = Loop::new("4G", 512);
+    let out = ok(s
+        .reinstall("alice")
+        .args(["plan", "--json", "--disk2", &l.dev, "--target", "target"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["target"], "target@1");
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.home.join("bundles/target/1/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let size = m["payload"]["size"].as_u64().unwrap();
+    assert_eq!(v["stash_min_bytes"].as_u64(), Some(size + (64 << 20)));
+    // A rescue bundle is not a target, and an agent identity cannot size for a bundle.
+    let err = fails(
+        s.reinstall("alice")
+            .args(["plan", "--disk2", &l.dev, "--target", "rescue"]),
+    );
+    assert!(err.contains("not a target"), "{err}");
+    let err = fails(
+        s.reinstall("web1")
+            .args(["plan", "--disk2", &l.dev, "--target", "target"]),
+    );
+    assert!(err.contains("operator identity"), "{err}");
+}

@@ -82,6 +82,7 @@ fn every_authorization_rule_is_enforced_from_the_certificate() {
         ("alice", "/v1/hosts"),
         ("alice", "/metrics"),
         ("alice", "/v1/bundles/target/1/manifest"),
+        ("alice", "/v1/bundles/target"),
         ("web1", "/healthz"),
     ];
     for (who, path) in allowed {
@@ -100,6 +101,7 @@ fn every_authorization_rule_is_enforced_from_the_certificate() {
         ("web1", "/v1/jobs", "operator route"),
         ("web1", "/v1/hosts", "operator route"),
         ("web1", "/metrics", "operator route"),
+        ("web1", "/v1/bundles/target", "operator route"),
         // Operators never get a bundle's age identity, nor agent routes.
         (
             "alice",

@@ -109,6 +109,10 @@ pub struct PlanOpts {
     /// The running OS tree.
     #[arg(long, default_value = "/")]
     pub root: PathBuf,
+    /// Size the disks for this target bundle (NAME, newest, or NAME@VERSION), read from the
+    /// stager with an operator identity (--identity). Without it, default sizes are used.
+    #[arg(long)]
+    pub target: Option<String>,
     /// Disk 2, when the machine has several candidates.
     #[arg(long)]
     pub disk2: Option<PathBuf>,

@@ -593,15 +593,36 @@ pub struct PlanReport {
     pub network: NetIdentity,
     pub security_identity: Vec<PathBuf>,
     pub boot_changes: Vec<String>,
+    /// The target bundle the disks were sized for (`NAME@VERSION`), if one was named.
+    pub target: Option<String>,
+    /// The least room the stash on disk 2 must have.
+    pub stash_min_bytes: u64,
 }
 
-/// Plans with default sizes (rescue root 2 GiB, stash at least 1 GiB); a job checks the real
+/// Plans with the target bundle's sizes when given (`target`: its signed manifest), else
+/// default sizes (stash at least 1 GiB); the rescue root gets 2 GiB. A job checks the real
 /// sizes of its bundles again in its own `plan` phase.
-pub fn plan_report(root: &Path, hint: Option<&Path>) -> Result<PlanReport> {
+pub fn plan_report(
+    root: &Path,
+    hint: Option<&Path>,
+    target: Option<&bundle::Manifest>,
+) -> Result<PlanReport> {
     let (d1, d2) = select_disks(root, hint)?;
-    let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, 1 << 30)?;
+    let stash = target.map(stash_size).unwrap_or(1 << 30);
+    let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, stash)?;
     let uefi = Path::new("/sys/firmware/efi").exists();
     let l1 = disk::linux_target_layout(d1.size_bytes, d1.logical_sector, !uefi)?;
+    if let Some(m) = target {
+        let root_part = l1.parts.last().expect("a root partition");
+        let need = m.contents.unpacked_size + m.contents.unpacked_size / 10;
+        anyhow::ensure!(
+            root_part.bytes(l1.sector) >= need,
+            "disk 1 is too small for {}: its root partition would hold {} MiB, the target unpacks to {} MiB (+10%)",
+            m.id(),
+            root_part.bytes(l1.sector) >> 20,
+            need >> 20
+        );
+    }
     let writable = uefi
         && std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -632,6 +653,8 @@ pub fn plan_report(root: &Path, hint: Option<&Path>) -> Result<PlanReport> {
         ]
     };
     Ok(PlanReport {
+        target: target.map(|m| m.id()),
+        stash_min_bytes: stash,
         boot_changes,
         disk1: d1,
         disk2: d2,

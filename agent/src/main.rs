@@ -26,8 +26,16 @@ fn network(json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn plan(o: &cli::PlanOpts, json: bool) -> anyhow::Result<ExitCode> {
-    let p = agent::engine::plan_report(&o.root, o.disk2.as_deref())?;
+fn plan(
+    o: &cli::PlanOpts,
+    identity: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let target = match &o.target {
+        Some(spec) => Some(target_manifest(spec, identity)?),
+        None => None,
+    };
+    let p = agent::engine::plan_report(&o.root, o.disk2.as_deref(), target.as_ref())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&p)?);
         return Ok(ExitCode::SUCCESS);
@@ -98,6 +106,43 @@ fn plan(o: &cli::PlanOpts, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The signed manifest of target bundle `spec` (`NAME` or `NAME@VERSION`), from the stager,
+/// with an operator identity; its signature is checked against the identity's release key.
+fn target_manifest(
+    spec: &str,
+    identity: Option<&std::path::Path>,
+) -> anyhow::Result<bundle::Manifest> {
+    let path = identity
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| proto::identity::DEFAULT_AGENT_PATH.into());
+    let id = proto::identity::IdentityFile::load(&path)?;
+    anyhow::ensure!(
+        id.role == proto::identity::Role::Operator,
+        "plan --target reads the bundle from the stager with an operator identity; {} is an agent's",
+        path.display()
+    );
+    let key = bundle::release::ReleasePublicKey::from_text(&id.release_pub, &path)?;
+    let client = agent::client::Client::new(id)?;
+    let (name, version) = bundle::name::parse_ref(spec)?;
+    let versions: Vec<bundle::Manifest> = client.get(&format!("/v1/bundles/{name}"))?;
+    let chosen = match &version {
+        Some(v) => versions.iter().find(|m| m.version == v.as_str()),
+        None => versions.last(),
+    }
+    .ok_or_else(|| anyhow::anyhow!("no bundle {spec} on the stager"))?;
+    let base = format!("/v1/bundles/{}/{}", chosen.name, chosen.version);
+    let bytes = client.get_bytes(&format!("{base}/manifest"))?;
+    let sig = String::from_utf8(client.get_bytes(&format!("{base}/signature"))?)?;
+    let m = bundle::verify::check_manifest(&bytes, &sig, &key, std::path::Path::new(&base))?;
+    anyhow::ensure!(
+        m.kind == bundle::Kind::Target,
+        "{} is a {:?} bundle, not a target",
+        m.id(),
+        m.kind
+    );
+    Ok(m)
+}
+
 /// Exit status for "reboot now" when the reboot is simulated (--fake-firmware).
 const EXIT_REBOOT: u8 = 100;
 
@@ -161,7 +206,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
         Some(cli::Command::Network) => network(json),
         Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),
-        Some(cli::Command::Plan(ref o)) => plan(o, json),
+        Some(cli::Command::Plan(ref o)) => plan(o, args.global.identity.as_deref(), json),
         None if args.job.target.is_some() => operator::create(&args.global, &args.job),
         None => {
             let _ = cli::Cli::command().print_help();

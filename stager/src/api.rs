@@ -138,6 +138,22 @@ async fn dispatch(
                 .await?;
             Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})))
         }
+        (["v1", "bundles", name], true, _) => {
+            // Operators (and `reinstall plan --target`) size disks from these.
+            operator(&who)?;
+            let n = bundle::BundleName::parse("bundle name", name)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let all = state.store.list().map_err(ApiError::internal)?;
+            let versions: Vec<&bundle::Manifest> = all
+                .iter()
+                .map(|s| &s.manifest)
+                .filter(|m| m.name == n.as_str())
+                .collect();
+            if versions.is_empty() {
+                return Err(ApiError::not_found(format!("no bundle named {n}")));
+            }
+            Ok(http::json(StatusCode::OK, &versions))
+        }
         (["v1", "bundles", name, version, part], true, _) => {
             let part = *part;
             let file = match part {
