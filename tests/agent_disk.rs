@@ -117,6 +117,11 @@ fn busy_wrong_or_partial_disks_are_refused_with_the_reason() {
         "umount /mnt/rt-{pid} && rmdir /mnt/rt-{pid}",
         pid = std::process::id()
     ));
+    // A partition in use as swap.
+    sh(&format!("mkswap -q {d}p3 && swapon {d}p3", d = l.dev));
+    let e = disk::check_destructible(&id).unwrap_err().to_string();
+    sh(&format!("swapoff {}p3", l.dev));
+    assert!(e.contains("in use as swap"), "{e}");
     // A disk that is not the one pinned in the plan (another size: another disk).
     let mut pinned = id.clone();
     pinned.size_bytes += 1 << 20;
@@ -145,6 +150,21 @@ fn plan_shows_both_disks_and_layouts_and_refuses_the_root_disk() {
     for root in disk::root_disks() {
         let err = fails(reinstall().args(["plan", "--disk2", &format!("/dev/{root}")]));
         assert!(err.contains("running root"), "{err}");
+    }
+    // Without --disk2, a machine whose only disk is its root disk has no disk 2.
+    let physical = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            !["loop", "ram", "zram", "sr", "dm-", "md", "nbd", "fd"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
+        .count();
+    if physical == 1 {
+        let err = fails(reinstall().args(["plan"]));
+        assert!(err.contains("no second disk"), "{err}");
     }
     // Too small for rescue + stash.
     let small = Loop::new("1G", 512);
