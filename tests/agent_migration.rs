@@ -89,18 +89,30 @@ impl Env {
     }
 
     fn with_sectors(sector: u32) -> Env {
+        Self::with(sector, "3G", 0)
+    }
+
+    /// `sector`-byte disks, disk 1 of `disk1` bytes, and a target carrying a sparse file of
+    /// `target_extra` bytes (zeros: cheap to pack, full size to unpack).
+    fn with(sector: u32, disk1_size: &str, target_extra: u64) -> Env {
         let w = scratch();
         let p = w.path();
         let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
         os_tree(&rescue, "rescue");
         os_tree(&target, "target");
+        if target_extra > 0 {
+            sh(&format!(
+                "truncate -s {target_extra} {}/usr/bin/large",
+                target.display()
+            ));
+        }
         // The target uses NetworkManager (it has systemd-networkd too, as Fedora does): its
         // network identity must be written as NetworkManager keyfiles.
         std::fs::create_dir_all(target.join("usr/sbin")).unwrap();
         std::fs::write(target.join("usr/sbin/NetworkManager"), "").unwrap();
         let mut stager = Stager::with_rescue(p, &rescue, &target);
         stager.start();
-        let disk1 = loopdev(&p.join("disk1.img"), "3G", sector);
+        let disk1 = loopdev(&p.join("disk1.img"), disk1_size, sector);
         let disk2 = loopdev(&p.join("disk2.img"), "4G", sector);
         // The source OS on disk 1: ESP + root, with the identity to carry.
         let id1 = disk::identify(Path::new(&disk1.0)).unwrap();
@@ -676,5 +688,108 @@ fn a_power_cut_at_any_failpoint_never_leaves_an_unbootable_machine() {
     eprintln!(
         "power cut at                       where                          outcome\n{}",
         table.join("\n")
+    );
+}
+
+impl Env {
+    /// Runs the agent once in the OS the firmware says is current; returns (exit code, stderr).
+    fn boot_once(&self) -> (Option<i32>, String) {
+        let label = self.current_label();
+        let root = self.w.path().join(format!("mnt-{label}"));
+        let _m = mount(&self.root_part(&label), &root, false);
+        let out = self.agent(&root, None);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn last_message(&self) -> String {
+        let job = job_state(&self.stager);
+        job["hosts"][0]["last_event"]["event"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+#[test]
+fn a_tampered_target_blob_is_refused_before_anything_becomes_bootable() {
+    let env = Env::new();
+    create_job(&env.stager);
+    // Someone (a cache, a disk) flips a byte of the target blob on the stager.
+    let blob = env
+        .stager
+        .home
+        .join("blobs/sha256")
+        .join(env.stager.sha_of("target"));
+    let mut b = std::fs::read(&blob).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    std::fs::write(&blob, b).unwrap();
+    for _ in 0..2 {
+        let (code, err) = env.boot_once();
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("SHA-256"), "{err}");
+        assert_eq!(
+            env.next_label(),
+            "source",
+            "a boot entry was set despite the bad blob"
+        );
+        env.check_next_boot("after the refusal");
+    }
+    assert!(
+        env.last_message().contains("stage-rescue"),
+        "{}",
+        env.last_message()
+    );
+}
+
+#[test]
+fn a_different_disk_1_at_install_time_is_refused_and_the_machine_stays_in_rescue() {
+    let env = Env::new();
+    create_job(&env.stager);
+    assert_eq!(env.boot_once().0, Some(100));
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-rescue");
+    // While the rescue OS boots, disk 1 is swapped for another disk at the same path.
+    let other = env.w.path().join("other.img");
+    sh(&format!(
+        "partx -d {d} 2>/dev/null; losetup -d {d}; truncate -s 5G {o}; losetup {d} {o}",
+        d = env.disk1.0,
+        o = other.display()
+    ));
+    let (code, err) = env.boot_once();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not the disk pinned"), "{err}");
+    assert_eq!(
+        env.next_label(),
+        "reinstall-rescue",
+        "the machine must stay in rescue"
+    );
+    assert!(
+        env.last_message().contains("install-target"),
+        "{}",
+        env.last_message()
+    );
+    // The stranger disk was not written.
+    let out = run(Command::new("sfdisk").args(["--json", &env.disk1.0]));
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("gpt"));
+}
+
+#[test]
+fn a_target_larger_than_disk_1_is_refused_before_anything_is_written() {
+    // Disk 1 of 1.2 GiB: its root partition would hold ~700 MiB; the target unpacks to 800.
+    let env = Env::with(512, "1200M", 800 << 20);
+    create_job(&env.stager);
+    let (code, err) = env.boot_once();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("disk 1 is too small"), "{err}");
+    assert_eq!(env.next_label(), "source");
+    // Disk 2 was not touched: refused in plan, before stage-rescue.
+    let out = run(Command::new("sfdisk").args(["--json", &env.disk2.0]));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("gpt"),
+        "disk 2 was partitioned"
     );
 }

@@ -294,25 +294,7 @@ impl Agent {
     }
 
     fn plan(&mut self, j: &mut Journal) -> Result<()> {
-        let roots = disk::root_disks_of(&self.root);
-        let [disk1] = roots.as_slice() else {
-            bail!(
-                "the running root is on {} disks ({:?}); exactly one is supported",
-                roots.len(),
-                roots
-            );
-        };
-        let d1 = disk::identify(Path::new(&format!("/dev/{disk1}")))?;
-        let d2 = match &self.disk2 {
-            Some(p) => disk::identify(p)?,
-            None => pick_disk2(disk1)?,
-        };
-        anyhow::ensure!(
-            d1.name != d2.name,
-            "disk 2 {} is the disk of the running root",
-            d2.path
-        );
-        disk::check_destructible_for(&d2, &self.root)?;
+        let (d1, d2) = select_disks(&self.root, self.disk2.as_deref())?;
         let (rm, _, _) = self.manifest(&j.rescue)?;
         let (tm, _, _) = self.manifest(&j.target)?;
         disk::rescue_layout(
@@ -321,7 +303,10 @@ impl Agent {
             rescue_root_size(&rm),
             stash_size(&tm),
         )?;
-        disk::linux_target_layout(d1.size_bytes, d1.logical_sector, false)?;
+        check_target_fits(
+            &disk::linux_target_layout(d1.size_bytes, d1.logical_sector, false)?,
+            &tm,
+        )?;
         let net = crate::netid::capture()?;
         std::fs::write(
             self.dir().join("network.json"),
@@ -613,15 +598,7 @@ pub fn plan_report(
     let uefi = Path::new("/sys/firmware/efi").exists();
     let l1 = disk::linux_target_layout(d1.size_bytes, d1.logical_sector, !uefi)?;
     if let Some(m) = target {
-        let root_part = l1.parts.last().expect("a root partition");
-        let need = m.contents.unpacked_size + m.contents.unpacked_size / 10;
-        anyhow::ensure!(
-            root_part.bytes(l1.sector) >= need,
-            "disk 1 is too small for {}: its root partition would hold {} MiB, the target unpacks to {} MiB (+10%)",
-            m.id(),
-            root_part.bytes(l1.sector) >> 20,
-            need >> 20
-        );
+        check_target_fits(&l1, m)?;
     }
     let writable = uefi
         && std::fs::read_to_string("/proc/self/mountinfo")
@@ -665,6 +642,21 @@ pub fn plan_report(
         network: crate::netid::capture()?,
         security_identity: preserve::identity_files(root),
     })
+}
+
+/// Refuses a target that would not fit disk 1's root partition (with 10% for filesystem
+/// overhead): better now, before anything is written, than a full disk in the rescue OS.
+fn check_target_fits(l1: &disk::Layout, m: &bundle::Manifest) -> Result<()> {
+    let root_part = l1.parts.last().expect("a root partition");
+    let need = m.contents.unpacked_size + m.contents.unpacked_size / 10;
+    anyhow::ensure!(
+        root_part.bytes(l1.sector) >= need,
+        "disk 1 is too small for {}: its root partition would hold {} MiB, the target unpacks to {} MiB (+10%)",
+        m.id(),
+        root_part.bytes(l1.sector) >> 20,
+        need >> 20
+    );
+    Ok(())
 }
 
 /// The one disk that is not the root disk, not a loop/ram/optical/virtual device.
