@@ -217,7 +217,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the context chain, outermost first.
-            eprintln!("reinstall: error: {e:#}");
+            // One line, whatever the libraries underneath put in their messages.
+            eprintln!("reinstall: error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }

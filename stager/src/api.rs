@@ -54,14 +54,23 @@ async fn dispatch(
     conn: &Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ResBody>, ApiError> {
-    let path = req.uri().path().to_string();
+    let (req, body) = req.into_parts();
+    // Read every body first (bounded): refusing a request before reading it makes the server
+    // reset the stream under a client still sending it, which the client sees as a network
+    // error instead of the JSON refusal.
+    let body = if req.method == Method::POST {
+        http::read_body(body, state.body_timeout()).await?
+    } else {
+        bytes::Bytes::new()
+    };
+    let path = req.uri.path().to_string();
     let segs: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
         .map(str::to_string)
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let method = req.method().clone();
+    let method = req.method.clone();
     if segs == ["healthz"] && method == Method::GET {
         return Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})));
     }
@@ -78,7 +87,7 @@ async fn dispatch(
         }
         (["v1", "jobs"], _, true) => {
             operator(&who)?;
-            let body: CreateJob = http::read_json(req, state.body_timeout()).await?;
+            let body: CreateJob = http::parse_json(&body)?;
             create_job(state, &who, body).await
         }
         (["v1", "jobs"], true, _) => {
@@ -113,7 +122,7 @@ async fn dispatch(
         }
         (["v1", "hosts", host, "rescue"], _, true) => {
             operator(&who)?;
-            let body: RescueRequest = http::read_json(req, state.body_timeout()).await?;
+            let body: RescueRequest = http::parse_json(&body)?;
             let h = host.to_string();
             state
                 .db(move |db| db.request_rescue(&h, &body).map_err(ApiError::from))
@@ -126,12 +135,12 @@ async fn dispatch(
         }
         (["v1", "agent", "work"], true, _) => {
             let host = agent(&who)?;
-            let wait = query_wait(req.uri().query())?;
+            let wait = query_wait(req.uri.query())?;
             agent_work(state, conn, host, wait).await
         }
         (["v1", "agent", "events"], _, true) => {
             let host = agent(&who)?.to_string();
-            let ev: Event = http::read_json(req, state.body_timeout()).await?;
+            let ev: Event = http::parse_json(&body)?;
             let addr = conn.addr.clone();
             state
                 .db(move |db| db.record_event(&host, &addr, &ev).map_err(ApiError::from))

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::{header, Request, Response, StatusCode};
+use hyper::{header, Response, StatusCode};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -91,13 +91,10 @@ pub fn error(e: &ApiError) -> Response<ResBody> {
     )
 }
 
-/// Reads a JSON body: at most [`MAX_BODY`] bytes within `timeout`; unknown fields
-/// and malformed JSON are refused with serde's message, which names the field and position.
-pub async fn read_json<T: serde::de::DeserializeOwned>(
-    req: Request<Incoming>,
-    timeout: Duration,
-) -> Result<T, ApiError> {
-    let limited = Limited::new(req.into_body(), MAX_BODY);
+/// Reads a request body: at most [`MAX_BODY`] bytes within `timeout`. Every body is read
+/// before the request is judged, so that a refusal is never a reset of a half-sent request.
+pub async fn read_body(body: Incoming, timeout: Duration) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(body, MAX_BODY);
     let collected = tokio::time::timeout(timeout, limited.collect())
         .await
         .map_err(|_| {
@@ -118,8 +115,13 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
                 ApiError::bad_request(format!("reading request body: {e}"))
             }
         })?;
-    let bytes = collected.to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+    Ok(collected.to_bytes())
+}
+
+/// Parses a JSON body; unknown fields and malformed JSON are refused with serde's message,
+/// which names the field and position.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
 }
 
 /// A byte range of a blob, inclusive.
@@ -188,7 +190,7 @@ pub fn parse_range(h: Option<&str>, len: u64) -> Result<Option<ByteRange>, Strin
 /// 206 so that a cut download resumes where it stopped, `If-Range` with another tag gives
 /// the whole file.
 pub async fn serve_file(
-    req: &Request<Incoming>,
+    req: &hyper::http::request::Parts,
     path: &std::path::Path,
     etag: &str,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -202,7 +204,7 @@ pub async fn serve_file(
         .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?
         .len();
     let quoted = format!("\"{etag}\"");
-    let header_str = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let header_str = |n: header::HeaderName| req.headers.get(n).and_then(|v| v.to_str().ok());
     let mut range = parse_range(header_str(header::RANGE), len)
         .map_err(|m| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, m))?;
     if header_str(header::IF_RANGE).is_some_and(|t| t != quoted) {
@@ -233,7 +235,7 @@ pub async fn serve_file(
             format!("bytes {}-{}/{len}", r.start, r.end),
         );
     }
-    let body: ResBody = if req.method() == hyper::Method::HEAD {
+    let body: ResBody = if req.method == hyper::Method::HEAD {
         Full::new(Bytes::new())
             .map_err(|never| match never {})
             .boxed()

@@ -11,7 +11,8 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("stager: error: {e:#}");
+            // One line, whatever the libraries underneath put in their messages.
+            eprintln!("stager: error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }
