@@ -33,6 +33,18 @@ fn loopdev(img: &Path, size: &str, sector: u32) -> Loop {
     )
 }
 
+/// The device node of the partition named `name` on `disk` (sfdisk's view).
+fn part_named(disk: &str, name: &str) -> String {
+    let out = run(Command::new("sfdisk").args(["--json", disk]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["partitiontable"]["partitions"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["node"].as_str())
+        .map(String::from)
+        .unwrap_or_else(|| format!("{disk}-has-no-partition-named-{name}"))
+}
+
 struct Mount(PathBuf);
 impl Drop for Mount {
     fn drop(&mut self) {
@@ -254,7 +266,9 @@ impl Env {
 
     fn root_part(&self, label: &str) -> String {
         match label {
-            "source" | "reinstall-target" => format!("{}p2", self.disk1.0),
+            // The source and the target name their root partition "root" (the target's is
+            // the third on legacy-BIOS machines, after the BIOS boot partition).
+            "source" | "reinstall-target" => part_named(&self.disk1.0, "root"),
             "reinstall-rescue" => format!("{}p2", self.disk2.0),
             other => panic!("unknown boot entry {other}"),
         }
@@ -433,7 +447,7 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
     let p = env.w.path();
     let t = p.join("check-target");
     let r = p.join("check-rescue");
-    let _a = mount(&format!("{}p2", env.disk1.0), &t, true);
+    let _a = mount(&part_named(&env.disk1.0, "root"), &t, true);
     let _b = mount(&format!("{}p2", env.disk2.0), &r, true);
     for tree in [&t, &r] {
         for f in [
@@ -520,7 +534,17 @@ fn the_migration_through_uefi_variables_names_the_esps_exactly() {
             .unwrap();
         let sf: serde_json::Value =
             serde_json::from_str(&ok(Command::new("sfdisk").args(["--json", disk]))).unwrap();
-        let p1 = &sf["partitiontable"]["partitions"][0];
+        let parts = sf["partitiontable"]["partitions"].as_array().unwrap();
+        let esp_index = parts
+            .iter()
+            .position(|p| {
+                p["type"]
+                    .as_str()
+                    .unwrap()
+                    .eq_ignore_ascii_case("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+            })
+            .unwrap();
+        let p1 = &parts[esp_index];
         match &opt.path[0] {
             bootcfg::efi::DevicePathNode::HardDrive {
                 partition_number,
@@ -528,7 +552,7 @@ fn the_migration_through_uefi_variables_names_the_esps_exactly() {
                 size_lba,
                 partition_guid,
             } => {
-                assert_eq!(*partition_number, 1);
+                assert_eq!(*partition_number as usize, esp_index + 1);
                 assert_eq!(Some(*start_lba), p1["start"].as_u64());
                 assert_eq!(Some(*size_lba), p1["size"].as_u64());
                 assert_eq!(

@@ -122,6 +122,21 @@ impl DiskId {
         v
     }
 
+    /// The number of the (first) partition of `kind`, read from the disk's GPT.
+    pub fn find_partition(&self, kind: PartKind) -> Result<u32> {
+        let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
+        let gpt = gptman::GPT::read_from(&mut f, self.logical_sector)
+            .with_context(|| format!("reading the GPT of {}", self.path))?;
+        let want = bootcfg::efi::Guid::parse(kind.type_guid())
+            .expect("constant")
+            .0;
+        let found = gpt
+            .iter()
+            .find(|(_, p)| p.is_used() && p.partition_type_guid == want)
+            .map(|(n, _)| n);
+        found.with_context(|| format!("{} has no {kind:?} partition", self.path))
+    }
+
     /// Partition `n`'s unique GUID, first LBA and size in LBAs, read from the disk's GPT.
     pub fn partition_extent(&self, n: u32) -> Result<(String, u64, u64)> {
         let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
@@ -336,6 +351,16 @@ pub struct Layout {
     pub parts: Vec<Planned>,
 }
 
+impl Layout {
+    /// Index (into `parts`, and the written partition paths) of the first partition of `kind`.
+    pub fn index_of(&self, kind: PartKind) -> usize {
+        self.parts
+            .iter()
+            .position(|p| p.kind == kind)
+            .expect("layouts hold the partitions they are asked for")
+    }
+}
+
 /// Sectors of a GPT partition entry array of 128 entries of 128 bytes.
 fn entry_sectors(sector: u64) -> u64 {
     (128 * 128u64).div_ceil(sector)
@@ -459,6 +484,11 @@ pub fn rescue_layout(
         stash_min.div_ceil(MIB)
     );
     Ok(l)
+}
+
+/// Whether this machine boots through legacy BIOS (no EFI runtime in the kernel).
+pub fn legacy_bios() -> bool {
+    !Path::new("/sys/firmware/efi").exists()
 }
 
 /// Disk 1 for a Linux target: [BIOS boot on legacy machines,] ESP, root (the rest).

@@ -9,7 +9,7 @@
 
 use crate::bootsel::{BootSelector, EspRef};
 use crate::client::Client;
-use crate::disk::{self, DiskId, Locked};
+use crate::disk::{self, DiskId, Locked, PartKind};
 use crate::journal::{self, Journal, Phase, Step};
 use crate::mount::{self, Mounted};
 use crate::netid::NetIdentity;
@@ -304,7 +304,7 @@ impl Agent {
             stash_size(&tm),
         )?;
         check_target_fits(
-            &disk::linux_target_layout(d1.size_bytes, d1.logical_sector, false)?,
+            &disk::linux_target_layout(d1.size_bytes, d1.logical_sector, disk::legacy_bios())?,
             &tm,
         )?;
         let net = crate::netid::capture()?;
@@ -478,16 +478,17 @@ impl Agent {
     /// The boot entry for partition 1 (the ESP) of `d`, created if missing.
     fn entry_of(&mut self, d: Option<&DiskId>, label: &str, loader: &str) -> Result<u16> {
         let d = d.context("no disk in the journal")?;
-        let (guid, start, size) = disk::identify(Path::new(&d.path))
+        let now = disk::identify(Path::new(&d.path))
             .ok()
             .filter(|now| now.same_disk(d))
-            .with_context(|| format!("{} is not the disk in the journal", d.path))?
-            .partition_extent(1)?;
+            .with_context(|| format!("{} is not the disk in the journal", d.path))?;
+        let esp = now.find_partition(PartKind::Esp)?;
+        let (guid, start, size) = now.partition_extent(esp)?;
         self.boot.create_entry(
             label,
             &EspRef {
                 disk_guid: d.ptuuid.clone().context("no GPT GUID recorded")?,
-                partition: 1,
+                partition: esp,
                 partition_guid: Some(guid),
                 start_lba: start,
                 size_lba: size,
@@ -499,21 +500,33 @@ impl Agent {
     fn install_target(&mut self, j: &mut Journal) -> Result<()> {
         let pinned = j.disk1.clone().context("no disk 1 in the journal")?;
         let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
-        let layout = disk::linux_target_layout(pinned.size_bytes, pinned.logical_sector, false)?;
+        let layout = disk::linux_target_layout(
+            pinned.size_bytes,
+            pinned.logical_sector,
+            disk::legacy_bios(),
+        )?;
         let mut locked = Locked::open_for(&pinned, &self.root)?;
         let parts = locked.write_gpt(&layout)?;
         j.disk1 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
-        mount::mkfs_esp(&parts[0], "ESP", pinned.logical_sector)?;
-        mount::mkfs_ext4(&parts[1], "root")?;
+        let (esp, root_dev) = (
+            &parts[layout.index_of(PartKind::Esp)],
+            &parts[layout.index_of(PartKind::LinuxRoot)],
+        );
+        mount::mkfs_esp(esp, "ESP", pinned.logical_sector)?;
+        mount::mkfs_ext4(root_dev, "root")?;
         let stash_dev = disk::identify(Path::new(&d2.path))
             .ok()
             .filter(|now| now.same_disk(&d2))
-            .map(|now| now.partition_path(3))
+            .and_then(|now| {
+                now.find_partition(PartKind::LinuxData)
+                    .ok()
+                    .map(|n| now.partition_path(n))
+            })
             .context("disk 2 (the stash) is not where the journal says")?;
         let stash = Mounted::ext4(&stash_dev, &self.work.join("stash"), true)?;
-        let root = Mounted::ext4(&parts[1], &self.work.join("target"), false)?;
+        let root = Mounted::ext4(root_dev, &self.work.join("target"), false)?;
         let tdir = stash.path.join("target");
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
         let id = bundle::payload::load_identity(&tdir.join(bundle::IDENTITY_FILE))?;
