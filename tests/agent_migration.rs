@@ -64,9 +64,12 @@ fn mount(dev: &str, at: &Path, ro: bool) -> Mount {
 
 /// An OS tree the agent can be injected into: systemd-networkd present, a passwd.
 fn os_tree(dir: &Path, marker: &str) {
-    for d in ["etc", "lib/systemd/system", "usr/bin"] {
+    for d in ["etc", "lib/systemd/system", "usr/bin", "boot"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
+    // A kernel and initrd for the boot loader configuration to name (not bootable here).
+    std::fs::write(dir.join("boot/vmlinuz-6.1.0-99-amd64"), marker).unwrap();
+    std::fs::write(dir.join("boot/initrd.img-6.1.0-99-amd64"), marker).unwrap();
     std::fs::write(
         dir.join("lib/systemd/system/systemd-networkd.service"),
         "[Unit]\n",

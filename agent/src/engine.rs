@@ -334,7 +334,7 @@ impl Agent {
         self.journal.save(j)?;
         drop(locked);
         mount::mkfs_esp(&parts[0], "RESCUE-ESP", pinned.logical_sector)?;
-        mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
+        let rescue_uuid = mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
         mount::mkfs_ext4(&parts[2], "reinstall-stash")?;
         let rescue = Mounted::ext4(&parts[1], &self.work.join("rescue"), false)?;
         // The rescue OS, streamed from the stager into its partition.
@@ -374,8 +374,16 @@ impl Agent {
         prog.finish();
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
         bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
-        // What the rescue OS needs to be this machine and carry on the job.
+        // What the rescue OS needs to be this machine and carry on the job, and to boot.
         self.make_bootable_world(j, &rescue.path, "rescue", Phase::BootRescue)?;
+        install_loader(
+            &parts[0],
+            &rescue.path,
+            &rescue_uuid,
+            "reinstall",
+            "reinstall rescue OS",
+            false,
+        )?;
         Ok(())
     }
 
@@ -515,7 +523,7 @@ impl Agent {
             &parts[layout.index_of(PartKind::LinuxRoot)],
         );
         mount::mkfs_esp(esp, "ESP", pinned.logical_sector)?;
-        mount::mkfs_ext4(root_dev, "root")?;
+        let root_uuid = mount::mkfs_ext4(root_dev, "root")?;
         let stash_dev = disk::identify(Path::new(&d2.path))
             .ok()
             .filter(|now| now.same_disk(&d2))
@@ -534,6 +542,7 @@ impl Agent {
         bundle::verify::unpack_into(&signed, id, &root.path, &mut prog)
             .context("unpacking the target")?;
         self.make_bootable_world(j, &root.path, "target", Phase::BootTarget)?;
+        install_loader(esp, &root.path, &root_uuid, "target", "target OS", true)?;
         Ok(())
     }
 }
@@ -655,6 +664,47 @@ pub fn plan_report(
         network: crate::netid::capture()?,
         security_identity: preserve::identity_files(root),
     })
+}
+
+/// Writes GRUB and its configuration into the ESP `esp`: `\EFI\<dir>\grubx64.efi` and
+/// `grub.cfg` booting the kernel found in `tree` from the filesystem `uuid`; with `fallback`
+/// also the removable-media path `\EFI\BOOT\BOOTX64.EFI` (UEFI spec §3.5.1.1), which firmware
+/// boots when no entry does. Refuses a tree without a kernel.
+fn install_loader(
+    esp: &Path,
+    tree: &Path,
+    uuid: &str,
+    dir: &str,
+    title: &str,
+    fallback: bool,
+) -> Result<()> {
+    let (kernel, initrd) = bootcfg::grubcfg::find_kernel(tree)?;
+    let entry = bootcfg::grubcfg::Entry {
+        id: dir.to_string(),
+        title: title.to_string(),
+        root_uuid: uuid.to_string(),
+        kernel,
+        initrd,
+        args: "console=tty0 console=ttyS0,115200".into(),
+    };
+    let cfg = bootcfg::grubcfg::render(std::slice::from_ref(&entry), dir, 1).into_bytes();
+    let image = bootcfg::loader::grub_efi_image(&format!("/EFI/{dir}"))?;
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        (format!("EFI/{dir}/grubx64.efi"), image),
+        (format!("EFI/{dir}/grub.cfg"), cfg.clone()),
+    ];
+    if fallback {
+        files.push((
+            "EFI/BOOT/BOOTX64.EFI".into(),
+            bootcfg::loader::grub_efi_image("/EFI/BOOT")?,
+        ));
+        files.push(("EFI/BOOT/grub.cfg".into(), cfg));
+    }
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    bootcfg::loader::write_esp(esp, &refs)
 }
 
 /// Refuses a target that would not fit disk 1's root partition (with 10% for filesystem

@@ -4,9 +4,24 @@
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
+/// Makes an ext4 filesystem with a UUID of ours, and returns it (boot configurations name
+/// the root by it).
+pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<String> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = bundle::pipe::hex(&b);
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    );
     let out = std::process::Command::new("mkfs.ext4")
-        .args(["-F", "-q", "-L", label])
+        .args(["-F", "-q", "-L", label, "-U", &uuid])
         .arg(dev)
         .output()
         .context("running mkfs.ext4 (package e2fsprogs)")?;
@@ -16,7 +31,7 @@ pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<()> {
         dev.display(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(())
+    Ok(uuid)
 }
 
 /// Formats `dev` as FAT32 without mounting it (the running kernel may lack a FAT driver),

@@ -2,11 +2,14 @@
 //!
 //! Pure renderers and encoders: UEFI variables (`Boot####`, `BootOrder`, `BootNext`) and the
 //! efivarfs file format ([`efi`]), `grub.cfg` with one-shot fallback ([`grubcfg`]) and the GRUB
-//! environment block ([`grubenv`]). Not built yet (issue 5): the side effects (efivarfs I/O,
-//! installing GRUB into an ESP or an MBR) and their implementations of the agent's boot
-//! selector trait.
+//! environment block ([`grubenv`]). Side effects: the boot selector trait and its UEFI
+//! implementation over efivarfs ([`select`]); GRUB EFI images written into an ESP in
+//! userspace ([`loader`]). Not built yet (issue 5): GRUB for legacy BIOS (i386-pc into the
+//! MBR and BIOS boot partition) and its environment-block boot selector; using the tree's own
+//! GRUB; checking against `efibootmgr` on real firmware.
 
 pub mod efi;
 pub mod grubcfg;
 pub mod grubenv;
+pub mod loader;
 pub mod select;
