@@ -122,6 +122,27 @@ fn busy_wrong_or_partial_disks_are_refused_with_the_reason() {
     let e = disk::check_destructible(&id).unwrap_err().to_string();
     sh(&format!("swapoff {}p3", l.dev));
     assert!(e.contains("in use as swap"), "{e}");
+    // An LVM physical volume label on a partition (written by hand: LABELONE, with LVM's CRC,
+    // lib/label/label.c; this kernel has no device-mapper to run pvcreate against).
+    let lvm_label = format!(
+        r#"
+import struct, zlib
+s = bytearray(512)
+s[0:8] = b"LABELONE"; struct.pack_into("<Q", s, 8, 1); struct.pack_into("<I", s, 20, 32)
+s[24:32] = b"LVM2 001"; s[32:64] = b"abcdefghijklmnopqrstuvwxyzABCDEF"; struct.pack_into("<Q", s, 64, 1 << 26)
+struct.pack_into("<I", s, 16, (~zlib.crc32(bytes(s[20:]), ~0xf597a6cf & 0xffffffff)) & 0xffffffff)
+with open("{d}p3", "r+b") as f:
+    f.seek(512); f.write(s)
+"#,
+        d = l.dev
+    );
+    ok(std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&lvm_label));
+    let e = disk::check_destructible(&id).unwrap_err().to_string();
+    assert!(e.contains("LVM physical volume"), "{e}");
+    sh(&format!("wipefs -a -q {}p3", l.dev));
+    disk::check_destructible(&id).unwrap();
     // A disk that is not the one pinned in the plan (another size: another disk).
     let mut pinned = id.clone();
     pinned.size_bytes += 1 << 20;
