@@ -376,13 +376,15 @@ impl Agent {
         bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
         // What the rescue OS needs to be this machine and carry on the job, and to boot.
         self.make_bootable_world(j, &rescue.path, "rescue", Phase::BootRescue)?;
+        // With the removable-media fallback too: firmware that lost its entries (or a machine
+        // whose disk 1 is gone) still finds the rescue OS.
         install_loader(
             &parts[0],
             &rescue.path,
             &rescue_uuid,
             "reinstall",
             "reinstall rescue OS",
-            false,
+            true,
         )?;
         Ok(())
     }
