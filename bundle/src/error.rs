@@ -44,6 +44,8 @@ pub enum Error {
     Tar(String),
     #[error("payload exceeds the manifest: {0} (a decompression bomb, or a manifest that lies)")]
     Limit(String),
+    #[error("payload does not match its manifest: {0}")]
+    Mismatch(String),
     #[error("key {path}: {reason}")]
     Key { path: PathBuf, reason: String },
     #[error("{0}")]

@@ -319,7 +319,7 @@ impl PayloadReader {
         decrypted.transpose()?;
         let tar_bytes = decoded.transpose()?.flatten();
         if let Some(tar_bytes) = tar_bytes.filter(|n| *n != m.contents.tar_size) {
-            return Err(Error::Limit(format!(
+            return Err(Error::Mismatch(format!(
                 "decompressed stream is {tar_bytes} bytes, the manifest's contents.tar_size is {}",
                 m.contents.tar_size
             )));

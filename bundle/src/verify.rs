@@ -181,8 +181,8 @@ fn walk_payload(
     reader.finish()?;
     progress.finish();
     if stats.entries != m.contents.entries || stats.unpacked_size != m.contents.unpacked_size {
-        return Err(Error::Limit(format!(
-            "payload holds {} entries and {} bytes, the manifest says {} and {}",
+        return Err(Error::Mismatch(format!(
+            "it holds {} entries and {} bytes, the manifest says {} and {}",
             stats.entries, stats.unpacked_size, m.contents.entries, m.contents.unpacked_size
         )));
     }
