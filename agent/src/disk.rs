@@ -122,8 +122,9 @@ impl DiskId {
         v
     }
 
-    /// The number of the (first) partition of `kind`, read from the disk's GPT.
-    pub fn find_partition(&self, kind: PartKind) -> Result<u32> {
+    /// The (first) partition of `kind`, read from the disk's GPT: its number, unique GUID,
+    /// first LBA and size in LBAs (what a UEFI hard-drive device path names).
+    pub fn find_partition(&self, kind: PartKind) -> Result<PartInfo> {
         let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
         let gpt = gptman::GPT::read_from(&mut f, self.logical_sector)
             .with_context(|| format!("reading the GPT of {}", self.path))?;
@@ -133,27 +134,13 @@ impl DiskId {
         let found = gpt
             .iter()
             .find(|(_, p)| p.is_used() && p.partition_type_guid == want)
-            .map(|(n, _)| n);
+            .map(|(n, p)| PartInfo {
+                number: n,
+                guid: bootcfg::efi::Guid(p.unique_partition_guid).to_string(),
+                start_lba: p.starting_lba,
+                size_lba: p.ending_lba - p.starting_lba + 1,
+            });
         found.with_context(|| format!("{} has no {kind:?} partition", self.path))
-    }
-
-    /// Partition `n`'s unique GUID, first LBA and size in LBAs, read from the disk's GPT.
-    pub fn partition_extent(&self, n: u32) -> Result<(String, u64, u64)> {
-        let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
-        let gpt = gptman::GPT::read_from(&mut f, self.logical_sector)
-            .with_context(|| format!("reading the GPT of {}", self.path))?;
-        anyhow::ensure!(
-            n >= 1 && (n as usize) <= gpt.iter().count(),
-            "{} has no partition {n}",
-            self.path
-        );
-        let p = &gpt[n];
-        anyhow::ensure!(p.is_used(), "{} has no partition {n}", self.path);
-        Ok((
-            bootcfg::efi::Guid(p.unique_partition_guid).to_string(),
-            p.starting_lba,
-            p.ending_lba - p.starting_lba + 1,
-        ))
     }
 
     pub fn partition_path(&self, n: u32) -> PathBuf {
@@ -164,6 +151,15 @@ impl DiskId {
         };
         PathBuf::from(format!("/dev/{}{sep}{n}", self.name))
     }
+}
+
+/// A partition as read back from a GPT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartInfo {
+    pub number: u32,
+    pub guid: String,
+    pub start_lba: u64,
+    pub size_lba: u64,
 }
 
 /// `MAJ:MIN` of a sysfs block entry (`sda` or `sda/sda1`).
@@ -202,7 +198,7 @@ fn disks_under(devnum: &str) -> Vec<String> {
 }
 
 /// Mounted `MAJ:MIN`s and where, from /proc/self/mountinfo.
-fn mounts() -> Vec<(String, String)> {
+pub fn mounts() -> Vec<(String, String)> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
@@ -613,7 +609,9 @@ fn libc_o_excl() -> i32 {
     nix::fcntl::OFlag::O_EXCL.bits()
 }
 
-fn random_guid() -> Result<[u8; 16]> {
+/// A random version-4 GUID, in GPT's (mixed-endian) byte order: its text form
+/// (`bootcfg::efi::Guid`) is an ordinary RFC 4122 UUID.
+pub fn random_guid() -> Result<[u8; 16]> {
     let mut b = [0u8; 16];
     std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut b)?;
     // RFC 4122 version 4, variant 1 (in GPT's mixed-endian layout the version nibble sits in

@@ -99,10 +99,9 @@ impl Agent {
     /// disks look busy to the redo.
     fn clear_stale_mounts(&self) {
         let work = std::fs::canonicalize(&self.work).unwrap_or_else(|_| self.work.clone());
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut stale: Vec<String> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        let mut stale: Vec<String> = disk::mounts()
+            .into_iter()
+            .map(|(_, mp)| mp)
             .filter(|mp| Path::new(mp).starts_with(&work))
             .collect();
         stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
@@ -423,7 +422,9 @@ impl Agent {
             Some(format!("written into the {world} OS")),
         );
         next.save(&j2)?;
-        copy_dir(
+        // The carried identity goes along as it is (bytes, modes, owners), for the next OS to
+        // inject into the one after it.
+        preserve::capture(
             &self.dir().join("carry"),
             &tree.join(JOURNAL_DIR).join("carry"),
         )?;
@@ -493,15 +494,14 @@ impl Agent {
             .filter(|now| now.same_disk(d))
             .with_context(|| format!("{} is not the disk in the journal", d.path))?;
         let esp = now.find_partition(PartKind::Esp)?;
-        let (guid, start, size) = now.partition_extent(esp)?;
         self.boot.create_entry(
             label,
             &EspRef {
                 disk_guid: d.ptuuid.clone().context("no GPT GUID recorded")?,
-                partition: esp,
-                partition_guid: Some(guid),
-                start_lba: start,
-                size_lba: size,
+                partition: esp.number,
+                partition_guid: Some(esp.guid),
+                start_lba: esp.start_lba,
+                size_lba: esp.size_lba,
                 loader: loader.into(),
             },
         )
@@ -532,7 +532,7 @@ impl Agent {
             .and_then(|now| {
                 now.find_partition(PartKind::LinuxData)
                     .ok()
-                    .map(|n| now.partition_path(n))
+                    .map(|p| now.partition_path(p.number))
             })
             .context("disk 2 (the stash) is not where the journal says")?;
         let stash = Mounted::ext4(&stash_dev, &self.work.join("stash"), true)?;
@@ -770,31 +770,6 @@ fn write_private(p: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("writing {}", p.display()))?;
     std::io::Write::write_all(&mut f, text.as_bytes())?;
     f.sync_all()?;
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .output();
-    std::fs::create_dir_all(to)?;
-    let out = match out {
-        Ok(o) if o.status.success() => o,
-        _ => std::process::Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", from.display()))
-            .arg(to)
-            .output()?,
-    };
-    anyhow::ensure!(
-        out.status.success(),
-        "copying {} to {}: {}",
-        from.display(),
-        to.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
     Ok(())
 }
 

@@ -7,19 +7,7 @@ use std::path::{Path, PathBuf};
 /// Makes an ext4 filesystem with a UUID of ours, and returns it (boot configurations name
 /// the root by it).
 pub fn mkfs_ext4(dev: &Path, label: &str) -> Result<String> {
-    let mut b = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = bundle::pipe::hex(&b);
-    let uuid = format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    );
+    let uuid = bootcfg::efi::Guid(crate::disk::random_guid()?).to_string();
     let out = std::process::Command::new("mkfs.ext4")
         .args(["-F", "-q", "-L", label, "-U", &uuid])
         .arg(dev)
