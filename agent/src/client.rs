@@ -12,6 +12,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The pause before retry number `attempt` (from 0): 0.5 s doubling to 30 s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((500u64 << attempt.min(6)).min(30_000))
+}
+
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
@@ -81,13 +86,26 @@ impl Client {
                             self.identity.stager
                         );
                     }
-                    std::thread::sleep(Duration::from_millis(
-                        (500u64 << attempt.min(6)).min(30_000),
-                    ));
+                    std::thread::sleep(backoff(attempt));
                     attempt += 1;
                 }
                 _ => return r,
             }
+        }
+    }
+
+    /// The error for a request that failed: the stager's own reason for a refusal, or that
+    /// it could not be reached.
+    fn failure(&self, path: &str, e: ureq::Error) -> anyhow::Error {
+        match e {
+            ureq::Error::Status(code, resp) => {
+                let msg = resp
+                    .into_json::<proto::v1::ErrorBody>()
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| "(no error message)".into());
+                anyhow!("stager refused {path} ({code}): {msg}")
+            }
+            e => anyhow!("cannot reach the stager at {}: {e}", self.identity.stager),
         }
     }
 
@@ -112,11 +130,7 @@ impl Client {
     }
 
     /// GET `path` from byte `offset` on (`Range`); the body as a stream.
-    pub fn get_range(
-        &self,
-        path: &str,
-        offset: u64,
-    ) -> Result<Box<dyn std::io::Read + Send>, FetchError> {
+    pub fn get_range(&self, path: &str, offset: u64) -> Result<Box<dyn std::io::Read + Send>> {
         let url = self.url(path);
         let r = self.call(|| {
             let mut req = self.agent.get(&url);
@@ -127,34 +141,17 @@ impl Client {
         });
         match r {
             Ok(r) if offset == 0 || r.status() == 206 => Ok(Box::new(r.into_reader())),
-            Ok(r) => Err(FetchError {
-                retryable: false,
-                message: format!(
-                    "stager answered {} to a range request for {path}",
-                    r.status()
-                ),
-            }),
-            Err(ureq::Error::Status(code, resp)) => Err(FetchError {
-                retryable: code >= 500,
-                message: format!(
-                    "stager refused {path} ({code}): {}",
-                    resp.into_json::<proto::v1::ErrorBody>()
-                        .map(|b| b.error)
-                        .unwrap_or_default()
-                ),
-            }),
-            Err(e) => Err(FetchError {
-                retryable: true,
-                message: format!("cannot reach the stager at {}: {e}", self.identity.stager),
-            }),
+            Ok(r) => Err(anyhow!(
+                "stager answered {} to a range request for {path}",
+                r.status()
+            )),
+            Err(e) => Err(self.failure(path, e)),
         }
     }
 
     /// GET `path` as bytes.
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
-        let mut r = self
-            .get_range(path, 0)
-            .map_err(|e| anyhow!("{}", e.message))?;
+        let mut r = self.get_range(path, 0)?;
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut r, &mut v).with_context(|| format!("reading {path}"))?;
         Ok(v)
@@ -169,31 +166,7 @@ impl Client {
             Ok(resp) => resp
                 .into_json()
                 .with_context(|| format!("reading the stager's answer to {path}")),
-            Err(ureq::Error::Status(code, resp)) => {
-                let msg = resp
-                    .into_json::<proto::v1::ErrorBody>()
-                    .map(|b| b.error)
-                    .unwrap_or_else(|_| "(no error message)".into());
-                Err(anyhow!("stager refused {path} ({code}): {msg}"))
-            }
-            Err(e) => Err(anyhow!(
-                "cannot reach the stager at {}: {e}",
-                self.identity.stager
-            )),
+            Err(e) => Err(self.failure(path, e)),
         }
-    }
-}
-
-/// A failed fetch, and whether trying again could help (the stager was unreachable or
-/// failed, rather than refused).
-#[derive(Debug)]
-pub struct FetchError {
-    pub retryable: bool,
-    pub message: String,
-}
-
-impl std::fmt::Display for FetchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
     }
 }

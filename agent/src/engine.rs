@@ -60,6 +60,7 @@ pub enum Outcome {
 pub struct Agent {
     pub root: PathBuf,
     pub world: World,
+    /// Should be `Client::retrying`: phases rely on it to wait out stager outages.
     pub client: Client,
     pub boot: Box<dyn BootSelector>,
     /// Disk 2, when the machine has several candidates.
@@ -445,11 +446,10 @@ impl Agent {
         Ok(())
     }
 
-    /// `rescue-up` / `target-up`: proves the new OS reached the stager from here (retrying
-    /// while it is away), then makes it the default boot. The target goes first, the rescue
-    /// stays second.
+    /// `rescue-up` / `target-up`: proves the new OS reached the stager from here (the agent's
+    /// client waits out an unreachable stager), then makes it the default boot. The target
+    /// goes first, the rescue stays second.
     fn called_home(&mut self, j: &Journal, target: bool) -> Result<()> {
-        let start = Instant::now();
         let ev = Event {
             job: j.job,
             kind: EventKind::Network,
@@ -464,17 +464,9 @@ impl Agent {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok()),
         };
-        let mut attempt = 0u32;
-        while let Err(e) = self
-            .client
+        self.client
             .post::<_, serde_json::Value>("/v1/agent/events", &ev)
-        {
-            if start.elapsed() > transfer::RETRY_FOR {
-                return Err(e.context("calling home"));
-            }
-            std::thread::sleep(Duration::from_secs(1 << attempt.min(4)));
-            attempt += 1;
-        }
+            .context("calling home")?;
         let rescue = self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?;
         if target {
             let t = self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?;

@@ -1,7 +1,8 @@
-//! Getting blobs from the stager: resumable (HTTP `Range`), retried with backoff while the
-//! stager is unreachable, with progress reported as bytes.
+//! Getting blobs from the stager: resumable (HTTP `Range`), with progress reported as bytes.
+//! Waiting out an unreachable stager is the client's job (`Client::retrying`); this module
+//! adds what only a download needs: asking again from the byte a cut body stopped at.
 
-use crate::client::Client;
+use crate::client::{backoff, Client};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -11,12 +12,9 @@ use std::time::Duration;
 /// How long the agent keeps retrying an unreachable stager before giving up on a transfer.
 pub const RETRY_FOR: Duration = Duration::from_secs(600);
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((500u64 << attempt.min(6)).min(30_000))
-}
-
-/// A reader over a blob that survives cut connections: on an error it asks again from the
-/// byte it stopped at (`Range: bytes=N-`), with backoff, for up to [`RETRY_FOR`].
+/// A reader over a blob that survives cut connections: when a body ends early or fails, it
+/// asks again from the byte it stopped at (`Range: bytes=N-`), with backoff, for up to
+/// [`RETRY_FOR`]. (Each request itself waits out an unreachable stager in the client.)
 pub struct Resuming {
     client: Client,
     path: String,
@@ -46,16 +44,11 @@ impl Read for Resuming {
         let mut attempt = 0;
         loop {
             if self.inner.is_none() {
-                match self.client.get_range(&self.path, self.offset) {
-                    Ok(r) => self.inner = Some(r),
-                    Err(e) if e.retryable && start.elapsed() < RETRY_FOR => {
-                        eprintln!("reinstall: {e}; retrying");
-                        std::thread::sleep(backoff(attempt));
-                        attempt += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(std::io::Error::other(e.to_string())),
-                }
+                let r = self
+                    .client
+                    .get_range(&self.path, self.offset)
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+                self.inner = Some(r);
             }
             match self.inner.as_mut().expect("set above").read(buf) {
                 Ok(0) => {
