@@ -801,7 +801,10 @@ fn a_different_disk_1_at_install_time_is_refused_and_the_machine_stays_in_rescue
     // While the rescue OS boots, disk 1 is swapped for another disk at the same path.
     let other = env.w.path().join("other.img");
     sh(&format!(
-        "partx -d {d} 2>/dev/null; losetup -d {d}; truncate -s 5G {o}; losetup {d} {o}",
+        // Detaching a loop device completes asynchronously: retry the attach until the node
+        // is free (an immediate attach failed with EBUSY under parallel tests).
+        "partx -d {d} 2>/dev/null; losetup -d {d}; truncate -s 5G {o};
+         for i in $(seq 50); do losetup {d} {o} 2>/dev/null && exit 0; sleep 0.1; done; losetup {d} {o}",
         d = env.disk1.0,
         o = other.display()
     ));
