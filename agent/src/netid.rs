@@ -393,21 +393,24 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Parses the captured fixture `agent/tests/fixtures/net/NAME` (for this module's and the
+/// renderers' tests).
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> Result<NetIdentity> {
+    let d = format!("{}/tests/fixtures/net/{name}", env!("CARGO_MANIFEST_DIR"));
+    let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
+    parse(
+        &r("addr.json"),
+        &r("route4.json"),
+        &r("route6.json"),
+        &r("resolv.conf"),
+        &r("hostname"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture(name: &str) -> Result<NetIdentity> {
-        let d = format!("{}/tests/fixtures/net/{name}", env!("CARGO_MANIFEST_DIR"));
-        let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
-        parse(
-            &r("addr.json"),
-            &r("route4.json"),
-            &r("route6.json"),
-            &r("resolv.conf"),
-            &r("hostname"),
-        )
-    }
 
     /// Captured with `ip` from a network namespace: veth0 holds 203.0.113.10/32 with a default
     /// route via 198.51.100.1 `onlink` and MTU 9000; veth1 is IPv6-only, 2001:db8::10/128 with

@@ -351,16 +351,7 @@ mod tests {
     use super::*;
 
     fn id() -> NetIdentity {
-        let d = format!("{}/tests/fixtures/net/two-nics", env!("CARGO_MANIFEST_DIR"));
-        let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
-        crate::netid::parse(
-            &r("addr.json"),
-            &r("route4.json"),
-            &r("route6.json"),
-            &r("resolv.conf"),
-            &r("hostname"),
-        )
-        .unwrap()
+        crate::netid::fixture("two-nics").unwrap()
     }
 
     fn all(files: &[File]) -> String {

@@ -158,7 +158,7 @@ impl Stager {
     /// curl as `name` (`None`: without a client certificate). Returns (HTTP status, body);
     /// status 0 if the TLS handshake or connection failed.
     pub fn curl(&self, name: Option<&str>, args: &[&str], path: &str) -> (u16, String) {
-        let ca = self.pems(name.unwrap_or("alice")).ca;
+        let pems = self.pems(name.unwrap_or("alice"));
         let mut c = Command::new("curl");
         c.args([
             "-sS",
@@ -168,13 +168,12 @@ impl Stager {
             "\n%{http_code}",
             "--cacert",
         ])
-        .arg(&ca);
+        .arg(&pems.ca);
         if !args.contains(&"-o") {
             c.args(["-o", "-"]);
         }
-        if let Some(n) = name {
-            let p = self.pems(n);
-            c.arg("--cert").arg(p.cert).arg("--key").arg(p.key);
+        if name.is_some() {
+            c.arg("--cert").arg(&pems.cert).arg("--key").arg(&pems.key);
         }
         let out = c
             .args(args)
