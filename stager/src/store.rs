@@ -209,16 +209,7 @@ impl Store {
         let mut out = Vec::new();
         for name in read_dir_sorted(&root)? {
             for version in read_dir_sorted(&name)? {
-                let mpath = version.join(bundle::MANIFEST_FILE);
-                let bytes =
-                    fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
-                let manifest = Manifest::parse(&mpath, &bytes)?;
-                let blob = self.blob(&manifest.payload.sha256);
-                out.push(Stored {
-                    manifest,
-                    dir: version,
-                    blob,
-                });
+                out.push(self.load(version)?);
             }
         }
         out.sort_by(|a, b| {
@@ -232,7 +223,29 @@ impl Store {
     }
 
     /// `NAME@VERSION`, or the newest `NAME`.
+    /// The bundle stored in `dir`.
+    fn load(&self, dir: PathBuf) -> Result<Stored> {
+        let mpath = dir.join(bundle::MANIFEST_FILE);
+        let bytes = fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+        let manifest = Manifest::parse(&mpath, &bytes)?;
+        let blob = self.blob(&manifest.payload.sha256);
+        Ok(Stored {
+            manifest,
+            dir,
+            blob,
+        })
+    }
+
     pub fn find(&self, name: &BundleName, version: Option<&BundleName>) -> Result<Stored> {
+        // NAME@VERSION is one directory: no need to read every manifest (the API serves
+        // manifests and blobs by exact version on every agent request).
+        if let Some(v) = version {
+            let dir = self.bundle_dir(name.as_str(), v.as_str());
+            if !dir.join(bundle::MANIFEST_FILE).exists() {
+                bail!("no bundle {name}@{v} in {}", self.dir.display());
+            }
+            return self.load(dir);
+        }
         let all = self.list()?;
         let found = all.into_iter().rev().find(|s| {
             s.manifest.name == name.as_str()
