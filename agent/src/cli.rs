@@ -19,7 +19,7 @@ use std::process::ExitCode;
 #[command(
     name = "reinstall",
     version,
-    after_help = "The agent boots through fake firmware only (real UEFI/GRUB: issue 5). Exit status: 0 ok, 1 failed, 2 usage."
+    after_help = "The agent reboots UEFI machines through their firmware; legacy BIOS is not supported yet. Exit status: 0 ok, 1 failed, 2 usage."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -79,9 +79,10 @@ pub enum Command {
     /// Run the agent: take this host's job from the stager and carry it through its phases,
     /// resuming from the journal after a crash or a reboot.
     ///
-    /// Boot selection on real firmware (UEFI, GRUB) is not built yet (issue 5): the agent
-    /// runs only with --fake-firmware, as the tests do, and exits with status 100 where it
-    /// would reboot.
+    /// On a UEFI machine it writes the firmware's boot variables (efivarfs) and reboots
+    /// itself; legacy BIOS machines are refused (GRUB one-shot boots: not built yet). With
+    /// --fake-firmware or --efivars DIR (tests) it exits with status 100 where it would
+    /// reboot.
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.
@@ -130,8 +131,8 @@ pub struct AgentOpts {
     #[arg(long, conflicts_with = "efivars")]
     pub fake_firmware: Option<PathBuf>,
     /// Write real UEFI boot variables (Boot####, BootOrder, BootNext) into this directory,
-    /// laid out as efivarfs: for tests of the UEFI implementation. The machine's own
-    /// /sys/firmware/efi/efivars is refused until the ESPs get a boot loader (issue 5).
+    /// laid out as efivarfs, and do not reboot: for tests of the UEFI implementation. Without
+    /// this or --fake-firmware, the machine's own /sys/firmware/efi/efivars is used.
     #[arg(long)]
     pub efivars: Option<PathBuf>,
     /// Where the agent mounts the filesystems it writes.

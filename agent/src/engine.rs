@@ -375,7 +375,7 @@ impl Agent {
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
         bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
         // What the rescue OS needs to be this machine and carry on the job, and to boot.
-        self.make_bootable_world(j, &rescue.path, "rescue", Phase::BootRescue)?;
+        self.make_bootable_world(j, &rescue.path, &rescue_uuid, "rescue", Phase::BootRescue)?;
         // With the removable-media fallback too: firmware that lost its entries (or a machine
         // whose disk 1 is gone) still finds the rescue OS.
         install_loader(
@@ -389,15 +389,24 @@ impl Agent {
         Ok(())
     }
 
-    /// Injects identity, network, the agent and its journal into a freshly unpacked tree.
+    /// Injects identity, network, the agent and its journal into a freshly unpacked tree, and
+    /// an fstab naming its root filesystem (`root_uuid`): the kernel mounts it read-only and
+    /// systemd remounts it read-write from there.
     fn make_bootable_world(
         &self,
         j: &Journal,
         tree: &Path,
+        root_uuid: &str,
         world: &str,
         booted_by: Phase,
     ) -> Result<()> {
         preserve::inject(&self.dir().join("carry"), tree)?;
+        std::fs::create_dir_all(tree.join("etc"))?;
+        std::fs::write(
+            tree.join("etc/fstab"),
+            format!("# written by reinstall\nUUID={root_uuid} / ext4 errors=remount-ro 0 1\n"),
+        )
+        .context("writing etc/fstab")?;
         let net: NetIdentity =
             serde_json::from_slice(&std::fs::read(self.dir().join("network.json"))?)?;
         preserve::inject_network(&net, tree)?;
@@ -535,13 +544,15 @@ impl Agent {
         let mut prog = Reporter::new(self, j, "install-target");
         bundle::verify::unpack_into(&signed, id, &root.path, &mut prog)
             .context("unpacking the target")?;
-        self.make_bootable_world(j, &root.path, "target", Phase::BootTarget)?;
+        self.make_bootable_world(j, &root.path, &root_uuid, "target", Phase::BootTarget)?;
         install_loader(esp, &root.path, &root_uuid, "target", "target OS", true)?;
         Ok(())
     }
 }
 
-const AGENT_UNIT: &str = "[Unit]
+/// The agent's systemd unit, installed into every OS it writes (and into the VM harness's
+/// source image).
+pub const AGENT_UNIT: &str = "[Unit]
 Description=reinstall agent: carries a reinstall job across reboots
 After=network-online.target
 Wants=network-online.target
@@ -664,7 +675,7 @@ pub fn plan_report(
 /// `grub.cfg` booting the kernel found in `tree` from the filesystem `uuid`; with `fallback`
 /// also the removable-media path `\EFI\BOOT\BOOTX64.EFI` (UEFI spec §3.5.1.1), which firmware
 /// boots when no entry does. Refuses a tree without a kernel.
-fn install_loader(
+pub fn install_loader(
     esp: &Path,
     tree: &Path,
     uuid: &str,
@@ -679,7 +690,9 @@ fn install_loader(
         root_uuid: uuid.to_string(),
         kernel,
         initrd,
-        args: "console=tty0 console=ttyS0,115200".into(),
+        // panic=10: a kernel that panics reboots, and the firmware falls back to the last good
+        // OS (the one-shot entry is spent), instead of hanging unreachable.
+        args: "console=tty0 console=ttyS0,115200 panic=10".into(),
     };
     let cfg = bootcfg::grubcfg::render(std::slice::from_ref(&entry), dir, 1).into_bytes();
     let image = bootcfg::loader::grub_efi_image(&format!("/EFI/{dir}"))?;

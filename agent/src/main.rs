@@ -143,28 +143,32 @@ fn target_manifest(
     Ok(m)
 }
 
-/// Exit status for "reboot now" when the reboot is simulated (--fake-firmware).
+/// Exit status for "reboot now" when the reboot is simulated (--fake-firmware, --efivars).
 const EXIT_REBOOT: u8 = 100;
+
+const FIRMWARE_EFIVARS: &str = "/sys/firmware/efi/efivars";
 
 fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     use agent::engine::{Agent, Outcome};
-    let boot: Box<dyn agent::bootsel::BootSelector> = match (&o.fake_firmware, &o.efivars) {
-        (Some(fw), _) => Box::new(agent::bootsel::FakeFirmware::new(fw)),
-        (None, Some(dir))
-            if std::fs::canonicalize(dir).is_ok_and(|d| d.starts_with("/sys/firmware")) =>
-        {
-            anyhow::bail!(
-                "{}: booting this machine through its firmware is not built yet (issue 5: no boot loader \
-                 is written into the ESPs); use a stand-in directory",
-                dir.display()
-            )
-        }
-        (None, Some(dir)) => Box::new(bootcfg::select::Efivarfs { dir: dir.clone() }),
-        (None, None) => anyhow::bail!(
-            "boot selection on real firmware (UEFI variables, GRUB) is not built yet (issue 5); \
-             the agent runs only with --fake-firmware or --efivars DIR (tests)"
-        ),
-    };
+    // Real firmware reboots the machine; the stand-ins (tests) exit EXIT_REBOOT instead.
+    let (boot, real): (Box<dyn agent::bootsel::BootSelector>, bool) =
+        match (&o.fake_firmware, &o.efivars) {
+            (Some(fw), _) => (Box::new(agent::bootsel::FakeFirmware::new(fw)), false),
+            (None, Some(dir)) => (
+                Box::new(bootcfg::select::Efivarfs { dir: dir.clone() }),
+                false,
+            ),
+            (None, None) if std::path::Path::new("/sys/firmware/efi").exists() => (
+                Box::new(bootcfg::select::Efivarfs {
+                    dir: FIRMWARE_EFIVARS.into(),
+                }),
+                true,
+            ),
+            (None, None) => anyhow::bail!(
+                "this machine booted through legacy BIOS (no /sys/firmware/efi): one-shot boots \
+                 through GRUB's environment block are not built yet (issue 5); UEFI machines only"
+            ),
+        };
     let id_path = identity
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(|| o.root.join("etc/reinstall/identity.toml"));
@@ -174,6 +178,11 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
     loop {
         match a.run(std::time::Duration::from_secs(o.wait))? {
+            Outcome::Reboot if real => {
+                eprintln!("reinstall: one-shot boot set; rebooting");
+                reboot()?;
+                return Ok(ExitCode::SUCCESS);
+            }
             Outcome::Reboot => {
                 eprintln!("reinstall: one-shot boot set; reboot (simulated: exit {EXIT_REBOOT})");
                 return Ok(ExitCode::from(EXIT_REBOOT));
@@ -183,6 +192,26 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
             Outcome::Idle => {}
         }
     }
+}
+
+/// Reboots: through systemd when it runs (units stop, filesystems unmount cleanly), else
+/// straight through the kernel after a sync. A reboot that does not come is an error, and the
+/// unit's restart runs the agent again (which sees the one-shot still pending and reboots).
+fn reboot() -> anyhow::Result<()> {
+    nix::unistd::sync();
+    if std::path::Path::new("/run/systemd/system").exists() {
+        let st = std::process::Command::new("systemctl")
+            .arg("reboot")
+            .status()
+            .map_err(|e| anyhow::anyhow!("running systemctl reboot: {e}"))?;
+        anyhow::ensure!(st.success(), "systemctl reboot failed: {st}");
+        // systemd stops this unit as part of the reboot.
+        std::thread::sleep(std::time::Duration::from_secs(600));
+        anyhow::bail!("systemctl reboot was accepted but the machine did not reboot in 10 minutes");
+    }
+    nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT)
+        .map_err(|e| anyhow::anyhow!("reboot(2): {e}"))?;
+    unreachable!()
 }
 
 fn main() -> ExitCode {

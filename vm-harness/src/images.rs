@@ -1,0 +1,214 @@
+//! VM images from Debian's packages: trees built by the recipes (debootstrap) and cached
+//! under the cache directory by a hash of the recipes, so a changed recipe rebuilds; and the
+//! source disk, assembled per run (it carries that run's stager identity).
+
+use crate::{run, sh};
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BASE: &str = include_str!("../recipes/base.sh");
+const DERIVE: &str = include_str!("../recipes/derive.sh");
+
+pub struct Cache {
+    pub dir: PathBuf,
+}
+
+fn hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Cache {
+    pub fn new(dir: &Path) -> Result<Cache> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn script(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let p = self.dir.join(format!("{name}-{}.sh", hash(&[text])));
+        if !p.exists() {
+            std::fs::write(&p, text)?;
+        }
+        Ok(p)
+    }
+
+    /// The tree `kind` (`base`, `source`, `rescue`, `target`, `bad-target`), built if its
+    /// recipe changed or it was never built. One build at a time (a lock file).
+    pub fn tree(&self, kind: &str) -> Result<PathBuf> {
+        let lock = std::fs::File::create(self.dir.join("lock"))?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("locking the image cache: {e}"))?;
+        self.tree_locked(kind)
+    }
+
+    fn tree_locked(&self, kind: &str) -> Result<PathBuf> {
+        let (key, recipe) = if kind == "base" {
+            (hash(&[BASE]), self.script("base", BASE)?)
+        } else {
+            (hash(&[BASE, DERIVE, kind]), self.script("derive", DERIVE)?)
+        };
+        let out = self.dir.join(format!("{kind}-{key}"));
+        if out.join("etc").exists() {
+            return Ok(out);
+        }
+        let t = std::time::Instant::now();
+        if kind == "base" {
+            eprintln!("vm-harness: building the base tree (debootstrap, 1-3 minutes)");
+            run(Command::new("bash").arg(&recipe).arg(&out))?;
+        } else {
+            let base = self.tree_locked("base")?;
+            eprintln!("vm-harness: deriving the {kind} tree");
+            run(Command::new("bash")
+                .arg(&recipe)
+                .arg(kind)
+                .arg(&base)
+                .arg(&out))?;
+        }
+        eprintln!(
+            "vm-harness: {kind} tree ready in {:.0}s: {}",
+            t.elapsed().as_secs_f64(),
+            out.display()
+        );
+        Ok(out)
+    }
+}
+
+/// What the source OS carries in from the harness.
+pub struct SourceSpec<'a> {
+    pub hostname: &'a str,
+    pub mac: &'a str,
+    /// `10.0.2.50/24`
+    pub address: &'a str,
+    pub gateway: &'a str,
+    pub authorized_key: &'a str,
+    pub agent_identity: &'a Path,
+    pub agent_binary: &'a Path,
+}
+
+/// Copies the cached source tree and makes it this run's machine: hostname, a static address
+/// with systemd-networkd, fresh SSH host keys, the harness's SSH key for root, the agent
+/// (stripped), its identity and its unit. Returns the tree.
+pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf> {
+    let tree = work.join("source-tree");
+    if tree.exists() {
+        sh(&format!("rm -rf {}", tree.display()))?;
+    }
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(cache.tree("source")?)
+        .arg(&tree))?;
+    let w = |rel: &str, text: &str| -> Result<()> {
+        let p = tree.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+    };
+    w("etc/hostname", &format!("{}\n", s.hostname))?;
+    w(
+        "etc/hosts",
+        &format!("127.0.0.1 localhost\n127.0.1.1 {}\n", s.hostname),
+    )?;
+    w(
+        "etc/systemd/network/10-static.network",
+        &format!(
+            "[Match]\nMACAddress={}\n\n[Network]\nAddress={}\nGateway={}\nDNS=10.0.2.3\n",
+            s.mac, s.address, s.gateway
+        ),
+    )?;
+    let mut id = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut id)?;
+    w(
+        "etc/machine-id",
+        &format!(
+            "{}\n",
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    )?;
+    w(
+        "root/.ssh/authorized_keys",
+        &format!("{}\n", s.authorized_key),
+    )?;
+    w(
+        "etc/reinstall/identity.toml",
+        &std::fs::read_to_string(s.agent_identity)?,
+    )?;
+    w(
+        "etc/systemd/system/reinstall-agent.service",
+        agent::engine::AGENT_UNIT,
+    )?;
+    std::fs::create_dir_all(tree.join("usr/local/sbin"))?;
+    run(Command::new("strip")
+        .arg("-o")
+        .arg(tree.join("usr/local/sbin/reinstall"))
+        .arg(s.agent_binary))?;
+    run(Command::new("chroot").arg(&tree).args(["ssh-keygen", "-A"]))?;
+    run(Command::new("chroot").arg(&tree).args([
+        "systemctl",
+        "enable",
+        "-q",
+        "systemd-networkd",
+        "systemd-networkd-wait-online",
+        "reinstall-agent",
+    ]))?;
+    Ok(tree)
+}
+
+/// A GPT disk image: partition 1 an ESP with GRUB (the same loader code the agent writes,
+/// with the removable fallback path, so empty firmware variables boot it) and partition 2 an
+/// ext4 root made from `tree` (`mkfs.ext4 -d`, no mount).
+pub fn source_disk(tree: &Path, img: &Path, size_mib: u64) -> Result<()> {
+    let esp_mib = 64u64;
+    let root_mib = size_mib - esp_mib - 2;
+    let _ = std::fs::remove_file(img);
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{size_mib}M"))
+        .arg(img))?;
+    let script = format!(
+        "label: gpt\nstart=1MiB, size={esp_mib}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP\nsize={root_mib}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n"
+    );
+    let mut c = Command::new("sfdisk");
+    c.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(img);
+    crate::run_with_stdin(&mut c, &script)?;
+    let uuid = bootcfg::efi::Guid(agent::disk::random_guid()?).to_string();
+    let fstab = tree.join("etc/fstab");
+    std::fs::write(
+        &fstab,
+        format!("UUID={uuid} / ext4 errors=remount-ro 0 1\n"),
+    )?;
+    let dir = img.parent().unwrap();
+    let esp = dir.join("esp.part");
+    let root = dir.join("root.part");
+    let _ = std::fs::remove_file(&esp);
+    let _ = std::fs::remove_file(&root);
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{esp_mib}M"))
+        .arg(&esp))?;
+    agent::mount::mkfs_esp(&esp, "ESP", 512)?;
+    agent::engine::install_loader(&esp, tree, &uuid, "debian", "source OS", true)?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "source", "-U", &uuid, "-d"])
+        .arg(tree)
+        .arg(&root)
+        .arg(format!("{root_mib}M")))?;
+    for (part, start_mib) in [(&esp, 1), (&root, 1 + esp_mib)] {
+        run(Command::new("dd")
+            .arg(format!("if={}", part.display()))
+            .arg(format!("of={}", img.display()))
+            .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+            .arg(format!("seek={start_mib}")))?;
+        std::fs::remove_file(part)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! `vm-harness`: real two-disk, two-reboot migrations under QEMU (DESIGN.md §2, issue 6).
+//!
+//! Builds Debian images from the machine's own apt sources (cached by recipe), starts a real
+//! stager on 127.0.0.1, boots a source VM with the agent installed and enrolled, and has an
+//! operator run `reinstall --target ... --wait` against it; then watches, from outside the
+//! VM only (SSH with the pinned host key, the stager's status), the machine move itself
+//! source → rescue → target through real firmware reboots.
+
+mod images;
+mod scenario;
+mod vm;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+/// Real two-disk, two-reboot migrations under QEMU (UEFI: OVMF), checked from outside.
+///
+/// Scenarios:
+///   full        source → rescue → target; after each boot: SSH at the same address with the
+///               same host key, the root on the expected disk, the stager's phase; at the end
+///               the target's marker, the rescue and the stash intact, the boot order.
+///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
+///               the stager shows the failure.
+///   power-cut   SIGKILL QEMU at phase boundaries and inside long writes, power on again,
+///               and check where the machine ends up (table: cut point, outcome, recovery).
+///   all         full, bad-target, power-cut.
+///
+/// Not built yet: legacy BIOS (--bios is refused: the agent has no GRUB one-shot boots),
+/// `reinstall rescue` on a finished machine.
+#[derive(Parser)]
+#[command(name = "vm-harness", verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Boot through SeaBIOS instead of OVMF (not supported yet: refused).
+    #[arg(long, global = true)]
+    bios: bool,
+    /// Disk 2 as an NVMe drive instead of virtio.
+    #[arg(long, global = true)]
+    nvme: bool,
+    /// Working directory (disk images, serial logs, the stager's home and log).
+    #[arg(long, global = true, default_value = "/var/tmp/reinstall-vm")]
+    work: PathBuf,
+    /// Where built trees are cached between runs (rebuilt when their recipe changes).
+    #[arg(
+        long,
+        global = true,
+        env = "REINSTALL_VM_CACHE",
+        default_value = "/var/tmp/reinstall-vm-cache"
+    )]
+    cache: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Full,
+    BadTarget,
+    PowerCut {
+        /// Cut points to run (default: all). See --list.
+        #[arg(long, value_delimiter = ',')]
+        points: Vec<String>,
+        /// List the cut points and exit.
+        #[arg(long)]
+        list: bool,
+    },
+    All,
+    /// (internal) guestfwd's per-connection relay to the stager.
+    #[command(hide = true)]
+    Relay {
+        addr: String,
+    },
+}
+
+pub fn run(c: &mut Command) -> Result<String> {
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {c:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{c:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn run_with_stdin(c: &mut Command, input: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {c:?}"))?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{c:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn sh(script: &str) -> Result<String> {
+    run(Command::new("sh").arg("-c").arg(script))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Relay { addr } = &cli.cmd {
+        return match vm::relay(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vm-harness relay: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.bios {
+        eprintln!(
+            "vm-harness: --bios is not supported yet: the agent refuses legacy BIOS machines \
+             (one-shot boots through GRUB's environment block are not built, issue 5)"
+        );
+        return ExitCode::from(2);
+    }
+    if let Cmd::PowerCut { list: true, .. } = &cli.cmd {
+        for p in scenario::CUT_POINTS {
+            println!("{:<28} {}", p.name, p.what);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let opts = scenario::Opts {
+        work: cli.work.clone(),
+        cache: cli.cache.clone(),
+        nvme: cli.nvme,
+    };
+    let r = match &cli.cmd {
+        Cmd::Full => scenario::full(&opts),
+        Cmd::BadTarget => scenario::bad_target(&opts),
+        Cmd::PowerCut { points, .. } => scenario::power_cut(&opts, points),
+        Cmd::All => scenario::all(&opts),
+        Cmd::Relay { .. } => unreachable!(),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("vm-harness: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! The scenarios: a fresh machine and stager per run, driven and checked from outside.
+
+use crate::images::{self, Cache};
+use crate::vm::{self, Facts, Vm};
+use crate::{run, sh};
+use anyhow::{bail, ensure, Context, Result};
+use proto::v1::{HostJob, HostState};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Opts {
+    pub work: PathBuf,
+    pub cache: PathBuf,
+    pub nvme: bool,
+}
+
+const HOST: &str = "vm1";
+const TARGET: &str = "debian-vm";
+const BAD_TARGET: &str = "bad-target";
+const DISK1_MIB: u64 = 3072;
+const DISK2_MIB: u64 = 4096;
+/// One boot plus what the agent does in it, under software emulation.
+const BOOT_LIMIT: Duration = Duration::from_secs(25 * 60);
+
+/// A stager on 127.0.0.1, the source machine's disks, and the VM (not started).
+pub struct Env {
+    pub dir: PathBuf,
+    pub reinstall: PathBuf,
+    pub op: PathBuf,
+    pub release_pub: String,
+    stager: Child,
+    pub vm: Vm,
+    t0: Instant,
+    last: Instant,
+    pub rows: Vec<(String, f64, f64)>,
+    pub nvme: bool,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.vm.kill();
+        let _ = self.stager.kill();
+        let _ = self.stager.wait();
+    }
+}
+
+/// Builds `reinstall` and `stager` (same profile as this binary) and returns their paths.
+fn binaries() -> Result<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .context("no directory for the harness binary")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.args(["build", "-q", "--bins", "-p", "agent", "-p", "stager"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    if dir.ends_with("release") {
+        c.arg("--release");
+    }
+    let st = c.status().context("running cargo build")?;
+    ensure!(st.success(), "cargo build of reinstall and stager failed");
+    Ok((dir.join("reinstall"), dir.join("stager")))
+}
+
+impl Env {
+    pub fn new(o: &Opts, name: &str, bad_target: bool) -> Result<Env> {
+        let t0 = Instant::now();
+        let (reinstall, stager) = binaries()?;
+        let dir = o.work.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let cache = Cache::new(&o.cache)?;
+        let rescue_tree = cache.tree("rescue")?;
+        let target_tree = cache.tree("target")?;
+        // The stager: its certificate names the address the guest reaches it at.
+        let home = dir.join("stager");
+        let port = vm::free_port()?;
+        let st = |args: &[&str]| -> Result<String> {
+            run(Command::new(&stager).args(args).env("STAGER_DIR", &home))
+        };
+        st(&[
+            "init",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--san",
+            vm::STAGER_IP,
+            "--url",
+            &format!("https://{}:{}", vm::STAGER_IP, vm::STAGER_PORT),
+            "--default-rescue",
+            "rescue",
+        ])?;
+        let mut bundles = vec![
+            ("rescue", "rescue", rescue_tree),
+            (TARGET, "target", target_tree),
+        ];
+        if bad_target {
+            bundles.push((BAD_TARGET, "target", cache.tree("bad-target")?));
+        }
+        for (n, kind, tree) in &bundles {
+            eprintln!("vm-harness: building bundle {n}");
+            st(&[
+                "bundle",
+                "build",
+                "--name",
+                n,
+                "--version",
+                "1",
+                "--kind",
+                kind,
+                "--os",
+                "linux",
+                &tree.to_string_lossy(),
+            ])?;
+        }
+        let agent_id = dir.join("vm1-identity.toml");
+        st(&["enroll", HOST, "--out", &agent_id.to_string_lossy()])?;
+        let op = dir.join("operator.toml");
+        st(&["operator", "ops", "--out", &op.to_string_lossy()])?;
+        // The operator reaches the stager from the host, not through the guest's address.
+        let text = std::fs::read_to_string(&op)?;
+        let from = format!("https://{}:{}", vm::STAGER_IP, vm::STAGER_PORT);
+        ensure!(text.contains(&from), "operator identity without {from}");
+        std::fs::write(
+            &op,
+            text.replace(&from, &format!("https://127.0.0.1:{port}")),
+        )?;
+        let log = std::fs::File::create(dir.join("stager.log"))?;
+        let stager_child = Command::new(&stager)
+            .args(["serve"])
+            .env("STAGER_DIR", &home)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting stager serve")?;
+        let up = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                up.elapsed() < Duration::from_secs(30),
+                "the stager did not listen on 127.0.0.1:{port}; see {}",
+                dir.join("stager.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The machine: source disk from the source tree, an empty disk 2.
+        let key = dir.join("id_ed25519");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key))?;
+        let pubkey = std::fs::read_to_string(key.with_extension("pub"))?;
+        let tree = images::source_tree(
+            &cache,
+            &dir,
+            &images::SourceSpec {
+                hostname: HOST,
+                mac: vm::MAC,
+                address: &format!("{}/24", vm::GUEST_IP),
+                gateway: "10.0.2.2",
+                authorized_key: pubkey.trim(),
+                agent_identity: &agent_id,
+                agent_binary: &reinstall,
+            },
+        )?;
+        let host_key = std::fs::read_to_string(tree.join("etc/ssh/ssh_host_ed25519_key.pub"))?;
+        let disk1 = dir.join("disk1.img");
+        let disk2 = dir.join("disk2.img");
+        eprintln!("vm-harness: making the source disk");
+        images::source_disk(&tree, &disk1, DISK1_MIB)?;
+        sh(&format!("rm -rf {}", tree.display()))?;
+        run(Command::new("truncate")
+            .arg("-s")
+            .arg(format!("{DISK2_MIB}M"))
+            .arg(&disk2))?;
+        let known = dir.join("known_hosts");
+        let mut vm = Vm::new(&dir, disk1, disk2, true, o.nvme, port, key, known.clone())?;
+        let kh: Vec<&str> = host_key.split_whitespace().take(2).collect();
+        std::fs::write(
+            &known,
+            format!("[127.0.0.1]:{} {}\n", vm.ssh_port, kh.join(" ")),
+        )?;
+        vm.starts = 0;
+        let release_pub = std::fs::read_to_string(home.join("release.pub"))?;
+        eprintln!(
+            "vm-harness: set up in {:.0}s (work: {})",
+            t0.elapsed().as_secs_f64(),
+            dir.display()
+        );
+        let now = Instant::now();
+        Ok(Env {
+            dir,
+            reinstall,
+            op,
+            release_pub,
+            stager: stager_child,
+            vm,
+            t0: now,
+            last: now,
+            rows: Vec::new(),
+            nvme: o.nvme,
+        })
+    }
+
+    pub fn row(&mut self, what: &str) {
+        let now = Instant::now();
+        let r = (
+            what.to_string(),
+            now.duration_since(self.t0).as_secs_f64(),
+            now.duration_since(self.last).as_secs_f64(),
+        );
+        eprintln!("vm-harness: [{:>6.0}s] {what} (+{:.0}s)", r.1, r.2);
+        self.rows.push(r);
+        self.last = now;
+    }
+
+    pub fn print_table(&self, title: &str) {
+        println!(
+            "\n{title}\n{:<62} {:>8} {:>8}",
+            "step", "at (s)", "took (s)"
+        );
+        for (w, at, took) in &self.rows {
+            println!("{w:<62} {at:>8.0} {took:>8.0}");
+        }
+    }
+
+    pub fn operator(&self) -> Command {
+        let mut c = Command::new(&self.reinstall);
+        c.arg("--identity").arg(&self.op);
+        c
+    }
+
+    /// The stager's view of this host in the newest job.
+    pub fn stager_view(&self) -> Result<Option<HostJob>> {
+        let out = run(self.operator().args(["status", "--host", HOST, "--json"]))?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let jobs: Vec<proto::v1::Job> = serde_json::from_value(v["jobs"].clone())?;
+        Ok(jobs
+            .into_iter()
+            .max_by_key(|j| j.id)
+            .and_then(|j| j.hosts.into_iter().find(|h| h.host == HOST)))
+    }
+
+    /// Partition `n` of disk `d` (1 or 2) as the guest names it.
+    pub fn part(&self, d: u8, n: u8) -> String {
+        match (d, self.nvme) {
+            (2, true) => format!("/dev/nvme0n1p{n}"),
+            (2, false) => format!("/dev/vdb{n}"),
+            _ => format!("/dev/vda{n}"),
+        }
+    }
+
+    /// Checks what every boot must show: the same address and host name (the host key was
+    /// checked by SSH itself), the root on partition `root` of disk `d`.
+    pub fn check_boot(&self, f: &Facts, what: &str, d: u8, root: u8) -> Result<()> {
+        ensure!(
+            f.addr == format!("{}/24", vm::GUEST_IP),
+            "{what}: address {:?}, expected {}/24",
+            f.addr,
+            vm::GUEST_IP
+        );
+        ensure!(
+            f.host == HOST,
+            "{what}: hostname {:?}, expected {HOST}",
+            f.host
+        );
+        let want = self.part(d, root);
+        ensure!(
+            f.root == want,
+            "{what}: root on {:?}, expected {want}",
+            f.root
+        );
+        Ok(())
+    }
+
+    pub fn wait_world(&mut self, world: &str, not_boot: Option<&str>) -> Result<Facts> {
+        let w = world.to_string();
+        let nb = not_boot.map(String::from);
+        self.vm.wait_for(
+            &format!("the {world} OS to answer over SSH"),
+            BOOT_LIMIT,
+            &move |f: &Facts| f.world == w && nb.as_deref() != Some(f.boot_id.as_str()),
+        )
+    }
+
+    pub fn create_job(&self, target: &str) -> Result<Child> {
+        let log = std::fs::File::create(self.dir.join("operator.log"))?;
+        self.operator()
+            .args(["--host", HOST, "--target", target, "--wait"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("running reinstall --target")
+    }
+
+    pub fn operator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("operator.log")).unwrap_or_default()
+    }
+}
+
+fn wait_child(c: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = c.try_wait()? {
+            return Ok(st);
+        }
+        if t.elapsed() > limit {
+            let _ = c.kill();
+            bail!("still running after {}s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// UEFI boot entries as `efibootmgr` in the guest shows them: (BootOrder labels, all labels).
+fn boot_order(e: &Env) -> Result<(Vec<String>, String)> {
+    let out = e.vm.ssh("efibootmgr")?;
+    let mut labels = std::collections::HashMap::new();
+    let mut order = Vec::new();
+    for l in out.lines() {
+        if let Some(o) = l.strip_prefix("BootOrder: ") {
+            order = o.split(',').map(|s| s.trim().to_string()).collect();
+        } else if let Some(rest) = l.strip_prefix("Boot") {
+            if let Some((num, label)) = rest.split_once(' ') {
+                labels.insert(
+                    num.trim_end_matches('*').to_string(),
+                    label.split('\t').next().unwrap_or("").trim().to_string(),
+                );
+            }
+        }
+    }
+    Ok((
+        order
+            .iter()
+            .map(|n| labels.get(n).cloned().unwrap_or_else(|| n.clone()))
+            .collect(),
+        out,
+    ))
+}
+
+/// The migration from a booted source OS to the target, checked at every boot. Returns the
+/// target's facts.
+fn migrate(e: &mut Env) -> Result<Facts> {
+    e.vm.start()?;
+    let f = e.wait_world("source", None)?;
+    e.check_boot(&f, "source OS", 1, 2)?;
+    e.row("source OS up: SSH, same address and host key, root on disk 1");
+    let mut op = e.create_job(TARGET)?;
+    e.row("operator: reinstall --target debian-vm --wait");
+    let f = e.wait_world("rescue", None)?;
+    e.check_boot(&f, "rescue OS", 2, 2)?;
+    let v = e
+        .stager_view()?
+        .context("the stager shows no job for vm1")?;
+    e.row(&format!(
+        "rescue OS up: same address and host key, root on disk 2 (stager: {})",
+        v.phase.as_deref().unwrap_or("-")
+    ));
+    let f = e.wait_world("target", None)?;
+    e.check_boot(&f, "target OS", 1, 2)?;
+    e.row("target OS up: same address and host key, root on disk 1");
+    let st = wait_child(&mut op, Duration::from_secs(600)).context("reinstall --wait")?;
+    ensure!(
+        st.success(),
+        "reinstall --wait exited {st}:\n{}",
+        e.operator_log()
+    );
+    let v = e.stager_view()?.context("no job")?;
+    ensure!(v.state == HostState::Done, "stager shows {:?}", v.state);
+    e.row("stager: job done; reinstall --wait exited 0");
+    Ok(f)
+}
+
+pub fn full(o: &Opts) -> Result<bool> {
+    let mut e = Env::new(o, "full", false)?;
+    migrate(&mut e)?;
+    // The target is the new OS, visibly.
+    let marker =
+        e.vm.ssh("cat /etc/reinstall-vm-target && dpkg-query -W -f '${Status}' less")?;
+    ensure!(
+        marker.contains("target tree built by") && marker.contains("install ok installed"),
+        "the target's marker or package is missing: {marker:?}"
+    );
+    // The rescue OS and the stashed target bundle are intact on disk 2.
+    let rescue = e.vm.ssh(&format!(
+        "mkdir -p /mnt/r && mount -o ro {} /mnt/r && cat /mnt/r/etc/reinstall/world; umount /mnt/r",
+        e.part(2, 2)
+    ))?;
+    ensure!(rescue.trim() == "rescue", "rescue partition: {rescue:?}");
+    let verify = e.vm.ssh(&format!(
+        "printf '%s' '{}' >/tmp/release.pub && mkdir -p /mnt/s && mount -o ro {} /mnt/s && \
+         reinstall bundle verify --pubkey /tmp/release.pub /mnt/s/target; r=$?; umount /mnt/s; exit $r",
+        e.release_pub,
+        e.part(2, 3)
+    ))?;
+    e.row(&format!("rescue kept; stash: {}", verify.trim()));
+    let (order, raw) = boot_order(&e)?;
+    ensure!(
+        order.first().map(String::as_str) == Some("reinstall-target")
+            && order.iter().any(|l| l == "reinstall-rescue"),
+        "boot order {order:?}, expected reinstall-target first and reinstall-rescue kept:\n{raw}"
+    );
+    e.row(&format!("efibootmgr: BootOrder {}", order.join(", ")));
+    // One more power cycle: the target is the default now.
+    let boot = e.vm.ssh("cat /proc/sys/kernel/random/boot_id")?;
+    e.vm.ssh("systemctl reboot || true").ok();
+    let f = e.wait_world("target", Some(boot.trim()))?;
+    e.check_boot(&f, "target OS after a reboot", 1, 2)?;
+    e.row("rebooted: target again (default boot)");
+    e.print_table("scenario full (UEFI): passed");
+    Ok(true)
+}
+
+pub fn bad_target(o: &Opts) -> Result<bool> {
+    let mut e = Env::new(o, "bad-target", true)?;
+    e.vm.start()?;
+    let f = e.wait_world("source", None)?;
+    e.check_boot(&f, "source OS", 1, 2)?;
+    e.row("source OS up");
+    let mut op = e.create_job(BAD_TARGET)?;
+    let f = e.wait_world("rescue", None)?;
+    e.check_boot(&f, "rescue OS", 2, 2)?;
+    e.row("rescue OS up");
+    // The rescue installs the bad target and boots it once; it panics, the machine resets,
+    // and the firmware's default (the rescue) comes back.
+    let f = e.wait_world("rescue", Some(&f.boot_id))?;
+    e.check_boot(&f, "rescue OS after the bad target", 2, 2)?;
+    e.row("back in rescue by itself after the target panicked");
+    let st = wait_child(&mut op, Duration::from_secs(300)).context("reinstall --wait")?;
+    ensure!(
+        !st.success(),
+        "reinstall --wait succeeded for a target that panics"
+    );
+    let v = e.stager_view()?.context("no job")?;
+    let msg = v
+        .last_event
+        .as_ref()
+        .and_then(|ev| ev.event.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        v.state == HostState::Failed && msg.contains("target did not come up"),
+        "stager shows {:?}: {msg:?}",
+        v.state
+    );
+    e.row(&format!("stager: failed: {msg}"));
+    let (order, raw) = boot_order(&e)?;
+    ensure!(
+        order.first().map(String::as_str) == Some("reinstall-rescue"),
+        "boot order {order:?}, expected the rescue first:\n{raw}"
+    );
+    e.row(&format!("efibootmgr: BootOrder {}", order.join(", ")));
+    e.print_table("scenario bad-target (UEFI): passed");
+    Ok(true)
+}
+
+pub struct CutPoint {
+    pub name: &'static str,
+    pub what: &'static str,
+    /// Cut when the stager shows the host in this phase ...
+    phase: &'static str,
+    /// ... and (when set) at least this share of the phase's bytes written.
+    share: Option<f64>,
+}
+
+pub const CUT_POINTS: &[CutPoint] = &[
+    CutPoint {
+        name: "plan",
+        what: "the job just received (plan entered)",
+        phase: "plan",
+        share: None,
+    },
+    CutPoint {
+        name: "stage-rescue",
+        what: "entering stage-rescue (disk 2 about to be written)",
+        phase: "stage-rescue",
+        share: None,
+    },
+    CutPoint {
+        name: "stage-rescue-mid",
+        what: "inside the rescue unpack / stash write (random share)",
+        phase: "stage-rescue",
+        share: Some(0.0),
+    },
+    CutPoint {
+        name: "boot-rescue",
+        what: "one-shot to the rescue being set",
+        phase: "boot-rescue",
+        share: None,
+    },
+    CutPoint {
+        name: "rescue-up",
+        what: "the rescue OS calling home",
+        phase: "rescue-up",
+        share: None,
+    },
+    CutPoint {
+        name: "install-target-mid",
+        what: "inside the target unpack (random share)",
+        phase: "install-target",
+        share: Some(0.0),
+    },
+    CutPoint {
+        name: "boot-target",
+        what: "one-shot to the target being set",
+        phase: "boot-target",
+        share: None,
+    },
+    CutPoint {
+        name: "target-up",
+        what: "the target calling home",
+        phase: "target-up",
+        share: None,
+    },
+];
+
+/// A random share in [0.1, 0.9) from the clock (no RNG crate for one number).
+fn random_share() -> f64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    0.1 + 0.8 * (n % 1000) as f64 / 1000.0
+}
+
+/// One cut: runs the migration until the stager shows the cut point, kills QEMU, powers on
+/// again, and waits for the end: the target with the job done, or a reachable rescue (or
+/// source) with the failure reported. Returns (outcome, seconds from power-on to the end).
+fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, f64)> {
+    let mut e = Env::new(o, &format!("power-cut-{}", p.name), false)?;
+    e.vm.start()?;
+    e.wait_world("source", None)?;
+    let mut op = e.create_job(TARGET)?;
+    let share = p.share.map(|_| random_share());
+    let t = Instant::now();
+    loop {
+        ensure!(t.elapsed() < 3 * BOOT_LIMIT, "never reached the cut point");
+        e.vm.running()?;
+        if let Some(v) = e.stager_view()? {
+            let at_phase = v.phase.as_deref() == Some(p.phase);
+            let far_enough = match (share, v.bytes_total) {
+                (None, _) => true,
+                (Some(s), Some(total)) if total > 0 => v.bytes_done as f64 >= s * total as f64,
+                _ => false,
+            };
+            if at_phase && far_enough {
+                e.vm.kill();
+                e.row(&format!(
+                    "power cut at {}{}",
+                    p.name,
+                    share
+                        .map(|s| format!(" ({:.0}% of {})", s * 100.0, v.bytes_total.unwrap_or(0)))
+                        .unwrap_or_default()
+                ));
+                break;
+            }
+            ensure!(
+                !v.state.is_final(),
+                "the job ended ({:?}) before the cut point",
+                v.state
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let on = Instant::now();
+    e.vm.start()?;
+    // The end: the operator's --wait returns when the job is final.
+    let st = wait_child(&mut op, 3 * BOOT_LIMIT).context("waiting for the job to end")?;
+    let v = e.stager_view()?.context("no job")?;
+    let facts =
+        e.vm.wait_for("the machine to answer", BOOT_LIMIT, &|_| true)?;
+    let outcome = match (v.state, facts.world.as_str()) {
+        (HostState::Done, "target") => {
+            e.check_boot(&facts, "target", 1, 2)?;
+            "target, job done".to_string()
+        }
+        (HostState::Failed, w @ ("rescue" | "source")) => {
+            let msg = v
+                .last_event
+                .and_then(|ev| ev.event.message)
+                .unwrap_or_default();
+            format!("{w} (reachable), failure reported: {msg}")
+        }
+        (s, w) => bail!("ended in {w} with the job {s:?} (operator exit {st})"),
+    };
+    Ok((outcome, on.elapsed().as_secs_f64()))
+}
+
+pub fn power_cut(o: &Opts, only: &[String]) -> Result<bool> {
+    for n in only {
+        ensure!(
+            CUT_POINTS.iter().any(|p| p.name == n),
+            "unknown cut point {n:?} (see --list)"
+        );
+    }
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for p in CUT_POINTS
+        .iter()
+        .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name))
+    {
+        let t = Instant::now();
+        match cut_once(o, p) {
+            Ok((outcome, rec)) => rows.push((p.name, outcome, rec, t.elapsed().as_secs_f64())),
+            Err(e) => {
+                ok = false;
+                rows.push((
+                    p.name,
+                    format!("FAILED: {e:#}"),
+                    0.0,
+                    t.elapsed().as_secs_f64(),
+                ));
+            }
+        }
+        eprintln!("vm-harness: cut {}: {}", p.name, rows.last().unwrap().1);
+    }
+    println!(
+        "\nscenario power-cut (UEFI)\n{:<20} {:>10} {:>8}  outcome",
+        "cut point", "recover s", "total s"
+    );
+    for (n, out, rec, total) in &rows {
+        println!(
+            "{n:<20} {rec:>10.0} {total:>8.0}  {}",
+            out.lines().next().unwrap_or("")
+        );
+    }
+    Ok(ok)
+}
+
+pub fn all(o: &Opts) -> Result<bool> {
+    let mut ok = true;
+    for (name, f) in [
+        ("full", full as fn(&Opts) -> Result<bool>),
+        ("bad-target", bad_target),
+    ] {
+        match f(o) {
+            Ok(r) => ok &= r,
+            Err(e) => {
+                eprintln!("vm-harness: {name} FAILED: {e:#}");
+                ok = false;
+            }
+        }
+    }
+    ok &= power_cut(o, &[])?;
+    Ok(ok)
+}

@@ -1,0 +1,280 @@
+//! One QEMU machine: q35 under TCG (or KVM when it really works), OVMF with a private
+//! variable store or SeaBIOS, two disks, user networking with `restrict=on` (nothing leaves
+//! QEMU), SSH forwarded from 127.0.0.1 and the stager reached through a per-connection
+//! `guestfwd` command. Every start writes a new serial log.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const GUEST_IP: &str = "10.0.2.50";
+pub const STAGER_IP: &str = "10.0.2.100";
+pub const STAGER_PORT: u16 = 8443;
+pub const MAC: &str = "52:54:00:12:34:56";
+
+pub struct Vm {
+    pub dir: PathBuf,
+    pub disk1: PathBuf,
+    pub disk2: PathBuf,
+    /// Disk 2 as NVMe instead of virtio.
+    pub nvme2: bool,
+    pub uefi: bool,
+    pub ssh_port: u16,
+    /// The host port the stager listens on.
+    pub stager_port: u16,
+    /// The harness's own binary, which relays guestfwd connections.
+    pub relay: PathBuf,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    child: Option<Child>,
+    pub starts: usize,
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Vm {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dir: &Path,
+        disk1: PathBuf,
+        disk2: PathBuf,
+        uefi: bool,
+        nvme2: bool,
+        stager_port: u16,
+        key: PathBuf,
+        known_hosts: PathBuf,
+    ) -> Result<Vm> {
+        if uefi {
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", dir.join("vars.fd"))
+                .context("copying OVMF_VARS_4M.fd (package ovmf)")?;
+        }
+        Ok(Vm {
+            dir: dir.to_path_buf(),
+            disk1,
+            disk2,
+            nvme2,
+            uefi,
+            ssh_port: free_port()?,
+            stager_port,
+            relay: std::env::current_exe()?,
+            key,
+            known_hosts,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join(format!("serial-{}.log", self.starts))
+    }
+
+    /// Powers the machine on.
+    pub fn start(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the VM is already running");
+        self.starts += 1;
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-machine", "q35", "-m", "1024", "-smp", "2"])
+            .args(["-accel", "tcg,thread=multi"])
+            .args(["-display", "none", "-monitor", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", self.serial_log().display()));
+        if self.uefi {
+            c.args([
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                self.dir.join("vars.fd").display()
+            ));
+        }
+        c.arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d1",
+                self.disk1.display()
+            ))
+            .args([
+                "-device",
+                "virtio-blk-pci,drive=d1,serial=VMDISK1,bootindex=1",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d2",
+                self.disk2.display()
+            ))
+            .arg("-device")
+            .arg(if self.nvme2 {
+                "nvme,drive=d2,serial=VMDISK2,bootindex=2"
+            } else {
+                "virtio-blk-pci,drive=d2,serial=VMDISK2,bootindex=2"
+            });
+        let relay = format!(
+            "{} relay 127.0.0.1:{}",
+            self.relay.display(),
+            self.stager_port
+        );
+        c.arg("-netdev").arg(format!(
+            "user,id=n0,restrict=on,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{}-{GUEST_IP}:22,guestfwd=tcp:{STAGER_IP}:{STAGER_PORT}-cmd:{relay}",
+            self.ssh_port
+        ));
+        c.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")]);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(
+                self.dir.join(format!("qemu-{}.err", self.starts)),
+            )?);
+        self.child = Some(c.spawn().context("starting qemu-system-x86_64")?);
+        Ok(())
+    }
+
+    /// Cuts the power: SIGKILL, no shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether QEMU still runs (it exits on its own only on error).
+    pub fn running(&mut self) -> Result<bool> {
+        match &mut self.child {
+            None => Ok(false),
+            Some(c) => match c.try_wait()? {
+                None => Ok(true),
+                Some(st) => {
+                    self.child = None;
+                    let err =
+                        std::fs::read_to_string(self.dir.join(format!("qemu-{}.err", self.starts)))
+                            .unwrap_or_default();
+                    bail!("qemu exited ({st}): {}", err.trim())
+                }
+            },
+        }
+    }
+
+    pub fn serial_tail(&self, n: usize) -> String {
+        let log = String::from_utf8_lossy(&std::fs::read(self.serial_log()).unwrap_or_default())
+            .replace('\r', "");
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Runs `cmd` as root over SSH, checking the host key against the known one (the
+    /// source's): a changed host key fails like an unreachable machine, with the reason.
+    pub fn ssh(&self, cmd: &str) -> Result<String> {
+        let out = Command::new("ssh")
+            .args(["-q", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "HostKeyAlgorithms=ssh-ed25519",
+            ])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .arg("-i")
+            .arg(&self.key)
+            .args(["-p", &self.ssh_port.to_string(), "root@127.0.0.1", cmd])
+            .stdin(Stdio::null())
+            .output()
+            .context("running ssh")?;
+        if !out.status.success() {
+            bail!(
+                "ssh {cmd:?}: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until SSH answers and `check` accepts what the guest reports (world, root
+    /// device, hostname), or fails after `limit` with the serial console's last lines.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        check: &dyn Fn(&Facts) -> bool,
+    ) -> Result<Facts> {
+        let t = Instant::now();
+        let mut last = String::from("no answer yet");
+        while t.elapsed() < limit {
+            self.running()?;
+            match self.ssh(FACTS_CMD).map(|o| Facts::parse(&o)) {
+                Ok(f) if check(&f) => return Ok(f),
+                Ok(f) => last = format!("answered as {f:?}"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        bail!(
+            "waited {}s for {what}: {last}\nserial console (last lines):\n{}",
+            limit.as_secs(),
+            self.serial_tail(25)
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const FACTS_CMD: &str = "echo world=$(cat /etc/reinstall/world 2>/dev/null || echo source); \
+    echo root=$(findmnt -no SOURCE /); echo host=$(hostname); \
+    echo boot=$(cat /proc/sys/kernel/random/boot_id); \
+    echo addr=$(ip -4 -o addr show scope global | awk '{print $4}' | head -1)";
+
+/// What the guest says about itself.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub world: String,
+    pub root: String,
+    pub host: String,
+    pub boot_id: String,
+    pub addr: String,
+}
+
+impl Facts {
+    fn parse(out: &str) -> Facts {
+        let mut f = Facts::default();
+        for l in out.lines() {
+            if let Some((k, v)) = l.split_once('=') {
+                let v = v.trim().to_string();
+                match k {
+                    "world" => f.world = v,
+                    "root" => f.root = v,
+                    "host" => f.host = v,
+                    "boot" => f.boot_id = v,
+                    "addr" => f.addr = v,
+                    _ => {}
+                }
+            }
+        }
+        f
+    }
+}
+
+/// `guestfwd` runs this per connection: stdin/stdout to a TCP connection to `addr`.
+pub fn relay(addr: &str) -> Result<()> {
+    let s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting {addr}"))?;
+    let mut r = s.try_clone()?;
+    // The raw descriptor: Rust's stdout buffers by lines, which would hold binary TLS records.
+    use std::os::fd::AsFd;
+    let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut r, &mut out);
+    });
+    let mut w = s.try_clone()?;
+    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut w);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
+    Ok(())
+}
