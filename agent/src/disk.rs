@@ -647,6 +647,21 @@ fn reread_partitions(f: &File, dev: &str) -> Result<()> {
     Ok(())
 }
 
+/// After the disk's descriptor is closed: udev sees the close of a written whole disk and
+/// re-reads its partition table (systemd-udevd's "watch"), which removes and re-adds every
+/// partition node for a moment. Waits for udev to go quiet (twice: the close reaches it
+/// through inotify, after a delay) and for the nodes to be there. Without udev (containers,
+/// loop devices in tests) this returns at once.
+pub fn settle(paths: &[PathBuf]) -> Result<()> {
+    for _ in 0..2 {
+        let _ = std::process::Command::new("udevadm")
+            .args(["settle", "--timeout=30"])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    wait_for(paths)
+}
+
 fn wait_for(paths: &[PathBuf]) -> Result<()> {
     for _ in 0..100 {
         if paths.iter().all(|p| p.exists()) {

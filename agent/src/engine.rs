@@ -139,6 +139,11 @@ impl Agent {
                 // the firmware still holds BootNext. Reboot as planned.
                 return Ok(Outcome::Reboot);
             }
+            if self.world == World::Rescue && self.requested_rescue(&j)? {
+                // Booted into the rescue OS because an operator asked (`reinstall rescue`),
+                // not because the target failed: stay, reachable, and do not fail the job.
+                return Ok(Outcome::Done);
+            }
             if expect != self.world {
                 // The one-shot boot did not stick: the new OS did not come up or never called
                 // home, and the firmware fell back to the last good one, where we are. Stay
@@ -190,6 +195,85 @@ impl Agent {
                 return Ok(Outcome::Reboot);
             }
         }
+    }
+
+    /// Waits (long poll, `wait`) for work while no job runs here, and acts on a rescue request:
+    /// from the source or target OS, boots the rescue OS once (or makes it the default, when
+    /// permanent) and returns `Reboot`; in the rescue OS, acknowledges it. A new job for a
+    /// machine whose journal holds a finished one is not taken (not supported yet).
+    pub fn idle(&mut self, wait: Duration) -> Result<Outcome> {
+        let t = Instant::now();
+        let w: Work = self
+            .client
+            .get(&format!("/v1/agent/work?wait={}", wait.as_secs()))?;
+        let j = self.journal.load()?;
+        match (w.rescue, j) {
+            (Some(_), Some(j)) if self.world == World::Rescue => {
+                self.requested_rescue(&j)?;
+            }
+            (Some(req), Some(j)) => {
+                let n = self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?;
+                if req.permanent {
+                    self.boot.make_default(n)?;
+                } else {
+                    self.boot.set_next(n)?;
+                }
+                self.report(
+                    &j,
+                    EventKind::Network,
+                    Some(format!(
+                        "rescue requested: booting the rescue OS{}",
+                        if req.permanent {
+                            " (now the default)"
+                        } else {
+                            " once"
+                        }
+                    )),
+                    None,
+                );
+                return Ok(Outcome::Reboot);
+            }
+            (Some(_), None) => {
+                eprintln!("reinstall: a rescue boot was requested, but this machine has no rescue OS (no job ever ran here)");
+            }
+            (None, _) => {}
+        }
+        // The stager answers at once while it holds work this agent does not take: do not
+        // ask again at once.
+        if let Some(rest) = wait.checked_sub(t.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        Ok(Outcome::Idle)
+    }
+
+    /// In the rescue OS: whether this boot was asked for by an operator. The stager holds
+    /// the request until the rescue OS acknowledges it (a `rescue` phase event, sent here);
+    /// a file under the per-boot work directory remembers the answer for this boot.
+    fn requested_rescue(&mut self, j: &Journal) -> Result<bool> {
+        let marker = self.work.join("rescue-requested");
+        if marker.exists() {
+            return Ok(true);
+        }
+        let w: Work = self.client.get("/v1/agent/work?wait=0")?;
+        if w.rescue.is_none() {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(&self.work)?;
+        std::fs::write(&marker, b"")?;
+        let ev = Event {
+            job: j.job,
+            kind: EventKind::PhaseEntered,
+            phase: Some("rescue".into()),
+            bytes_done: None,
+            bytes_total: None,
+            message: Some("rescue OS up, as requested".into()),
+            network: None,
+        };
+        self.client
+            .post::<_, serde_json::Value>("/v1/agent/events", &ev)
+            .context("acknowledging the rescue request")?;
+        eprintln!("reinstall: in the rescue OS, as requested");
+        Ok(true)
     }
 
     /// Whether the one-shot boot into the OS that runs `todo` is set and not yet used.
@@ -333,6 +417,7 @@ impl Agent {
         j.disk2 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
+        disk::settle(&parts)?;
         mount::mkfs_esp(&parts[0], "RESCUE-ESP", pinned.logical_sector)?;
         let rescue_uuid = mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
         mount::mkfs_ext4(&parts[2], "reinstall-stash")?;
@@ -378,14 +463,8 @@ impl Agent {
         self.make_bootable_world(j, &rescue.path, &rescue_uuid, "rescue", Phase::BootRescue)?;
         // With the removable-media fallback too: firmware that lost its entries (or a machine
         // whose disk 1 is gone) still finds the rescue OS.
-        install_loader(
-            &parts[0],
-            &rescue.path,
-            &rescue_uuid,
-            "reinstall",
-            "reinstall rescue OS",
-            true,
-        )?;
+        let entry = loader_entry(&rescue.path, &rescue_uuid, "rescue", "reinstall rescue OS")?;
+        install_loader(&parts[0], &[entry], "rescue", &[], "reinstall", true)?;
         Ok(())
     }
 
@@ -481,24 +560,50 @@ impl Agent {
             let t = self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?;
             self.boot.make_default(rescue)?;
             self.boot.make_default(t)?;
+            // And disk 1's GRUB: the target from now on.
+            let esp = self.esp_of(j.disk1.as_ref())?;
+            let env = grub_env(&[("saved_entry", "target")])?;
+            bootcfg::loader::write_esp(
+                &esp,
+                &[("EFI/BOOT/grubenv", &env), ("EFI/target/grubenv", &env)],
+            )?;
         } else {
             self.boot.make_default(rescue)?;
         }
         Ok(())
     }
 
+    /// The ESP partition's device of disk `d`, checked to be the disk in the journal.
+    fn esp_of(&self, d: Option<&DiskId>) -> Result<PathBuf> {
+        let now = journal_disk_now(d)?;
+        Ok(now.partition_path(now.find_partition(PartKind::Esp)?.number))
+    }
+
+    /// The UUID of the running OS's root filesystem, from the fstab written with it.
+    fn own_root_uuid(&self) -> Result<String> {
+        let fstab = self.root.join("etc/fstab");
+        std::fs::read_to_string(&fstab)
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 1 && f[1] == "/")
+                        .then(|| f[0].strip_prefix("UUID="))
+                        .flatten()
+                        .map(String::from)
+                })
+            })
+            .with_context(|| format!("{}: no UUID= line for /", fstab.display()))
+    }
+
     /// The boot entry for partition 1 (the ESP) of `d`, created if missing.
     fn entry_of(&mut self, d: Option<&DiskId>, label: &str, loader: &str) -> Result<u16> {
-        let d = d.context("no disk in the journal")?;
-        let now = disk::identify(Path::new(&d.path))
-            .ok()
-            .filter(|now| now.same_disk(d))
-            .with_context(|| format!("{} is not the disk in the journal", d.path))?;
+        let now = journal_disk_now(d)?;
         let esp = now.find_partition(PartKind::Esp)?;
         self.boot.create_entry(
             label,
             &EspRef {
-                disk_guid: d.ptuuid.clone().context("no GPT GUID recorded")?,
+                disk_guid: now.ptuuid.clone().context("no GPT GUID recorded")?,
                 partition: esp.number,
                 partition_guid: Some(esp.guid),
                 start_lba: esp.start_lba,
@@ -521,6 +626,7 @@ impl Agent {
         j.disk1 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
+        disk::settle(&parts)?;
         let (esp, root_dev) = (
             &parts[layout.index_of(PartKind::Esp)],
             &parts[layout.index_of(PartKind::LinuxRoot)],
@@ -545,7 +651,25 @@ impl Agent {
         bundle::verify::unpack_into(&signed, id, &root.path, &mut prog)
             .context("unpacking the target")?;
         self.make_bootable_world(j, &root.path, &root_uuid, "target", Phase::BootTarget)?;
-        install_loader(esp, &root.path, &root_uuid, "target", "target OS", true)?;
+        // Disk 1's GRUB boots the target once (`next_entry`, cleared by GRUB before it boots)
+        // and otherwise the rescue OS on disk 2, until the target has called home: whatever
+        // the firmware boots after a failed target (BootNext spent; firmware that reorders
+        // BootOrder by its own disk order; the removable path), it comes back to the rescue.
+        let target = loader_entry(&root.path, &root_uuid, "target", "target OS")?;
+        let rescue = loader_entry(
+            &self.root,
+            &self.own_root_uuid()?,
+            "rescue",
+            "reinstall rescue OS",
+        )?;
+        install_loader(
+            esp,
+            &[target, rescue],
+            "rescue",
+            &[("next_entry", "target")],
+            "target",
+            true,
+        )?;
         Ok(())
     }
 }
@@ -671,21 +795,26 @@ pub fn plan_report(
     })
 }
 
-/// Writes GRUB and its configuration into the ESP `esp`: `\EFI\<dir>\grubx64.efi` and
-/// `grub.cfg` booting the kernel found in `tree` from the filesystem `uuid`; with `fallback`
-/// also the removable-media path `\EFI\BOOT\BOOTX64.EFI` (UEFI spec §3.5.1.1), which firmware
-/// boots when no entry does. Refuses a tree without a kernel.
-pub fn install_loader(
-    esp: &Path,
+/// Disk `d` from the journal as it is now, refused if another disk sits at its path.
+fn journal_disk_now(d: Option<&DiskId>) -> Result<DiskId> {
+    let d = d.context("no disk in the journal")?;
+    disk::identify(Path::new(&d.path))
+        .ok()
+        .filter(|now| now.same_disk(d))
+        .with_context(|| format!("{} is not the disk in the journal", d.path))
+}
+
+/// The GRUB menu entry booting the kernel found in `tree` from the filesystem `uuid`.
+/// Refuses a tree without a kernel.
+pub fn loader_entry(
     tree: &Path,
     uuid: &str,
-    dir: &str,
+    id: &str,
     title: &str,
-    fallback: bool,
-) -> Result<()> {
+) -> Result<bootcfg::grubcfg::Entry> {
     let (kernel, initrd) = bootcfg::grubcfg::find_kernel(tree)?;
-    let entry = bootcfg::grubcfg::Entry {
-        id: dir.to_string(),
+    Ok(bootcfg::grubcfg::Entry {
+        id: id.to_string(),
         title: title.to_string(),
         root_uuid: uuid.to_string(),
         kernel,
@@ -693,25 +822,51 @@ pub fn install_loader(
         // panic=10: a kernel that panics reboots, and the firmware falls back to the last good
         // OS (the one-shot entry is spent), instead of hanging unreachable.
         args: "console=tty0 console=ttyS0,115200 panic=10".into(),
-    };
-    let cfg = bootcfg::grubcfg::render(std::slice::from_ref(&entry), dir, 1).into_bytes();
-    let image = bootcfg::loader::grub_efi_image(&format!("/EFI/{dir}"))?;
-    let mut files: Vec<(String, Vec<u8>)> = vec![
-        (format!("EFI/{dir}/grubx64.efi"), image),
-        (format!("EFI/{dir}/grub.cfg"), cfg.clone()),
-    ];
-    if fallback {
+    })
+}
+
+/// Writes GRUB into the ESP `esp`: `\EFI\<dir>\grubx64.efi`, its `grub.cfg` with `entries`
+/// (`default` booted when no one-shot is pending and none was saved) and its environment
+/// block `grubenv` holding `env`; with `fallback` the same under the removable-media path
+/// `\EFI\BOOT\BOOTX64.EFI` (UEFI spec §3.5.1.1), which firmware boots when no entry does.
+pub fn install_loader(
+    esp: &Path,
+    entries: &[bootcfg::grubcfg::Entry],
+    default: &str,
+    env: &[(&str, &str)],
+    dir: &str,
+    fallback: bool,
+) -> Result<()> {
+    let cfg = bootcfg::grubcfg::render(entries, default, 1).into_bytes();
+    let env = grub_env(env)?;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let dirs: &[&str] = if fallback { &[dir, "BOOT"] } else { &[dir] };
+    for d in dirs {
+        let name = if *d == "BOOT" {
+            "BOOTX64.EFI"
+        } else {
+            "grubx64.efi"
+        };
         files.push((
-            "EFI/BOOT/BOOTX64.EFI".into(),
-            bootcfg::loader::grub_efi_image("/EFI/BOOT")?,
+            format!("EFI/{d}/{name}"),
+            bootcfg::loader::grub_efi_image(&format!("/EFI/{d}"))?,
         ));
-        files.push(("EFI/BOOT/grub.cfg".into(), cfg));
+        files.push((format!("EFI/{d}/grub.cfg"), cfg.clone()));
+        files.push((format!("EFI/{d}/grubenv"), env.clone()));
     }
     let refs: Vec<(&str, &[u8])> = files
         .iter()
         .map(|(p, d)| (p.as_str(), d.as_slice()))
         .collect();
     bootcfg::loader::write_esp(esp, &refs)
+}
+
+fn grub_env(vars: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let m = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Ok(bootcfg::grubenv::render(&m)?)
 }
 
 /// Refuses a target that would not fit disk 1's root partition (with 10% for filesystem

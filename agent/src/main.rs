@@ -187,9 +187,24 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
                 eprintln!("reinstall: one-shot boot set; reboot (simulated: exit {EXIT_REBOOT})");
                 return Ok(ExitCode::from(EXIT_REBOOT));
             }
-            Outcome::Done => return Ok(ExitCode::SUCCESS),
-            Outcome::Idle if o.once => return Ok(ExitCode::SUCCESS),
-            Outcome::Idle => {}
+            Outcome::Done | Outcome::Idle if o.once => return Ok(ExitCode::SUCCESS),
+            // Nothing to carry on: wait for work (a rescue request) and act on it.
+            Outcome::Done | Outcome::Idle => {
+                match a.idle(std::time::Duration::from_secs(o.wait))? {
+                    Outcome::Reboot if real => {
+                        eprintln!("reinstall: booting the rescue OS, as requested; rebooting");
+                        reboot()?;
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Outcome::Reboot => {
+                        eprintln!(
+                            "reinstall: rescue boot set; reboot (simulated: exit {EXIT_REBOOT})"
+                        );
+                        return Ok(ExitCode::from(EXIT_REBOOT));
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 }
