@@ -34,6 +34,9 @@ pub const JOURNAL_DIR: &str = "var/lib/reinstall";
 pub const RESCUE_LOADER: &str = "\\EFI\\reinstall\\grubx64.efi";
 pub const TARGET_LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
 const MIB: u64 = 1 << 20;
+/// How many more times a one-shot boot into the rescue or the target is tried after it came
+/// back without the new OS calling home (a power cut while it booted; a flaky first boot).
+pub const BOOT_RETRIES: usize = 1;
 
 pub fn world_of(root: &Path) -> World {
     match std::fs::read_to_string(root.join(WORLD_FILE))
@@ -143,6 +146,9 @@ impl Agent {
                 // Booted into the rescue OS because an operator asked (`reinstall rescue`),
                 // not because the target failed: stay, reachable, and do not fail the job.
                 return Ok(Outcome::Done);
+            }
+            if expect != self.world && self.retry_boot(&mut j, todo)? {
+                return Ok(Outcome::Reboot);
             }
             if expect != self.world {
                 // The one-shot boot did not stick: the new OS did not come up or never called
@@ -273,6 +279,37 @@ impl Agent {
             .post::<_, serde_json::Value>("/v1/agent/events", &ev)
             .context("acknowledging the rescue request")?;
         eprintln!("reinstall: in the rescue OS, as requested");
+        Ok(true)
+    }
+
+    /// The one-shot boot into the OS that runs `todo` was spent and that OS did not call home
+    /// (it failed, or the power went while it came up): sets it once more, as many as
+    /// [`BOOT_RETRIES`] times per OS, recorded in this OS's journal. Returns whether it did.
+    fn retry_boot(&mut self, j: &mut Journal, todo: Phase) -> Result<bool> {
+        let (boot, target) = match todo {
+            Phase::RescueUp => (Phase::BootRescue, false),
+            Phase::TargetUp => (Phase::BootTarget, true),
+            _ => return Ok(false),
+        };
+        let mark = format!("retrying {}", boot.as_str());
+        let tries = j
+            .history
+            .iter()
+            .filter(|e| e.note.as_deref().is_some_and(|n| n.starts_with(&mark)))
+            .count();
+        if tries >= BOOT_RETRIES {
+            return Ok(false);
+        }
+        let msg = format!(
+            "{mark} ({}/{BOOT_RETRIES}): the {} OS did not call home; booting it once more",
+            tries + 1,
+            if target { "target" } else { "rescue" }
+        );
+        self.boot_entry(j, target)?;
+        j.record(boot, Step::Done, Some(msg.clone()));
+        self.journal.save(j)?;
+        self.report(j, EventKind::Error, Some(msg.clone()), None);
+        eprintln!("reinstall: {msg}");
         Ok(true)
     }
 
