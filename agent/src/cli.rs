@@ -88,6 +88,9 @@ pub enum Command {
     /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.
     /// Refuses, naming the interface, what cannot be carried yet (VLANs, bonds).
     Network,
+    /// Show the firmware's boot variables: BootCurrent, BootNext, BootOrder and every
+    /// Boot#### entry with its device path, in the text form `efibootmgr -v` prints.
+    Firmware(FirmwareOpts),
     /// Check and unpack bundles (a directory as written by `stager bundle export`).
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -144,6 +147,14 @@ pub struct AgentOpts {
     /// Poll once: exit 0 if there is no job instead of polling again.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Args)]
+pub struct FirmwareOpts {
+    /// Read the variables from this directory (laid out as efivarfs) instead of
+    /// /sys/firmware/efi/efivars.
+    #[arg(long)]
+    pub efivars: Option<PathBuf>,
 }
 
 #[derive(Args)]

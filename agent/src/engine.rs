@@ -154,9 +154,16 @@ impl Agent {
                 // The one-shot boot did not stick: the new OS did not come up or never called
                 // home, and the firmware fell back to the last good one, where we are. Stay
                 // here (reachable), and say so.
+                // What the firmware booted this time (BootCurrent) tells a firmware that
+                // ignored BootNext from a new OS that failed and fell back.
+                let booted = match self.boot.current() {
+                    Ok(Some(n)) => format!("; the firmware booted Boot{n:04X} this time"),
+                    _ => String::new(),
+                };
                 let msg = format!(
-                    "{} did not come up (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default",
+                    "{} did not come up after {} tries (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default{booted}",
                     if expect == World::Target { "the target" } else { "the rescue OS" },
+                    BOOT_RETRIES + 1,
                     todo.as_str(),
                     self.world
                 );

@@ -143,6 +143,72 @@ fn target_manifest(
     Ok(m)
 }
 
+fn firmware(o: &cli::FirmwareOpts, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = o.efivars.clone().unwrap_or_else(|| FIRMWARE_EFIVARS.into());
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{}: no UEFI variables (a legacy BIOS machine, or efivarfs not mounted)",
+        dir.display()
+    );
+    let v = bootcfg::select::Efivarfs { dir };
+    let one =
+        |name: &str| -> anyhow::Result<Option<u16>> { Ok(v.u16_list(name)?.first().copied()) };
+    let (current, next, order) = (
+        one("BootCurrent")?,
+        one("BootNext")?,
+        v.u16_list("BootOrder")?,
+    );
+    let entries = v.entries()?;
+    if json {
+        let e: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(n, o)| {
+                serde_json::json!({
+                    "number": format!("{n:04X}"),
+                    "active": o.attributes & bootcfg::efi::LOAD_OPTION_ACTIVE != 0,
+                    "description": o.description,
+                    "path": bootcfg::efi::path_text(&o.path),
+                })
+            })
+            .collect();
+        let hex = |n: &u16| format!("{n:04X}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "boot_current": current.as_ref().map(hex),
+                "boot_next": next.as_ref().map(hex),
+                "boot_order": order.iter().map(hex).collect::<Vec<_>>(),
+                "entries": e,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opt = |n: Option<u16>| n.map(|n| format!("{n:04X}")).unwrap_or_else(|| "-".into());
+    println!("BootCurrent: {}", opt(current));
+    println!("BootNext: {}", opt(next));
+    println!(
+        "BootOrder: {}",
+        order
+            .iter()
+            .map(|n| format!("{n:04X}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for (n, o) in &entries {
+        println!(
+            "Boot{n:04X}{} {}\t{}",
+            if o.attributes & bootcfg::efi::LOAD_OPTION_ACTIVE != 0 {
+                "*"
+            } else {
+                " "
+            },
+            o.description,
+            bootcfg::efi::path_text(&o.path)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Exit status for "reboot now" when the reboot is simulated (--fake-firmware, --efivars).
 const EXIT_REBOOT: u8 = 100;
 
@@ -249,6 +315,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Status) => operator::status(&args.global),
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
         Some(cli::Command::Network) => network(json),
+        Some(cli::Command::Firmware(ref o)) => firmware(o, json),
         Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),
         Some(cli::Command::Plan(ref o)) => plan(o, args.global.identity.as_deref(), json),
         None if args.job.target.is_some() => operator::create(&args.global, &args.job),

@@ -114,6 +114,44 @@ pub enum DevicePathNode {
     },
 }
 
+/// The text form `efibootmgr -v` (efivar) prints: `HD(1,GPT,<guid>,0x800,0x80000)`,
+/// `File(\EFI\BOOT\BOOTX64.EFI)`; other nodes as `Path(type,subtype,hex)`.
+impl fmt::Display for DevicePathNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DevicePathNode::HardDrive {
+                partition_number,
+                start_lba,
+                size_lba,
+                partition_guid,
+            } => write!(
+                f,
+                "HD({partition_number},GPT,{partition_guid},{start_lba:#x},{size_lba:#x})"
+            ),
+            DevicePathNode::FilePath(p) => write!(f, "File({p})"),
+            DevicePathNode::Other {
+                kind,
+                subtype,
+                data,
+            } => {
+                write!(f, "Path({kind},{subtype},")?;
+                for b in data {
+                    write!(f, "{b:02x}")?;
+                }
+                write!(f, ")")
+            }
+        }
+    }
+}
+
+/// A device path as `efibootmgr -v` prints it: nodes joined by `/`.
+pub fn path_text(path: &[DevicePathNode]) -> String {
+    path.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// `EFI_LOAD_OPTION`, the contents of a `Boot####` variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOption {
@@ -376,6 +414,21 @@ mod tests {
     fn load_option_encodes_to_the_spec_layout_and_back() {
         assert_eq!(rescue().encode().unwrap(), RESCUE_ENTRY);
         assert_eq!(LoadOption::decode(RESCUE_ENTRY).unwrap(), rescue());
+    }
+
+    #[test]
+    fn device_paths_print_as_efibootmgr_prints_them() {
+        // The form efibootmgr -v (efivar) prints for the same entry; the VM harness compares
+        // the two on real OVMF variables.
+        let o = rescue();
+        let want = "HD(1,GPT,c12a7328-f81f-11d2-ba4b-00a0c93ec93b,0x800,0x80000)/File(\\EFI\\rescue\\grubx64.efi)";
+        assert_eq!(path_text(&o.path), want);
+        let other = DevicePathNode::Other {
+            kind: 2,
+            subtype: 1,
+            data: vec![0x41, 0xd0],
+        };
+        assert_eq!(other.to_string(), "Path(2,1,41d0)");
     }
 
     #[test]

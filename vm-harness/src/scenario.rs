@@ -340,6 +340,80 @@ fn boot_order(e: &Env) -> Result<(Vec<String>, String)> {
     ))
 }
 
+/// bootcfg against a real tool on real firmware variables: an entry made by `efibootmgr` is
+/// read by `reinstall firmware`, and every entry (the agent's, OVMF's, efibootmgr's) is listed
+/// the same by both: number, description, device path, BootOrder, BootCurrent. Returns how
+/// many entries were compared.
+fn interop(e: &Env) -> Result<usize> {
+    let disk2 = if e.nvme { "/dev/nvme0n1" } else { "/dev/vdb" };
+    e.vm.ssh(&format!(
+        "efibootmgr -q -C -d {disk2} -p 1 -L made-by-efibootmgr -l '\\EFI\\reinstall\\grubx64.efi'"
+    ))?;
+    let theirs = e.vm.ssh("efibootmgr -v")?;
+    let ours: serde_json::Value = serde_json::from_str(&e.vm.ssh("reinstall firmware --json")?)?;
+    let line = |prefix: &str| {
+        theirs
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let order = ours["boot_order"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    ensure!(
+        line("BootOrder: ") == Some(order.as_str()),
+        "BootOrder: efibootmgr {:?}, reinstall firmware {order:?}",
+        line("BootOrder: ")
+    );
+    ensure!(
+        line("BootCurrent: ") == ours["boot_current"].as_str(),
+        "BootCurrent: efibootmgr {:?}, reinstall firmware {}",
+        line("BootCurrent: "),
+        ours["boot_current"]
+    );
+    let entries = ours["entries"].as_array().context("no entries")?;
+    let mut made = None;
+    for en in entries {
+        let (num, desc, path) = (
+            en["number"].as_str().unwrap_or(""),
+            en["description"].as_str().unwrap_or(""),
+            en["path"].as_str().unwrap_or(""),
+        );
+        let theirs_line = theirs
+            .lines()
+            .find(|l| l.starts_with(&format!("Boot{num}")))
+            .with_context(|| format!("efibootmgr does not list Boot{num} ({desc}):\n{theirs}"))?;
+        ensure!(
+            theirs_line.contains(desc),
+            "Boot{num}: efibootmgr {theirs_line:?}, reinstall firmware {desc:?}"
+        );
+        // The nodes bootcfg decodes (hard drive, file) must read the same as efivar's text.
+        if path.starts_with("HD(") {
+            ensure!(
+                theirs_line.to_lowercase().contains(&path.to_lowercase()),
+                "Boot{num} {desc}: efibootmgr {theirs_line:?}, reinstall firmware {path:?}"
+            );
+        }
+        if desc == "made-by-efibootmgr" {
+            ensure!(
+                path.ends_with("/File(\\EFI\\reinstall\\grubx64.efi)")
+                    && path.starts_with("HD(1,GPT,"),
+                "the entry efibootmgr made reads as {path:?}"
+            );
+            made = Some(num.to_string());
+        }
+    }
+    let made = made.context("reinstall firmware does not list the entry efibootmgr made")?;
+    e.vm.ssh(&format!("efibootmgr -q -B -b {made}"))?;
+    Ok(entries.len())
+}
+
 /// The migration from a booted source OS to the target, checked at every boot. Returns the
 /// target's facts.
 fn migrate(e: &mut Env) -> Result<Facts> {
@@ -403,6 +477,10 @@ pub fn full(o: &Opts) -> Result<bool> {
         "boot order {order:?}, expected reinstall-target first and reinstall-rescue kept:\n{raw}"
     );
     e.row(&format!("efibootmgr: BootOrder {}", order.join(", ")));
+    let n = interop(&e)?;
+    e.row(&format!(
+        "efibootmgr -v and reinstall firmware agree on all {n} entries, one made by efibootmgr"
+    ));
     // One more power cycle: the target is the default now.
     let boot = e.vm.ssh("cat /proc/sys/kernel/random/boot_id")?;
     e.vm.ssh("systemctl reboot || true").ok();
