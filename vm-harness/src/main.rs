@@ -66,6 +66,8 @@ enum Cmd {
         list: bool,
     },
     All,
+    /// Print the accelerator the VMs would use (KVM only if a probe boot works; else TCG).
+    Accel,
     /// (internal) guestfwd's per-connection relay to the stager.
     #[command(hide = true)]
     Relay {
@@ -123,6 +125,10 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Cmd::Accel = &cli.cmd {
+        println!("{}", vm::accel());
+        return ExitCode::SUCCESS;
+    }
     if cli.bios {
         eprintln!(
             "vm-harness: --bios is not supported yet: the agent refuses legacy BIOS machines \
@@ -146,7 +152,7 @@ fn main() -> ExitCode {
         Cmd::BadTarget => scenario::bad_target(&opts),
         Cmd::PowerCut { points, .. } => scenario::power_cut(&opts, points),
         Cmd::All => scenario::all(&opts),
-        Cmd::Relay { .. } => unreachable!(),
+        Cmd::Relay { .. } | Cmd::Accel => unreachable!(),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

@@ -570,58 +570,71 @@ pub struct CutPoint {
     pub what: &'static str,
     /// Cut when the stager shows the host in this phase ...
     phase: &'static str,
-    /// ... and (when set) at least this share of the phase's bytes written.
-    share: Option<f64>,
+    /// ... inside this long write (the progress events' `PHASE: STEP`), at a random share
+    /// of its bytes.
+    during: Option<&'static str>,
 }
 
 pub const CUT_POINTS: &[CutPoint] = &[
     CutPoint {
         name: "plan",
-        what: "the job just received (plan entered)",
+        what: "the job just received (plan)",
         phase: "plan",
-        share: None,
+        during: None,
     },
     CutPoint {
         name: "stage-rescue",
         what: "entering stage-rescue (disk 2 about to be written)",
         phase: "stage-rescue",
-        share: None,
+        during: None,
     },
     CutPoint {
-        name: "stage-rescue-mid",
-        what: "inside the rescue unpack / stash write (random share)",
+        name: "stage-rescue-unpack",
+        what: "inside the rescue unpack onto disk 2 (random share)",
         phase: "stage-rescue",
-        share: Some(0.0),
+        during: Some("unpack"),
+    },
+    CutPoint {
+        name: "stage-rescue-stash",
+        what: "inside the target's download into the stash (random share)",
+        phase: "stage-rescue",
+        during: Some("stash"),
     },
     CutPoint {
         name: "boot-rescue",
-        what: "one-shot to the rescue being set",
+        what: "the one-shot to the rescue set, rebooting",
         phase: "boot-rescue",
-        share: None,
+        during: None,
     },
     CutPoint {
         name: "rescue-up",
         what: "the rescue OS calling home",
         phase: "rescue-up",
-        share: None,
+        during: None,
     },
     CutPoint {
-        name: "install-target-mid",
-        what: "inside the target unpack (random share)",
+        name: "install-target",
+        what: "entering install-target (disk 1 about to be rewritten)",
         phase: "install-target",
-        share: Some(0.0),
+        during: None,
+    },
+    CutPoint {
+        name: "install-target-unpack",
+        what: "inside the target unpack onto disk 1 (random share)",
+        phase: "install-target",
+        during: Some("unpack"),
     },
     CutPoint {
         name: "boot-target",
-        what: "one-shot to the target being set",
+        what: "the one-shot to the target set, rebooting",
         phase: "boot-target",
-        share: None,
+        during: None,
     },
     CutPoint {
         name: "target-up",
         what: "the target calling home",
         phase: "target-up",
-        share: None,
+        during: None,
     },
 ];
 
@@ -642,7 +655,7 @@ fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
     e.vm.start()?;
     e.wait_world("source", None)?;
     let mut op = e.create_job(TARGET)?;
-    let share = p.share.map(|_| random_share());
+    let share = p.during.map(|_| random_share());
     let t = Instant::now();
     let cut_at = loop {
         ensure!(t.elapsed() < 3 * BOOT_LIMIT, "never reached the cut point");
@@ -652,19 +665,25 @@ fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
             // cut point's phase (a share of bytes only counts inside that phase).
             let seen = v.phase.as_deref().map(phase_index).unwrap_or(0);
             let want = phase_index(p.phase);
+            let step = v
+                .last_event
+                .as_ref()
+                .and_then(|ev| ev.event.message.clone())
+                .unwrap_or_default();
             let far_enough = seen > want
                 || (seen == want
-                    && match (share, v.bytes_total) {
-                        (None, _) => true,
-                        (Some(s), Some(total)) if total > 0 => {
-                            v.bytes_done as f64 >= s * total as f64
+                    && match (p.during, share, v.bytes_total) {
+                        (None, _, _) => true,
+                        (Some(d), Some(s), Some(total)) if total > 0 => {
+                            step.ends_with(&format!(": {d}"))
+                                && v.bytes_done as f64 >= s * total as f64
                         }
                         _ => false,
                     });
             if far_enough {
                 e.vm.kill();
                 e.row(&format!(
-                    "power cut in {}{}{}",
+                    "power cut in {} ({step}){}{}",
                     v.phase.as_deref().unwrap_or("-"),
                     match (share, seen == want) {
                         (Some(_), true) => format!(

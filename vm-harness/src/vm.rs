@@ -79,7 +79,7 @@ impl Vm {
         self.starts += 1;
         let mut c = Command::new("qemu-system-x86_64");
         c.args(["-machine", "q35", "-m", "1024", "-smp", "2"])
-            .args(["-accel", "tcg,thread=multi"])
+            .args(["-accel", accel()])
             .args(["-display", "none", "-monitor", "none"])
             .arg("-serial")
             .arg(format!("file:{}", self.serial_log().display()));
@@ -260,6 +260,101 @@ impl Facts {
         }
         f
     }
+}
+
+/// The accelerator: KVM only where it really runs a guest, else TCG. `/dev/kvm` is not
+/// evidence (MACHINE-NOTES: here it exists, and guests die with "KVM internal error"): with
+/// vmx/svm in /proc/cpuinfo (or REINSTALL_VM_ACCEL=probe), OVMF is started under KVM for up to
+/// 20 s and must reach its boot manager. REINSTALL_VM_ACCEL=tcg|kvm decides without a probe.
+pub fn accel() -> &'static str {
+    static ACCEL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    ACCEL.get_or_init(|| {
+        const TCG: &str = "tcg,thread=multi";
+        let forced = std::env::var("REINSTALL_VM_ACCEL").unwrap_or_default();
+        let verdict = match forced.as_str() {
+            "tcg" => return TCG,
+            "kvm" => return "kvm",
+            "probe" => probe_kvm(),
+            _ if std::fs::read_to_string("/proc/cpuinfo")
+                .unwrap_or_default()
+                .split_whitespace()
+                .any(|w| w == "vmx" || w == "svm") =>
+            {
+                probe_kvm()
+            }
+            _ => Err("no vmx/svm in /proc/cpuinfo".to_string()),
+        };
+        match verdict {
+            Ok(()) => {
+                eprintln!("vm-harness: KVM works here; using it");
+                "kvm"
+            }
+            Err(why) => {
+                eprintln!("vm-harness: using TCG (software emulation): KVM unusable: {why}");
+                TCG
+            }
+        }
+    })
+}
+
+fn probe_kvm() -> std::result::Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("vm-harness-kvm-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let vars = dir.join("vars.fd");
+    let serial = dir.join("serial.log");
+    let result = (|| {
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).map_err(|e| e.to_string())?;
+        let mut child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "q35",
+                "-accel",
+                "kvm",
+                "-m",
+                "256",
+                "-nodefaults",
+            ])
+            .args(["-display", "none", "-net", "none"])
+            .args([
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let verdict = loop {
+            let log = std::fs::read(&serial).unwrap_or_default();
+            if String::from_utf8_lossy(&log).contains("BdsDxe") {
+                break Ok(());
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                break Err(format!("qemu -accel kvm exited ({st}): {}", err.trim()));
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                break Err("OVMF did not reach its boot manager under KVM in 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        verdict
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// `guestfwd` runs this per connection: stdin/stdout to a TCP connection to `addr`.
