@@ -47,7 +47,10 @@ impl Client {
         let agent = ureq::AgentBuilder::new()
             .tls_config(Arc::new(tls))
             .timeout_connect(Duration::from_secs(10))
-            .timeout_read(Duration::from_secs(360))
+            // A stager (or a proxy or relay in front of it) that accepts the connection and then
+            // says nothing must not hold the agent for long: no read waits more than a minute,
+            // except a long poll's (`work`), which has its own deadline.
+            .timeout_read(Duration::from_secs(60))
             .user_agent(concat!("reinstall/", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(Client {
@@ -117,6 +120,20 @@ impl Client {
         let url = self.url(path);
         let r = self.call(|| self.agent.get(&url).call());
         self.decode(path, r)
+    }
+
+    /// The agent's work (`GET /v1/agent/work`), long-polling up to `wait`; the request has a
+    /// deadline of `wait` + 30 s instead of the 60 s read timeout.
+    pub fn poll_work(&self, wait: Duration) -> Result<proto::v1::Work> {
+        let path = format!("/v1/agent/work?wait={}", wait.as_secs());
+        let url = self.url(&path);
+        let r = self.call(|| {
+            self.agent
+                .get(&url)
+                .timeout(wait + Duration::from_secs(30))
+                .call()
+        });
+        self.decode(&path, r)
     }
 
     pub fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(

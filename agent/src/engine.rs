@@ -216,9 +216,7 @@ impl Agent {
     /// machine whose journal holds a finished one is not taken (not supported yet).
     pub fn idle(&mut self, wait: Duration) -> Result<Outcome> {
         let t = Instant::now();
-        let w: Work = self
-            .client
-            .get(&format!("/v1/agent/work?wait={}", wait.as_secs()))?;
+        let w: Work = self.client.poll_work(wait)?;
         let j = self.journal.load()?;
         match (w.rescue, j) {
             (Some(_), Some(j)) if self.world == World::Rescue => {
@@ -267,7 +265,7 @@ impl Agent {
         if marker.exists() {
             return Ok(true);
         }
-        let w: Work = self.client.get("/v1/agent/work?wait=0")?;
+        let w: Work = self.client.poll_work(Duration::ZERO)?;
         if w.rescue.is_none() {
             return Ok(false);
         }
@@ -338,9 +336,7 @@ impl Agent {
         if self.world != World::Source {
             return Ok(None);
         }
-        let w: Work = self
-            .client
-            .get(&format!("/v1/agent/work?wait={}", wait.as_secs()))?;
+        let w: Work = self.client.poll_work(wait)?;
         let Some(job) = w.job else { return Ok(None) };
         let mut j = Journal {
             format: journal::FORMAT,
