@@ -61,7 +61,13 @@ impl Vm {
             uefi,
             ssh_port: free_port()?,
             stager_port,
-            relay: std::env::current_exe()?,
+            // A copy of this binary: a rebuild while the VM runs would leave QEMU running a
+            // path that says "(deleted)".
+            relay: {
+                let r = dir.join("vm-harness-relay");
+                std::fs::copy(std::env::current_exe()?, &r).context("copying the relay binary")?;
+                r
+            },
             key,
             known_hosts,
             child: None,
