@@ -568,6 +568,19 @@ impl Locked {
         );
         let zero = vec![0u8; MIB as usize];
         let f: &mut File = &mut self.file;
+        // Where each new partition starts, the old contents go first: an old filesystem whose
+        // start happens to fall there (the old ESP at 1 MiB, typically) would otherwise look
+        // like the new one to the firmware between the GPT write and the mkfs, and boot a
+        // loader whose root is gone. With nothing there, the firmware moves on to the next
+        // boot entry.
+        for p in &layout.parts {
+            let len = (p.bytes(layout.sector)).min(MIB) as usize;
+            f.seek(SeekFrom::Start(p.first_lba * layout.sector))?;
+            f.write_all(&zero[..len]).with_context(|| {
+                format!("clearing where partition {} of {dev} starts", p.number)
+            })?;
+        }
+        f.sync_all().with_context(|| format!("flushing {dev}"))?;
         f.seek(SeekFrom::Start(0))?;
         f.write_all(&zero)
             .with_context(|| format!("clearing the start of {dev}"))?;
