@@ -524,6 +524,59 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
 
 /// The same migration with bootcfg's real UEFI implementation writing Boot####, BootOrder and
 /// BootNext into a stand-in efivarfs directory; the entries must name the ESPs exactly.
+/// Fleets reinstall the same machine again: a second job, created after the first finished,
+/// is taken by the target OS (the source of the second migration), which runs it through the
+/// rescue into a new target; the first job's state is archived, and the firmware keeps one
+/// entry per label (the stale ones pointed at partitions that were rewritten).
+#[test]
+fn a_finished_machine_takes_a_second_job_and_leaves_no_stale_boot_entries() {
+    let mut env = Env::new();
+    env.use_efivars();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
+    let first = env.efi().unwrap().entries().unwrap();
+    create_job(&env.stager);
+    let (_, _) = env.migrate(None, false);
+    let job = job_state(&env.stager);
+    assert_eq!(job["id"], 2, "{job}");
+    assert_eq!(job["state"], "done", "{job}");
+    let v = env.efi().unwrap();
+    let entries = v.entries().unwrap();
+    for label in ["reinstall-rescue", "reinstall-target"] {
+        let ours: Vec<_> = entries
+            .iter()
+            .filter(|(_, o)| o.description == label)
+            .collect();
+        assert_eq!(ours.len(), 1, "{label}: {ours:?}");
+        let before = first.iter().find(|(_, o)| o.description == label).unwrap();
+        assert_ne!(
+            ours[0].1.path, before.1.path,
+            "{label} points at the rewritten disk"
+        );
+    }
+    let order: Vec<String> = v
+        .u16_list("BootOrder")
+        .unwrap()
+        .iter()
+        .map(|n| env.label_of(*n))
+        .collect();
+    assert_eq!(
+        order[..2],
+        ["reinstall-target", "reinstall-rescue"],
+        "{order:?}"
+    );
+    // The second migration ran from the first target: its journal archived job 1 there, and
+    // that disk is the new target now; the rescue OS on disk 2 is the second job's.
+    let root = env.w.path().join("check");
+    let _m = mount(&env.root_part("reinstall-rescue"), &root, false);
+    let j: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("var/lib/reinstall/journal.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(j["job"], 2);
+}
+
 #[test]
 fn the_migration_through_uefi_variables_names_the_esps_exactly() {
     let mut env = Env::new();

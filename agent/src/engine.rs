@@ -58,6 +58,8 @@ pub enum Outcome {
     Reboot,
     /// The job is complete (or held in rescue, as asked).
     Done,
+    /// (`idle`) A new job arrived for a machine whose job was finished: run again.
+    NewJob,
 }
 
 pub struct Agent {
@@ -213,11 +215,38 @@ impl Agent {
     /// Waits (long poll, `wait`) for work while no job runs here, and acts on a rescue request:
     /// from the source or target OS, boots the rescue OS once (or makes it the default, when
     /// permanent) and returns `Reboot`; in the rescue OS, acknowledges it. A new job for a
-    /// machine whose journal holds a finished one is not taken (not supported yet).
+    /// machine whose job is finished is taken from the source or target OS (not from the
+    /// rescue OS, which runs from disk 2).
     pub fn idle(&mut self, wait: Duration) -> Result<Outcome> {
         let t = Instant::now();
         let w: Work = self.client.poll_work(wait)?;
         let j = self.journal.load()?;
+        if let (Some(job), Some(old)) = (&w.job, &j) {
+            if job.id != old.job && old.finished() && self.world != World::Rescue {
+                // A new job for a machine that finished one: the running OS becomes the
+                // source of the next migration. The old job's state goes to the archive;
+                // `run` takes the new job.
+                let to = self.journal.archive(old.job, &["network.json", "carry"])?;
+                if self.world == World::Target {
+                    std::fs::write(self.root.join(WORLD_FILE), "source\n")
+                        .context("writing etc/reinstall/world")?;
+                    self.world = World::Source;
+                }
+                eprintln!(
+                    "reinstall: job {} received; job {} is finished (kept in {}); this OS is the source now",
+                    job.id,
+                    old.job,
+                    to.display()
+                );
+                return Ok(Outcome::NewJob);
+            }
+            if job.id != old.job && self.world == World::Rescue {
+                eprintln!(
+                    "reinstall: job {} received in the rescue OS: a new job starts from the source or target OS (not taken)",
+                    job.id
+                );
+            }
+        }
         match (w.rescue, j) {
             (Some(_), Some(j)) if self.world == World::Rescue => {
                 self.requested_rescue(&j)?;

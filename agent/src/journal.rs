@@ -141,6 +141,12 @@ impl Journal {
             .with_context(|| format!("{}: malformed journal", path.display()))
     }
 
+    /// Whether the job has ended here: done (the last phase for it is done) or failed.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Failed
+            || (self.step == Step::Done && self.phase.next(self.hold_in_rescue) == Phase::Done)
+    }
+
     /// Records a step in memory (does not touch the disk; see [`Locked::save`]).
     pub fn record(&mut self, phase: Phase, step: Step, note: Option<String>) {
         let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -192,6 +198,25 @@ impl Locked {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
         }
+    }
+
+    /// Moves a finished job's state (`names`: what it left in the directory besides the
+    /// journal) into `archive/job-ID/`, the journal last: a crash in between leaves the
+    /// journal in place, and the next call moves what is left.
+    pub fn archive(&self, job: u64, names: &[&str]) -> Result<PathBuf> {
+        let to = self.dir.join("archive").join(format!("job-{job}"));
+        std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+        for n in names.iter().chain(std::iter::once(&FILE)) {
+            let from = self.dir.join(n);
+            if from.exists() || from.symlink_metadata().is_ok() {
+                std::fs::rename(&from, to.join(n))
+                    .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+            }
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("flushing {}", self.dir.display()))?;
+        Ok(to)
     }
 
     /// Writes the journal atomically and durably.

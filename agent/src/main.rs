@@ -253,10 +253,11 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
                 eprintln!("reinstall: one-shot boot set; reboot (simulated: exit {EXIT_REBOOT})");
                 return Ok(ExitCode::from(EXIT_REBOOT));
             }
-            Outcome::Done | Outcome::Idle if o.once => return Ok(ExitCode::SUCCESS),
-            // Nothing to carry on: wait for work (a rescue request) and act on it.
-            Outcome::Done | Outcome::Idle => {
-                match a.idle(std::time::Duration::from_secs(o.wait))? {
+            // Nothing to carry on: wait for work (a rescue request, a new job) and act on it;
+            // with --once, look once without waiting.
+            Outcome::Done | Outcome::Idle | Outcome::NewJob => {
+                let wait = if o.once { 0 } else { o.wait };
+                match a.idle(std::time::Duration::from_secs(wait))? {
                     Outcome::Reboot if real => {
                         eprintln!("reinstall: booting the rescue OS, as requested; rebooting");
                         reboot()?;
@@ -268,6 +269,8 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
                         );
                         return Ok(ExitCode::from(EXIT_REBOOT));
                     }
+                    Outcome::NewJob => {}
+                    _ if o.once => return Ok(ExitCode::SUCCESS),
                     _ => {}
                 }
             }

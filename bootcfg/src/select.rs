@@ -116,6 +116,22 @@ impl Efivarfs {
         Ok(())
     }
 
+    /// Deletes a variable (clearing the immutable flag first); a missing one is fine.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let p = self.path(name);
+        if let Ok(f) = std::fs::File::open(&p) {
+            clear_immutable(&f);
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Var {
+                var: p.display().to_string(),
+                reason: explain(&e),
+            }),
+        }
+    }
+
     pub fn u16_list(&self, name: &str) -> Result<Vec<u16>> {
         match self.read(name)? {
             Some((_, d)) => efi::decode_u16_list(&d).map_err(|e| Error::Var {
@@ -220,6 +236,25 @@ impl BootSelector for Efivarfs {
             order.push(n);
             self.write("BootOrder", &efi::encode_u16_list(&order))?;
         }
+        // Entries of ours with this label that point elsewhere are stale (the disk was
+        // rewritten, as in a second reinstall): keeping them would fill the NVRAM over a
+        // machine's life. Out of BootOrder first, then deleted.
+        let stale: Vec<u16> = entries
+            .iter()
+            .filter(|(e, o)| *e != n && o.description == label)
+            .map(|(e, _)| *e)
+            .collect();
+        if !stale.is_empty() {
+            let order: Vec<u16> = self
+                .u16_list("BootOrder")?
+                .into_iter()
+                .filter(|e| !stale.contains(e))
+                .collect();
+            self.write("BootOrder", &efi::encode_u16_list(&order))?;
+            for e in stale {
+                self.delete(&format!("Boot{e:04X}"))?;
+            }
+        }
         Ok(n)
     }
 
@@ -295,6 +330,16 @@ mod tests {
         assert_eq!(v.next().unwrap(), Some(1));
         v.make_default(1).unwrap();
         assert_eq!(v.u16_list("BootOrder").unwrap(), [1, 0]);
+        // The disk was rewritten (a new partition GUID): a new entry, the stale one gone.
+        let mut moved = esp();
+        moved.partition_guid = Some("0fc63daf-8483-4772-8e79-3d69d8477de4".into());
+        let m = v.create_entry("rescue", &moved).unwrap();
+        assert_eq!(m, 2);
+        assert_eq!(v.u16_list("BootOrder").unwrap(), [0, 2]);
+        assert!(!d
+            .join(format!("Boot0001-{}", efi::GLOBAL_VARIABLE))
+            .exists());
+        assert_eq!(v.entries().unwrap().len(), 2);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
