@@ -20,15 +20,15 @@ use std::process::{Command, ExitCode, Stdio};
 /// Scenarios:
 ///   full        source → rescue → target; after each boot: SSH at the same address with the
 ///               same host key, the root on the expected disk, the stager's phase; at the end
-///               the target's marker, the rescue and the stash intact, the boot order.
+///               the target's marker, the rescue and the stash intact, the boot order, the
+///               entries as efibootmgr lists them; rescue on request and back; a second job.
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
 ///               the stager shows the failure.
 ///   power-cut   SIGKILL QEMU at phase boundaries and inside long writes, power on again,
 ///               and check where the machine ends up (table: cut point, outcome, recovery).
 ///   all         full, bad-target, power-cut.
 ///
-/// Not built yet: legacy BIOS (--bios is refused: the agent has no GRUB one-shot boots),
-/// `reinstall rescue` on a finished machine.
+/// Not built yet: legacy BIOS (--bios is refused: the agent has no GRUB one-shot boots).
 #[derive(Parser)]
 #[command(name = "vm-harness", verbatim_doc_comment)]
 struct Cli {

@@ -508,6 +508,36 @@ pub fn full(o: &Opts) -> Result<bool> {
     let f = e.wait_world("target", None)?;
     e.check_boot(&f, "target OS after leaving the rescue", 1, 2)?;
     e.row("rebooted in rescue: back in the target");
+    // Fleets reinstall the same machine again: a second job goes from this target, through
+    // the rescue, into a new target, and leaves one boot entry per label.
+    let mut op = e.create_job(TARGET)?;
+    e.row("operator: a second job for the same machine");
+    let f = e.wait_world("rescue", None)?;
+    e.check_boot(&f, "rescue OS (second job)", 2, 2)?;
+    e.row("second job: rescue OS up");
+    let f = e.wait_world("target", None)?;
+    e.check_boot(&f, "target OS (second job)", 1, 2)?;
+    let st = wait_child(&mut op, Duration::from_secs(600)).context("reinstall --wait")?;
+    ensure!(
+        st.success(),
+        "second job: reinstall --wait exited {st}:\n{}",
+        e.operator_log()
+    );
+    let (order, raw) = boot_order(&e)?;
+    for label in ["reinstall-rescue", "reinstall-target"] {
+        let n = raw
+            .lines()
+            .filter(|l| l.ends_with(&format!(" {label}")))
+            .count();
+        ensure!(
+            n == 1,
+            "{n} entries labelled {label} after the second job:\n{raw}"
+        );
+    }
+    e.row(&format!(
+        "second job done: target up, one entry per label (BootOrder {})",
+        order.join(", ")
+    ));
     e.print_table("scenario full (UEFI): passed");
     Ok(true)
 }
