@@ -198,6 +198,10 @@ impl Agent {
                 );
                 return Err(e.context(format!("phase {}", todo.as_str())));
             }
+            // Everything the phase wrote reaches the disks before the journal says it is
+            // done. Found by a power cut in the VM right after plan: network.json existed but
+            // was empty (written, not flushed), and every retry of stage-rescue failed on it.
+            nix::unistd::sync();
             j.record(todo, Step::Done, None);
             self.journal.save(&j)?;
             self.report(&j, EventKind::PhaseDone, None, None);
@@ -556,7 +560,8 @@ impl Agent {
         )
         .context("writing etc/fstab")?;
         let net: NetIdentity =
-            serde_json::from_slice(&std::fs::read(self.dir().join("network.json"))?)?;
+            serde_json::from_slice(&std::fs::read(self.dir().join("network.json"))?)
+                .context("var/lib/reinstall/network.json (captured in plan) is damaged")?;
         preserve::inject_network(&net, tree)?;
         std::fs::create_dir_all(tree.join("etc/reinstall"))?;
         std::fs::write(tree.join(WORLD_FILE), format!("{world}\n"))?;

@@ -63,7 +63,7 @@ pub fn write_esp(dev: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         .write(true)
         .open(dev)
         .with_context(|| format!("opening {}", dev.display()))?;
-    let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new())
+    let fs = fatfs::FileSystem::new(&f, fatfs::FsOptions::new())
         .with_context(|| format!("{} is not a FAT filesystem", dev.display()))?;
     {
         let root = fs.root_dir();
@@ -91,6 +91,10 @@ pub fn write_esp(dev: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         }
     }
     fs.unmount()
+        .with_context(|| format!("flushing {}", dev.display()))?;
+    // On the device, not only in its page cache: a power cut must not take back a loader
+    // (or a grubenv) that a phase recorded as written.
+    f.sync_all()
         .with_context(|| format!("flushing {}", dev.display()))?;
     Ok(())
 }
