@@ -713,8 +713,13 @@ fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
             if far_enough {
                 e.vm.kill();
                 e.row(&format!(
-                    "power cut in {} ({step}){}{}",
+                    "power cut in {}{}{}{}",
                     v.phase.as_deref().unwrap_or("-"),
+                    if step.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({step})")
+                    },
                     match (share, seen == want) {
                         (Some(_), true) => format!(
                             " at {} of {} bytes",
