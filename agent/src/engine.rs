@@ -554,11 +554,8 @@ impl Agent {
     ) -> Result<()> {
         preserve::inject(&self.dir().join("carry"), tree)?;
         std::fs::create_dir_all(tree.join("etc"))?;
-        std::fs::write(
-            tree.join("etc/fstab"),
-            format!("# written by reinstall\nUUID={root_uuid} / ext4 errors=remount-ro 0 1\n"),
-        )
-        .context("writing etc/fstab")?;
+        std::fs::write(tree.join("etc/fstab"), root_fstab(root_uuid))
+            .context("writing etc/fstab")?;
         let net: NetIdentity =
             serde_json::from_slice(&std::fs::read(self.dir().join("network.json"))?)
                 .context("var/lib/reinstall/network.json (captured in plan) is damaged")?;
@@ -867,6 +864,12 @@ pub fn plan_report(
         network: crate::netid::capture()?,
         security_identity: preserve::identity_files(root),
     })
+}
+
+/// The fstab of a tree the agent writes: its ext4 root by UUID (read back by
+/// `own_root_uuid`).
+pub fn root_fstab(uuid: &str) -> String {
+    format!("# written by reinstall\nUUID={uuid} / ext4 errors=remount-ro 0 1\n")
 }
 
 /// Disk `d` from the journal as it is now, refused if another disk sits at its path.

@@ -181,11 +181,7 @@ pub fn source_disk(tree: &Path, img: &Path, size_mib: u64) -> Result<()> {
     c.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(img);
     crate::run_with_stdin(&mut c, &script)?;
     let uuid = bootcfg::efi::Guid(agent::disk::random_guid()?).to_string();
-    let fstab = tree.join("etc/fstab");
-    std::fs::write(
-        &fstab,
-        format!("UUID={uuid} / ext4 errors=remount-ro 0 1\n"),
-    )?;
+    std::fs::write(tree.join("etc/fstab"), agent::engine::root_fstab(&uuid))?;
     let dir = img.parent().unwrap();
     let esp = dir.join("esp.part");
     let root = dir.join("root.part");
