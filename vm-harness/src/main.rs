@@ -80,14 +80,7 @@ pub fn run(c: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {c:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{c:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    checked(c, out)
 }
 
 pub fn run_with_stdin(c: &mut Command, input: &str) -> Result<String> {
@@ -100,6 +93,11 @@ pub fn run_with_stdin(c: &mut Command, input: &str) -> Result<String> {
         .with_context(|| format!("running {c:?}"))?;
     child.stdin.take().unwrap().write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
+    checked(c, out)
+}
+
+/// The command's stdout, or an error with its status and stderr.
+fn checked(c: &Command, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "{c:?} failed ({}): {}",

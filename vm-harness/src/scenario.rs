@@ -34,7 +34,6 @@ pub struct Env {
     t0: Instant,
     last: Instant,
     pub rows: Vec<(String, f64, f64)>,
-    pub nvme: bool,
 }
 
 impl Drop for Env {
@@ -175,13 +174,12 @@ impl Env {
             .arg(format!("{DISK2_MIB}M"))
             .arg(&disk2))?;
         let known = dir.join("known_hosts");
-        let mut vm = Vm::new(&dir, disk1, disk2, true, o.nvme, port, key, known.clone())?;
+        let vm = Vm::new(&dir, disk1, disk2, true, o.nvme, port, key, known.clone())?;
         let kh: Vec<&str> = host_key.split_whitespace().take(2).collect();
         std::fs::write(
             &known,
             format!("[127.0.0.1]:{} {}\n", vm.ssh_port, kh.join(" ")),
         )?;
-        vm.starts = 0;
         let release_pub = std::fs::read_to_string(home.join("release.pub"))?;
         eprintln!(
             "vm-harness: set up in {:.0}s (work: {})",
@@ -199,7 +197,6 @@ impl Env {
             t0: now,
             last: now,
             rows: Vec::new(),
-            nvme: o.nvme,
         })
     }
 
@@ -244,7 +241,7 @@ impl Env {
 
     /// Partition `n` of disk `d` (1 or 2) as the guest names it.
     pub fn part(&self, d: u8, n: u8) -> String {
-        match (d, self.nvme) {
+        match (d, self.vm.nvme2) {
             (2, true) => format!("/dev/nvme0n1p{n}"),
             (2, false) => format!("/dev/vdb{n}"),
             _ => format!("/dev/vda{n}"),
@@ -345,7 +342,11 @@ fn boot_order(e: &Env) -> Result<(Vec<String>, String)> {
 /// the same by both: number, description, device path, BootOrder, BootCurrent. Returns how
 /// many entries were compared.
 fn interop(e: &Env) -> Result<usize> {
-    let disk2 = if e.nvme { "/dev/nvme0n1" } else { "/dev/vdb" };
+    let disk2 = if e.vm.nvme2 {
+        "/dev/nvme0n1"
+    } else {
+        "/dev/vdb"
+    };
     e.vm.ssh(&format!(
         "efibootmgr -q -C -d {disk2} -p 1 -L made-by-efibootmgr -l '\\EFI\\reinstall\\grubx64.efi'"
     ))?;

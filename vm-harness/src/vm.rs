@@ -13,6 +13,19 @@ pub const STAGER_IP: &str = "10.0.2.100";
 pub const STAGER_PORT: u16 = 8443;
 pub const MAC: &str = "52:54:00:12:34:56";
 
+/// OVMF's code (read-only) and a private copy of its variable store, as pflash units 0 and 1.
+fn ovmf<'a>(c: &'a mut Command, vars: &Path) -> &'a mut Command {
+    c.args([
+        "-drive",
+        "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+    ])
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,format=raw,unit=1,file={}",
+        vars.display()
+    ))
+}
+
 pub struct Vm {
     pub dir: PathBuf,
     pub disk1: PathBuf,
@@ -90,15 +103,7 @@ impl Vm {
             .arg("-serial")
             .arg(format!("file:{}", self.serial_log().display()));
         if self.uefi {
-            c.args([
-                "-drive",
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                self.dir.join("vars.fd").display()
-            ));
+            ovmf(&mut c, &self.dir.join("vars.fd"));
         }
         c.arg("-drive")
             .arg(format!(
@@ -310,26 +315,18 @@ fn probe_kvm() -> std::result::Result<(), String> {
     let serial = dir.join("serial.log");
     let result = (|| {
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).map_err(|e| e.to_string())?;
-        let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "q35",
-                "-accel",
-                "kvm",
-                "-m",
-                "256",
-                "-nodefaults",
-            ])
-            .args(["-display", "none", "-net", "none"])
-            .args([
-                "-drive",
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ))
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args([
+            "-machine",
+            "q35",
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+            "-nodefaults",
+        ])
+        .args(["-display", "none", "-net", "none"]);
+        let mut child = ovmf(&mut qemu, &vars)
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .stdin(Stdio::null())
