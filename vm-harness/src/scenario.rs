@@ -220,6 +220,12 @@ impl Env {
         for (w, at, took) in &self.rows {
             println!("{w:<84} {at:>8.0} {took:>8.0}");
         }
+        if self.vm.hung_resets > 0 {
+            println!(
+                "note: the emulator hung {} time(s) in a warm reset after the guest's own reboot; the harness power-cycled it",
+                self.vm.hung_resets
+            );
+        }
     }
 
     pub fn operator(&self) -> Command {
@@ -297,9 +303,11 @@ impl Env {
     }
 }
 
-fn wait_child(c: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+/// Waits for the operator's `reinstall --wait`, keeping an eye on the VM (its reset watchdog).
+fn wait_child(vm: &mut Vm, c: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
     let t = Instant::now();
     loop {
+        vm.running()?;
         if let Some(st) = c.try_wait()? {
             return Ok(st);
         }
@@ -436,7 +444,8 @@ fn migrate(e: &mut Env) -> Result<Facts> {
     let f = e.wait_world("target", None)?;
     e.check_boot(&f, "target OS", 1, 2)?;
     e.row("target OS up: same address and host key, root on disk 1");
-    let st = wait_child(&mut op, Duration::from_secs(600)).context("reinstall --wait")?;
+    let st =
+        wait_child(&mut e.vm, &mut op, Duration::from_secs(600)).context("reinstall --wait")?;
     ensure!(
         st.success(),
         "reinstall --wait exited {st}:\n{}",
@@ -518,7 +527,8 @@ pub fn full(o: &Opts) -> Result<bool> {
     e.row("second job: rescue OS up");
     let f = e.wait_world("target", None)?;
     e.check_boot(&f, "target OS (second job)", 1, 2)?;
-    let st = wait_child(&mut op, Duration::from_secs(600)).context("reinstall --wait")?;
+    let st =
+        wait_child(&mut e.vm, &mut op, Duration::from_secs(600)).context("reinstall --wait")?;
     ensure!(
         st.success(),
         "second job: reinstall --wait exited {st}:\n{}",
@@ -558,7 +568,8 @@ pub fn bad_target(o: &Opts) -> Result<bool> {
     let f = e.wait_world("rescue", Some(&f.boot_id))?;
     e.check_boot(&f, "rescue OS after the bad target", 2, 2)?;
     e.row("back in rescue by itself after the target panicked");
-    let st = wait_child(&mut op, Duration::from_secs(300)).context("reinstall --wait")?;
+    let st =
+        wait_child(&mut e.vm, &mut op, Duration::from_secs(300)).context("reinstall --wait")?;
     ensure!(
         !st.success(),
         "reinstall --wait succeeded for a target that panics"
@@ -751,7 +762,7 @@ fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
     let on = Instant::now();
     e.vm.start()?;
     // The end: the operator's --wait returns when the job is final.
-    let st = wait_child(&mut op, BOOT_LIMIT).context("waiting for the job to end")?;
+    let st = wait_child(&mut e.vm, &mut op, BOOT_LIMIT).context("waiting for the job to end")?;
     let v = e.stager_view()?.context("no job")?;
     let facts =
         e.vm.wait_for("the machine to answer", BOOT_LIMIT, &|_| true)?;

@@ -42,7 +42,52 @@ pub struct Vm {
     pub known_hosts: PathBuf,
     child: Option<Child>,
     pub starts: usize,
+    /// Guest reboots after which the emulated firmware never started again (seen once under
+    /// TCG: OVMF silent after "reboot: machine restart"); each was power-cycled.
+    pub hung_resets: usize,
+    watch: ResetWatch,
 }
+
+/// Notices a guest reboot that never came back: the serial log ends in the kernel's
+/// "machine restart" and has not grown for a while.
+struct ResetWatch {
+    /// Serial log size and when it last changed.
+    seen: (u64, Instant),
+}
+
+impl ResetWatch {
+    fn new() -> ResetWatch {
+        ResetWatch {
+            seen: (0, Instant::now()),
+        }
+    }
+
+    fn hung(&mut self, log: &Path, after: Duration) -> bool {
+        let len = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        if len != self.seen.0 {
+            self.seen = (len, Instant::now());
+            return false;
+        }
+        if self.seen.1.elapsed() < after {
+            return false;
+        }
+        let tail = tail_lines(log, 1);
+        tail.contains("reboot: machine restart") || tail.contains("reboot: Restarting system")
+    }
+}
+
+fn tail_lines(log: &Path, n: usize) -> String {
+    let log = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).replace('\r', "");
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// How long the serial console may stay silent after the guest kernel's "machine restart"
+/// before the harness, like a BMC, cuts the power and starts the machine again. OVMF under
+/// TCG prints its first line within seconds of a reset.
+const RESET_HANG: Duration = Duration::from_secs(120);
+/// More hung resets than this in one run fail it: the emulator, not a flake.
+const MAX_HUNG_RESETS: usize = 2;
 
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -85,6 +130,8 @@ impl Vm {
             known_hosts,
             child: None,
             starts: 0,
+            hung_resets: 0,
+            watch: ResetWatch::new(),
         })
     }
 
@@ -141,6 +188,7 @@ impl Vm {
                 self.dir.join(format!("qemu-{}.err", self.starts)),
             )?);
         self.child = Some(c.spawn().context("starting qemu-system-x86_64")?);
+        self.watch = ResetWatch::new();
         Ok(())
     }
 
@@ -152,8 +200,27 @@ impl Vm {
         }
     }
 
-    /// Whether QEMU still runs (it exits on its own only on error).
+    /// Whether QEMU still runs (it exits on its own only on error). Also the reset watchdog:
+    /// a guest that rebooted and whose firmware stayed silent for `RESET_HANG` is power-cycled
+    /// (counted in `hung_resets`, at most `MAX_HUNG_RESETS`). The migration itself cannot
+    /// cause this: the kernel has already handed the reset to the emulator.
     pub fn running(&mut self) -> Result<bool> {
+        if self.child.is_some() && self.watch.hung(&self.serial_log(), RESET_HANG) {
+            self.hung_resets += 1;
+            eprintln!(
+                "vm-harness: no firmware output for {}s after the guest's reboot (emulator hung in warm reset); power-cycling ({} of at most {MAX_HUNG_RESETS})",
+                RESET_HANG.as_secs(),
+                self.hung_resets
+            );
+            anyhow::ensure!(
+                self.hung_resets <= MAX_HUNG_RESETS,
+                "the emulator hung in a warm reset {} times; see {}",
+                self.hung_resets,
+                self.serial_log().display()
+            );
+            self.kill();
+            self.start()?;
+        }
         match &mut self.child {
             None => Ok(false),
             Some(c) => match c.try_wait()? {
@@ -170,10 +237,7 @@ impl Vm {
     }
 
     pub fn serial_tail(&self, n: usize) -> String {
-        let log = String::from_utf8_lossy(&std::fs::read(self.serial_log()).unwrap_or_default())
-            .replace('\r', "");
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail_lines(&self.serial_log(), n)
     }
 
     /// Runs `cmd` as root over SSH, checking the host key against the known one (the
@@ -375,4 +439,44 @@ pub fn relay(addr: &str) -> Result<()> {
     let _ = s.shutdown(std::net::Shutdown::Write);
     let _ = t.join();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_watch_fires_only_on_a_silent_machine_restart() {
+        let dir = std::env::temp_dir().join(format!("reset-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("serial.log");
+        let quiet = Duration::from_millis(200);
+        let mut w = ResetWatch::new();
+        // A running guest that is merely quiet: never.
+        std::fs::write(&log, "[   12.0] systemd[1]: Started ssh.service\r\n").unwrap();
+        assert!(!w.hung(&log, quiet));
+        std::thread::sleep(quiet * 2);
+        assert!(!w.hung(&log, quiet));
+        // A reboot: not before the log has been silent long enough.
+        std::fs::write(
+            &log,
+            "[   40.9] reboot: Restarting system\r\n[   40.9] reboot: machine restart\r\n",
+        )
+        .unwrap();
+        assert!(!w.hung(&log, quiet));
+        std::thread::sleep(quiet / 4);
+        assert!(!w.hung(&log, quiet));
+        std::thread::sleep(quiet * 2);
+        assert!(w.hung(&log, quiet));
+        // The firmware printed something after the reset: the guest is booting.
+        std::fs::write(
+            &log,
+            "[   40.9] reboot: machine restart\r\nBdsDxe: loading Boot0005\r\n",
+        )
+        .unwrap();
+        assert!(!w.hung(&log, quiet));
+        std::thread::sleep(quiet * 2);
+        assert!(!w.hung(&log, quiet));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
