@@ -48,7 +48,7 @@ fn part_named(disk: &str, name: &str) -> String {
 struct Mount(PathBuf);
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
+        umount(&self.0);
     }
 }
 
@@ -152,6 +152,8 @@ impl Env {
         let id1 = disk::identify(Path::new(&disk1.0)).unwrap();
         let layout = disk::linux_target_layout(id1.size_bytes, id1.logical_sector, false).unwrap();
         let parts = Locked::open(&id1).unwrap().write_gpt(&layout).unwrap();
+        // As the agent does: udev re-reads the table when the writer closes the disk.
+        disk::settle(&parts).unwrap();
         ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&parts[1]));
         let src = p.join("mnt-source");
         {

@@ -597,6 +597,15 @@ impl Agent {
 
     fn boot_entry(&mut self, j: &Journal, target: bool) -> Result<()> {
         let n = if target {
+            // Disk 1's GRUB spends its `next_entry` when it boots the target: a retry (the
+            // power went while the target came up) must arm it again, or the firmware's
+            // one-shot lands in GRUB's default, the rescue, and the good target is failed.
+            let esp = self.esp_of(j.disk1.as_ref())?;
+            let env = grub_env(&[("next_entry", "target")])?;
+            bootcfg::loader::write_esp(
+                &esp,
+                &[("EFI/BOOT/grubenv", &env), ("EFI/target/grubenv", &env)],
+            )?;
             self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
         } else {
             self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?

@@ -51,6 +51,26 @@ pub fn fails(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Unmounts `at`, retrying while it is busy: a file this process had open there can stay
+/// open a moment longer in a child another test thread has just forked (the copy lives until
+/// that child's exec). A mount left behind would make the next rw mount of the same partition
+/// silently read-only. Says so on stderr if it never succeeds.
+pub fn umount(at: &Path) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = run(Command::new("umount").arg(at));
+        if out.status.success() {
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if last.contains("not mounted") || last.contains("no mount point") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("umount {} kept failing: {last}", at.display());
+}
+
 pub fn sh(script: &str) -> String {
     ok(Command::new("bash")
         .arg("-euo")
