@@ -99,7 +99,7 @@ fn busy_wrong_or_partial_disks_are_refused_with_the_reason() {
     let id = disk::identify(Path::new(&l.dev)).unwrap();
     let layout = disk::rescue_layout(id.size_bytes, 512, 512 << 20, 256 << 20).unwrap();
     let parts = Locked::open(&id).unwrap().write_gpt(&layout).unwrap();
-    disk::settle(&parts).unwrap();
+    disk::settle(Path::new(&l.dev), &parts).unwrap();
     // A partition is not a disk.
     let e = disk::identify(Path::new(&format!("{}p1", l.dev)))
         .unwrap_err()

@@ -153,7 +153,7 @@ impl Env {
         let layout = disk::linux_target_layout(id1.size_bytes, id1.logical_sector, false).unwrap();
         let parts = Locked::open(&id1).unwrap().write_gpt(&layout).unwrap();
         // As the agent does: udev re-reads the table when the writer closes the disk.
-        disk::settle(&parts).unwrap();
+        disk::settle(Path::new(&disk1.0), &parts).unwrap();
         ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&parts[1]));
         let src = p.join("mnt-source");
         {
@@ -259,12 +259,56 @@ impl Env {
         self.label_of(n.unwrap())
     }
 
+    /// The OS running now: the firmware's BootCurrent, except that disk 1's GRUB (the
+    /// "reinstall-target" entry) may have chosen the rescue OS on disk 2 (see `grub_boot`).
     fn current_label(&self) -> String {
-        let n = match self.efi() {
+        let label = self.label_of(self.boot_current());
+        match std::fs::read_to_string(self.grub_chose()).ok().as_deref() {
+            Some("rescue") if label == "reinstall-target" => "reinstall-rescue".into(),
+            _ => label,
+        }
+    }
+
+    fn boot_current(&self) -> u16 {
+        match self.efi() {
             Some(v) => v.u16_list("BootCurrent").unwrap()[0],
             None => FakeFirmware::new(&self.fw).load().unwrap().current.unwrap(),
-        };
-        self.label_of(n)
+        }
+    }
+
+    fn grub_chose(&self) -> PathBuf {
+        self.w.path().join("grub-chose")
+    }
+
+    /// What disk 1's GRUB does when the firmware starts it, as its grub.cfg says (bootcfg's
+    /// grubcfg): a pending `next_entry` is booted and cleared in the grubenv, else
+    /// `saved_entry`, else the default written into grub.cfg. Returns the entry's id.
+    fn grub_boot(&self) -> String {
+        use bootcfg::{grubenv, loader};
+        let esp = PathBuf::from(part_named(&self.disk1.0, "esp"));
+        let env_path = "EFI/BOOT/grubenv";
+        let mut env = grubenv::parse(env_path, &loader::read_esp(&esp, env_path).unwrap()).unwrap();
+        let cfg = String::from_utf8(loader::read_esp(&esp, "EFI/BOOT/grub.cfg").unwrap()).unwrap();
+        let default = cfg
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("set default=\""))
+            .filter(|d| !d.starts_with('$'))
+            .next_back()
+            .and_then(|d| d.strip_suffix('"'))
+            .expect("grub.cfg names a default")
+            .to_string();
+        match env.get("next_entry").filter(|v| !v.is_empty()).cloned() {
+            Some(next) => {
+                env.remove("next_entry");
+                loader::write_esp(&esp, &[(env_path, &grubenv::render(&env).unwrap())]).unwrap();
+                next
+            }
+            None => env
+                .get("saved_entry")
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or(default),
+        }
     }
 
     /// A power cycle: the firmware consumes BootNext if set.
@@ -285,6 +329,10 @@ impl Env {
             None => {
                 FakeFirmware::new(&self.fw).power_cycle().unwrap();
             }
+        }
+        let _ = std::fs::remove_file(self.grub_chose());
+        if self.label_of(self.boot_current()) == "reinstall-target" {
+            std::fs::write(self.grub_chose(), self.grub_boot()).unwrap();
         }
     }
 
@@ -764,23 +812,11 @@ fn a_power_cut_at_any_failpoint_never_leaves_an_unbootable_machine() {
             .unwrap()
             .label
             .clone();
-        match state.as_str() {
-            "done" => assert_eq!(default, "reinstall-target", "{fp}: {log:?}"),
-            "failed" => {
-                let msg = job["hosts"][0]["last_event"]["event"]["message"]
-                    .as_str()
-                    .unwrap_or("");
-                assert!(
-                    msg.contains("did not come up"),
-                    "{fp}: failed without saying why: {job}"
-                );
-                assert_ne!(
-                    default, "reinstall-target",
-                    "{fp}: failed but the target is the default"
-                );
-            }
-            other => panic!("{fp}: job ended {other}: {job}"),
-        }
+        // One cut, a good target: the only right end is the target, as the default boot.
+        // (Both the firmware and disk 1's GRUB are modelled: a retry that re-armed only the
+        // firmware's one-shot ended in the rescue with the job failed.)
+        assert_eq!(state, "done", "{fp}: job ended {state}: {job}\n{log:?}");
+        assert_eq!(default, "reinstall-target", "{fp}: {log:?}");
         table.push(format!(
             "{fp:<34} {:<30} {state}, default boot {default}",
             notes.join("; ")
@@ -853,15 +889,15 @@ fn a_different_disk_1_at_install_time_is_refused_and_the_machine_stays_in_rescue
     assert_eq!(env.boot_once().0, Some(100));
     env.power_cycle();
     assert_eq!(env.current_label(), "reinstall-rescue");
-    // While the rescue OS boots, disk 1 is swapped for another disk at the same path.
-    let other = env.w.path().join("other.img");
+    // While the rescue OS boots, disk 1 is swapped for another disk at the same path: a
+    // blank one of another size. The loop device keeps its number (detaching it let a test
+    // running in parallel attach its own disk there, which this test then tore down).
+    let img = env.w.path().join("disk1.img");
     sh(&format!(
-        // Detaching a loop device completes asynchronously: retry the attach until the node
-        // is free (an immediate attach failed with EBUSY under parallel tests).
-        "partx -d {d} 2>/dev/null; losetup -d {d}; truncate -s 5G {o};
-         for i in $(seq 50); do losetup {d} {o} 2>/dev/null && exit 0; sleep 0.1; done; losetup {d} {o}",
+        "partx -d {d} 2>/dev/null; truncate -s 0 {o}; truncate -s 5G {o};
+         losetup --set-capacity {d}; blockdev --flushbufs {d}",
         d = env.disk1.0,
-        o = other.display()
+        o = img.display()
     ));
     let (code, err) = env.boot_once();
     assert_eq!(code, Some(1), "{err}");

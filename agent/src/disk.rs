@@ -663,16 +663,32 @@ fn reread_partitions(f: &File, dev: &str) -> Result<()> {
 /// After the disk's descriptor is closed: udev sees the close of a written whole disk and
 /// re-reads its partition table (systemd-udevd's "watch"), which removes and re-adds every
 /// partition node for a moment. Waits for udev to go quiet (twice: the close reaches it
-/// through inotify, after a delay) and for the nodes to be there. Without udev (containers,
-/// loop devices in tests) this returns at once.
-pub fn settle(paths: &[PathBuf]) -> Result<()> {
+/// through inotify, after a delay) and for the nodes to be there. Nodes that stay missing
+/// (seen on loop devices without udev: gone a moment after the writer closed the disk) are
+/// added again from the table on `disk` with `partx -u`, once.
+pub fn settle(disk: &Path, paths: &[PathBuf]) -> Result<()> {
     for _ in 0..2 {
         let _ = std::process::Command::new("udevadm")
             .args(["settle", "--timeout=30"])
             .status();
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
+    if wait_for(paths).is_ok() {
+        return Ok(());
+    }
+    let out = std::process::Command::new("partx")
+        .arg("-u")
+        .arg(disk)
+        .output()
+        .context("running partx")?;
+    if !out.status.success() {
+        let _ = std::process::Command::new("partx")
+            .arg("-a")
+            .arg(disk)
+            .output();
+    }
     wait_for(paths)
+        .with_context(|| format!("after re-reading the partition table of {}", disk.display()))
 }
 
 fn wait_for(paths: &[PathBuf]) -> Result<()> {

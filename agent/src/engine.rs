@@ -490,7 +490,7 @@ impl Agent {
         j.disk2 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
-        disk::settle(&parts)?;
+        disk::settle(Path::new(&pinned.path), &parts)?;
         mount::mkfs_esp(&parts[0], "RESCUE-ESP", pinned.logical_sector)?;
         let rescue_uuid = mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
         mount::mkfs_ext4(&parts[2], "reinstall-stash")?;
@@ -706,7 +706,7 @@ impl Agent {
         j.disk1 = Some(locked.id.clone());
         self.journal.save(j)?;
         drop(locked);
-        disk::settle(&parts)?;
+        disk::settle(Path::new(&pinned.path), &parts)?;
         let (esp, root_dev) = (
             &parts[layout.index_of(PartKind::Esp)],
             &parts[layout.index_of(PartKind::LinuxRoot)],
