@@ -292,8 +292,7 @@ impl Env {
         let default = cfg
             .lines()
             .filter_map(|l| l.trim().strip_prefix("set default=\""))
-            .filter(|d| !d.starts_with('$'))
-            .next_back()
+            .rfind(|d| !d.starts_with('$'))
             .and_then(|d| d.strip_suffix('"'))
             .expect("grub.cfg names a default")
             .to_string();
