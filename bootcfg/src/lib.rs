@@ -8,6 +8,7 @@
 //! MBR and BIOS boot partition) and its environment-block boot selector; using the tree's own
 //! GRUB; checking against `efibootmgr` on real firmware.
 
+pub mod bios;
 pub mod efi;
 pub mod grubcfg;
 pub mod grubenv;

@@ -5,8 +5,9 @@
 //! The image is built with the host's `grub-mkimage` and x86_64-efi modules (Debian package
 //! `grub-efi-amd64-bin`), with only the modules a rescue or Linux boot needs, which also
 //! keeps GRUB's start fast (MACHINE-NOTES: a lean image loads the kernel in seconds where a
-//! full `grub-install` takes tens under emulation). Not built yet: using the tree's own GRUB,
-//! Secure Boot (shim), and GRUB i386-pc for legacy BIOS.
+//! full `grub-install` takes tens under emulation). GRUB i386-pc for legacy BIOS is in
+//! [`crate::bios`]. Not built yet: using the tree's own GRUB,
+//! Secure Boot (shim).
 
 use anyhow::{Context, Result};
 use std::io::{Read, Write};

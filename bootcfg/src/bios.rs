@@ -1,0 +1,189 @@
+//! GRUB for legacy BIOS (i386-pc) on a GPT disk: `boot.img` in the MBR's code area and
+//! `core.img` in the BIOS boot partition, patched the way `grub-bios-setup` does it (GRUB
+//! 2.06, `util/setup.c`), which Debian does not ship on its own (it is inside `grub-install`,
+//! and that wants a mounted boot directory; this ESP is never mounted, DESIGN.md §7).
+//!
+//! `core.img` is built with the host's `grub-mkimage` and i386-pc modules (package
+//! `grub-pc-bin`) with a prefix naming the ESP by partition, so BIOS and UEFI machines read
+//! the same `grub.cfg` and `grubenv` from the same place.
+//!
+//! The patches (offsets from GRUB's `include/grub/i386/pc/boot.h`):
+//! - boot.img `kernel_sector` (0x5c, 8 bytes LE): the LBA of core.img's first sector;
+//! - boot.img drive check (0x66, 2 bytes): replaced by two NOPs on hard disks, as
+//!   grub-bios-setup does for BIOSes that pass a wrong boot drive;
+//! - the MBR's BPB area (0x03..0x5a) and disk signature + partition table (0x1b8..0x1fe)
+//!   are kept from the disk (the protective MBR), the rest is boot.img;
+//! - core.img's first block list (the last 12 bytes of its first sector: start LBA u64,
+//!   length u16, segment u16): start = core LBA + 1; grub-mkimage has filled length and
+//!   segment, which are checked.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+const KERNEL_SECTOR: usize = 0x5c;
+const DRIVE_CHECK: usize = 0x66;
+const BPB: std::ops::Range<usize> = 0x03..0x5a;
+const TABLE: std::ops::Range<usize> = 0x1b8..0x1fe;
+/// GRUB_BOOT_I386_PC_KERNEL_SEG + 512 / 16.
+const CORE_SEGMENT: u16 = 0x800 + 0x20;
+
+/// Modules core.img carries: it cannot load any (the ESP holds none for i386-pc).
+pub const MODULES: &[&str] = &[
+    "biosdisk",
+    "part_gpt",
+    "fat",
+    "ext2",
+    "normal",
+    "linux",
+    "search",
+    "search_fs_uuid",
+    "configfile",
+    "echo",
+    "test",
+    "loadenv",
+    "gzio",
+    "reboot",
+    "halt",
+    "serial",
+    "terminal",
+];
+
+/// Builds core.img with `prefix` (for example `(hd0,gpt2)/EFI/BOOT`).
+pub fn core_image(prefix: &str) -> Result<Vec<u8>> {
+    let out = std::env::temp_dir().join(format!("reinstall-core-{}.img", std::process::id()));
+    let st = std::process::Command::new("grub-mkimage")
+        .args(["-O", "i386-pc", "-p", prefix, "-o"])
+        .arg(&out)
+        .args(MODULES)
+        .output()
+        .context("running grub-mkimage (packages grub-common, grub-pc-bin)")?;
+    ensure!(
+        st.status.success(),
+        "grub-mkimage -O i386-pc failed: {}",
+        String::from_utf8_lossy(&st.stderr).trim()
+    );
+    let image = std::fs::read(&out)?;
+    let _ = std::fs::remove_file(&out);
+    Ok(image)
+}
+
+/// GRUB's boot.img, from the host's i386-pc modules.
+pub fn boot_image() -> Result<Vec<u8>> {
+    let p = "/usr/lib/grub/i386-pc/boot.img";
+    let b = std::fs::read(p).with_context(|| format!("reading {p} (package grub-pc-bin)"))?;
+    ensure!(b.len() == 512, "{p}: {} bytes, not 512", b.len());
+    Ok(b)
+}
+
+/// The new MBR: boot.img's code with `core_lba` patched in, the disk's own BPB area,
+/// signature and partition table kept. Pure.
+pub fn patch_mbr(boot: &[u8], disk_mbr: &[u8], core_lba: u64) -> Result<[u8; 512]> {
+    ensure!(
+        boot.len() == 512 && disk_mbr.len() == 512,
+        "an MBR is 512 bytes"
+    );
+    ensure!(
+        disk_mbr[510..] == [0x55, 0xaa],
+        "the disk has no MBR signature (no protective MBR?)"
+    );
+    let mut m = [0u8; 512];
+    m.copy_from_slice(boot);
+    m[BPB].copy_from_slice(&disk_mbr[BPB]);
+    m[TABLE].copy_from_slice(&disk_mbr[TABLE]);
+    m[510..].copy_from_slice(&[0x55, 0xaa]);
+    m[KERNEL_SECTOR..KERNEL_SECTOR + 8].copy_from_slice(&core_lba.to_le_bytes());
+    m[DRIVE_CHECK..DRIVE_CHECK + 2].copy_from_slice(&[0x90, 0x90]);
+    Ok(m)
+}
+
+/// core.img with its first block list pointing at the sectors after `core_lba`. Pure.
+pub fn patch_core(core: &[u8], core_lba: u64) -> Result<Vec<u8>> {
+    ensure!(core.len() > 512, "core.img is too short");
+    let mut c = core.to_vec();
+    let sectors = c.len().div_ceil(512) as u64;
+    let bl = 512 - 12;
+    let len = u16::from_le_bytes([c[bl + 8], c[bl + 9]]);
+    let seg = u16::from_le_bytes([c[bl + 10], c[bl + 11]]);
+    if u64::from(len) != sectors - 1 || seg != CORE_SEGMENT {
+        bail!(
+            "core.img's block list says {len} sectors at segment {seg:#x}; expected {} at {CORE_SEGMENT:#x} (another GRUB version?)",
+            sectors - 1
+        );
+    }
+    c[bl..bl + 8].copy_from_slice(&(core_lba + 1).to_le_bytes());
+    c.resize(sectors as usize * 512, 0);
+    Ok(c)
+}
+
+/// Installs GRUB for BIOS on the disk `dev` (512-byte sectors): core.img into the BIOS boot
+/// partition at `part_lba` (`part_sectors` long), then boot.img into the MBR, each flushed.
+/// The MBR is written last: until then the disk's old boot code (or none) stays.
+pub fn install(dev: &Path, part_lba: u64, part_sectors: u64, prefix: &str) -> Result<()> {
+    let core = patch_core(&core_image(prefix)?, part_lba)?;
+    ensure!(
+        core.len() as u64 <= part_sectors * 512,
+        "core.img ({} bytes) does not fit the BIOS boot partition of {} ({} bytes)",
+        core.len(),
+        dev.display(),
+        part_sectors * 512
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("opening {}", dev.display()))?;
+    f.seek(SeekFrom::Start(part_lba * 512))?;
+    f.write_all(&core)
+        .with_context(|| format!("writing core.img to {}", dev.display()))?;
+    f.sync_all()?;
+    let mut mbr = [0u8; 512];
+    f.seek(SeekFrom::Start(0))?;
+    f.read_exact(&mut mbr)
+        .with_context(|| format!("reading the MBR of {}", dev.display()))?;
+    let new =
+        patch_mbr(&boot_image()?, &mbr, part_lba).with_context(|| format!("{}", dev.display()))?;
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&new)
+        .with_context(|| format!("writing the MBR of {}", dev.display()))?;
+    f.sync_all()
+        .with_context(|| format!("flushing {}", dev.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mbr_keeps_the_partition_table_and_points_at_core() {
+        let boot = boot_image().unwrap();
+        let mut disk = [0u8; 512];
+        disk[0x1b8..0x1bc].copy_from_slice(&[1, 2, 3, 4]);
+        disk[0x1be..0x1ce].copy_from_slice(&[
+            0, 0, 2, 0, 0xee, 0xff, 0xff, 0xff, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        let m = patch_mbr(&boot, &disk, 2048).unwrap();
+        assert_eq!(m[0x1b8..0x1fe], disk[0x1b8..0x1fe]);
+        assert_eq!(u64::from_le_bytes(m[0x5c..0x64].try_into().unwrap()), 2048);
+        assert_eq!(m[0x66..0x68], [0x90, 0x90]);
+        assert_eq!(m[0x68..0x1b8], boot[0x68..0x1b8]);
+        assert_eq!(m[510..], [0x55, 0xaa]);
+        disk[511] = 0;
+        assert!(patch_mbr(&boot, &disk, 2048).is_err());
+    }
+
+    #[test]
+    fn core_img_block_list_points_after_its_first_sector() {
+        let core = core_image("(hd0,gpt2)/EFI/BOOT").unwrap();
+        let c = patch_core(&core, 34).unwrap();
+        assert_eq!(c.len() % 512, 0);
+        assert_eq!(u64::from_le_bytes(c[500..508].try_into().unwrap()), 35);
+        assert_eq!(c[512..core.len()], core[512..]);
+        let mut bad = core.clone();
+        bad[508] ^= 1;
+        assert!(patch_core(&bad, 34).is_err());
+    }
+}
