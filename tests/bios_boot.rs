@@ -1,50 +1,52 @@
 //! GRUB for legacy BIOS as bootcfg installs it, booted for real: SeaBIOS (QEMU's default
 //! firmware) loads boot.img from the MBR, which loads core.img from the BIOS boot partition,
-//! which reads grub.cfg and grubenv from the ESP (FAT, written in userspace). The grub.cfg
-//! prints what it found on the serial console and consumes the one-shot `next_entry`, as
-//! the migration's does: the test sees both, from outside.
+//! which reads grub.cfg and grubenv from the ESP (FAT, written in userspace). What GRUB did
+//! is seen from outside: its serial console, and the grubenv it wrote back to the disk.
 
+use bootcfg::select::{BootSelector, EspRef, GrubEnv};
 use integration_tests::*;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[test]
-fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
-    let w = scratch();
-    let img = w.path().join("disk.img");
+/// A 64 MiB GPT disk image: BIOS boot partition at 1 MiB, an ESP holding `cfg` and `env` in
+/// EFI/BOOT, GRUB i386-pc installed by bootcfg.
+fn bios_disk(dir: &Path, cfg: &str, env: &BTreeMap<String, String>) -> PathBuf {
+    let img = dir.join("disk.img");
     sh(&format!(
         "truncate -s 64M {i} && printf 'label: gpt\\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name=bios-boot\\nsize=40M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp\\n' | sfdisk -q {i}",
         i = img.display()
     ));
+    with_esp(&img, |dev, esp| {
+        agent::mount::mkfs_esp(esp, "ESP", 512)?;
+        bootcfg::loader::write_esp(
+            esp,
+            &[
+                ("EFI/BOOT/grub.cfg", cfg.as_bytes()),
+                ("EFI/BOOT/grubenv", &bootcfg::grubenv::render(env)?),
+            ],
+        )?;
+        bootcfg::bios::install(dev, 2048, 2048, "(hd0,gpt2)/EFI/BOOT")
+    });
+    img
+}
+
+/// Runs `f` with the image on a loop device (the disk, its ESP node), then detaches it.
+fn with_esp<T>(img: &Path, f: impl FnOnce(&Path, &Path) -> anyhow::Result<T>) -> T {
     let dev = sh(&format!("losetup --find --show {}", img.display()))
         .trim()
         .to_string();
-    let esp = format!("{dev}p2");
-    let result = (|| -> anyhow::Result<()> {
-        ok(Command::new("partx").args(["-a", &dev]));
-        agent::mount::mkfs_esp(Path::new(&esp), "ESP", 512)?;
-        let cfg = "serial --unit=0 --speed=115200\nterminal_output serial\nload_env\n\
-                   echo \"REINSTALL-BIOS-GRUB next=${next_entry} saved=${saved_entry}\"\n\
-                   set next_entry=\nsave_env next_entry\necho REINSTALL-BIOS-GRUB-SAVED\nhalt\n";
-        let mut env = std::collections::BTreeMap::new();
-        env.insert("next_entry".to_string(), "target".to_string());
-        env.insert("saved_entry".to_string(), "rescue".to_string());
-        bootcfg::loader::write_esp(
-            Path::new(&esp),
-            &[
-                ("EFI/BOOT/grub.cfg", cfg.as_bytes()),
-                ("EFI/BOOT/grubenv", &bootcfg::grubenv::render(&env)?),
-            ],
-        )?;
-        bootcfg::bios::install(Path::new(&dev), 2048, 2048, "(hd0,gpt2)/EFI/BOOT")?;
-        Ok(())
-    })();
+    ok(Command::new("partx").args(["-a", &dev]));
+    let r = f(Path::new(&dev), Path::new(&format!("{dev}p2")));
     let _ = Command::new("partx").args(["-d", &dev]).output();
     let _ = Command::new("losetup").args(["-d", &dev]).output();
-    result.unwrap();
+    r.unwrap()
+}
 
-    let serial = w.path().join("serial.log");
+/// Boots the image under SeaBIOS until the serial console shows `until` (or 120 s).
+fn boot_seabios(img: &Path, until: &str) -> (String, f64) {
+    let serial = img.with_extension("serial.log");
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
             "-machine",
@@ -64,8 +66,8 @@ fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
         .unwrap();
     let t = Instant::now();
     let mut log = String::new();
-    while t.elapsed() < Duration::from_secs(120) && !log.contains("REINSTALL-BIOS-GRUB-SAVED") {
-        std::thread::sleep(Duration::from_millis(500));
+    while t.elapsed() < Duration::from_secs(120) && !log.contains(until) {
+        std::thread::sleep(Duration::from_millis(300));
         log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
         if qemu.try_wait().unwrap().is_some() {
             break;
@@ -73,25 +75,107 @@ fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
     }
     let _ = qemu.kill();
     let _ = qemu.wait();
+    (log, t.elapsed().as_secs_f64())
+}
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
+    let w = scratch();
+    let cfg = "serial --unit=0 --speed=115200\nterminal_output serial\nload_env\n\
+               echo \"REINSTALL-BIOS-GRUB next=${next_entry} saved=${saved_entry}\"\n\
+               set next_entry=\nsave_env next_entry\necho REINSTALL-BIOS-GRUB-SAVED\nhalt\n";
+    let img = bios_disk(
+        w.path(),
+        cfg,
+        &env(&[("next_entry", "target"), ("saved_entry", "rescue")]),
+    );
+    let (log, secs) = boot_seabios(&img, "REINSTALL-BIOS-GRUB-SAVED");
     assert!(
         log.contains("REINSTALL-BIOS-GRUB next=target saved=rescue"),
         "GRUB did not read the ESP's grubenv (serial console):\n{log}"
     );
     assert!(log.contains("REINSTALL-BIOS-GRUB-SAVED"), "{log}");
-    eprintln!(
-        "SeaBIOS → boot.img → core.img → grub.cfg on the ESP in {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
-
+    eprintln!("SeaBIOS → boot.img → core.img → grub.cfg on the ESP in {secs:.1}s");
     // The one-shot was spent on the disk, by GRUB itself.
-    let dev = sh(&format!("losetup --find --show {}", img.display()))
-        .trim()
-        .to_string();
-    ok(Command::new("partx").args(["-a", &dev]));
-    let env = bootcfg::loader::read_esp(Path::new(&format!("{dev}p2")), "EFI/BOOT/grubenv");
-    let _ = Command::new("partx").args(["-d", &dev]).output();
-    let _ = Command::new("losetup").args(["-d", &dev]).output();
-    let env = bootcfg::grubenv::parse("grubenv", &env.unwrap()).unwrap();
+    let env = with_esp(&img, |_, esp| {
+        bootcfg::grubenv::parse(
+            "grubenv",
+            &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
+        )
+        .map_err(Into::into)
+    });
     assert_eq!(env.get("next_entry").map(String::as_str).unwrap_or(""), "");
     assert_eq!(env.get("saved_entry").map(String::as_str), Some("rescue"));
+}
+
+/// The boot selector for BIOS machines against the real GRUB and the grub.cfg bootcfg
+/// renders: the one-shot set through the trait is what GRUB boots (once), and what booted is
+/// read back through the trait as the current entry.
+#[test]
+fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
+    let w = scratch();
+    // Roots that do not exist here: GRUB records the entry, then fails to find it.
+    let entry = |id: &str, uuid: &str| bootcfg::grubcfg::Entry {
+        id: id.into(),
+        title: format!("{id} OS"),
+        root_uuid: uuid.into(),
+        kernel: "/boot/vmlinuz".into(),
+        initrd: None,
+        args: "console=ttyS0".into(),
+    };
+    let cfg = bootcfg::grubcfg::render(
+        &[
+            entry("target", "11111111-2222-3333-4444-555555555555"),
+            entry("rescue", "66666666-7777-8888-9999-000000000000"),
+        ],
+        "rescue",
+        0,
+    );
+    let img = bios_disk(w.path(), &cfg, &BTreeMap::new());
+    let esp_ref = EspRef {
+        disk_guid: String::new(),
+        partition: 2,
+        partition_guid: None,
+        start_lba: 0,
+        size_lba: 0,
+        loader: String::new(),
+    };
+    let target = with_esp(&img, |_, esp| {
+        let mut g = GrubEnv {
+            esp: esp.to_path_buf(),
+            dir: "EFI/BOOT".into(),
+        };
+        let t = g.create_entry("reinstall-target", &esp_ref)?;
+        let r = g.create_entry("reinstall-rescue", &esp_ref)?;
+        g.make_default(r)?;
+        g.set_next(t)?;
+        Ok(t)
+    });
+    let (log, _) = boot_seabios(&img, "11111111-2222-3333-4444-555555555555");
+    assert!(
+        log.contains("no such device: 11111111-2222-3333-4444-555555555555"),
+        "GRUB did not try the one-shot entry (serial console):\n{log}"
+    );
+    let (current, next) = with_esp(&img, |_, esp| {
+        let g = GrubEnv {
+            esp: esp.to_path_buf(),
+            dir: "EFI/BOOT".into(),
+        };
+        Ok((g.current()?, g.next()?))
+    });
+    assert_eq!(current, Some(target), "what GRUB booted, through the trait");
+    assert_eq!(next, None, "GRUB spends the one-shot before trying it");
+    // The next power cycle: the default.
+    let (log, _) = boot_seabios(&img, "66666666-7777-8888-9999-000000000000");
+    assert!(
+        log.contains("no such device: 66666666-7777-8888-9999-000000000000"),
+        "after the one-shot GRUB did not return to the default (serial console):\n{log}"
+    );
 }

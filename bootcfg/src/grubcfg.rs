@@ -91,6 +91,18 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
     );
     let _ = writeln!(s, "set timeout={timeout_secs}");
     let _ = writeln!(s, "insmod part_gpt\ninsmod ext2\ninsmod search_fs_uuid");
+    // BIOS GRUB writes to the VGA console only; UEFI firmware mirrors its console already.
+    let _ = writeln!(
+        s,
+        "if [ \"${{grub_platform}}\" = \"pc\" ]; then\n  serial --unit=0 --speed=115200\n  terminal_input serial console\n  terminal_output serial console\nfi"
+    );
+    // An entry that cannot boot (its root or kernel gone) falls back to the firmware on
+    // UEFI, which moves on to the next entry of BootOrder (the rescue), instead of waiting
+    // in GRUB's menu where nobody can see it.
+    let _ = writeln!(
+        s,
+        "if [ \"${{grub_platform}}\" = \"efi\" ]; then\n  set fallback=\"{FIRMWARE_ID}\"\nfi"
+    );
     let _ = writeln!(s, "if [ -s $prefix/grubenv ]; then\n  load_env\nfi");
     // A pending one-shot is cleared before it is tried: if that boot fails, the next one
     // falls back to the saved (last good) entry.
@@ -103,6 +115,12 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
             s,
             "\nmenuentry '{}' --id '{}' {{",
             e.title.replace('\'', ""),
+            e.id
+        );
+        // What booted, for the boot selector on machines without BootCurrent (BIOS).
+        let _ = writeln!(
+            s,
+            "  set {BOOTED_VAR}=\"{}\"\n  save_env {BOOTED_VAR}",
             e.id
         );
         let _ = writeln!(
@@ -120,7 +138,25 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
         }
         let _ = writeln!(s, "}}");
     }
+    let _ = writeln!(
+        s,
+        "\nmenuentry 'firmware' --id '{FIRMWARE_ID}' {{\n  exit\n}}"
+    );
     s
+}
+
+/// The grubenv variable each entry sets (and saves) to the id of the entry it boots.
+pub const BOOTED_VAR: &str = "reinstall_booted";
+/// The id of the last entry: back to the firmware (UEFI: the next boot option).
+pub const FIRMWARE_ID: &str = "firmware";
+
+/// The menu entry ids of a grub.cfg, in order (`menuentry '...' --id 'ID'`).
+pub fn entry_ids(cfg: &str) -> Vec<String> {
+    cfg.lines()
+        .filter(|l| l.trim_start().starts_with("menuentry "))
+        .filter_map(|l| l.split_once("--id '").map(|(_, r)| r))
+        .filter_map(|r| r.split_once('\'').map(|(id, _)| id.to_string()))
+        .collect()
 }
 
 /// Where grub.cfg goes inside an ESP or /boot/grub.
@@ -169,8 +205,12 @@ mod tests {
             "initrd /boot/initrd.img-6.1.0-28-amd64",
             "set next_entry=\n  save_env next_entry",
             "menuentry 'reinstall rescue' --id 'rescue'",
+            "set reinstall_booted=\"rescue\"\n  save_env reinstall_booted",
+            "set fallback=\"firmware\"",
+            "terminal_output serial console",
         ] {
             assert!(cfg.contains(want), "{want:?} missing from:\n{cfg}");
         }
+        assert_eq!(entry_ids(&cfg), ["rescue", "firmware"]);
     }
 }

@@ -1,6 +1,7 @@
-//! The one narrow trait the agent's phase engine uses to choose what boots next, and its UEFI
-//! implementation over efivarfs. (The fake firmware for tests lives with the agent; GRUB's
-//! environment-block implementation for BIOS machines is not built yet.)
+//! The one narrow trait the agent's phase engine uses to choose what boots next, with its UEFI
+//! implementation over efivarfs and its GRUB implementation over the environment block (for
+//! legacy BIOS machines, where the firmware boots disk 1's GRUB and GRUB chooses). The fake
+//! firmware for tests lives with the agent.
 
 use crate::efi::{self, DevicePathNode, Guid, LoadOption};
 use serde::{Deserialize, Serialize};
@@ -341,5 +342,167 @@ mod tests {
             .exists());
         assert_eq!(v.entries().unwrap().len(), 2);
         std::fs::remove_dir_all(&d).unwrap();
+    }
+}
+
+/// GRUB as the boot selector (legacy BIOS: no boot variables): the entries are the menu
+/// entries of `grub.cfg` in `dir` on the FAT filesystem `esp` (numbered in order), the
+/// one-shot is `next_entry` and the default `saved_entry` in `dir/grubenv` (the grub.cfg
+/// that [`crate::grubcfg::render`] writes spends the one-shot before trying it), and the
+/// current boot is what that entry recorded in [`crate::grubcfg::BOOTED_VAR`]. Labels map
+/// to ids by dropping a `reinstall-` prefix: `reinstall-target` is the entry `target`.
+pub struct GrubEnv {
+    pub esp: PathBuf,
+    /// For example `EFI/BOOT`.
+    pub dir: String,
+}
+
+impl GrubEnv {
+    fn file(&self, name: &str) -> String {
+        format!("{}/{name}", self.dir)
+    }
+
+    fn ids(&self) -> anyhow::Result<Vec<String>> {
+        let p = self.file("grub.cfg");
+        let cfg = crate::loader::read_esp(&self.esp, &p)?;
+        let ids = crate::grubcfg::entry_ids(&String::from_utf8_lossy(&cfg));
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "{}: {p} has no menu entries with ids",
+            self.esp.display()
+        );
+        Ok(ids)
+    }
+
+    pub fn env(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let p = self.file("grubenv");
+        let b = crate::loader::read_esp(&self.esp, &p)?;
+        Ok(crate::grubenv::parse(
+            &format!("{}: {p}", self.esp.display()),
+            &b,
+        )?)
+    }
+
+    fn set(&self, var: &str, value: &str) -> anyhow::Result<()> {
+        let mut env = self.env()?;
+        env.insert(var.to_string(), value.to_string());
+        let p = self.file("grubenv");
+        crate::loader::write_esp(&self.esp, &[(&p, &crate::grubenv::render(&env)?)])
+    }
+
+    fn id(&self, entry: u16) -> anyhow::Result<String> {
+        self.ids()?.get(entry as usize).cloned().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: grub.cfg has no entry number {entry}",
+                self.esp.display()
+            )
+        })
+    }
+
+    fn number(&self, id: Option<&String>) -> anyhow::Result<Option<u16>> {
+        let Some(id) = id.filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        Ok(self.ids()?.iter().position(|i| i == id).map(|n| n as u16))
+    }
+}
+
+impl BootSelector for GrubEnv {
+    fn create_entry(&mut self, label: &str, _esp: &EspRef) -> anyhow::Result<u16> {
+        let id = label.strip_prefix("reinstall-").unwrap_or(label);
+        let ids = self.ids()?;
+        let n = ids.iter().position(|i| i == id).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: {} has no menu entry {id:?} (has: {})",
+                self.esp.display(),
+                self.file("grub.cfg"),
+                ids.join(", ")
+            )
+        })?;
+        Ok(n as u16)
+    }
+
+    fn set_next(&mut self, entry: u16) -> anyhow::Result<()> {
+        let id = self.id(entry)?;
+        self.set("next_entry", &id)
+    }
+
+    fn make_default(&mut self, entry: u16) -> anyhow::Result<()> {
+        let id = self.id(entry)?;
+        self.set("saved_entry", &id)
+    }
+
+    fn current(&self) -> anyhow::Result<Option<u16>> {
+        self.number(self.env()?.get(crate::grubcfg::BOOTED_VAR))
+    }
+
+    fn next(&self) -> anyhow::Result<Option<u16>> {
+        self.number(self.env()?.get("next_entry"))
+    }
+}
+
+#[cfg(test)]
+mod grubenv_tests {
+    use super::*;
+    use crate::grubcfg::{render, Entry};
+
+    #[test]
+    fn grub_entries_one_shot_and_default_live_in_the_esp_grubenv() {
+        let img = std::env::temp_dir().join(format!("grubenv-sel-{}.img", std::process::id()));
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(40 << 20).unwrap();
+        fatfs::format_volume(&f, fatfs::FormatVolumeOptions::new()).unwrap();
+        drop(f);
+        let entry = |id: &str| Entry {
+            id: id.into(),
+            title: format!("{id} OS"),
+            root_uuid: "0c1a5c1e-1111-2222-3333-444455556666".into(),
+            kernel: "/boot/vmlinuz".into(),
+            initrd: None,
+            args: String::new(),
+        };
+        let cfg = render(&[entry("target"), entry("rescue")], "rescue", 1);
+        let env = crate::grubenv::render(&Default::default()).unwrap();
+        crate::loader::write_esp(
+            &img,
+            &[
+                ("EFI/BOOT/grub.cfg", cfg.as_bytes()),
+                ("EFI/BOOT/grubenv", &env),
+            ],
+        )
+        .unwrap();
+        let mut g = GrubEnv {
+            esp: img.clone(),
+            dir: "EFI/BOOT".into(),
+        };
+        let esp = EspRef {
+            disk_guid: String::new(),
+            partition: 2,
+            partition_guid: None,
+            start_lba: 0,
+            size_lba: 0,
+            loader: String::new(),
+        };
+        let t = g.create_entry("reinstall-target", &esp).unwrap();
+        let r = g.create_entry("reinstall-rescue", &esp).unwrap();
+        assert_eq!((t, r), (0, 1));
+        let e = g
+            .create_entry("reinstall-windows", &esp)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no menu entry \"windows\"") && e.contains("target, rescue, firmware"),
+            "{e}"
+        );
+        assert_eq!(g.next().unwrap(), None);
+        assert_eq!(g.current().unwrap(), None);
+        g.set_next(t).unwrap();
+        g.make_default(r).unwrap();
+        assert_eq!(g.next().unwrap(), Some(t));
+        let env = g.env().unwrap();
+        assert_eq!(env["next_entry"], "target");
+        assert_eq!(env["saved_entry"], "rescue");
+        assert!(g.set_next(9).is_err());
+        std::fs::remove_file(&img).unwrap();
     }
 }
