@@ -51,21 +51,7 @@ pub const MODULES: &[&str] = &[
 
 /// Builds core.img with `prefix` (for example `(hd0,gpt2)/EFI/BOOT`).
 pub fn core_image(prefix: &str) -> Result<Vec<u8>> {
-    let out = std::env::temp_dir().join(format!("reinstall-core-{}.img", std::process::id()));
-    let st = std::process::Command::new("grub-mkimage")
-        .args(["-O", "i386-pc", "-p", prefix, "-o"])
-        .arg(&out)
-        .args(MODULES)
-        .output()
-        .context("running grub-mkimage (packages grub-common, grub-pc-bin)")?;
-    ensure!(
-        st.status.success(),
-        "grub-mkimage -O i386-pc failed: {}",
-        String::from_utf8_lossy(&st.stderr).trim()
-    );
-    let image = std::fs::read(&out)?;
-    let _ = std::fs::remove_file(&out);
-    Ok(image)
+    crate::loader::grub_mkimage("i386-pc", prefix, MODULES)
 }
 
 /// GRUB's boot.img, from the host's i386-pc modules.

@@ -35,24 +35,39 @@ pub const MODULES: &[&str] = &[
 
 /// A GRUB EFI application that reads `prefix/grub.cfg` from its own ESP.
 pub fn grub_efi_image(prefix: &str) -> Result<Vec<u8>> {
-    let out = std::env::temp_dir().join(format!("reinstall-grub-{}.efi", std::process::id()));
-    let st = std::process::Command::new("grub-mkimage")
-        .args(["-O", "x86_64-efi", "-p", prefix, "-o"])
-        .arg(&out)
-        .args(MODULES)
-        .output()
-        .context("running grub-mkimage (packages grub-common, grub-efi-amd64-bin)")?;
-    anyhow::ensure!(
-        st.status.success(),
-        "grub-mkimage failed: {}",
-        String::from_utf8_lossy(&st.stderr).trim()
-    );
-    let image = std::fs::read(&out)?;
-    let _ = std::fs::remove_file(&out);
+    let image = grub_mkimage("x86_64-efi", prefix, MODULES)?;
     anyhow::ensure!(
         image.starts_with(b"MZ"),
         "grub-mkimage did not produce a PE image"
     );
+    Ok(image)
+}
+
+/// Runs the host's `grub-mkimage` for `format` with `prefix` and `modules`; returns the image.
+pub fn grub_mkimage(format: &str, prefix: &str, modules: &[&str]) -> Result<Vec<u8>> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::env::temp_dir().join(format!(
+        "reinstall-grub-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let st = std::process::Command::new("grub-mkimage")
+        .args(["-O", format, "-p", prefix, "-o"])
+        .arg(&out)
+        .args(modules)
+        .output()
+        .with_context(|| {
+            format!(
+                "running grub-mkimage -O {format} (packages grub-common and the {format} modules)"
+            )
+        })?;
+    anyhow::ensure!(
+        st.status.success(),
+        "grub-mkimage -O {format} failed: {}",
+        String::from_utf8_lossy(&st.stderr).trim()
+    );
+    let image = std::fs::read(&out)?;
+    let _ = std::fs::remove_file(&out);
     Ok(image)
 }
 
