@@ -537,7 +537,15 @@ impl Agent {
         // With the removable-media fallback too: firmware that lost its entries (or a machine
         // whose disk 1 is gone) still finds the rescue OS.
         let entry = loader_entry(&rescue.path, &rescue_uuid, "rescue", "reinstall rescue OS")?;
-        install_loader(&parts[0], &[entry], "rescue", &[], "reinstall", true)?;
+        install_loader(
+            &parts[0],
+            Some(&rescue.path),
+            &[entry],
+            "rescue",
+            &[],
+            "reinstall",
+            true,
+        )?;
         Ok(())
     }
 
@@ -744,6 +752,7 @@ impl Agent {
         )?;
         install_loader(
             esp,
+            Some(&root.path),
             &[target, rescue],
             "rescue",
             &[("next_entry", "target")],
@@ -915,8 +924,12 @@ pub fn loader_entry(
 /// (`default` booted when no one-shot is pending and none was saved) and its environment
 /// block `grubenv` holding `env`; with `fallback` the same under the removable-media path
 /// `\EFI\BOOT\BOOTX64.EFI` (UEFI spec §3.5.1.1), which firmware boots when no entry does.
+/// Installs GRUB into `esp` (`EFI/<dir>`, and the removable path `EFI/BOOT` with
+/// `fallback`), built by the GRUB of `tree` (the OS it boots) when it has one, else the
+/// host's; says which on stderr.
 pub fn install_loader(
     esp: &Path,
+    tree: Option<&Path>,
     entries: &[bootcfg::grubcfg::Entry],
     default: &str,
     env: &[(&str, &str)],
@@ -933,10 +946,9 @@ pub fn install_loader(
         } else {
             "grubx64.efi"
         };
-        files.push((
-            format!("EFI/{d}/{name}"),
-            bootcfg::loader::grub_efi_image(&format!("/EFI/{d}"))?,
-        ));
+        let (image, from) = bootcfg::loader::grub_efi_image_from(tree, &format!("/EFI/{d}"))?;
+        eprintln!("reinstall: EFI/{d}/{name}: built with {from}");
+        files.push((format!("EFI/{d}/{name}"), image));
         files.push((format!("EFI/{d}/grub.cfg"), cfg.clone()));
         files.push((format!("EFI/{d}/grubenv"), env.clone()));
     }

@@ -5,9 +5,9 @@
 //! The image is built with the host's `grub-mkimage` and x86_64-efi modules (Debian package
 //! `grub-efi-amd64-bin`), with only the modules a rescue or Linux boot needs, which also
 //! keeps GRUB's start fast (MACHINE-NOTES: a lean image loads the kernel in seconds where a
-//! full `grub-install` takes tens under emulation). GRUB i386-pc for legacy BIOS is in
-//! [`crate::bios`]. Not built yet: using the tree's own GRUB,
-//! Secure Boot (shim).
+//! full `grub-install` takes tens under emulation). The tree's own GRUB is preferred when it
+//! has one ([`grub_mkimage_from`]). GRUB i386-pc for legacy BIOS is in [`crate::bios`]. Not
+//! built: Secure Boot (shim).
 
 use anyhow::{Context, Result};
 use std::io::{Read, Write};
@@ -33,24 +33,67 @@ pub const MODULES: &[&str] = &[
     "halt",
 ];
 
-/// A GRUB EFI application that reads `prefix/grub.cfg` from its own ESP.
+/// A GRUB EFI application that reads `prefix/grub.cfg` from its own ESP, built by the
+/// host's GRUB.
 pub fn grub_efi_image(prefix: &str) -> Result<Vec<u8>> {
-    let image = grub_mkimage("x86_64-efi", prefix, MODULES)?;
+    Ok(grub_efi_image_from(None, prefix)?.0)
+}
+
+/// The same, preferring the GRUB of the OS tree it is for (see [`grub_mkimage_from`]).
+pub fn grub_efi_image_from(tree: Option<&Path>, prefix: &str) -> Result<(Vec<u8>, GrubFrom)> {
+    let (image, from) = grub_mkimage_from(tree, "x86_64-efi", prefix, MODULES)?;
     anyhow::ensure!(
         image.starts_with(b"MZ"),
-        "grub-mkimage did not produce a PE image"
+        "grub-mkimage ({from}) did not produce a PE image"
     );
-    Ok(image)
+    Ok((image, from))
+}
+
+/// Whose GRUB built an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrubFrom {
+    /// The OS tree's own (`grub-mkimage --version` in it).
+    Tree(String),
+    /// The running system's (the tree had none, or it failed: the reason).
+    Host(String),
+}
+
+impl std::fmt::Display for GrubFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrubFrom::Tree(v) => write!(f, "the tree's own GRUB ({v})"),
+            GrubFrom::Host(why) => write!(f, "the host's GRUB ({why})"),
+        }
+    }
+}
+
+/// Builds a GRUB image with the GRUB of the OS tree it is for, when the tree has one for
+/// `format` (its `grub-mkimage` and every module), by running that `grub-mkimage` chrooted
+/// into the tree: the loader then matches what the OS's own updates install. Falls back to
+/// the host's GRUB, saying why. (grub-mkimage reads only files of the tree, so nothing is
+/// bound into the chroot: a kill at any moment leaves no mounts behind.)
+pub fn grub_mkimage_from(
+    tree: Option<&Path>,
+    format: &str,
+    prefix: &str,
+    modules: &[&str],
+) -> Result<(Vec<u8>, GrubFrom)> {
+    let why = match tree {
+        None => "no tree given".to_string(),
+        Some(t) => match tree_grub(t, format, modules) {
+            Err(why) => why,
+            Ok(()) => match in_tree(t, format, prefix, modules) {
+                Ok(r) => return Ok(r),
+                Err(e) => format!("{}: its grub-mkimage failed: {e:#}", t.display()),
+            },
+        },
+    };
+    Ok((grub_mkimage(format, prefix, modules)?, GrubFrom::Host(why)))
 }
 
 /// Runs the host's `grub-mkimage` for `format` with `prefix` and `modules`; returns the image.
 pub fn grub_mkimage(format: &str, prefix: &str, modules: &[&str]) -> Result<Vec<u8>> {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let out = std::env::temp_dir().join(format!(
-        "reinstall-grub-{}-{}.img",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let out = std::env::temp_dir().join(unique_name());
     let st = std::process::Command::new("grub-mkimage")
         .args(["-O", format, "-p", prefix, "-o"])
         .arg(&out)
@@ -69,6 +112,83 @@ pub fn grub_mkimage(format: &str, prefix: &str, modules: &[&str]) -> Result<Vec<
     let image = std::fs::read(&out)?;
     let _ = std::fs::remove_file(&out);
     Ok(image)
+}
+
+/// A file name no other image build in this process uses at the same time.
+fn unique_name() -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!(
+        ".reinstall-grub-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Whether `tree` has a grub-mkimage and all `modules` for `format`; else why not.
+fn tree_grub(tree: &Path, format: &str, modules: &[&str]) -> std::result::Result<(), String> {
+    let bin = tree.join("usr/bin/grub-mkimage");
+    if !bin.exists() {
+        return Err(format!("{} has no usr/bin/grub-mkimage", tree.display()));
+    }
+    let dir = tree.join("usr/lib/grub").join(format);
+    let missing: Vec<&str> = std::iter::once("kernel")
+        .chain(modules.iter().copied())
+        .filter(|m| {
+            let ext = if *m == "kernel" { "img" } else { "mod" };
+            !dir.join(format!("{m}.{ext}")).exists()
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} lacks {format} modules: {}",
+            dir.display(),
+            missing.join(", ")
+        ))
+    }
+}
+
+fn in_tree(
+    tree: &Path,
+    format: &str,
+    prefix: &str,
+    modules: &[&str],
+) -> Result<(Vec<u8>, GrubFrom)> {
+    let name = unique_name();
+    let chroot = |args: &[&str]| {
+        std::process::Command::new("chroot")
+            .arg(tree)
+            .arg("/usr/bin/grub-mkimage")
+            .args(args)
+            .output()
+            .context("running chroot")
+    };
+    let version = chroot(&["--version"])?;
+    anyhow::ensure!(
+        version.status.success(),
+        "{}",
+        String::from_utf8_lossy(&version.stderr).trim()
+    );
+    let out = chroot(
+        &[
+            &["-O", format, "-p", prefix, "-o", &format!("/{name}")][..],
+            modules,
+        ]
+        .concat(),
+    );
+    let image = std::fs::read(tree.join(&name));
+    let _ = std::fs::remove_file(tree.join(&name));
+    let out = out?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok((
+        image?,
+        GrubFrom::Tree(String::from_utf8_lossy(&version.stdout).trim().to_string()),
+    ))
 }
 
 /// Writes `files` (paths with `/`, e.g. `EFI/reinstall/grub.cfg`) into the FAT filesystem on

@@ -193,7 +193,7 @@ pub fn source_disk(tree: &Path, img: &Path, size_mib: u64) -> Result<()> {
         .arg(&esp))?;
     agent::mount::mkfs_esp(&esp, "ESP", 512)?;
     let entry = agent::engine::loader_entry(tree, &uuid, "source", "source OS")?;
-    agent::engine::install_loader(&esp, &[entry], "source", &[], "debian", true)?;
+    agent::engine::install_loader(&esp, Some(tree), &[entry], "source", &[], "debian", true)?;
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "source", "-U", &uuid, "-d"])
         .arg(tree)
