@@ -945,60 +945,88 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
     sh("sync");
-    for (img, marker) in [
-        (
-            "disk2.img",
-            "REINSTALL-RESCUE-BOOTED host=web1 world=rescue",
-        ),
-        (
-            "disk1.img",
-            "REINSTALL-TARGET-BOOTED host=web1 world=target",
-        ),
-    ] {
+    let boot = |disks: &[&str], marker: &str, what: &str| {
         let vars = env.w.path().join("vars.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
-        let serial = env.w.path().join(format!("{img}.serial"));
+        let serial = env.w.path().join(format!("{what}.serial"));
         let t = std::time::Instant::now();
-        let out = run(Command::new("timeout")
-            .args([
-                "180",
-                "qemu-system-x86_64",
-                "-machine",
-                "q35",
-                "-accel",
-                "tcg,thread=multi",
-                "-smp",
-                "2",
-                "-m",
-                "1024",
-            ])
-            .args([
-                "-drive",
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ))
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=virtio,snapshot=on",
-                env.w.path().join(img).display()
-            ))
+        let mut qemu = Command::new("timeout");
+        qemu.args([
+            "180",
+            "qemu-system-x86_64",
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg,thread=multi",
+            "-smp",
+            "2",
+            "-m",
+            "1024",
+        ])
+        .args([
+            "-drive",
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ));
+        for (i, img) in disks.iter().enumerate() {
+            qemu.arg("-drive")
+                .arg(format!(
+                    "file={},format=raw,if=none,id=d{i},snapshot=on",
+                    env.w.path().join(img).display()
+                ))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=d{i},bootindex={}", i + 1));
+        }
+        let out = run(qemu
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .args(["-display", "none", "-no-reboot", "-net", "none"]));
         let log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap()).replace('\r', "");
-        assert!(
-            log.contains(marker),
-            "{img} did not boot to {marker:?} (qemu {:?}); serial log tail:\n{}",
-            out.status,
-            log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
-        );
+        if !log.contains(marker) {
+            let keep = std::env::temp_dir().join("reinstall-uefi-boot-failed.serial");
+            let _ = std::fs::write(&keep, &log);
+            panic!(
+                "{what} did not boot to {marker:?} (qemu {:?}); whole log in {}; tail:\n{}",
+                out.status,
+                keep.display(),
+                log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+            );
+        }
         eprintln!(
-            "{img}: booted to its OS on OVMF in {:.1}s",
+            "{what}: booted to {marker:?} on OVMF in {:.1}s",
             t.elapsed().as_secs_f64()
         );
+        log
+    };
+    boot(
+        &["disk2.img"],
+        "REINSTALL-RESCUE-BOOTED host=web1 world=rescue",
+        "disk 2 alone",
+    );
+    boot(
+        &["disk1.img"],
+        "REINSTALL-TARGET-BOOTED host=web1 world=target",
+        "disk 1 alone",
+    );
+    // The target's kernel is gone: disk 1's GRUB cannot boot its default entry and falls
+    // back to its next one, the rescue OS on disk 2, instead of waiting at a GRUB prompt.
+    {
+        let at = env.w.path().join("mnt-break");
+        let _m = mount(&env.root_part("reinstall-target"), &at, false);
+        sh(&format!("rm -f {}/boot/vmlinuz*", at.display()));
     }
+    sh("sync");
+    let log = boot(
+        &["disk1.img", "disk2.img"],
+        "REINSTALL-RESCUE-BOOTED host=web1 world=rescue",
+        "both disks, disk 1's kernel gone",
+    );
+    assert!(
+        log.contains("Falling back to `reinstall rescue OS'"),
+        "disk 1's GRUB did not fall back to the rescue entry:\n{log}"
+    );
 }

@@ -45,6 +45,7 @@ pub const MODULES: &[&str] = &[
     "gzio",
     "reboot",
     "halt",
+    "minicmd",
     "serial",
     "terminal",
 ];

@@ -96,13 +96,13 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
         s,
         "if [ \"${{grub_platform}}\" = \"pc\" ]; then\n  serial --unit=0 --speed=115200\n  terminal_input serial console\n  terminal_output serial console\nfi"
     );
-    // An entry that cannot boot (its root or kernel gone) falls back to the firmware on
-    // UEFI, which moves on to the next entry of BootOrder (the rescue), instead of waiting
-    // in GRUB's menu where nobody can see it.
-    let _ = writeln!(
-        s,
-        "if [ \"${{grub_platform}}\" = \"efi\" ]; then\n  set fallback=\"{FIRMWARE_ID}\"\nfi"
-    );
+    // An entry that cannot boot (its root or kernel gone) falls back to the other entries in
+    // order, the firmware last (UEFI: `exit`; OVMF then shows its boot manager, other
+    // firmware moves on to the next boot option), instead of waiting in GRUB's menu where
+    // nobody sees it. On disk 1 that is: the target fails, the rescue on disk 2 boots.
+    // (GRUB 2.06 takes `fallback` as entry numbers only.)
+    let fallback: Vec<String> = (0..=entries.len()).map(|n| n.to_string()).collect();
+    let _ = writeln!(s, "set fallback=\"{}\"", fallback.join(" "));
     let _ = writeln!(s, "if [ -s $prefix/grubenv ]; then\n  load_env\nfi");
     // A pending one-shot is cleared before it is tried: if that boot fails, the next one
     // falls back to the saved (last good) entry.
@@ -206,7 +206,7 @@ mod tests {
             "set next_entry=\n  save_env next_entry",
             "menuentry 'reinstall rescue' --id 'rescue'",
             "set reinstall_booted=\"rescue\"\n  save_env reinstall_booted",
-            "set fallback=\"firmware\"",
+            "set fallback=\"0 1\"",
             "terminal_output serial console",
         ] {
             assert!(cfg.contains(want), "{want:?} missing from:\n{cfg}");

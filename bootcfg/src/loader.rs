@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 /// Modules for: GPT, FAT (the ESP), ext4 (the root), finding it by UUID, reading the
-/// one-shot environment, loading Linux.
+/// one-shot environment, loading Linux, and `exit` back to the firmware (minicmd).
 pub const MODULES: &[&str] = &[
     "part_gpt",
     "fat",
@@ -31,6 +31,7 @@ pub const MODULES: &[&str] = &[
     "gzio",
     "reboot",
     "halt",
+    "minicmd",
 ];
 
 /// A GRUB EFI application that reads `prefix/grub.cfg` from its own ESP, built by the
