@@ -27,7 +27,12 @@ fn bios_disk(dir: &Path, cfg: &str, env: &BTreeMap<String, String>) -> PathBuf {
                 ("EFI/BOOT/grubenv", &bootcfg::grubenv::render(env)?),
             ],
         )?;
-        bootcfg::bios::install(dev, 2048, 2048, "(hd0,gpt2)/EFI/BOOT")
+        // The early config looks for an ESP that is not there first (disk 1's, while it is
+        // being written), then this one.
+        let uuid = bootcfg::bios::read_fat32_uuid(esp)?;
+        let early = bootcfg::bios::early_config(&["0bad-0bad", &uuid], "EFI/BOOT");
+        bootcfg::bios::install(dev, None, 2048, 2048, &early)?;
+        Ok(())
     });
     img
 }

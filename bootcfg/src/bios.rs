@@ -50,17 +50,85 @@ pub const MODULES: &[&str] = &[
     "terminal",
 ];
 
-/// Builds core.img with `prefix` (for example `(hd0,gpt2)/EFI/BOOT`).
+/// Builds core.img with `prefix` (for example `(hd0,gpt2)/EFI/BOOT`) and no early config,
+/// with the host's GRUB.
 pub fn core_image(prefix: &str) -> Result<Vec<u8>> {
-    crate::loader::grub_mkimage("i386-pc", prefix, MODULES)
+    crate::loader::grub_mkimage("i386-pc", prefix, None, MODULES)
 }
 
-/// GRUB's boot.img, from the host's i386-pc modules.
-pub fn boot_image() -> Result<Vec<u8>> {
-    let p = "/usr/lib/grub/i386-pc/boot.img";
-    let b = std::fs::read(p).with_context(|| format!("reading {p} (package grub-pc-bin)"))?;
-    ensure!(b.len() == 512, "{p}: {} bytes, not 512", b.len());
+/// GRUB's boot.img, from the tree's GRUB when it has one (as core.img), else the host's.
+pub fn boot_image(tree: Option<&Path>) -> Result<Vec<u8>> {
+    let p = tree
+        .map(|t| t.join("usr/lib/grub/i386-pc/boot.img"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/usr/lib/grub/i386-pc/boot.img").to_path_buf());
+    let b = std::fs::read(&p)
+        .with_context(|| format!("reading {} (package grub-pc-bin)", p.display()))?;
+    ensure!(
+        b.len() == 512,
+        "{}: {} bytes, not 512",
+        p.display(),
+        b.len()
+    );
     Ok(b)
+}
+
+/// A FAT volume id as GRUB's `search --fs-uuid` names it: `1234-abcd`.
+pub fn fat_uuid(volume_id: u32) -> String {
+    format!("{:04x}-{:04x}", volume_id >> 16, volume_id & 0xffff)
+}
+
+/// The volume id of the FAT32 filesystem on `dev` (boot sector offset 0x43), as [`fat_uuid`].
+pub fn read_fat32_uuid(dev: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let mut bs = [0u8; 512];
+    f.read_exact(&mut bs)
+        .with_context(|| format!("reading the boot sector of {}", dev.display()))?;
+    ensure!(
+        &bs[0x52..0x57] == b"FAT32" && bs[510..] == [0x55, 0xaa],
+        "{} holds no FAT32 filesystem",
+        dev.display()
+    );
+    Ok(fat_uuid(u32::from_le_bytes(
+        bs[0x43..0x47].try_into().expect("4 bytes"),
+    )))
+}
+
+/// core.img's early config: `$prefix` is `dir` on the first filesystem of `uuids` (FAT
+/// uuids, in order of preference) that is present. Disk 1 lists its own ESP, then the rescue
+/// ESP on disk 2: until disk 1's ESP carries its final uuid, it boots the rescue. (core.img
+/// runs this with GRUB's minimal parser, without `if`: each `search` that finds its
+/// filesystem overrides `root`, so the most preferred comes last.)
+pub fn early_config(uuids: &[&str], dir: &str) -> String {
+    let mut s = String::new();
+    for uuid in uuids.iter().rev() {
+        s.push_str(&format!("search.fs_uuid {uuid} root\n"));
+    }
+    s.push_str(&format!("set prefix=($root)/{dir}\n"));
+    s
+}
+
+/// Sets the volume id of the FAT32 filesystem on `dev` (boot sector and its backup): one
+/// sector write makes a finished ESP visible under the uuid core.img looks for.
+pub fn set_fat32_volume_id(dev: &Path, volume_id: u32) -> Result<()> {
+    read_fat32_uuid(dev)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("opening {}", dev.display()))?;
+    let mut bs = [0u8; 512];
+    f.read_exact(&mut bs)?;
+    let backup = u64::from(u16::from_le_bytes([bs[0x32], bs[0x33]]));
+    let sector = u64::from(u16::from_le_bytes([bs[0x0b], bs[0x0c]]));
+    for at in [0, backup * sector] {
+        if at == 0 || backup != 0 {
+            f.seek(SeekFrom::Start(at + 0x43))?;
+            f.write_all(&volume_id.to_le_bytes())?;
+        }
+    }
+    f.sync_all()
+        .with_context(|| format!("flushing {}", dev.display()))
 }
 
 /// The new MBR: boot.img's code with `core_lba` patched in, the disk's own BPB area,
@@ -103,11 +171,20 @@ pub fn patch_core(core: &[u8], core_lba: u64) -> Result<Vec<u8>> {
     Ok(c)
 }
 
-/// Installs GRUB for BIOS on the disk `dev` (512-byte sectors): core.img into the BIOS boot
+/// Installs GRUB for BIOS on the disk `dev` (512-byte sectors): core.img (built by the GRUB
+/// of `tree` when it has one, with `early` as its embedded config) into the BIOS boot
 /// partition at `part_lba` (`part_sectors` long), then boot.img into the MBR, each flushed.
 /// The MBR is written last: until then the disk's old boot code (or none) stays.
-pub fn install(dev: &Path, part_lba: u64, part_sectors: u64, prefix: &str) -> Result<()> {
-    let core = patch_core(&core_image(prefix)?, part_lba)?;
+pub fn install(
+    dev: &Path,
+    tree: Option<&Path>,
+    part_lba: u64,
+    part_sectors: u64,
+    early: &str,
+) -> Result<crate::loader::GrubFrom> {
+    let (core, from) =
+        crate::loader::grub_mkimage_from(tree, "i386-pc", "/boot/grub", Some(early), MODULES)?;
+    let core = patch_core(&core, part_lba)?;
     ensure!(
         core.len() as u64 <= part_sectors * 512,
         "core.img ({} bytes) does not fit the BIOS boot partition of {} ({} bytes)",
@@ -128,14 +205,14 @@ pub fn install(dev: &Path, part_lba: u64, part_sectors: u64, prefix: &str) -> Re
     f.seek(SeekFrom::Start(0))?;
     f.read_exact(&mut mbr)
         .with_context(|| format!("reading the MBR of {}", dev.display()))?;
-    let new =
-        patch_mbr(&boot_image()?, &mbr, part_lba).with_context(|| format!("{}", dev.display()))?;
+    let new = patch_mbr(&boot_image(tree)?, &mbr, part_lba)
+        .with_context(|| format!("{}", dev.display()))?;
     f.seek(SeekFrom::Start(0))?;
     f.write_all(&new)
         .with_context(|| format!("writing the MBR of {}", dev.display()))?;
     f.sync_all()
         .with_context(|| format!("flushing {}", dev.display()))?;
-    Ok(())
+    Ok(from)
 }
 
 #[cfg(test)]
@@ -144,7 +221,7 @@ mod tests {
 
     #[test]
     fn the_mbr_keeps_the_partition_table_and_points_at_core() {
-        let boot = boot_image().unwrap();
+        let boot = boot_image(None).unwrap();
         let mut disk = [0u8; 512];
         disk[0x1b8..0x1bc].copy_from_slice(&[1, 2, 3, 4]);
         disk[0x1be..0x1ce].copy_from_slice(&[
@@ -172,5 +249,46 @@ mod tests {
         let mut bad = core.clone();
         bad[508] ^= 1;
         assert!(patch_core(&bad, 34).is_err());
+    }
+
+    #[test]
+    fn the_early_config_prefers_the_first_uuid_and_the_volume_id_flips_in_place() {
+        assert_eq!(
+            early_config(&["aaaa-0001", "bbbb-0002"], "EFI/BOOT"),
+            "search.fs_uuid bbbb-0002 root\nsearch.fs_uuid aaaa-0001 root\nset prefix=($root)/EFI/BOOT\n"
+        );
+        let img = std::env::temp_dir().join(format!("volid-{}.img", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&img)
+            .unwrap();
+        f.set_len(40 << 20).unwrap();
+        fatfs::format_volume(
+            &mut f,
+            fatfs::FormatVolumeOptions::new()
+                .fat_type(fatfs::FatType::Fat32)
+                .volume_id(0x1234_abcd),
+        )
+        .unwrap();
+        drop(f);
+        assert_eq!(read_fat32_uuid(&img).unwrap(), "1234-abcd");
+        crate::loader::write_esp(&img, &[("EFI/BOOT/grub.cfg", b"x")]).unwrap();
+        set_fat32_volume_id(&img, 0x0bad_f00d).unwrap();
+        assert_eq!(read_fat32_uuid(&img).unwrap(), "0bad-f00d");
+        // The backup boot sector too, and the files are untouched.
+        let b = std::fs::read(&img).unwrap();
+        assert_eq!(
+            b[6 * 512 + 0x43..6 * 512 + 0x47],
+            0x0bad_f00du32.to_le_bytes()
+        );
+        assert_eq!(
+            crate::loader::read_esp(&img, "EFI/BOOT/grub.cfg").unwrap(),
+            b"x"
+        );
+        std::fs::remove_file(&img).unwrap();
+        assert!(read_fat32_uuid(Path::new("/dev/null")).is_err());
     }
 }

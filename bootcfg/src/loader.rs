@@ -42,7 +42,7 @@ pub fn grub_efi_image(prefix: &str) -> Result<Vec<u8>> {
 
 /// The same, preferring the GRUB of the OS tree it is for (see [`grub_mkimage_from`]).
 pub fn grub_efi_image_from(tree: Option<&Path>, prefix: &str) -> Result<(Vec<u8>, GrubFrom)> {
-    let (image, from) = grub_mkimage_from(tree, "x86_64-efi", prefix, MODULES)?;
+    let (image, from) = grub_mkimage_from(tree, "x86_64-efi", prefix, None, MODULES)?;
     anyhow::ensure!(
         image.starts_with(b"MZ"),
         "grub-mkimage ({from}) did not produce a PE image"
@@ -77,34 +77,46 @@ pub fn grub_mkimage_from(
     tree: Option<&Path>,
     format: &str,
     prefix: &str,
+    config: Option<&str>,
     modules: &[&str],
 ) -> Result<(Vec<u8>, GrubFrom)> {
     let why = match tree {
         None => "no tree given".to_string(),
         Some(t) => match tree_grub(t, format, modules) {
             Err(why) => why,
-            Ok(()) => match in_tree(t, format, prefix, modules) {
+            Ok(()) => match in_tree(t, format, prefix, config, modules) {
                 Ok(r) => return Ok(r),
                 Err(e) => format!("{}: its grub-mkimage failed: {e:#}", t.display()),
             },
         },
     };
-    Ok((grub_mkimage(format, prefix, modules)?, GrubFrom::Host(why)))
+    Ok((
+        grub_mkimage(format, prefix, config, modules)?,
+        GrubFrom::Host(why),
+    ))
 }
 
-/// Runs the host's `grub-mkimage` for `format` with `prefix` and `modules`; returns the image.
-pub fn grub_mkimage(format: &str, prefix: &str, modules: &[&str]) -> Result<Vec<u8>> {
+/// Runs the host's `grub-mkimage` for `format` with `prefix`, an embedded early `config`
+/// and `modules`; returns the image.
+pub fn grub_mkimage(
+    format: &str,
+    prefix: &str,
+    config: Option<&str>,
+    modules: &[&str],
+) -> Result<Vec<u8>> {
     let out = std::env::temp_dir().join(unique_name());
-    let st = std::process::Command::new("grub-mkimage")
-        .args(["-O", format, "-p", prefix, "-o"])
-        .arg(&out)
-        .args(modules)
-        .output()
-        .with_context(|| {
-            format!(
-                "running grub-mkimage -O {format} (packages grub-common and the {format} modules)"
-            )
-        })?;
+    let cfg = out.with_extension("cfg");
+    let mut c = std::process::Command::new("grub-mkimage");
+    c.args(["-O", format, "-p", prefix, "-o"]).arg(&out);
+    if let Some(text) = config {
+        std::fs::write(&cfg, text)?;
+        c.arg("-c").arg(&cfg);
+    }
+    let st = c.args(modules).output().with_context(|| {
+        format!("running grub-mkimage -O {format} (packages grub-common and the {format} modules)")
+    });
+    let _ = std::fs::remove_file(&cfg);
+    let st = st?;
     anyhow::ensure!(
         st.status.success(),
         "grub-mkimage -O {format} failed: {}",
@@ -154,9 +166,11 @@ fn in_tree(
     tree: &Path,
     format: &str,
     prefix: &str,
+    config: Option<&str>,
     modules: &[&str],
 ) -> Result<(Vec<u8>, GrubFrom)> {
     let name = unique_name();
+    let cfg_name = format!("{name}.cfg");
     let chroot = |args: &[&str]| {
         std::process::Command::new("chroot")
             .arg(tree)
@@ -171,13 +185,16 @@ fn in_tree(
         "{}",
         String::from_utf8_lossy(&version.stderr).trim()
     );
-    let out = chroot(
-        &[
-            &["-O", format, "-p", prefix, "-o", &format!("/{name}")][..],
-            modules,
-        ]
-        .concat(),
-    );
+    let out_arg = format!("/{name}");
+    let cfg_arg = format!("/{cfg_name}");
+    let mut args: Vec<&str> = vec!["-O", format, "-p", prefix, "-o", &out_arg];
+    if let Some(text) = config {
+        std::fs::write(tree.join(&cfg_name), text)?;
+        args.extend(["-c", &cfg_arg]);
+    }
+    args.extend(modules);
+    let out = chroot(&args);
+    let _ = std::fs::remove_file(tree.join(&cfg_name));
     let image = std::fs::read(tree.join(&name));
     let _ = std::fs::remove_file(tree.join(&name));
     let out = out?;
