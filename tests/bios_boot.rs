@@ -151,6 +151,7 @@ fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
         start_lba: 0,
         size_lba: 0,
         loader: String::new(),
+        device: None,
     };
     let target = with_esp(&img, |_, esp| {
         let mut g = GrubEnv {

@@ -256,6 +256,9 @@ impl Agent {
                 self.requested_rescue(&j)?;
             }
             (Some(req), Some(j)) => {
+                // Disk 1's entry first: a BIOS selector learns from it where disk 1's GRUB
+                // reads its environment (on UEFI it exists already and is left as it is).
+                self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?;
                 let n = self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?;
                 if req.permanent {
                     self.boot.make_default(n)?;
@@ -697,6 +700,7 @@ impl Agent {
                 start_lba: esp.start_lba,
                 size_lba: esp.size_lba,
                 loader: loader.into(),
+                device: Some(now.partition_path(esp.number).display().to_string()),
             },
         )
     }
@@ -719,6 +723,42 @@ impl Agent {
             &parts[layout.index_of(PartKind::Esp)],
             &parts[layout.index_of(PartKind::LinuxRoot)],
         );
+        // Legacy BIOS: the firmware boots disk 1's MBR, which the new table left without boot
+        // code. GRUB goes in at once, looking for disk 1's ESP under a uuid that ESP gets
+        // only when it is complete, and until then for the rescue ESP on disk 2.
+        let bios = match layout.parts.iter().find(|p| p.kind == PartKind::BiosBoot) {
+            Some(p) => {
+                anyhow::ensure!(
+                    layout.sector == 512,
+                    "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported",
+                    pinned.path,
+                    layout.sector
+                );
+                let esp_id = u32::from_le_bytes(disk::random_guid()?[..4].try_into()?);
+                let rescue_esp = journal_disk_now(j.disk2.as_ref())
+                    .and_then(|d| Ok(d.partition_path(d.find_partition(PartKind::Esp)?.number)))?;
+                let early = bootcfg::bios::early_config(
+                    &[
+                        &bootcfg::bios::fat_uuid(esp_id),
+                        &bootcfg::bios::read_fat32_uuid(&rescue_esp)?,
+                    ],
+                    crate::bootsel::GRUB_DIR,
+                );
+                let from = bootcfg::bios::install(
+                    Path::new(&pinned.path),
+                    None,
+                    p.first_lba * layout.sector / 512,
+                    p.bytes(layout.sector) / 512,
+                    &early,
+                )?;
+                eprintln!(
+                    "reinstall: GRUB for BIOS on {}: built with {from}",
+                    pinned.path
+                );
+                Some(esp_id)
+            }
+            None => None,
+        };
         mount::mkfs_esp(esp, "ESP", pinned.logical_sector)?;
         let root_uuid = mount::mkfs_ext4(root_dev, "root")?;
         let stash_dev = disk::identify(Path::new(&d2.path))
@@ -759,6 +799,10 @@ impl Agent {
             "target",
             true,
         )?;
+        if let Some(id) = bios {
+            // Complete: from now on disk 1's GRUB reads this ESP.
+            bootcfg::bios::set_fat32_volume_id(esp, id)?;
+        }
         Ok(())
     }
 }
@@ -863,10 +907,13 @@ pub fn plan_report(
         ]
     } else {
         vec![
-            format!("install GRUB (i386-pc) on {} with a rescue entry", d1.path),
-            "boot the rescue once (GRUB next_entry); make it the saved entry after it calls home"
-                .into(),
-            "boot the target once the same way; make it the default, rescue kept".into(),
+            "add a rescue entry to the source's GRUB (custom.cfg; reads the rescue ESP)".into(),
+            "boot it once (next_entry in the source's grubenv, as grub-reboot); make it the default after it calls home (a variable on the rescue ESP)".into(),
+            format!(
+                "install-target: GRUB i386-pc on {} (MBR + BIOS boot partition), reading disk 1's ESP once complete, the rescue ESP until then",
+                d1.path
+            ),
+            "boot the target once (next_entry); make it the default after it calls home, rescue kept".into(),
         ]
     };
     Ok(PlanReport {

@@ -230,10 +230,8 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
                 }),
                 true,
             ),
-            (None, None) => anyhow::bail!(
-                "this machine booted through legacy BIOS (no /sys/firmware/efi): one-shot boots \
-                 through GRUB's environment block are not built yet (issue 5); UEFI machines only"
-            ),
+            // Legacy BIOS: GRUB on disk 1 chooses (the source's, then ours).
+            (None, None) => (Box::new(agent::bootsel::BiosGrub::new(&o.root)), true),
         };
     let id_path = identity
         .map(std::path::Path::to_path_buf)

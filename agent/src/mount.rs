@@ -40,6 +40,10 @@ pub fn mkfs_esp(dev: &Path, label: &str, sector: u64) -> Result<()> {
         fatfs::FormatVolumeOptions::new()
             .fat_type(fatfs::FatType::Fat32)
             .bytes_per_sector(sector as u16)
+            // Its own id (fatfs would give every ESP the same): GRUB finds ESPs by it.
+            .volume_id(u32::from_le_bytes(
+                crate::disk::random_guid()?[..4].try_into()?,
+            ))
             .volume_label(l),
     )
     .with_context(|| format!("formatting {} as FAT32", dev.display()))?;

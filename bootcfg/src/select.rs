@@ -24,6 +24,9 @@ pub struct EspRef {
     pub size_lba: u64,
     /// `\EFI\reinstall\grubx64.efi`
     pub loader: String,
+    /// The partition's device node when known (`/dev/vdb1`): BIOS selectors read the ESP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -291,6 +294,7 @@ mod tests {
             start_lba: 2048,
             size_lba: 524288,
             loader: "\\EFI\\rescue\\grubx64.efi".into(),
+            device: None,
         }
     }
 
@@ -383,7 +387,8 @@ impl GrubEnv {
         )?)
     }
 
-    fn set(&self, var: &str, value: &str) -> anyhow::Result<()> {
+    /// Sets one variable in the grubenv, keeping the others.
+    pub fn set(&self, var: &str, value: &str) -> anyhow::Result<()> {
         let mut env = self.env()?;
         env.insert(var.to_string(), value.to_string());
         let p = self.file("grubenv");
@@ -482,6 +487,7 @@ mod grubenv_tests {
             start_lba: 0,
             size_lba: 0,
             loader: String::new(),
+            device: None,
         };
         let t = g.create_entry("reinstall-target", &esp).unwrap();
         let r = g.create_entry("reinstall-rescue", &esp).unwrap();

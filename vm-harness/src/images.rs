@@ -163,43 +163,64 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
     Ok(tree)
 }
 
-/// A GPT disk image: partition 1 an ESP with GRUB (the same loader code the agent writes,
-/// with the removable fallback path, so empty firmware variables boot it) and partition 2 an
-/// ext4 root made from `tree` (`mkfs.ext4 -d`, no mount).
-pub fn source_disk(tree: &Path, img: &Path, size_mib: u64) -> Result<()> {
-    let esp_mib = 64u64;
-    let root_mib = size_mib - esp_mib - 2;
+/// A GPT disk image. UEFI: partition 1 an ESP with GRUB (the same loader code the agent
+/// writes, with the removable fallback path, so empty firmware variables boot it), partition
+/// 2 an ext4 root made from `tree` (`mkfs.ext4 -d`, no mount). BIOS: partition 1 a BIOS boot
+/// partition with the tree's own GRUB (Debian's grub-pc-bin, core.img finding /boot/grub by
+/// the root's uuid), partition 2 the root, whose /boot/grub/grub.cfg has the parts of
+/// Debian's generated one that matter here: the one-shot `next_entry` (00_header, which sets
+/// `boot_once`) and `custom.cfg` sourced at the end (41_custom).
+pub fn source_disk(tree: &Path, img: &Path, size_mib: u64, bios: bool) -> Result<()> {
+    let first_mib = if bios { 1u64 } else { 64 };
+    let root_mib = size_mib - first_mib - 2;
     let _ = std::fs::remove_file(img);
     run(Command::new("truncate")
         .arg("-s")
         .arg(format!("{size_mib}M"))
         .arg(img))?;
+    let first = if bios {
+        "type=21686148-6449-6E6F-744E-656564454649, name=bios-boot"
+    } else {
+        "type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP"
+    };
     let script = format!(
-        "label: gpt\nstart=1MiB, size={esp_mib}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP\nsize={root_mib}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n"
+        "label: gpt\nstart=1MiB, size={first_mib}MiB, {first}\nsize={root_mib}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n"
     );
     let mut c = Command::new("sfdisk");
     c.args(["-q", "--no-reread", "--no-tell-kernel"]).arg(img);
     crate::run_with_stdin(&mut c, &script)?;
     let uuid = bootcfg::efi::Guid(agent::disk::random_guid()?).to_string();
     std::fs::write(tree.join("etc/fstab"), agent::engine::root_fstab(&uuid))?;
+    let entry = agent::engine::loader_entry(tree, &uuid, "source", "source OS")?;
     let dir = img.parent().unwrap();
     let esp = dir.join("esp.part");
     let root = dir.join("root.part");
     let _ = std::fs::remove_file(&esp);
     let _ = std::fs::remove_file(&root);
-    run(Command::new("truncate")
-        .arg("-s")
-        .arg(format!("{esp_mib}M"))
-        .arg(&esp))?;
-    agent::mount::mkfs_esp(&esp, "ESP", 512)?;
-    let entry = agent::engine::loader_entry(tree, &uuid, "source", "source OS")?;
-    agent::engine::install_loader(&esp, Some(tree), &[entry], "source", &[], "debian", true)?;
+    let mut parts = vec![(root.clone(), 1 + first_mib)];
+    if bios {
+        let grub = tree.join("boot/grub");
+        std::fs::create_dir_all(&grub)?;
+        std::fs::write(grub.join("grub.cfg"), debian_bios_grub_cfg(&entry))?;
+        std::fs::write(
+            grub.join("grubenv"),
+            bootcfg::grubenv::render(&Default::default())?,
+        )?;
+    } else {
+        run(Command::new("truncate")
+            .arg("-s")
+            .arg(format!("{first_mib}M"))
+            .arg(&esp))?;
+        agent::mount::mkfs_esp(&esp, "ESP", 512)?;
+        agent::engine::install_loader(&esp, Some(tree), &[entry], "source", &[], "debian", true)?;
+        parts.push((esp.clone(), 1));
+    }
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "source", "-U", &uuid, "-d"])
         .arg(tree)
         .arg(&root)
         .arg(format!("{root_mib}M")))?;
-    for (part, start_mib) in [(&esp, 1), (&root, 1 + esp_mib)] {
+    for (part, start_mib) in &parts {
         run(Command::new("dd")
             .arg(format!("if={}", part.display()))
             .arg(format!("of={}", img.display()))
@@ -207,5 +228,63 @@ pub fn source_disk(tree: &Path, img: &Path, size_mib: u64) -> Result<()> {
             .arg(format!("seek={start_mib}")))?;
         std::fs::remove_file(part)?;
     }
+    if bios {
+        let from = bootcfg::bios::install(
+            img,
+            Some(tree),
+            2048,
+            2048,
+            &bootcfg::bios::early_config(&[&uuid], "boot/grub"),
+        )?;
+        eprintln!("vm-harness: source disk: GRUB for BIOS built with {from}");
+    }
     Ok(())
+}
+
+/// The source's /boot/grub/grub.cfg on BIOS, shaped like Debian's grub-mkconfig output.
+fn debian_bios_grub_cfg(e: &bootcfg::grubcfg::Entry) -> String {
+    format!(
+        r#"### BEGIN /etc/grub.d/00_header ###
+if [ -s $prefix/grubenv ]; then
+  set have_grubenv=true
+  load_env
+fi
+if [ "${{next_entry}}" ] ; then
+   set default="${{next_entry}}"
+   set next_entry=
+   save_env next_entry
+   set boot_once=true
+else
+   set default="0"
+fi
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=1
+### END /etc/grub.d/00_header ###
+
+### BEGIN /etc/grub.d/10_linux ###
+menuentry 'Debian GNU/Linux' --class debian --id 'gnulinux-simple-{uuid}' {{
+	insmod gzio
+	insmod part_gpt
+	insmod ext2
+	search --no-floppy --fs-uuid --set=root {uuid}
+	linux	{kernel} root=UUID={uuid} ro {args}
+	initrd	{initrd}
+}}
+### END /etc/grub.d/10_linux ###
+
+### BEGIN /etc/grub.d/41_custom ###
+if [ -f  ${{config_directory}}/custom.cfg ]; then
+  source ${{config_directory}}/custom.cfg
+elif [ -z "${{config_directory}}" -a -f  $prefix/custom.cfg ]; then
+  source $prefix/custom.cfg
+fi
+### END /etc/grub.d/41_custom ###
+"#,
+        uuid = e.root_uuid,
+        kernel = e.kernel,
+        args = e.args,
+        initrd = e.initrd.clone().unwrap_or_default(),
+    )
 }
