@@ -19,7 +19,7 @@ use std::process::ExitCode;
 #[command(
     name = "reinstall",
     version,
-    after_help = "The agent reboots UEFI machines through their firmware; legacy BIOS is not supported yet. Exit status: 0 ok, 1 failed, 2 usage."
+    after_help = "The agent reboots UEFI machines through their firmware variables and legacy BIOS machines through GRUB on disk 1 (a second job on a BIOS machine is not built yet). Exit status: 0 ok, 1 failed, 2 usage."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -80,9 +80,10 @@ pub enum Command {
     /// resuming from the journal after a crash or a reboot.
     ///
     /// On a UEFI machine it writes the firmware's boot variables (efivarfs) and reboots
-    /// itself; legacy BIOS machines are refused (GRUB one-shot boots: not built yet). With
-    /// --fake-firmware or --efivars DIR (tests) it exits with status 100 where it would
-    /// reboot.
+    /// itself. On a legacy BIOS machine GRUB on disk 1 chooses: the source's own GRUB gets a
+    /// rescue entry (custom.cfg) and a one-shot (next_entry, as grub-reboot), and from
+    /// install-target on disk 1 carries our GRUB i386-pc. With --fake-firmware or --efivars
+    /// DIR (tests) it exits with status 100 where it would reboot.
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.
