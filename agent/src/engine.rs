@@ -72,6 +72,9 @@ pub struct Agent {
     pub disk2: Option<PathBuf>,
     /// Where the agent mounts what it writes (`/run/reinstall` on a machine).
     pub work: PathBuf,
+    /// Boots are chosen by GRUB on disk 1 (a legacy BIOS machine, `BiosGrub`), not by
+    /// firmware variables (real or stand-in).
+    pub grub_chooses: bool,
     journal: journal::Locked,
 }
 
@@ -91,6 +94,7 @@ impl Agent {
             boot,
             disk2,
             work: work.to_path_buf(),
+            grub_chooses: false,
             journal,
         };
         a.clear_stale_mounts();
@@ -454,7 +458,20 @@ impl Agent {
     }
 
     fn plan(&mut self, j: &mut Journal) -> Result<()> {
+        // On BIOS, an OS this agent wrote boots through our GRUB on disk 1, whose rescue entry
+        // would have to follow the new rescue disk: not built. Refused before disk 2 is touched.
+        anyhow::ensure!(
+            !(self.grub_chooses && self.root.join(WORLD_FILE).exists()),
+            "a second job on a legacy BIOS machine is not supported yet: this OS was installed by reinstall ({} exists) and boots through its GRUB on disk 1; nothing was changed",
+            self.root.join(WORLD_FILE).display()
+        );
         let (d1, d2) = select_disks(&self.root, self.disk2.as_deref())?;
+        anyhow::ensure!(
+            !self.grub_chooses || d1.logical_sector == 512,
+            "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported; nothing was changed",
+            d1.path,
+            d1.logical_sector
+        );
         let (rm, _, _) = self.manifest(&j.rescue)?;
         let (tm, _, _) = self.manifest(&j.target)?;
         disk::rescue_layout(
@@ -464,7 +481,7 @@ impl Agent {
             stash_size(&tm),
         )?;
         check_target_fits(
-            &disk::linux_target_layout(d1.size_bytes, d1.logical_sector, disk::legacy_bios())?,
+            &disk::linux_target_layout(d1.size_bytes, d1.logical_sector, self.grub_chooses)?,
             &tm,
         )?;
         let net = crate::netid::capture()?;
@@ -711,7 +728,7 @@ impl Agent {
         let layout = disk::linux_target_layout(
             pinned.size_bytes,
             pinned.logical_sector,
-            disk::legacy_bios(),
+            self.grub_chooses,
         )?;
         let mut locked = Locked::open_for(&pinned, &self.root)?;
         let parts = locked.write_gpt(&layout)?;

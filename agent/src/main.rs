@@ -239,7 +239,9 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
     let id = proto::identity::IdentityFile::load(&id_path)?;
     // The agent waits out stager outages; the operator's commands do not.
     let client = agent::client::Client::new(id)?.retrying(agent::transfer::RETRY_FOR);
+    let grub_chooses = real && !std::path::Path::new("/sys/firmware/efi").exists();
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
+    a.grub_chooses = grub_chooses;
     loop {
         match a.run(std::time::Duration::from_secs(o.wait))? {
             Outcome::Reboot if real => {
