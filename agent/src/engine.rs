@@ -725,11 +725,8 @@ impl Agent {
     fn install_target(&mut self, j: &mut Journal) -> Result<()> {
         let pinned = j.disk1.clone().context("no disk 1 in the journal")?;
         let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
-        let layout = disk::linux_target_layout(
-            pinned.size_bytes,
-            pinned.logical_sector,
-            self.grub_chooses,
-        )?;
+        let layout =
+            disk::linux_target_layout(pinned.size_bytes, pinned.logical_sector, self.grub_chooses)?;
         let mut locked = Locked::open_for(&pinned, &self.root)?;
         let parts = locked.write_gpt(&layout)?;
         j.disk1 = Some(locked.id.clone());

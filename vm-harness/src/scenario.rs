@@ -862,8 +862,11 @@ pub fn power_cut(o: &Opts, only: &[String]) -> Result<bool> {
         rows.push(row);
     }
     println!(
-        "\nscenario power-cut (UEFI)\n{:<20} {:<22} {:>10}  outcome",
-        "cut point", "cut in", "recover s"
+        "\nscenario power-cut ({})\n{:<20} {:<22} {:>10}  outcome",
+        if o.bios { "BIOS" } else { "UEFI" },
+        "cut point",
+        "cut in",
+        "recover s"
     );
     for (n, at, out, rec) in &rows {
         println!(
