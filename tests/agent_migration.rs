@@ -269,6 +269,16 @@ impl Env {
         }
     }
 
+    /// BootOrder in the stand-in efivarfs, as labels.
+    fn boot_order_labels(&self) -> Vec<String> {
+        let v = self.efi().expect("efivars in use");
+        v.u16_list("BootOrder")
+            .unwrap()
+            .iter()
+            .map(|n| self.label_of(*n))
+            .collect()
+    }
+
     fn boot_current(&self) -> u16 {
         match self.efi() {
             Some(v) => v.u16_list("BootCurrent").unwrap()[0],
@@ -604,12 +614,7 @@ fn a_finished_machine_takes_a_second_job_and_leaves_no_stale_boot_entries() {
             "{label} points at the rewritten disk"
         );
     }
-    let order: Vec<String> = v
-        .u16_list("BootOrder")
-        .unwrap()
-        .iter()
-        .map(|n| env.label_of(*n))
-        .collect();
+    let order = env.boot_order_labels();
     assert_eq!(
         order[..2],
         ["reinstall-target", "reinstall-rescue"],
@@ -636,12 +641,7 @@ fn the_migration_through_uefi_variables_names_the_esps_exactly() {
     assert_eq!(job["state"], "done", "{job}");
     let v = env.efi().unwrap();
     let entries = v.entries().unwrap();
-    let order: Vec<String> = v
-        .u16_list("BootOrder")
-        .unwrap()
-        .iter()
-        .map(|n| env.label_of(*n))
-        .collect();
+    let order = env.boot_order_labels();
     assert_eq!(
         order[..2],
         ["reinstall-target", "reinstall-rescue"],

@@ -145,13 +145,8 @@ fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
     );
     let img = bios_disk(w.path(), &cfg, &BTreeMap::new());
     let esp_ref = EspRef {
-        disk_guid: String::new(),
         partition: 2,
-        partition_guid: None,
-        start_lba: 0,
-        size_lba: 0,
-        loader: String::new(),
-        device: None,
+        ..Default::default()
     };
     let target = with_esp(&img, |_, esp| {
         let mut g = GrubEnv {

@@ -217,9 +217,15 @@ impl BiosGrub {
             .map(|i| i as u16 + 1)
     }
 
-    /// Our GRUB's entry for `label`, as a number of `g`.
-    fn in_ours(g: &mut GrubEnv, label: &str, esp: &EspRef) -> Result<u16> {
-        g.create_entry(label, esp)
+    /// Our GRUB on disk 1 (once install-target has written it) and its number for `entry`.
+    fn in_ours(&self, entry: u16) -> Result<Option<(GrubEnv, u16)>> {
+        let Some(mut g) = self.ours() else {
+            return Ok(None);
+        };
+        let label = self.label(entry)?;
+        let esp = self.esp(&label).expect("recorded").clone();
+        let n = g.create_entry(&label, &esp)?;
+        Ok(Some((g, n)))
     }
 
     fn write_custom_cfg(&self, dir: &Path, rescue_esp: &EspRef) -> Result<()> {
@@ -287,12 +293,10 @@ impl BootSelector for BiosGrub {
     }
 
     fn set_next(&mut self, entry: u16) -> Result<()> {
-        let label = self.label(entry)?;
-        if let Some(mut g) = self.ours() {
-            let esp = self.esp(&label).expect("recorded").clone();
-            let n = Self::in_ours(&mut g, &label, &esp)?;
+        if let Some((mut g, n)) = self.in_ours(entry)? {
             return g.set_next(n);
         }
+        let label = self.label(entry)?;
         match (label.as_str(), self.source_grub()) {
             (RESCUE_LABEL, Some(dir)) => Self::set_source_env(&dir, "next_entry", RESCUE_LABEL),
             _ => anyhow::bail!(
@@ -302,12 +306,10 @@ impl BootSelector for BiosGrub {
     }
 
     fn make_default(&mut self, entry: u16) -> Result<()> {
-        let label = self.label(entry)?;
-        if let Some(mut g) = self.ours() {
-            let esp = self.esp(&label).expect("recorded").clone();
-            let n = Self::in_ours(&mut g, &label, &esp)?;
+        if let Some((mut g, n)) = self.in_ours(entry)? {
             return g.make_default(n);
         }
+        let label = self.label(entry)?;
         anyhow::ensure!(
             label == RESCUE_LABEL,
             "cannot make {label} the default: disk 1 has no GRUB of ours yet"
@@ -363,13 +365,10 @@ mod tests {
         crate::mount::mkfs_esp(path, "ESP", 512).unwrap();
         bootcfg::loader::write_esp(path, files).unwrap();
         EspRef {
-            disk_guid: String::new(),
             partition: 1,
-            partition_guid: None,
             start_lba: 2048,
-            size_lba: 0,
-            loader: String::new(),
             device: Some(path.display().to_string()),
+            ..Default::default()
         }
     }
 

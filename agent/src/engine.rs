@@ -628,12 +628,7 @@ impl Agent {
             // Disk 1's GRUB spends its `next_entry` when it boots the target: a retry (the
             // power went while the target came up) must arm it again, or the firmware's
             // one-shot lands in GRUB's default, the rescue, and the good target is failed.
-            let esp = self.esp_of(j.disk1.as_ref())?;
-            let env = grub_env(&[("next_entry", "target")])?;
-            bootcfg::loader::write_esp(
-                &esp,
-                &[("EFI/BOOT/grubenv", &env), ("EFI/target/grubenv", &env)],
-            )?;
+            self.disk1_grubenv(j, ("next_entry", "target"))?;
             self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
         } else {
             self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?
@@ -669,16 +664,22 @@ impl Agent {
             self.boot.make_default(rescue)?;
             self.boot.make_default(t)?;
             // And disk 1's GRUB: the target from now on.
-            let esp = self.esp_of(j.disk1.as_ref())?;
-            let env = grub_env(&[("saved_entry", "target")])?;
-            bootcfg::loader::write_esp(
-                &esp,
-                &[("EFI/BOOT/grubenv", &env), ("EFI/target/grubenv", &env)],
-            )?;
+            self.disk1_grubenv(j, ("saved_entry", "target"))?;
         } else {
             self.boot.make_default(rescue)?;
         }
         Ok(())
+    }
+
+    /// Replaces the grubenv of disk 1's GRUB (both loaders: the removable path and
+    /// `EFI/target`) with the one variable `var`.
+    fn disk1_grubenv(&self, j: &Journal, var: (&str, &str)) -> Result<()> {
+        let esp = self.esp_of(j.disk1.as_ref())?;
+        let env = grub_env(&[var])?;
+        bootcfg::loader::write_esp(
+            &esp,
+            &[("EFI/BOOT/grubenv", &env), ("EFI/target/grubenv", &env)],
+        )
     }
 
     /// The ESP partition's device of disk `d`, checked to be the disk in the journal.
@@ -749,8 +750,7 @@ impl Agent {
                     layout.sector
                 );
                 let esp_id = u32::from_le_bytes(disk::random_guid()?[..4].try_into()?);
-                let rescue_esp = journal_disk_now(j.disk2.as_ref())
-                    .and_then(|d| Ok(d.partition_path(d.find_partition(PartKind::Esp)?.number)))?;
+                let rescue_esp = self.esp_of(j.disk2.as_ref())?;
                 let early = bootcfg::bios::early_config(
                     &[
                         &bootcfg::bios::fat_uuid(esp_id),

@@ -28,32 +28,21 @@ const TABLE: std::ops::Range<usize> = 0x1b8..0x1fe;
 /// GRUB_BOOT_I386_PC_KERNEL_SEG + 512 / 16.
 const CORE_SEGMENT: u16 = 0x800 + 0x20;
 
-/// Modules core.img carries: it cannot load any (the ESP holds none for i386-pc).
-pub const MODULES: &[&str] = &[
-    "biosdisk",
-    "part_gpt",
-    "fat",
-    "ext2",
-    "normal",
-    "linux",
-    "search",
-    "search_fs_uuid",
-    "configfile",
-    "echo",
-    "test",
-    "loadenv",
-    "gzio",
-    "reboot",
-    "halt",
-    "minicmd",
-    "serial",
-    "terminal",
-];
+/// Modules core.img carries: it cannot load any (the ESP holds none for i386-pc): the BIOS
+/// disk driver, the common ones, and the serial console (BIOS GRUB writes to VGA only).
+pub fn modules() -> Vec<&'static str> {
+    [
+        &["biosdisk"],
+        crate::loader::COMMON_MODULES,
+        &["serial", "terminal"],
+    ]
+    .concat()
+}
 
 /// Builds core.img with `prefix` (for example `(hd0,gpt2)/EFI/BOOT`) and no early config,
 /// with the host's GRUB.
 pub fn core_image(prefix: &str) -> Result<Vec<u8>> {
-    crate::loader::grub_mkimage("i386-pc", prefix, None, MODULES)
+    crate::loader::grub_mkimage("i386-pc", prefix, None, &modules())
 }
 
 /// GRUB's boot.img, from the tree's GRUB when it has one (as core.img), else the host's.
@@ -81,6 +70,14 @@ pub fn fat_uuid(volume_id: u32) -> String {
 /// The volume id of the FAT32 filesystem on `dev` (boot sector offset 0x43), as [`fat_uuid`].
 pub fn read_fat32_uuid(dev: &Path) -> Result<String> {
     let mut f = std::fs::File::open(dev).with_context(|| format!("opening {}", dev.display()))?;
+    let bs = fat32_boot_sector(&mut f, dev)?;
+    Ok(fat_uuid(u32::from_le_bytes(
+        bs[0x43..0x47].try_into().expect("4 bytes"),
+    )))
+}
+
+/// The boot sector of the FAT32 filesystem open as `f` (on `dev`), checked to be one.
+fn fat32_boot_sector(f: &mut std::fs::File, dev: &Path) -> Result<[u8; 512]> {
     let mut bs = [0u8; 512];
     f.read_exact(&mut bs)
         .with_context(|| format!("reading the boot sector of {}", dev.display()))?;
@@ -89,9 +86,7 @@ pub fn read_fat32_uuid(dev: &Path) -> Result<String> {
         "{} holds no FAT32 filesystem",
         dev.display()
     );
-    Ok(fat_uuid(u32::from_le_bytes(
-        bs[0x43..0x47].try_into().expect("4 bytes"),
-    )))
+    Ok(bs)
 }
 
 /// core.img's early config: `$prefix` is `dir` on the first filesystem of `uuids` (FAT
@@ -111,14 +106,12 @@ pub fn early_config(uuids: &[&str], dir: &str) -> String {
 /// Sets the volume id of the FAT32 filesystem on `dev` (boot sector and its backup): one
 /// sector write makes a finished ESP visible under the uuid core.img looks for.
 pub fn set_fat32_volume_id(dev: &Path, volume_id: u32) -> Result<()> {
-    read_fat32_uuid(dev)?;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)
         .with_context(|| format!("opening {}", dev.display()))?;
-    let mut bs = [0u8; 512];
-    f.read_exact(&mut bs)?;
+    let bs = fat32_boot_sector(&mut f, dev)?;
     let backup = u64::from(u16::from_le_bytes([bs[0x32], bs[0x33]]));
     let sector = u64::from(u16::from_le_bytes([bs[0x0b], bs[0x0c]]));
     for at in [0, backup * sector] {
@@ -183,7 +176,7 @@ pub fn install(
     early: &str,
 ) -> Result<crate::loader::GrubFrom> {
     let (core, from) =
-        crate::loader::grub_mkimage_from(tree, "i386-pc", "/boot/grub", Some(early), MODULES)?;
+        crate::loader::grub_mkimage_from(tree, "i386-pc", "/boot/grub", Some(early), &modules())?;
     let core = patch_core(&core, part_lba)?;
     ensure!(
         core.len() as u64 <= part_sectors * 512,

@@ -13,9 +13,10 @@ use anyhow::{Context, Result};
 use std::io::{Read, Write};
 use std::path::Path;
 
-/// Modules for: GPT, FAT (the ESP), ext4 (the root), finding it by UUID, reading the
-/// one-shot environment, loading Linux, and `exit` back to the firmware (minicmd).
-pub const MODULES: &[&str] = &[
+/// Modules every GRUB image of ours carries, on either firmware: GPT, FAT (the ESP), ext4
+/// (the root), finding it by UUID, reading the one-shot environment, loading Linux, and
+/// `exit` back to the firmware (minicmd).
+pub const COMMON_MODULES: &[&str] = &[
     "part_gpt",
     "fat",
     "ext2",
@@ -27,12 +28,16 @@ pub const MODULES: &[&str] = &[
     "echo",
     "test",
     "loadenv",
-    "all_video",
     "gzio",
     "reboot",
     "halt",
     "minicmd",
 ];
+
+/// The x86_64-efi image's modules: the common ones and the EFI video drivers.
+pub fn efi_modules() -> Vec<&'static str> {
+    [COMMON_MODULES, &["all_video"]].concat()
+}
 
 /// A GRUB EFI application that reads `prefix/grub.cfg` from its own ESP, built by the
 /// host's GRUB.
@@ -42,7 +47,7 @@ pub fn grub_efi_image(prefix: &str) -> Result<Vec<u8>> {
 
 /// The same, preferring the GRUB of the OS tree it is for (see [`grub_mkimage_from`]).
 pub fn grub_efi_image_from(tree: Option<&Path>, prefix: &str) -> Result<(Vec<u8>, GrubFrom)> {
-    let (image, from) = grub_mkimage_from(tree, "x86_64-efi", prefix, None, MODULES)?;
+    let (image, from) = grub_mkimage_from(tree, "x86_64-efi", prefix, None, &efi_modules())?;
     anyhow::ensure!(
         image.starts_with(b"MZ"),
         "grub-mkimage ({from}) did not produce a PE image"

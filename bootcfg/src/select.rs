@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 /// Where a boot entry's loader lives: a GPT partition and a path on its FAT filesystem.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EspRef {
     /// GPT disk GUID (informational: UEFI matches the partition GUID).
     pub disk_guid: String,
@@ -481,13 +481,8 @@ mod grubenv_tests {
             dir: "EFI/BOOT".into(),
         };
         let esp = EspRef {
-            disk_guid: String::new(),
             partition: 2,
-            partition_guid: None,
-            start_lba: 0,
-            size_lba: 0,
-            loader: String::new(),
-            device: None,
+            ..Default::default()
         };
         let t = g.create_entry("reinstall-target", &esp).unwrap();
         let r = g.create_entry("reinstall-rescue", &esp).unwrap();
