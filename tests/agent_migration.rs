@@ -116,10 +116,27 @@ impl Env {
     /// `bootable`: rescue and target trees that really boot (a Debian kernel, a small
     /// initramfs, an init that prints a marker), from `scripts/make-vm-rescue-tree`.
     fn build(sector: u32, disk1_size: &str, target_extra: u64, bootable: bool) -> Env {
+        Self::build_with(sector, disk1_size, target_extra, bootable, false)
+    }
+
+    /// `windows`: the target is Windows, built from synthetic media
+    /// (`scripts/make-windows-media`, image "Test Server").
+    fn build_with(
+        sector: u32,
+        disk1_size: &str,
+        target_extra: u64,
+        bootable: bool,
+        windows: bool,
+    ) -> Env {
         let w = scratch();
         let p = w.path();
         let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
-        if bootable {
+        if windows {
+            os_tree(&rescue, "rescue");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-windows-media");
+            ok(Command::new(&script).arg(&target));
+        } else if bootable {
             let script =
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-vm-rescue-tree");
             for (tree, marker) in [
@@ -142,9 +159,18 @@ impl Env {
         }
         // The target uses NetworkManager (it has systemd-networkd too, as Fedora does): its
         // network identity must be written as NetworkManager keyfiles.
-        std::fs::create_dir_all(target.join("usr/sbin")).unwrap();
-        std::fs::write(target.join("usr/sbin/NetworkManager"), "").unwrap();
-        let mut stager = Stager::with_rescue(p, &rescue, &target);
+        let mut stager = if windows {
+            Stager::with_bundles(
+                p,
+                &rescue,
+                &target,
+                &["--os", "windows", "--image", "Test Server"],
+            )
+        } else {
+            std::fs::create_dir_all(target.join("usr/sbin")).unwrap();
+            std::fs::write(target.join("usr/sbin/NetworkManager"), "").unwrap();
+            Stager::with_rescue(p, &rescue, &target)
+        };
         stager.start();
         let disk1 = loopdev(&p.join("disk1.img"), disk1_size, sector);
         let disk2 = loopdev(&p.join("disk2.img"), "4G", sector);
@@ -340,7 +366,10 @@ impl Env {
             }
         }
         let _ = std::fs::remove_file(self.grub_chose());
-        if self.label_of(self.boot_current()) == "reinstall-target" {
+        // (A Windows disk 1 has no GRUB: its firmware entry starts Windows's boot manager.)
+        if self.label_of(self.boot_current()) == "reinstall-target"
+            && Path::new(&part_named(&self.disk1.0, "root")).exists()
+        {
             std::fs::write(self.grub_chose(), self.grub_boot()).unwrap();
         }
     }
@@ -466,6 +495,22 @@ impl Env {
             self.power_cycle();
         }
         panic!("the migration did not finish in 8 boots");
+    }
+
+    /// Boots the Linux OS the firmware starts (source or rescue) and runs its agent until it
+    /// asks for a reboot (exit 100) or is done (0). Returns the exit code and stderr.
+    fn boot_linux(&self) -> (i32, String) {
+        let label = self.current_label();
+        let root = self.w.path().join(format!("mnt-{label}"));
+        let _m = mount(&self.root_part(&label), &root, false);
+        let out = self.agent(&root, None);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 100 || code == 0 || code == 1,
+            "agent in {label}: {code}: {err}"
+        );
+        (code, err)
     }
 }
 
@@ -1029,4 +1074,218 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
         log.contains("Falling back to `reinstall rescue OS'"),
         "disk 1's GRUB did not fall back to the rescue entry:\n{log}"
     );
+}
+
+/// A Windows target (synthetic media: NTFS security descriptors, an alternate stream, a short
+/// name): the rescue OS lays out disk 1 as Windows Setup does (ESP, MSR, NTFS with the real
+/// partition start and a geometry), applies the image from the stash, puts the media's WinPE
+/// with the stage script on the ESP and the identity on the volume, and boots WinPE once.
+/// When the stage (run by Windows, simulated here) has left its log, the rescue OS boots
+/// Windows once; when it failed, the job fails with the stage's log, in the rescue OS.
+#[test]
+fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage() {
+    for stage_ok in [true, false] {
+        let env = Env::build_with(512, "3G", 0, false, true);
+        let p = env.w.path();
+        create_job(&env.stager);
+        // source: plan, stage the rescue; rescue: install-target, boot-target.
+        for want in ["source", "reinstall-rescue"] {
+            assert_eq!(env.current_label(), want);
+            let (code, err) = env.boot_linux();
+            assert_eq!(code, 100, "{want}: {err}");
+            env.power_cycle();
+        }
+        assert_eq!(env.current_label(), "reinstall-target", "WinPE boots once");
+        let fw = FakeFirmware::new(&env.fw).load().unwrap();
+        let first = fw.entries.iter().find(|e| e.number == fw.boot_order[0]);
+        assert_eq!(
+            first.unwrap().label,
+            "reinstall-rescue",
+            "the rescue stays the default"
+        );
+
+        // Disk 1 as Windows wants it.
+        let out = run(Command::new("sfdisk").args(["--json", &env.disk1.0]));
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let parts = t["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let types: Vec<&str> = parts.iter().map(|p| p["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                "E3C9E316-0B5C-4DB8-817D-F92DF00215AE",
+                "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+            ]
+        );
+        let vol = parts[2]["node"].as_str().unwrap().to_string();
+        let esp = PathBuf::from(parts[0]["node"].as_str().unwrap());
+        // The NTFS boot sector: 512-byte sectors, the partition's real start in "hidden
+        // sectors", a geometry (mkntfs finds none on a loop device).
+        let mut bs = vec![0u8; 512];
+        std::io::Read::read_exact(&mut std::fs::File::open(&vol).unwrap(), &mut bs).unwrap();
+        assert_eq!(&bs[3..11], b"NTFS    ");
+        assert_eq!(u16::from_le_bytes([bs[11], bs[12]]), 512);
+        assert_eq!(u16::from_le_bytes([bs[0x18], bs[0x19]]), 63);
+        assert_eq!(u16::from_le_bytes([bs[0x1a], bs[0x1b]]), 255);
+        assert_eq!(
+            u64::from(u32::from_le_bytes(bs[0x1c..0x20].try_into().unwrap())),
+            parts[2]["start"].as_u64().unwrap()
+        );
+        // The applied tree, compared with the NTFS volume the image was captured from:
+        // contents, security descriptors, the alternate stream, the short name.
+        let media = p.join("target-tree");
+        let src = p.join("mnt-win-src");
+        let dst = p.join("mnt-win-dst");
+        for (img, at) in [
+            (format!("{}.src.ntfs", media.display()), &src),
+            (vol.clone(), &dst),
+        ] {
+            std::fs::create_dir_all(at).unwrap();
+            ok(Command::new("ntfs-3g").arg(&img).arg(at).args(["-o", "ro"]));
+        }
+        let attrs = |root: &Path, rel: &str| -> String {
+            let f = root.join(rel);
+            let mut s = format!("{:?}", std::fs::read(&f).ok());
+            for a in [
+                "system.ntfs_acl",
+                "system.ntfs_dos_name",
+                "user.Zone.Identifier",
+            ] {
+                let o = Command::new("getfattr")
+                    .args(["--only-values", "-e", "hex", "-n", a])
+                    .arg(&f)
+                    .output()
+                    .unwrap();
+                s += &format!(" {a}={}", String::from_utf8_lossy(&o.stdout));
+            }
+            s
+        };
+        for rel in [
+            "Windows/System32/ntoskrnl.exe",
+            "Windows/System32/large.dll",
+            "Windows/System32/explorer.exe",
+            "Windows/System32/config",
+            "Users/Public/Long File Name.txt",
+        ] {
+            assert_eq!(attrs(&src, rel), attrs(&dst, rel), "{rel}");
+        }
+        // (And the comparison compares something: the attributes are there.)
+        let long = attrs(&dst, "Users/Public/Long File Name.txt");
+        assert!(long.contains("system.ntfs_dos_name=LONGFI~1.TXT"), "{long}");
+        assert!(
+            long.contains("user.Zone.Identifier=[ZoneTransfer]"),
+            "{long}"
+        );
+        assert!(!long.contains("system.ntfs_acl= "), "{long}");
+        // The identity: unattend.xml well-formed and carrying the captured addresses, by MAC;
+        // the first-boot script; the carried keys.
+        let unattend = std::fs::read_to_string(dst.join("Windows/Panther/unattend.xml")).unwrap();
+        ok(Command::new("python3")
+            .args([
+                "-c",
+                "import sys, xml.dom.minidom; xml.dom.minidom.parse(sys.argv[1])",
+            ])
+            .arg(dst.join("Windows/Panther/unattend.xml")));
+        let rescue_root = p.join("mnt-rescue-check");
+        {
+            let _r = mount(&format!("{}p2", env.disk2.0), &rescue_root, true);
+            let net: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(rescue_root.join("var/lib/reinstall/network.json")).unwrap(),
+            )
+            .unwrap();
+            for i in net["interfaces"].as_array().unwrap() {
+                let mac = i["mac"].as_str().unwrap().replace(':', "-").to_uppercase();
+                assert!(
+                    unattend.contains(&format!("<Identifier>{mac}</Identifier>")),
+                    "{mac}"
+                );
+                for a in i["addresses"].as_array().unwrap() {
+                    if a["dynamic"] == false {
+                        let want = format!(
+                            ">{}/{}</IpAddress>",
+                            a["address"].as_str().unwrap(),
+                            a["prefix"]
+                        );
+                        assert!(unattend.contains(&want), "{want} not in unattend.xml");
+                    }
+                }
+            }
+        }
+        assert!(
+            unattend.contains("<ComputerName>web1</ComputerName>"),
+            "{unattend}"
+        );
+        assert!(dst.join("Windows/Setup/Scripts/SetupComplete.cmd").exists());
+        assert!(std::fs::read_to_string(dst.join("reinstall/firstboot.ps1"))
+            .unwrap()
+            .contains("OpenSSH.Server"));
+        assert_eq!(
+            std::fs::read(dst.join("reinstall/ssh/administrators_authorized_keys")).unwrap(),
+            std::fs::read(p.join("carry-expect/root/.ssh/authorized_keys")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(dst.join("reinstall/ssh/ssh_host_ed25519_key")).unwrap(),
+            std::fs::read(p.join("carry-expect/etc/ssh/ssh_host_ed25519_key")).unwrap()
+        );
+        umount(&src);
+        umount(&dst);
+        // The ESP: the media's boot manager and BCD as they are, WinPE with the stage script.
+        use bootcfg::loader::read_esp;
+        assert_eq!(
+            read_esp(&esp, "EFI/BOOT/BOOTX64.EFI").unwrap(),
+            std::fs::read(media.join("efi/boot/bootx64.efi")).unwrap()
+        );
+        assert!(read_esp(&esp, "EFI/Microsoft/Boot/BCD").is_ok());
+        assert_eq!(
+            read_esp(&esp, "boot/boot.sdi").unwrap(),
+            std::fs::read(media.join("boot/boot.sdi")).unwrap()
+        );
+        let pe = p.join("boot.wim");
+        std::fs::write(&pe, read_esp(&esp, "sources/boot.wim").unwrap()).unwrap();
+        let listing = sh(&format!("wimlib-imagex dir {} 1", pe.display()));
+        assert!(
+            listing.contains("/reinstall/stage.cmd")
+                && listing.contains("/Windows/System32/winpeshl.ini"),
+            "{listing}"
+        );
+
+        // WinPE runs its stage (simulated: Windows's bcdboot cannot run here) and reboots;
+        // BootNext is spent, the rescue OS comes up.
+        let log = if stage_ok {
+            "stage-done.log"
+        } else {
+            "stage-failed.log"
+        };
+        std::fs::create_dir_all(&dst).unwrap();
+        ok(Command::new("ntfs-3g").arg(&vol).arg(&dst));
+        std::fs::write(
+            dst.join("reinstall").join(log),
+            "bcdboot: Boot files successfully created.\r\n",
+        )
+        .unwrap();
+        umount(&dst);
+        env.power_cycle();
+        env.power_cycle();
+        assert_eq!(env.current_label(), "reinstall-rescue");
+        let (code, err) = env.boot_linux();
+        if stage_ok {
+            assert_eq!(code, 100, "{err}");
+            assert!(
+                err.contains("the WinPE stage built the boot store"),
+                "{err}"
+            );
+            assert_eq!(env.next_label(), "reinstall-target", "Windows boots once");
+        } else {
+            assert_ne!(code, 100, "{err}");
+            let job = job_state(&env.stager);
+            assert!(
+                job.to_string().contains("bcdboot: Boot files"),
+                "the stage's log reaches the stager: {job}"
+            );
+            assert_eq!(env.next_label(), "reinstall-rescue");
+        }
+    }
 }

@@ -303,6 +303,10 @@ pub enum PartKind {
     BiosBoot,
     LinuxRoot,
     LinuxData,
+    /// Microsoft reserved (MSR): Windows expects one after the ESP on GPT disks.
+    MsReserved,
+    /// Microsoft basic data: the Windows volume.
+    MsBasicData,
 }
 
 impl PartKind {
@@ -313,6 +317,8 @@ impl PartKind {
             PartKind::BiosBoot => "21686148-6449-6e6f-744e-656564454649",
             PartKind::LinuxRoot => "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
             PartKind::LinuxData => "0fc63daf-8483-4772-8e79-3d69d8477de4",
+            PartKind::MsReserved => "e3c9e316-0b5c-4db8-817d-f92df00215ae",
+            PartKind::MsBasicData => "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7",
         }
     }
 }
@@ -510,6 +516,32 @@ pub fn linux_target_layout(size_bytes: u64, sector: u64, bios: bool) -> Result<L
     plan(size_bytes, sector, &specs)
 }
 
+/// Disk 1 for a Windows target (UEFI only): ESP, MSR (16 MiB, as Windows Setup makes it),
+/// the Windows volume (the rest).
+pub fn windows_target_layout(size_bytes: u64, sector: u64) -> Result<Layout> {
+    plan(
+        size_bytes,
+        sector,
+        &[
+            PartSpec {
+                label: "EFI system partition",
+                kind: PartKind::Esp,
+                size: Some(bundle::windows::ESP_BYTES),
+            },
+            PartSpec {
+                label: "Microsoft reserved partition",
+                kind: PartKind::MsReserved,
+                size: Some(16 * MIB),
+            },
+            PartSpec {
+                label: "Basic data partition",
+                kind: PartKind::MsBasicData,
+                size: None,
+            },
+        ],
+    )
+}
+
 /// A disk opened for writing: exclusive (`O_EXCL`: the kernel refuses while anything uses
 /// it) and locked (`flock(LOCK_EX)`), re-identified and compared with the pinned identity.
 pub struct Locked {
@@ -642,20 +674,21 @@ fn reread_partitions(f: &File, dev: &str) -> Result<()> {
     // SAFETY: BLKRRPART takes no argument; the descriptor is an open block device.
     let rr = unsafe { blkrrpart(f.as_raw_fd()) };
     if rr.is_err() {
-        let out = std::process::Command::new("partx")
-            .args(["-u", dev])
+        partx_update(Path::new(dev))?;
+    }
+    Ok(())
+}
+
+/// Makes the kernel's partitions of `disk` those of its table with `partx`: `-u` updates
+/// (and was seen to drop a partition whose size changed, leaving its node missing), then
+/// `-a` adds what is missing (it fails for those present, which is not an error here).
+fn partx_update(disk: &Path) -> Result<()> {
+    for op in ["-u", "-a"] {
+        std::process::Command::new("partx")
+            .arg(op)
+            .arg(disk)
             .output()
             .context("running partx")?;
-        if !out.status.success() {
-            let out = std::process::Command::new("partx")
-                .args(["-a", dev])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "the kernel did not take the new partition table of {dev}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
     }
     Ok(())
 }
@@ -665,7 +698,7 @@ fn reread_partitions(f: &File, dev: &str) -> Result<()> {
 /// partition node for a moment. Waits for udev to go quiet (twice: the close reaches it
 /// through inotify, after a delay) and for the nodes to be there. Nodes that stay missing
 /// (seen on loop devices without udev: gone a moment after the writer closed the disk) are
-/// added again from the table on `disk` with `partx -u`, once.
+/// added again from the table on `disk` with `partx`, once.
 pub fn settle(disk: &Path, paths: &[PathBuf]) -> Result<()> {
     for _ in 0..2 {
         let _ = std::process::Command::new("udevadm")
@@ -676,17 +709,7 @@ pub fn settle(disk: &Path, paths: &[PathBuf]) -> Result<()> {
     if wait_for(paths).is_ok() {
         return Ok(());
     }
-    let out = std::process::Command::new("partx")
-        .arg("-u")
-        .arg(disk)
-        .output()
-        .context("running partx")?;
-    if !out.status.success() {
-        let _ = std::process::Command::new("partx")
-            .arg("-a")
-            .arg(disk)
-            .output();
-    }
+    partx_update(disk)?;
     wait_for(paths)
         .with_context(|| format!("after re-reading the partition table of {}", disk.display()))
 }

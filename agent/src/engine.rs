@@ -153,6 +153,9 @@ impl Agent {
                 // not because the target failed: stay, reachable, and do not fail the job.
                 return Ok(Outcome::Done);
             }
+            if expect != self.world && self.windows_stage(&mut j, todo)? {
+                return Ok(Outcome::Reboot);
+            }
             if expect != self.world && self.retry_boot(&mut j, todo)? {
                 return Ok(Outcome::Reboot);
             }
@@ -358,6 +361,45 @@ impl Agent {
         Ok(true)
     }
 
+    /// A Windows target boots twice from the rescue OS: first the media's WinPE from disk 1's
+    /// ESP, whose stage runs bcdboot and reboots (into the rescue OS, the default), then, when
+    /// the stage left its log on the Windows volume, Windows itself, once. Returns whether it
+    /// set that second boot; fails the job with the stage's log when the stage failed.
+    fn windows_stage(&mut self, j: &mut Journal, todo: Phase) -> Result<bool> {
+        const MARK: &str = "windows: the WinPE stage built the boot store";
+        if todo != Phase::TargetUp
+            || self.world != World::Rescue
+            || j.target_os != Some(bundle::Os::Windows)
+            || j.history
+                .iter()
+                .any(|e| e.note.as_deref().is_some_and(|n| n.starts_with(MARK)))
+        {
+            return Ok(false);
+        }
+        let now = journal_disk_now(j.disk1.as_ref())?;
+        let vol = now.partition_path(now.find_partition(PartKind::MsBasicData)?.number);
+        match crate::windows::stage_result(&vol) {
+            Ok(None) => Ok(false),
+            Ok(Some(_log)) => {
+                let msg = format!("{MARK} (bcdboot); booting Windows once");
+                self.boot_entry(j, true)?;
+                j.record(Phase::BootTarget, Step::Done, Some(msg.clone()));
+                self.journal.save(j)?;
+                self.report(j, EventKind::PhaseDone, Some(msg.clone()), None);
+                eprintln!("reinstall: {msg}");
+                Ok(true)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}; back in the rescue OS, which stays the default");
+                j.record(Phase::Failed, Step::Done, Some(msg.clone()));
+                self.journal.save(j)?;
+                self.report(j, EventKind::Failed, Some(msg.clone()), None);
+                eprintln!("reinstall: {msg}");
+                Err(anyhow::anyhow!(msg))
+            }
+        }
+    }
+
     /// Whether the one-shot boot into the OS that runs `todo` is set and not yet used.
     fn reboot_pending(&mut self, j: &Journal, todo: Phase) -> Result<bool> {
         let entry = match todo {
@@ -389,6 +431,7 @@ impl Agent {
             step: Step::Entering,
             disk1: None,
             disk2: None,
+            target_os: None,
             updated: String::new(),
             history: Vec::new(),
         };
@@ -480,10 +523,8 @@ impl Agent {
             rescue_root_size(&rm),
             stash_size(&tm),
         )?;
-        check_target_fits(
-            &disk::linux_target_layout(d1.size_bytes, d1.logical_sector, self.grub_chooses)?,
-            &tm,
-        )?;
+        target_layout(&d1, Some(&tm), self.grub_chooses)?;
+        j.target_os = Some(tm.os);
         let net = crate::netid::capture()?;
         std::fs::write(
             self.dir().join("network.json"),
@@ -628,7 +669,9 @@ impl Agent {
             // Disk 1's GRUB spends its `next_entry` when it boots the target: a retry (the
             // power went while the target came up) must arm it again, or the firmware's
             // one-shot lands in GRUB's default, the rescue, and the good target is failed.
-            self.disk1_grubenv(j, ("next_entry", "target"))?;
+            if j.target_os != Some(bundle::Os::Windows) {
+                self.disk1_grubenv(j, ("next_entry", "target"))?;
+            }
             self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
         } else {
             self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?
@@ -724,6 +767,9 @@ impl Agent {
     }
 
     fn install_target(&mut self, j: &mut Journal) -> Result<()> {
+        if j.target_os == Some(bundle::Os::Windows) {
+            return self.install_windows(j);
+        }
         let pinned = j.disk1.clone().context("no disk 1 in the journal")?;
         let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
         let layout =
@@ -821,6 +867,81 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// install-target for a Windows bundle (see [`crate::windows`]): the new table, the ESP
+    /// and NTFS volume, the image applied from the stash, WinPE on the ESP, the identity.
+    /// Disk 1 boots nothing until boot-target sets its one-shot: the rescue stays the default.
+    fn install_windows(&mut self, j: &mut Journal) -> Result<()> {
+        let pinned = j.disk1.clone().context("no disk 1 in the journal")?;
+        let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
+        let layout = disk::windows_target_layout(pinned.size_bytes, pinned.logical_sector)?;
+        let mut locked = Locked::open_for(&pinned, &self.root)?;
+        let parts = locked.write_gpt(&layout)?;
+        j.disk1 = Some(locked.id.clone());
+        self.journal.save(j)?;
+        drop(locked);
+        disk::settle(Path::new(&pinned.path), &parts)?;
+        let esp = parts[layout.index_of(PartKind::Esp)].clone();
+        let vol_i = layout.index_of(PartKind::MsBasicData);
+        let vol = parts[vol_i].clone();
+        mount::mkfs_esp(&esp, "SYSTEM", pinned.logical_sector)?;
+        crate::windows::mkntfs(
+            &vol,
+            layout.parts[vol_i].first_lba,
+            layout.sector,
+            "Windows",
+        )?;
+        let stash_dev = disk::identify(Path::new(&d2.path))
+            .ok()
+            .filter(|now| now.same_disk(&d2))
+            .and_then(|now| {
+                now.find_partition(PartKind::LinuxData)
+                    .ok()
+                    .map(|p| now.partition_path(p.number))
+            })
+            .context("disk 2 (the stash) is not where the journal says")?;
+        let stash = Mounted::ext4(&stash_dev, &self.work.join("stash"), true)?;
+        let tdir = stash.path.join("target");
+        let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
+        let id = bundle::payload::load_identity(&tdir.join(bundle::IDENTITY_FILE))?;
+        let mut inst = crate::windows::Installer {
+            esp: esp.clone(),
+            ntfs: vol.clone(),
+            meta: None,
+            applied: false,
+        };
+        let mut prog = Reporter::new(self, j, "install-target");
+        bundle::verify::run(&signed, id, &mut inst, "install-target", &mut prog)
+            .context("installing the Windows target")?;
+        drop(stash);
+        let meta = inst
+            .meta
+            .context("the Windows bundle has no windows.json")?;
+        anyhow::ensure!(inst.applied, "the Windows bundle has no install.wim");
+        let net: NetIdentity =
+            serde_json::from_slice(&std::fs::read(self.dir().join("network.json"))?)
+                .context("var/lib/reinstall/network.json (captured in plan) is damaged")?;
+        let written = crate::windows::write_identity(
+            &vol,
+            &self.work.join("windows"),
+            &net,
+            &self.dir().join("carry"),
+            &meta,
+        )?;
+        eprintln!(
+            "reinstall: Windows image {:?} applied to {}; wrote {}",
+            meta.image_name,
+            vol.display(),
+            written
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(())
+    }
+}
+
 /// The agent's systemd unit, installed into every OS it writes (and into the VM harness's
 /// source image).
 pub const AGENT_UNIT: &str = "[Unit]
@@ -894,10 +1015,7 @@ pub fn plan_report(
     let stash = target.map(stash_size).unwrap_or(1 << 30);
     let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, stash)?;
     let uefi = Path::new("/sys/firmware/efi").exists();
-    let l1 = disk::linux_target_layout(d1.size_bytes, d1.logical_sector, !uefi)?;
-    if let Some(m) = target {
-        check_target_fits(&l1, m)?;
-    }
+    let l1 = target_layout(&d1, target, !uefi)?;
     let writable = uefi
         && std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -1028,11 +1146,40 @@ fn grub_env(vars: &[(&str, &str)]) -> Result<Vec<u8>> {
     Ok(bootcfg::grubenv::render(&m)?)
 }
 
-/// Refuses a target that would not fit disk 1's root partition (with 10% for filesystem
-/// overhead): better now, before anything is written, than a full disk in the rescue OS.
-fn check_target_fits(l1: &disk::Layout, m: &bundle::Manifest) -> Result<()> {
+/// Disk 1's layout for the target `m` (Linux when unknown), checked to hold it.
+fn target_layout(d1: &DiskId, m: Option<&bundle::Manifest>, bios: bool) -> Result<disk::Layout> {
+    let Some(m) = m else {
+        return disk::linux_target_layout(d1.size_bytes, d1.logical_sector, bios);
+    };
+    let (l, expansion) = if m.os == bundle::Os::Windows {
+        anyhow::ensure!(
+            !bios,
+            "{} is a Windows target: Windows targets are installed on UEFI machines only, this one boots through legacy BIOS; nothing was changed",
+            m.id()
+        );
+        (
+            disk::windows_target_layout(d1.size_bytes, d1.logical_sector)?,
+            WIM_EXPANSION,
+        )
+    } else {
+        (
+            disk::linux_target_layout(d1.size_bytes, d1.logical_sector, bios)?,
+            1,
+        )
+    };
+    check_target_fits(&l, m, expansion)?;
+    Ok(l)
+}
+
+/// A Windows image applies to about this many times its WIM's size (LZX compression and
+/// single-instance storage; 2.5-3x measured on Windows Server media).
+const WIM_EXPANSION: u64 = 3;
+
+/// Refuses a target that would not fit disk 1's root partition (`expansion` times what the
+/// bundle unpacks to, with 10% for filesystem overhead): better now, before anything is written, than a full disk in the rescue OS.
+fn check_target_fits(l1: &disk::Layout, m: &bundle::Manifest, expansion: u64) -> Result<()> {
     let root_part = l1.parts.last().expect("a root partition");
-    let need = m.contents.unpacked_size + m.contents.unpacked_size / 10;
+    let need = m.contents.unpacked_size * expansion + m.contents.unpacked_size * expansion / 10;
     anyhow::ensure!(
         root_part.bytes(l1.sector) >= need,
         "disk 1 is too small for {}: its root partition would hold {} MiB, the target unpacks to {} MiB (+10%)",

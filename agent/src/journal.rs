@@ -107,6 +107,9 @@ pub struct Journal {
     pub disk1: Option<crate::disk::DiskId>,
     #[serde(default)]
     pub disk2: Option<crate::disk::DiskId>,
+    /// The target's OS, from its signed manifest (set in plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_os: Option<bundle::Os>,
     pub updated: String,
     pub history: Vec<Entry>,
 }

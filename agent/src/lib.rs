@@ -12,3 +12,4 @@ pub mod netid;
 pub mod netstack;
 pub mod preserve;
 pub mod transfer;
+pub mod windows;

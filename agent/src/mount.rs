@@ -71,6 +71,29 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    /// An NTFS volume through ntfs-3g (FUSE): files it creates get Windows's inherited
+    /// permissions. Unmounting waits for ntfs-3g to write everything back.
+    pub fn ntfs3g(dev: &Path, at: &Path) -> Result<Mounted> {
+        std::fs::create_dir_all(at)?;
+        let out = std::process::Command::new("ntfs-3g")
+            .arg(dev)
+            .arg(at)
+            .output()
+            .context("running ntfs-3g (package ntfs-3g)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mounting {} on {} with ntfs-3g failed: {}",
+            dev.display(),
+            at.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(Mounted {
+            path: at.to_path_buf(),
+        })
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Ok(d) = std::fs::File::open(&self.path) {

@@ -224,30 +224,11 @@ pub fn write_esp(dev: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         .with_context(|| format!("opening {}", dev.display()))?;
     let fs = fatfs::FileSystem::new(&f, fatfs::FsOptions::new())
         .with_context(|| format!("{} is not a FAT filesystem", dev.display()))?;
-    {
-        let root = fs.root_dir();
-        for (path, data) in files {
-            let (dirs, _) = path.rsplit_once('/').unwrap_or(("", path));
-            let mut cur = String::new();
-            for d in dirs.split('/').filter(|d| !d.is_empty()) {
-                cur = if cur.is_empty() {
-                    d.to_string()
-                } else {
-                    format!("{cur}/{d}")
-                };
-                if root.open_dir(&cur).is_err() {
-                    root.create_dir(&cur)
-                        .with_context(|| format!("{}: creating {cur}", dev.display()))?;
-                }
-            }
-            let mut file = root
-                .create_file(path)
-                .with_context(|| format!("{}: creating {path}", dev.display()))?;
-            file.truncate()?;
-            file.write_all(data)
-                .with_context(|| format!("{}: writing {path} (is the ESP full?)", dev.display()))?;
-            file.flush()?;
-        }
+    for (path, data) in files {
+        create_with(&fs, dev, path, &mut |w| {
+            w.write_all(data)
+                .with_context(|| format!("{}: writing {path} (is the ESP full?)", dev.display()))
+        })?;
     }
     fs.unmount()
         .with_context(|| format!("flushing {}", dev.display()))?;
@@ -255,6 +236,59 @@ pub fn write_esp(dev: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     // (or a grubenv) that a phase recorded as written.
     f.sync_all()
         .with_context(|| format!("flushing {}", dev.display()))?;
+    Ok(())
+}
+
+/// As [`write_esp`] for one file whose contents `write` produces (a stream too large to
+/// hold in memory).
+pub fn write_esp_with(
+    dev: &Path,
+    path: &str,
+    write: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("opening {}", dev.display()))?;
+    let fs = fatfs::FileSystem::new(&f, fatfs::FsOptions::new())
+        .with_context(|| format!("{} is not a FAT filesystem", dev.display()))?;
+    create_with(&fs, dev, path, write)?;
+    fs.unmount()
+        .with_context(|| format!("flushing {}", dev.display()))?;
+    f.sync_all()
+        .with_context(|| format!("flushing {}", dev.display()))?;
+    Ok(())
+}
+
+/// Creates (or replaces) `path` in `fs` with its directories, its contents from `write`.
+fn create_with<IO: fatfs::ReadWriteSeek>(
+    fs: &fatfs::FileSystem<IO>,
+    dev: &Path,
+    path: &str,
+    write: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let root = fs.root_dir();
+    let (dirs, _) = path.rsplit_once('/').unwrap_or(("", path));
+    let mut cur = String::new();
+    for d in dirs.split('/').filter(|d| !d.is_empty()) {
+        cur = if cur.is_empty() {
+            d.to_string()
+        } else {
+            format!("{cur}/{d}")
+        };
+        if root.open_dir(&cur).is_err() {
+            root.create_dir(&cur)
+                .with_context(|| format!("{}: creating {cur}", dev.display()))?;
+        }
+    }
+    let mut file = root
+        .create_file(path)
+        .with_context(|| format!("{}: creating {path}", dev.display()))?;
+    file.truncate()?;
+    write(&mut file)?;
+    file.flush()
+        .with_context(|| format!("{}: writing {path} (is the ESP full?)", dev.display()))?;
     Ok(())
 }
 

@@ -26,6 +26,7 @@ pub mod release;
 pub mod tree;
 pub mod unpack;
 pub mod verify;
+pub mod windows;
 
 pub use error::{Error, Result};
 pub use manifest::{Compression, Kind, Manifest, Os};

@@ -147,7 +147,10 @@ fn unpack_marked(
     result
 }
 
-fn run(
+/// Streams a verified bundle's entries, each checked, into `sink` (an installer that is not
+/// a directory tree: a Windows target). The caller trusts what the sink built only after
+/// this returns `Ok`: the hash and lengths are checked at the end of the stream.
+pub fn run(
     s: &Signed,
     identity: age::x25519::Identity,
     sink: &mut dyn Sink,

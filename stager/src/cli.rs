@@ -167,7 +167,12 @@ pub struct BuildOpts {
     /// Print the manifest and store paths as JSON.
     #[arg(long)]
     pub json: bool,
-    /// A directory, or a .tar, .tar.gz or .tar.zst file.
+    /// With --os windows: the image of the media's sources/install.wim to install, by index
+    /// or name (`wimlib-imagex info` lists them); needed when it holds more than one.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// A directory, or a .tar, .tar.gz or .tar.zst file. With --os windows: the root of a
+    /// Windows installation ISO (mounted or copied), see the README.
     pub src: PathBuf,
 }
 
@@ -331,6 +336,7 @@ pub fn build(o: BuildOpts) -> Result<()> {
         },
         level: o.level,
         source: o.src,
+        image: o.image,
     };
     let start = std::time::Instant::now();
     let stored = store

@@ -39,6 +39,8 @@ pub struct BuildRequest {
     pub compression: Compression,
     pub level: Option<i32>,
     pub source: PathBuf,
+    /// `--os windows`: the image of the media's install.wim (index or name).
+    pub image: Option<String>,
 }
 
 /// A bundle as listed: its manifest and where its parts are.
@@ -110,13 +112,30 @@ impl Store {
                 final_dir.display()
             );
         }
-        let source = Source::detect(&req.source)?;
         let tmp = self.dir.join("tmp");
         mkdir_private(&tmp)?;
         let work = tempfile::Builder::new()
             .prefix("build-")
             .tempdir_in(&tmp)
             .with_context(|| format!("creating a work directory in {}", tmp.display()))?;
+        let source = match req.os {
+            Os::Windows => {
+                anyhow::ensure!(
+                    req.kind == Kind::Target,
+                    "--os windows is for targets: the rescue OS is Linux"
+                );
+                let tree = work.path().join("windows");
+                crate::windows::prepare(&req.source, req.image.as_deref(), &tree)?;
+                Source::Dir(tree)
+            }
+            Os::Linux => {
+                anyhow::ensure!(
+                    req.image.is_none(),
+                    "--image chooses an image of Windows media (--os windows)"
+                );
+                Source::detect(&req.source)?
+            }
+        };
         self.build_in(work.path(), &final_dir, req, &source, &key, progress)
     }
 

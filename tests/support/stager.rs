@@ -41,6 +41,17 @@ impl Stager {
 
     /// As [`Stager::new`], with the rescue bundle built from `rescue_src`.
     pub fn with_rescue(dir: &Path, rescue_src: &Path, target_src: &Path) -> Stager {
+        Self::with_bundles(dir, rescue_src, target_src, &["--os", "linux"])
+    }
+
+    /// As [`with_rescue`](Self::with_rescue), the target built with `target_args` (its
+    /// `--os` and what goes with it).
+    pub fn with_bundles(
+        dir: &Path,
+        rescue_src: &Path,
+        target_src: &Path,
+        target_args: &[&str],
+    ) -> Stager {
         let home = dir.join("home");
         let port = free_port();
         ok(stager()
@@ -49,23 +60,15 @@ impl Stager {
             .arg(&home)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--default-rescue", "rescue"]));
-        for (name, kind, src) in [
-            ("rescue", "rescue", rescue_src),
-            ("target", "target", target_src),
+        for (name, kind, src, args) in [
+            ("rescue", "rescue", rescue_src, &["--os", "linux"][..]),
+            ("target", "target", target_src, target_args),
         ] {
             ok(stager()
                 .args(["bundle", "build", "--dir"])
                 .arg(&home)
-                .args([
-                    "--name",
-                    name,
-                    "--version",
-                    "1",
-                    "--kind",
-                    kind,
-                    "--os",
-                    "linux",
-                ])
+                .args(["--name", name, "--version", "1", "--kind", kind])
+                .args(args)
                 .arg(src));
         }
         let s = Stager {
