@@ -1230,6 +1230,39 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
             std::fs::read(dst.join("reinstall/ssh/ssh_host_ed25519_key")).unwrap(),
             std::fs::read(p.join("carry-expect/etc/ssh/ssh_host_ed25519_key")).unwrap()
         );
+        // The call home Windows's first-boot script makes (curl.exe, Schannel), made here with
+        // curl and OpenSSL from the same files: the PKCS#12 identity (3DES/RC2, what Windows
+        // reads: OpenSSL 3 needs -legacy), its password and the stager's URL in the script,
+        // the event. Kept for after WinPE's stage.
+        let script = std::fs::read_to_string(dst.join("reinstall/firstboot.ps1")).unwrap();
+        let pass = script
+            .split("--pass '")
+            .nth(1)
+            .unwrap()
+            .split('\'')
+            .next()
+            .unwrap();
+        let url = script
+            .split("'https://")
+            .nth(1)
+            .map(|u| format!("https://{}", u.split('\'').next().unwrap()))
+            .unwrap();
+        assert!(url.ends_with("/v1/agent/events"), "{url}");
+        assert!(
+            script.find("curl.exe").unwrap()
+                < script.find("displayorder '{bootmgr}' /addfirst").unwrap(),
+            "Windows becomes the default only after calling home"
+        );
+        let pem = p.join("host-from-p12.pem");
+        ok(Command::new("openssl")
+            .args(["pkcs12", "-legacy", "-nodes", "-in"])
+            .arg(dst.join("reinstall/host.p12"))
+            .args(["-passin", &format!("pass:{pass}"), "-out"])
+            .arg(&pem));
+        let up = p.join("target-up.json");
+        std::fs::copy(dst.join("reinstall/target-up.json"), &up).unwrap();
+        let ca = p.join("ca-from-windows.pem");
+        std::fs::copy(dst.join("reinstall/ca.pem"), &ca).unwrap();
         umount(&src);
         umount(&dst);
         // The ESP: the media's boot manager and BCD as they are, WinPE with the stage script.
@@ -1278,6 +1311,18 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
                 "{err}"
             );
             assert_eq!(env.next_label(), "reinstall-target", "Windows boots once");
+            // Windows comes up and its first-boot script calls home: the job is done.
+            assert_ne!(job_state(&env.stager)["state"], "done");
+            let out = ok(Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "30", "--cert"])
+                .arg(&pem)
+                .arg("--cacert")
+                .arg(&ca)
+                .args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(format!("@{}", up.display()))
+                .arg(&url));
+            let job = job_state(&env.stager);
+            assert_eq!(job["state"], "done", "{out} {job}");
         } else {
             assert_ne!(code, 100, "{err}");
             let job = job_state(&env.stager);

@@ -927,6 +927,8 @@ impl Agent {
             &net,
             &self.dir().join("carry"),
             &meta,
+            &self.client.identity,
+            j.job,
         )?;
         eprintln!(
             "reinstall: Windows image {:?} applied to {}; wrote {}",

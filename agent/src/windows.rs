@@ -8,7 +8,8 @@
 //! unattend cannot say (on-link and IPv6 link-local gateways, OpenSSH Server with the carried
 //! host keys and authorized keys, hibernation and fast start off).
 //!
-//! Not built: Windows calling home (the target-up phase); see the README.
+//! Windows calls home itself (target-up) from the first-boot script, with the host's identity
+//! as PKCS#12; then it makes its boot manager the default.
 
 use crate::netid::{Interface, NetIdentity, Route};
 use anyhow::{ensure, Context, Result};
@@ -287,9 +288,9 @@ pub fn render_unattend(id: &NetIdentity, admin_password: &str) -> Result<String>
 /// The first-boot script (PowerShell, run once as SYSTEM from SetupComplete.cmd): the routes
 /// unattend cannot carry, each NIC found by MAC; OpenSSH Server on with its firewall rule;
 /// hibernation and fast start off.
-pub fn render_firstboot(id: &NetIdentity) -> String {
+pub fn render_firstboot(id: &NetIdentity, call: Option<&CallHome>) -> String {
     let mut s = String::from(
-        "# Written by reinstall: what unattend.xml cannot say. Runs once, as SYSTEM.\n$ErrorActionPreference = 'Continue'\n",
+        "# Written by reinstall: what unattend.xml cannot say. Runs once, as SYSTEM.\n$ErrorActionPreference = 'Continue'\n$r = Join-Path $env:SystemDrive 'reinstall'\n",
     );
     for iface in &id.interfaces {
         let extra: Vec<&Route> = iface
@@ -327,7 +328,6 @@ pub fn render_firstboot(id: &NetIdentity) -> String {
     }
     s.push_str(
         "Add-WindowsCapability -Online -Name OpenSSH.Server~~~~0.0.1.0\n\
-         $r = Join-Path $env:SystemDrive 'reinstall'\n\
          $ssh = Join-Path $env:ProgramData 'ssh'\n\
          New-Item -ItemType Directory -Force -Path $ssh | Out-Null\n\
          Get-ChildItem (Join-Path $r 'ssh') -File -ErrorAction SilentlyContinue | ForEach-Object {\n\
@@ -342,7 +342,58 @@ pub fn render_firstboot(id: &NetIdentity) -> String {
          powercfg /hibernate off\n\
          Set-ItemProperty -Path 'HKLM:\\SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Power' -Name HiberbootEnabled -Value 0\n",
     );
+    if let Some(c) = call {
+        // target-up: the stager hears from Windows itself, over mutual TLS with the host's
+        // identity; only then does Windows become the default boot (the rescue stays in the
+        // order). Never reached: the next boot is the rescue OS, which reports the failure.
+        let _ = write!(
+            s,
+            "$up = $false\n\
+             for ($i = 0; $i -lt {tries} -and -not $up; $i++) {{\n\
+             \x20 & curl.exe --silent --show-error --fail --max-time 30 --cert-type P12 --cert (Join-Path $r '{P12}') --pass '{pw}' --cacert (Join-Path $r '{CA}') -H 'Content-Type: application/json' --data-binary ('@' + (Join-Path $r '{UP}')) '{url}/v1/agent/events'\n\
+             \x20 if ($LASTEXITCODE -eq 0) {{ $up = $true }} else {{ Start-Sleep -Seconds 10 }}\n\
+             }}\n\
+             if ($up) {{\n\
+             \x20 bcdedit /set '{{fwbootmgr}}' displayorder '{{bootmgr}}' /addfirst\n\
+             \x20 Remove-Item -Force (Join-Path $r '{P12}')\n\
+             \x20 'reinstall: called home; Windows Boot Manager is the default boot now'\n\
+             }} else {{\n\
+             \x20 'reinstall: the stager did not answer: the next boot returns to the rescue OS'\n\
+             }}\n",
+            tries = 60,
+            pw = c.password,
+            url = c.url.trim_end_matches('/'),
+        );
+    }
     s
+}
+
+/// Files under `reinstall\` on the Windows volume for the call home.
+pub const P12: &str = "host.p12";
+pub const CA: &str = "ca.pem";
+pub const UP: &str = "target-up.json";
+
+/// How Windows's first-boot script calls home: the stager's URL and the password of the
+/// PKCS#12 file holding the host's identity.
+pub struct CallHome {
+    pub url: String,
+    pub password: String,
+}
+
+/// The host's TLS identity (certificate, key, CA) as PKCS#12, the form Windows's curl.exe
+/// (Schannel) takes a client certificate in.
+pub fn pkcs12(id: &proto::identity::IdentityFile, password: &str) -> Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+    let cert = CertificateDer::from_pem_slice(id.cert.as_bytes())
+        .context("the identity's certificate is not PEM")?;
+    let key = PrivatePkcs8KeyDer::from_pem_slice(id.key.as_bytes())
+        .context("the identity's key is not PKCS#8 PEM")?;
+    let ca =
+        CertificateDer::from_pem_slice(id.ca.as_bytes()).context("the identity's CA is not PEM")?;
+    let pfx = p12::PFX::new(&cert, key.secret_pkcs8_der(), Some(&ca), password, &id.name)
+        .context("making the PKCS#12 file")?;
+    Ok(pfx.to_der())
 }
 
 /// Runs `SetupComplete.cmd` (Windows runs it once, as SYSTEM, when Setup has finished):
@@ -490,7 +541,22 @@ pub fn write_identity(
     net: &NetIdentity,
     carry: &Path,
     meta: &Meta,
+    host: &proto::identity::IdentityFile,
+    job: u64,
 ) -> Result<Vec<PathBuf>> {
+    let call = CallHome {
+        url: host.stager.clone(),
+        password: random_password()?,
+    };
+    let up = proto::v1::Event {
+        job,
+        kind: proto::v1::EventKind::Done,
+        phase: Some("target-up".into()),
+        bytes_done: None,
+        bytes_total: None,
+        message: Some("Windows is up: its first-boot script called home".into()),
+        network: None,
+    };
     // The computer name is the old OS's host name, as carried (/etc/hostname), as for Linux.
     let mut net = net.clone();
     if let Ok(h) = std::fs::read_to_string(carry.join("etc/hostname")) {
@@ -500,7 +566,7 @@ pub fn write_identity(
     }
     let net = &net;
     let unattend = render_unattend(net, &random_password()?)?;
-    let firstboot = render_firstboot(net);
+    let firstboot = render_firstboot(net, Some(&call));
     let m = crate::mount::Mounted::ntfs3g(ntfs, at)?;
     let mut files: Vec<(PathBuf, Vec<u8>)> = vec![
         (
@@ -519,6 +585,12 @@ pub fn write_identity(
             Path::new(VOLUME_DIR).join(META),
             serde_json::to_vec_pretty(meta)?,
         ),
+        (
+            Path::new(VOLUME_DIR).join(P12),
+            pkcs12(host, &call.password)?,
+        ),
+        (Path::new(VOLUME_DIR).join(CA), host.ca.clone().into_bytes()),
+        (Path::new(VOLUME_DIR).join(UP), serde_json::to_vec(&up)?),
     ];
     let mut keys = Vec::new();
     for rel in crate::preserve::identity_files(carry) {
@@ -622,7 +694,7 @@ mod tests {
         assert!(!x.contains("<Routes>"), "{x}");
         assert!(x.contains("<fDenyTSConnections>false</fDenyTSConnections>"));
         // ... the script has both, the on-link one after a host route to the gateway.
-        let ps = render_firstboot(&id);
+        let ps = render_firstboot(&id, None);
         let host = ps
             .find("-DestinationPrefix '198.51.100.1/32' -NextHop '0.0.0.0'")
             .unwrap();
