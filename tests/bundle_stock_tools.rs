@@ -183,6 +183,20 @@ fn a_windows_bundle_from_media_is_readable_by_stock_tools_down_to_the_wim() {
     ] {
         assert!(tree.join("esp").join(f).is_file(), "esp/{f}");
     }
+    // Media with install.esd (solid LZMS, as Microsoft's download tool makes): the image is
+    // recompressed into a pipable LZX WIM.
+    ok(Command::new("wimlib-imagex")
+        .arg("export")
+        .arg(media.join("sources/install.wim"))
+        .arg("all")
+        .arg(media.join("sources/install.esd"))
+        .arg("--solid"));
+    std::fs::remove_file(media.join("sources/install.wim")).unwrap();
+    ok(&mut build(
+        "w3",
+        &["--os", "windows", "--image", "Test Server"],
+        &media,
+    ));
     // Media without WinPE: refused, naming what is missing.
     std::fs::remove_file(media.join("sources/boot.wim")).unwrap();
     let e = fails(&mut build(

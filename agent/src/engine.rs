@@ -1301,3 +1301,70 @@ impl Progress for Reporter<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(gib: u64) -> DiskId {
+        DiskId {
+            path: "/dev/sda".into(),
+            name: "sda".into(),
+            by_id: vec![],
+            serial: None,
+            wwn: None,
+            model: None,
+            size_bytes: gib << 30,
+            logical_sector: 512,
+            physical_sector: 512,
+            ptuuid: None,
+        }
+    }
+
+    fn manifest(os: bundle::Os, unpacked: u64) -> bundle::Manifest {
+        bundle::Manifest {
+            manifest_version: bundle::manifest::MANIFEST_VERSION,
+            name: "t".into(),
+            version: "1".into(),
+            kind: bundle::Kind::Target,
+            os,
+            arch: "x86_64".into(),
+            created: "2026-11-22T00:00:00Z".into(),
+            payload: bundle::manifest::Payload {
+                sha256: "0".repeat(64),
+                size: unpacked,
+                compression: bundle::Compression::Zstd,
+                encryption: bundle::manifest::ENCRYPTION_AGE_X25519.into(),
+            },
+            contents: bundle::manifest::Contents {
+                tar_size: unpacked,
+                unpacked_size: unpacked,
+                entries: 3,
+            },
+        }
+    }
+
+    #[test]
+    fn a_windows_target_gets_esp_msr_and_ntfs_and_is_refused_on_bios_or_a_small_disk() {
+        let w = manifest(bundle::Os::Windows, 4 << 30);
+        let l = target_layout(&disk(64), Some(&w), false).unwrap();
+        let kinds: Vec<PartKind> = l.parts.iter().map(|p| p.kind).collect();
+        assert_eq!(
+            kinds,
+            [PartKind::Esp, PartKind::MsReserved, PartKind::MsBasicData]
+        );
+        assert_eq!(l.parts[1].bytes(512), 16 << 20);
+        let e = target_layout(&disk(64), Some(&w), true).unwrap_err();
+        assert!(format!("{e:#}").contains("UEFI machines only"), "{e:#}");
+        // A 4 GiB WIM applies to about 12 GiB: a 10 GiB disk is refused before any write.
+        let e = target_layout(&disk(10), Some(&w), false).unwrap_err();
+        assert!(format!("{e:#}").contains("too small"), "{e:#}");
+        // The same bytes as a Linux tree fit.
+        let l = target_layout(
+            &disk(10),
+            Some(&manifest(bundle::Os::Linux, 4 << 30)),
+            false,
+        );
+        assert!(l.is_ok());
+    }
+}

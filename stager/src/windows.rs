@@ -225,6 +225,9 @@ pub fn prepare(src: &Path, sel: Option<&str>, out: &Path) -> Result<Meta> {
         .arg(img.index.to_string())
         .arg(out.join(IMAGE))
         .arg("--pipable")
+        // LZX chunks, as install.wim has them (copied, not recompressed); an install.esd's
+        // solid LZMS is recompressed, since a pipable WIM cannot hold solid resources.
+        .arg("--compress=LZX")
         .status()
         .context("running wimlib-imagex export")?;
     ensure!(
