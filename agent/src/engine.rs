@@ -33,6 +33,8 @@ pub const WORLD_FILE: &str = "etc/reinstall/world";
 pub const JOURNAL_DIR: &str = "var/lib/reinstall";
 pub const RESCUE_LOADER: &str = "\\EFI\\reinstall\\grubx64.efi";
 pub const TARGET_LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
+/// The journal note that the WinPE stage of a Windows target built the boot store.
+const WINDOWS_STAGE_DONE: &str = "windows: the WinPE stage built the boot store";
 const MIB: u64 = 1 << 20;
 /// How many more times a one-shot boot into the rescue or the target is tried after it came
 /// back without the new OS calling home (a power cut while it booted; a flaky first boot).
@@ -169,8 +171,19 @@ impl Agent {
                     Ok(Some(n)) => format!("; the firmware booted Boot{n:04X} this time"),
                     _ => String::new(),
                 };
+                let winpe = if expect == World::Target
+                    && j.target_os == Some(bundle::Os::Windows)
+                    && !j.history.iter().any(|e| {
+                        e.note
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with(WINDOWS_STAGE_DONE))
+                    }) {
+                    "; the WinPE stage left no log on the Windows volume (WinPE did not start, or did not find the volume)"
+                } else {
+                    ""
+                };
                 let msg = format!(
-                    "{} did not come up after {} tries (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default{booted}",
+                    "{} did not come up after {} tries (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default{booted}{winpe}",
                     if expect == World::Target { "the target" } else { "the rescue OS" },
                     BOOT_RETRIES + 1,
                     todo.as_str(),
@@ -366,7 +379,7 @@ impl Agent {
     /// the stage left its log on the Windows volume, Windows itself, once. Returns whether it
     /// set that second boot; fails the job with the stage's log when the stage failed.
     fn windows_stage(&mut self, j: &mut Journal, todo: Phase) -> Result<bool> {
-        const MARK: &str = "windows: the WinPE stage built the boot store";
+        const MARK: &str = WINDOWS_STAGE_DONE;
         if todo != Phase::TargetUp
             || self.world != World::Rescue
             || j.target_os != Some(bundle::Os::Windows)

@@ -24,8 +24,9 @@ fi
 [ -n "$mirror" ] || { echo "base.sh: no deb source for $suite in /etc/apt/sources.list(.d)" >&2; exit 1; }
 # Packages: the kernel and init; the agent's tools (ip, partx/blkid, mkfs.ext4, grub-mkimage
 # with the x86_64-efi and i386-pc modules); sshd for the reachability checks; efibootmgr for
-# the checks inside the guest; less is the "other package" the target alone keeps.
-pkgs=linux-image-amd64,systemd-sysv,udev,kmod,iproute2,openssh-server,e2fsprogs,util-linux,grub-common,grub-efi-amd64-bin,grub-pc-bin,efibootmgr,less
+# the checks inside the guest; wimtools and ntfs-3g for Windows targets (the rescue OS applies
+# the image); less is the "other package" the target alone keeps.
+pkgs=linux-image-amd64,systemd-sysv,udev,kmod,iproute2,openssh-server,e2fsprogs,util-linux,grub-common,grub-efi-amd64-bin,grub-pc-bin,efibootmgr,wimtools,ntfs-3g,less
 rm -rf "$out.tmp"
 debootstrap --variant=minbase --include="$pkgs" "$suite" "$out.tmp" "$mirror" >"$out.log" 2>&1 \
     || { tail -20 "$out.log" >&2; exit 1; }

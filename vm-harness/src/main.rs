@@ -26,7 +26,10 @@ use std::process::{Command, ExitCode, Stdio};
 ///               the stager shows the failure.
 ///   power-cut   SIGKILL QEMU at phase boundaries and inside long writes, power on again,
 ///               and check where the machine ends up (table: cut point, outcome, recovery).
-///   all         full, bad-target, power-cut.
+///   windows-layout  the rescue half of a Windows target (synthetic media, UEFI): disk 1 laid
+///               out and written by the rescue OS, checked from the host; the stand-in WinPE
+///               cannot start, so the machine must come back to rescue with the job failed.
+///   all         full, bad-target, windows-layout (UEFI), power-cut.
 ///
 /// --bios: SeaBIOS instead of OVMF; the source disk boots through its own Debian GRUB for
 /// BIOS. `full --bios` checks the migration, the default boot, and the rescue on request and
@@ -59,6 +62,7 @@ struct Cli {
 enum Cmd {
     Full,
     BadTarget,
+    WindowsLayout,
     PowerCut {
         /// Cut points to run (default: all). See --list.
         #[arg(long, value_delimiter = ',')]
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
     let r = match &cli.cmd {
         Cmd::Full => scenario::full(&opts),
         Cmd::BadTarget => scenario::bad_target(&opts),
+        Cmd::WindowsLayout => scenario::windows_layout(&opts),
         Cmd::PowerCut { points, .. } => scenario::power_cut(&opts, points),
         Cmd::All => scenario::all(&opts),
         Cmd::Relay { .. } | Cmd::Accel => unreachable!(),

@@ -20,6 +20,17 @@ pub struct Opts {
 const HOST: &str = "vm1";
 const TARGET: &str = "debian-vm";
 const BAD_TARGET: &str = "bad-target";
+const WINDOWS: &str = "windows";
+
+/// A target bundle a scenario adds to the stager beside the Linux one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Extra {
+    None,
+    /// A Linux target whose kernel panics.
+    BadTarget,
+    /// A Windows target from synthetic media (`scripts/make-windows-media`).
+    Windows,
+}
 const DISK1_MIB: u64 = 3072;
 const DISK2_MIB: u64 = 4096;
 /// One boot plus what the agent does in it, under software emulation.
@@ -65,7 +76,7 @@ fn binaries() -> Result<(PathBuf, PathBuf)> {
 }
 
 impl Env {
-    pub fn new(o: &Opts, name: &str, bad_target: bool) -> Result<Env> {
+    pub fn new(o: &Opts, name: &str, extra: Extra) -> Result<Env> {
         let t0 = Instant::now();
         let (reinstall, stager) = binaries()?;
         let dir = o.work.join(name);
@@ -93,16 +104,34 @@ impl Env {
             "--default-rescue",
             "rescue",
         ])?;
+        let linux: &[&str] = &["--os", "linux"];
         let mut bundles = vec![
-            ("rescue", "rescue", rescue_tree),
-            (TARGET, "target", target_tree),
+            ("rescue", "rescue", rescue_tree, linux),
+            (TARGET, "target", target_tree, linux),
         ];
-        if bad_target {
-            bundles.push((BAD_TARGET, "target", cache.tree("bad-target")?));
+        match extra {
+            Extra::None => {}
+            Extra::BadTarget => {
+                bundles.push((BAD_TARGET, "target", cache.tree("bad-target")?, linux));
+            }
+            Extra::Windows => {
+                let media = dir.join("windows-media");
+                run(Command::new(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../scripts/make-windows-media"),
+                )
+                .arg(&media))?;
+                bundles.push((
+                    WINDOWS,
+                    "target",
+                    media,
+                    &["--os", "windows", "--image", "Test Server"],
+                ));
+            }
         }
-        for (n, kind, tree) in &bundles {
+        for (n, kind, tree, os) in &bundles {
             eprintln!("vm-harness: building bundle {n}");
-            st(&[
+            let mut args = vec![
                 "bundle",
                 "build",
                 "--name",
@@ -111,10 +140,11 @@ impl Env {
                 "1",
                 "--kind",
                 kind,
-                "--os",
-                "linux",
-                &tree.to_string_lossy(),
-            ])?;
+            ];
+            args.extend_from_slice(os);
+            let tree = tree.to_string_lossy();
+            args.push(&tree);
+            st(&args)?;
         }
         let agent_id = dir.join("vm1-identity.toml");
         st(&["enroll", HOST, "--out", &agent_id.to_string_lossy()])?;
@@ -476,7 +506,7 @@ fn migrate(e: &mut Env) -> Result<Facts> {
 }
 
 pub fn full(o: &Opts) -> Result<bool> {
-    let mut e = Env::new(o, "full", false)?;
+    let mut e = Env::new(o, "full", Extra::None)?;
     migrate(&mut e)?;
     // The target is the new OS, visibly.
     let marker =
@@ -581,7 +611,7 @@ pub fn full(o: &Opts) -> Result<bool> {
 }
 
 pub fn bad_target(o: &Opts) -> Result<bool> {
-    let mut e = Env::new(o, "bad-target", true)?;
+    let mut e = Env::new(o, "bad-target", Extra::BadTarget)?;
     e.vm.start()?;
     let f = e.wait_world("source", None)?;
     e.check_boot(&f, "source OS", 1, 2)?;
@@ -636,6 +666,152 @@ pub fn bad_target(o: &Opts) -> Result<bool> {
     ));
     e.print_table("scenario bad-target (UEFI): passed");
     Ok(true)
+}
+
+/// The rescue half of a Windows target on real firmware, with synthetic media: the rescue OS
+/// lays out disk 1, applies the image, writes WinPE and the identity, and boots WinPE once.
+/// The stand-in WinPE cannot start, so the firmware falls back to the rescue OS (the default),
+/// which tries once more and then fails the job, reachable. Then disk 1 is checked from the
+/// host: the table, the NTFS geometry, the applied image, unattend.xml with the guest's
+/// address and MAC, the ESP's files.
+pub fn windows_layout(o: &Opts) -> Result<bool> {
+    ensure!(
+        !o.bios,
+        "windows-layout is UEFI only: a Windows target on a BIOS machine is refused in plan"
+    );
+    let mut e = Env::new(o, "windows-layout", Extra::Windows)?;
+    e.vm.start()?;
+    let f = e.wait_world("source", None)?;
+    e.check_boot(&f, "source OS", 1, 2)?;
+    e.row("source OS up");
+    let mut op = e.create_job(WINDOWS)?;
+    let f = e.wait_world("rescue", None)?;
+    e.check_boot(&f, "rescue OS", 2, 2)?;
+    e.row("rescue OS up");
+    let st =
+        wait_child(&mut e.vm, &mut op, Duration::from_secs(1800)).context("reinstall --wait")?;
+    ensure!(
+        !st.success(),
+        "reinstall --wait succeeded, but the stand-in WinPE cannot boot"
+    );
+    let v = e.stager_view()?.context("no job")?;
+    let msg = v
+        .last_event
+        .as_ref()
+        .and_then(|ev| ev.event.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        v.state == HostState::Failed && msg.contains("WinPE stage left no log"),
+        "stager shows {:?}: {msg:?}",
+        v.state
+    );
+    e.row(&format!("stager: failed: {msg}"));
+    let f = e.wait_world("rescue", Some(&f.boot_id))?;
+    e.check_boot(&f, "rescue OS after WinPE did not start", 2, 2)?;
+    let (order, raw) = boot_order(&e)?;
+    ensure!(
+        order.first().map(String::as_str) == Some("reinstall-rescue")
+            && order.iter().any(|l| l == "reinstall-target"),
+        "boot order: {raw}"
+    );
+    let entry = raw
+        .lines()
+        .find(|l| l.contains("reinstall-target"))
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        entry
+            .to_ascii_uppercase()
+            .contains("\\EFI\\BOOT\\BOOTX64.EFI"),
+        "the target entry does not start disk 1's boot manager: {entry}"
+    );
+    e.row(&format!(
+        "back in rescue, reachable; BootOrder {}",
+        order.join(", ")
+    ));
+    e.vm.kill();
+    check_windows_disk(&e)?;
+    e.row("disk 1 from the host: ESP/MSR/NTFS, geometry, image, unattend.xml, ESP files");
+    e.print_table("scenario windows-layout (UEFI): passed");
+    Ok(true)
+}
+
+/// Disk 1 of a windows-layout run, read on the host through a read-only loop device.
+fn check_windows_disk(e: &Env) -> Result<()> {
+    let img = e.dir.join("disk1.img");
+    let dev = run(Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&img))?
+    .trim()
+    .to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("partx").args(["-d", &self.0]).output();
+            let _ = Command::new("losetup").args(["-d", &self.0]).output();
+        }
+    }
+    let _d = Detach(dev.clone());
+    let _ = Command::new("partx").args(["-a", &dev]).output();
+    let t: serde_json::Value =
+        serde_json::from_str(&run(Command::new("sfdisk").args(["--json", &dev]))?)?;
+    let parts = t["partitiontable"]["partitions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let types: Vec<&str> = parts.iter().filter_map(|p| p["type"].as_str()).collect();
+    ensure!(
+        types
+            == [
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                "E3C9E316-0B5C-4DB8-817D-F92DF00215AE",
+                "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+            ],
+        "disk 1's partition types: {types:?}"
+    );
+    let node = |i: usize| parts[i]["node"].as_str().unwrap_or_default().to_string();
+    let mut bs = vec![0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(node(2))?, &mut bs)?;
+    let start = u64::from(u32::from_le_bytes(bs[0x1c..0x20].try_into()?));
+    ensure!(
+        &bs[3..11] == b"NTFS    "
+            && start == parts[2]["start"].as_u64().unwrap_or(0)
+            && u16::from_le_bytes([bs[0x18], bs[0x19]]) == 63
+            && u16::from_le_bytes([bs[0x1a], bs[0x1b]]) == 255,
+        "the NTFS boot sector: hidden sectors {start}, partition start {}",
+        parts[2]["start"]
+    );
+    let cat = |path: &str| -> Result<String> {
+        run(Command::new("ntfscat").arg(node(2)).arg(path))
+            .with_context(|| format!("reading {path} from the Windows volume"))
+    };
+    ensure!(
+        cat("/Windows/System32/explorer.exe")?.contains("the desktop edition"),
+        "not the chosen image"
+    );
+    let unattend = cat("/Windows/Panther/unattend.xml")?;
+    for want in [
+        format!(">{}/24</IpAddress>", vm::GUEST_IP),
+        format!(
+            "<Identifier>{}</Identifier>",
+            vm::MAC.replace(':', "-").to_uppercase()
+        ),
+        format!("<ComputerName>{HOST}</ComputerName>"),
+    ] {
+        ensure!(unattend.contains(&want), "unattend.xml lacks {want}");
+    }
+    ensure!(
+        cat("/reinstall/firstboot.ps1")?.contains("curl.exe"),
+        "no call home in the first-boot script"
+    );
+    let esp = std::path::PathBuf::from(node(0));
+    let loader = bootcfg::loader::read_esp(&esp, "EFI/BOOT/BOOTX64.EFI")?;
+    ensure!(
+        loader.starts_with(b"MZ stand-in"),
+        "the ESP's boot manager is not the media's"
+    );
+    bootcfg::loader::read_esp(&esp, "sources/boot.wim")?;
+    Ok(())
 }
 
 pub struct CutPoint {
@@ -724,7 +900,7 @@ fn random_share() -> f64 {
 /// again, and waits for the end: the target with the job done, or a reachable rescue (or
 /// source) with the failure reported. Returns (outcome, seconds from power-on to the end).
 fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
-    let mut e = Env::new(o, &format!("power-cut-{}", p.name), false)?;
+    let mut e = Env::new(o, &format!("power-cut-{}", p.name), Extra::None)?;
     e.vm.start()?;
     e.wait_world("source", None)?;
     let mut op = e.create_job(TARGET)?;
@@ -887,6 +1063,15 @@ pub fn all(o: &Opts) -> Result<bool> {
             Ok(r) => ok &= r,
             Err(e) => {
                 eprintln!("vm-harness: {name} FAILED: {e:#}");
+                ok = false;
+            }
+        }
+    }
+    if !o.bios {
+        match windows_layout(o) {
+            Ok(r) => ok &= r,
+            Err(e) => {
+                eprintln!("vm-harness: windows-layout FAILED: {e:#}");
                 ok = false;
             }
         }
