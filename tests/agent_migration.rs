@@ -1172,6 +1172,20 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
         ] {
             assert_eq!(attrs(&src, rel), attrs(&dst, rel), "{rel}");
         }
+        // The junction (a reparse point), read with ntfsinfo (ntfs-3g cannot follow a
+        // junction to C:; --force: the volumes are mounted read-only): same tag and length.
+        let reparse = |dev: &str| -> String {
+            let o = sh(&format!(
+                "ntfsinfo --force -F '/Documents and Settings' {dev}"
+            ));
+            o.lines()
+                .filter(|l| l.contains("Reparse tag") || l.contains("Data length"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let r = reparse(&vol);
+        assert!(r.contains("0xa0000003") && r.contains("(0x34)"), "{r}");
+        assert_eq!(r, reparse(&format!("{}.src.ntfs", media.display())));
         // (And the comparison compares something: the attributes are there.)
         let long = attrs(&dst, "Users/Public/Long File Name.txt");
         assert!(long.contains("system.ntfs_dos_name=LONGFI~1.TXT"), "{long}");
