@@ -180,3 +180,61 @@ fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
         "after the one-shot GRUB did not return to the default (serial console):\n{log}"
     );
 }
+
+/// install-target on a BIOS machine writes GRUB with the new table (`write_gpt_with`), GRUB
+/// built beforehand: right after that one call, with nothing else written, the disk boots
+/// into GRUB's core (its early config speaks on the serial console). Its sector 0 holds
+/// boot.img's code and the same protective MBR gptman writes without it.
+#[test]
+fn the_new_table_and_grub_land_together_and_boot_at_once() {
+    use agent::disk::{self, Locked};
+    let w = scratch();
+    let img = w.path().join("disk.img");
+    // The old disk: a DOS table and boot code that are not GRUB's.
+    sh(&format!(
+        "truncate -s 1G {i} && printf 'label: dos\\nstart=2048, type=83\\n' | sfdisk -q {i} && printf 'OLD-BOOT-CODE' | dd of={i} conv=notrunc status=none",
+        i = img.display()
+    ));
+    let dev = sh(&format!("losetup --find --show {}", img.display()))
+        .trim()
+        .to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("partx").args(["-d", &self.0]).output();
+            let _ = Command::new("losetup").args(["-d", &self.0]).output();
+        }
+    }
+    let d = Detach(dev.clone());
+    let id = disk::identify(Path::new(&dev)).unwrap();
+    let layout = disk::linux_target_layout(id.size_bytes, 512, true).unwrap();
+    let bios = &layout.parts[0];
+    let early = "serial --unit=0 --speed=115200\nterminal_output serial\necho REINSTALL-CORE-UP\nsearch.fs_uuid 0bad-0bad root\n";
+    let grub = bootcfg::bios::prepare(
+        Path::new(&dev),
+        None,
+        bios.first_lba,
+        bios.bytes(512) / 512,
+        early,
+    )
+    .unwrap();
+    Locked::open(&id)
+        .unwrap()
+        .write_gpt_with(&layout, Some(&grub))
+        .unwrap();
+    drop(d);
+    let mut s0 = vec![0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(&img).unwrap(), &mut s0).unwrap();
+    assert_eq!(
+        s0[446..],
+        disk::protective_mbr(layout.total_sectors)[446..],
+        "the protective MBR as gptman writes it"
+    );
+    assert_eq!(s0[0x68..0x1b8], grub.boot[0x68..0x1b8], "boot.img's code");
+    let (log, secs) = boot_seabios(&img, "REINSTALL-CORE-UP");
+    assert!(
+        log.contains("REINSTALL-CORE-UP"),
+        "GRUB's core did not start from the disk as write_gpt_with left it:\n{log}"
+    );
+    eprintln!("SeaBIOS → GRUB core from the new table's write alone in {secs:.1}s");
+}

@@ -591,6 +591,19 @@ impl Locked {
     /// MiB (old tables, RAID superblocks at the end), then makes the kernel see the new
     /// partitions and waits for their device nodes. Returns their paths.
     pub fn write_gpt(&mut self, layout: &Layout) -> Result<Vec<PathBuf>> {
+        self.write_gpt_with(layout, None)
+    }
+
+    /// As [`write_gpt`](Self::write_gpt), and for a legacy-BIOS layout GRUB built beforehand
+    /// (`bios`): core.img goes into the BIOS boot partition where its old contents are cleared,
+    /// and boot.img into sector 0 with the protective MBR, so that the disk's old boot code is
+    /// replaced in the same flush that replaces its table (before: a seconds-long window with
+    /// a protective MBR and no boot code while GRUB was being built).
+    pub fn write_gpt_with(
+        &mut self,
+        layout: &Layout,
+        bios: Option<&bootcfg::bios::Prepared>,
+    ) -> Result<Vec<PathBuf>> {
         validate(layout)?;
         let dev = self.id.path.clone();
         anyhow::ensure!(
@@ -605,16 +618,36 @@ impl Locked {
         // like the new one to the firmware between the GPT write and the mkfs, and boot a
         // loader whose root is gone. With nothing there, the firmware moves on to the next
         // boot entry.
+        let mut start = zero.clone();
+        if let Some(b) = bios {
+            let part = layout
+                .parts
+                .iter()
+                .find(|p| p.kind == PartKind::BiosBoot && p.first_lba * layout.sector == b.lba * 512)
+                .with_context(|| format!("{dev}: GRUB for BIOS was built for a BIOS boot partition at LBA {} that the layout does not have", b.lba))?;
+            anyhow::ensure!(
+                layout.sector == 512 && (b.core.len() as u64) <= part.bytes(512),
+                "{dev}: core.img does not fit its BIOS boot partition"
+            );
+            start[..512].copy_from_slice(&b.mbr(&protective_mbr(layout.total_sectors))?);
+        }
         for p in &layout.parts {
             let len = (p.bytes(layout.sector)).min(MIB) as usize;
+            let mut data = zero[..len].to_vec();
+            if let Some(b) = bios.filter(|_| p.kind == PartKind::BiosBoot) {
+                data[..b.core.len().min(len)].copy_from_slice(&b.core[..b.core.len().min(len)]);
+                if b.core.len() > len {
+                    data.extend_from_slice(&b.core[len..]);
+                }
+            }
             f.seek(SeekFrom::Start(p.first_lba * layout.sector))?;
-            f.write_all(&zero[..len]).with_context(|| {
+            f.write_all(&data).with_context(|| {
                 format!("clearing where partition {} of {dev} starts", p.number)
             })?;
         }
         f.sync_all().with_context(|| format!("flushing {dev}"))?;
         f.seek(SeekFrom::Start(0))?;
-        f.write_all(&zero)
+        f.write_all(&start)
             .with_context(|| format!("clearing the start of {dev}"))?;
         f.seek(SeekFrom::Start(self.id.size_bytes - MIB))?;
         f.write_all(&zero)
@@ -648,6 +681,18 @@ impl Locked {
         wait_for(&paths)?;
         Ok(paths)
     }
+}
+
+/// Sector 0 as gptman's `write_protective_mbr_into` writes it (one 0xEE partition from LBA 1
+/// over the disk, at most 2^32-1 sectors; the signature), with no boot code. Pure.
+pub fn protective_mbr(total_sectors: u64) -> [u8; 512] {
+    let mut m = [0u8; 512];
+    m[446..458].copy_from_slice(&[0x00, 0x00, 0x02, 0x00, 0xee, 0xff, 0xff, 0xff, 1, 0, 0, 0]);
+    let size = (total_sectors - 1).min(u64::from(u32::MAX)) as u32;
+    m[458..462].copy_from_slice(&size.to_le_bytes());
+    m[510] = 0x55;
+    m[511] = 0xaa;
+    m
 }
 
 fn libc_o_excl() -> i32 {

@@ -787,19 +787,10 @@ impl Agent {
         let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
         let layout =
             disk::linux_target_layout(pinned.size_bytes, pinned.logical_sector, self.grub_chooses)?;
-        let mut locked = Locked::open_for(&pinned, &self.root)?;
-        let parts = locked.write_gpt(&layout)?;
-        j.disk1 = Some(locked.id.clone());
-        self.journal.save(j)?;
-        drop(locked);
-        disk::settle(Path::new(&pinned.path), &parts)?;
-        let (esp, root_dev) = (
-            &parts[layout.index_of(PartKind::Esp)],
-            &parts[layout.index_of(PartKind::LinuxRoot)],
-        );
-        // Legacy BIOS: the firmware boots disk 1's MBR, which the new table left without boot
-        // code. GRUB goes in at once, looking for disk 1's ESP under a uuid that ESP gets
-        // only when it is complete, and until then for the rescue ESP on disk 2.
+        // Legacy BIOS: the firmware boots disk 1's MBR. GRUB is built first (a build that fails
+        // leaves disk 1 as it is) and written with the new table, in the same flush: disk 1's
+        // old boot code is never left replaced by none. It looks for disk 1's ESP under a uuid
+        // that ESP gets only when it is complete, and until then for the rescue ESP on disk 2.
         let bios = match layout.parts.iter().find(|p| p.kind == PartKind::BiosBoot) {
             Some(p) => {
                 anyhow::ensure!(
@@ -817,7 +808,7 @@ impl Agent {
                     ],
                     crate::bootsel::GRUB_DIR,
                 );
-                let from = bootcfg::bios::install(
+                let grub = bootcfg::bios::prepare(
                     Path::new(&pinned.path),
                     None,
                     p.first_lba * layout.sector / 512,
@@ -825,13 +816,24 @@ impl Agent {
                     &early,
                 )?;
                 eprintln!(
-                    "reinstall: GRUB for BIOS on {}: built with {from}",
-                    pinned.path
+                    "reinstall: GRUB for BIOS on {}: built with {}",
+                    pinned.path, grub.from
                 );
-                Some(esp_id)
+                Some((esp_id, grub))
             }
             None => None,
         };
+        let mut locked = Locked::open_for(&pinned, &self.root)?;
+        let parts = locked.write_gpt_with(&layout, bios.as_ref().map(|b| &b.1))?;
+        let bios = bios.map(|b| b.0);
+        j.disk1 = Some(locked.id.clone());
+        self.journal.save(j)?;
+        drop(locked);
+        disk::settle(Path::new(&pinned.path), &parts)?;
+        let (esp, root_dev) = (
+            &parts[layout.index_of(PartKind::Esp)],
+            &parts[layout.index_of(PartKind::LinuxRoot)],
+        );
         mount::mkfs_esp(esp, "ESP", pinned.logical_sector)?;
         let root_uuid = mount::mkfs_ext4(root_dev, "root")?;
         let stash_dev = disk::identify(Path::new(&d2.path))

@@ -654,18 +654,21 @@ pub fn stage_result(ntfs: &Path) -> Result<Option<String>> {
 mod tests {
     use super::*;
 
+    /// Parsed by Python's XML parser, from its standard input (tests run in parallel: no
+    /// shared file).
     fn well_formed(text: &str) {
-        let p = std::env::temp_dir().join(format!("unattend-{}.xml", std::process::id()));
-        std::fs::write(&p, text).unwrap();
-        let out = std::process::Command::new("python3")
+        use std::io::Write;
+        let mut c = std::process::Command::new("python3")
             .args([
                 "-c",
-                "import sys, xml.dom.minidom; xml.dom.minidom.parse(sys.argv[1])",
+                "import sys, xml.dom.minidom; xml.dom.minidom.parseString(sys.stdin.buffer.read())",
             ])
-            .arg(&p)
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        let _ = std::fs::remove_file(&p);
+        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "not well-formed: {}\n{text}",

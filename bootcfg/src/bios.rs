@@ -164,17 +164,30 @@ pub fn patch_core(core: &[u8], core_lba: u64) -> Result<Vec<u8>> {
     Ok(c)
 }
 
-/// Installs GRUB for BIOS on the disk `dev` (512-byte sectors): core.img (built by the GRUB
-/// of `tree` when it has one, with `early` as its embedded config) into the BIOS boot
-/// partition at `part_lba` (`part_sectors` long), then boot.img into the MBR, each flushed.
-/// The MBR is written last: until then the disk's old boot code (or none) stays.
-pub fn install(
+/// GRUB for BIOS built and patched for its place on a disk, not yet written: built before
+/// anything is written, so that a disk's old boot code is replaced by the new one in one
+/// short burst of writes (no `grub-mkimage` run in between), and a build that fails leaves the
+/// disk as it was.
+pub struct Prepared {
+    /// boot.img as GRUB ships it (patched into sector 0 by [`Prepared::mbr`]).
+    pub boot: Vec<u8>,
+    /// core.img, its block list pointing after `lba`, padded to whole sectors.
+    pub core: Vec<u8>,
+    /// The BIOS boot partition's first LBA (512-byte sectors).
+    pub lba: u64,
+    pub from: crate::loader::GrubFrom,
+}
+
+/// Builds GRUB for BIOS (core.img by the GRUB of `tree` when it has one, with `early` as its
+/// embedded config) for a BIOS boot partition at `part_lba`, `part_sectors` long, on `dev`
+/// (named in errors).
+pub fn prepare(
     dev: &Path,
     tree: Option<&Path>,
     part_lba: u64,
     part_sectors: u64,
     early: &str,
-) -> Result<crate::loader::GrubFrom> {
+) -> Result<Prepared> {
     let (core, from) =
         crate::loader::grub_mkimage_from(tree, "i386-pc", "/boot/grub", Some(early), &modules())?;
     let core = patch_core(&core, part_lba)?;
@@ -185,27 +198,61 @@ pub fn install(
         dev.display(),
         part_sectors * 512
     );
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .with_context(|| format!("opening {}", dev.display()))?;
-    f.seek(SeekFrom::Start(part_lba * 512))?;
-    f.write_all(&core)
-        .with_context(|| format!("writing core.img to {}", dev.display()))?;
-    f.sync_all()?;
-    let mut mbr = [0u8; 512];
-    f.seek(SeekFrom::Start(0))?;
-    f.read_exact(&mut mbr)
-        .with_context(|| format!("reading the MBR of {}", dev.display()))?;
-    let new = patch_mbr(&boot_image(tree)?, &mbr, part_lba)
-        .with_context(|| format!("{}", dev.display()))?;
-    f.seek(SeekFrom::Start(0))?;
-    f.write_all(&new)
-        .with_context(|| format!("writing the MBR of {}", dev.display()))?;
-    f.sync_all()
-        .with_context(|| format!("flushing {}", dev.display()))?;
-    Ok(from)
+    Ok(Prepared {
+        boot: boot_image(tree)?,
+        core,
+        lba: part_lba,
+        from,
+    })
+}
+
+impl Prepared {
+    /// Sector 0 for a disk whose sector 0 is (or will be) `disk_mbr`: boot.img pointing at
+    /// core.img, the disk's BPB area, signature and partition table kept.
+    pub fn mbr(&self, disk_mbr: &[u8]) -> Result<[u8; 512]> {
+        patch_mbr(&self.boot, disk_mbr, self.lba)
+    }
+
+    /// Writes core.img, then the MBR, into `dev` whose partition table is already written,
+    /// each flushed. The MBR is written last: until then the disk's old boot code stays.
+    pub fn write(&self, dev: &Path) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .with_context(|| format!("opening {}", dev.display()))?;
+        f.seek(SeekFrom::Start(self.lba * 512))?;
+        f.write_all(&self.core)
+            .with_context(|| format!("writing core.img to {}", dev.display()))?;
+        f.sync_all()?;
+        let mut mbr = [0u8; 512];
+        f.seek(SeekFrom::Start(0))?;
+        f.read_exact(&mut mbr)
+            .with_context(|| format!("reading the MBR of {}", dev.display()))?;
+        let new = self
+            .mbr(&mbr)
+            .with_context(|| format!("{}", dev.display()))?;
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&new)
+            .with_context(|| format!("writing the MBR of {}", dev.display()))?;
+        f.sync_all()
+            .with_context(|| format!("flushing {}", dev.display()))?;
+        Ok(())
+    }
+}
+
+/// Installs GRUB for BIOS on the disk `dev` (512-byte sectors) whose table is written:
+/// [`prepare`], then [`Prepared::write`].
+pub fn install(
+    dev: &Path,
+    tree: Option<&Path>,
+    part_lba: u64,
+    part_sectors: u64,
+    early: &str,
+) -> Result<crate::loader::GrubFrom> {
+    let p = prepare(dev, tree, part_lba, part_sectors, early)?;
+    p.write(dev)?;
+    Ok(p.from)
 }
 
 #[cfg(test)]
