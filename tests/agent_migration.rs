@@ -500,14 +500,19 @@ impl Env {
     /// Boots the Linux OS the firmware starts (source or rescue) and runs its agent until it
     /// asks for a reboot (exit 100) or is done (0). Returns the exit code and stderr.
     fn boot_linux(&self) -> (i32, String) {
+        self.boot_linux_with(None)
+    }
+
+    /// As `boot_linux`, with `failpoint` armed (then the agent may die on it).
+    fn boot_linux_with(&self, failpoint: Option<&str>) -> (i32, String) {
         let label = self.current_label();
         let root = self.w.path().join(format!("mnt-{label}"));
         let _m = mount(&self.root_part(&label), &root, false);
-        let out = self.agent(&root, None);
+        let out = self.agent(&root, failpoint);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         let code = out.status.code().unwrap_or(-1);
         assert!(
-            code == 100 || code == 0 || code == 1,
+            code == 100 || code == 0 || code == 1 || failpoint.is_some(),
             "agent in {label}: {code}: {err}"
         );
         (code, err)
@@ -1346,5 +1351,63 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
             );
             assert_eq!(env.next_label(), "reinstall-rescue");
         }
+    }
+}
+
+/// Power cuts while the rescue OS installs a Windows target: at the phase's start, inside the
+/// image being applied, after an ESP file, after the image, at the phase's end, entering
+/// boot-target. Each time the firmware's next boot is the rescue OS (disk 1 boots nothing until
+/// boot-target), and the rescue OS, booted again, installs Windows from the start and boots
+/// WinPE once.
+#[test]
+fn a_power_cut_anywhere_in_a_windows_install_comes_back_to_rescue_and_resumes() {
+    for fp in [
+        "enter-install-target",
+        "windows-apply",
+        "unpack-entry@5",
+        "unpack-entry@13",
+        "done-install-target",
+        "enter-boot-target",
+    ] {
+        let env = Env::build_with(512, "3G", 0, false, true);
+        create_job(&env.stager);
+        let (code, err) = env.boot_linux();
+        assert_eq!(code, 100, "source: {err}");
+        env.power_cycle();
+        assert_eq!(env.current_label(), "reinstall-rescue");
+        let (_, err) = env.boot_linux_with(Some(fp));
+        let name = fp.split('@').next().unwrap();
+        assert!(
+            err.contains(&format!("failpoint {name} hit")),
+            "{fp} did not fire: {err}"
+        );
+        assert_eq!(
+            env.next_label(),
+            "reinstall-rescue",
+            "after a cut at {fp} the next boot must be the rescue OS"
+        );
+        env.power_cycle();
+        assert_eq!(env.current_label(), "reinstall-rescue", "{fp}");
+        let (code, err) = env.boot_linux();
+        assert_eq!(code, 100, "after {fp}: {err}");
+        assert_eq!(
+            env.next_label(),
+            "reinstall-target",
+            "after {fp}: WinPE once"
+        );
+        let vol = part_named(&env.disk1.0, "Basic data partition");
+        let unattend = sh(&format!("ntfscat {vol} /Windows/Panther/unattend.xml"));
+        assert!(
+            unattend.contains("<ComputerName>web1</ComputerName>"),
+            "after {fp}"
+        );
+        assert!(
+            sh(&format!(
+                "ntfscat {vol} /Windows/System32/large.dll | wc -c"
+            ))
+            .trim()
+                == "300000",
+            "after {fp}: the image is whole"
+        );
     }
 }

@@ -442,6 +442,14 @@ fn entry_err(e: &Entry, reason: impl std::fmt::Display) -> bundle::Error {
 
 impl Sink for Installer {
     fn entry(&mut self, e: &Entry, data: &mut EntryData<'_>) -> bundle::Result<()> {
+        self.entry_inner(e, data)?;
+        bundle::failpoint::hit("unpack-entry");
+        Ok(())
+    }
+}
+
+impl Installer {
+    fn entry_inner(&mut self, e: &Entry, data: &mut EntryData<'_>) -> bundle::Result<()> {
         let p = e.path.as_path();
         let on_esp = p.strip_prefix(ESP_DIR).ok().map(Path::to_path_buf);
         match &e.kind {
@@ -504,7 +512,9 @@ impl Installer {
         let fed = data.for_each_chunk(|c| {
             stdin
                 .write_all(c)
-                .map_err(|x| bundle::Error::Invalid(format!("feeding wimapply: {x}")))
+                .map_err(|x| bundle::Error::Invalid(format!("feeding wimapply: {x}")))?;
+            bundle::failpoint::hit("windows-apply");
+            Ok(())
         });
         drop(stdin);
         let status = child.wait()?;

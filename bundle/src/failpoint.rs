@@ -10,6 +10,9 @@
 //! - `unpack-marked`: the target's incomplete-marker has been written, nothing else yet;
 //! - `unpack-entry`: after each entry has been written (`unpack-entry@100`: after the 100th);
 //! - `unpack-before-complete`: all data is written and verified, the marker is still there.
+//!
+//! The agent's Windows installer hits `unpack-entry` after each entry too, and
+//! `windows-apply` after each piece of the image it hands to wimapply.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
