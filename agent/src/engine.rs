@@ -391,9 +391,9 @@ impl Agent {
         }
         let now = journal_disk_now(j.disk1.as_ref())?;
         let vol = now.partition_path(now.find_partition(PartKind::MsBasicData)?.number);
-        match crate::windows::stage_result(&vol) {
-            Ok(None) => Ok(false),
-            Ok(Some(_log)) => {
+        match crate::windows::stage_result(&vol)? {
+            crate::windows::Stage::NotRun => Ok(false),
+            crate::windows::Stage::Done(_) => {
                 let msg = format!("{MARK} (bcdboot); booting Windows once");
                 self.boot_entry(j, true)?;
                 j.record(Phase::BootTarget, Step::Done, Some(msg.clone()));
@@ -402,8 +402,10 @@ impl Agent {
                 eprintln!("reinstall: {msg}");
                 Ok(true)
             }
-            Err(e) => {
-                let msg = format!("{e:#}; back in the rescue OS, which stays the default");
+            crate::windows::Stage::Failed(log) => {
+                let msg = format!(
+                    "the WinPE stage failed (bcdboot did not build Windows's boot store): {log}; back in the rescue OS, which stays the default"
+                );
                 j.record(Phase::Failed, Step::Done, Some(msg.clone()));
                 self.journal.save(j)?;
                 self.report(j, EventKind::Failed, Some(msg.clone()), None);

@@ -637,27 +637,38 @@ pub fn write_identity(
     Ok(written)
 }
 
-/// What the WinPE stage left on the Windows volume: `Ok(Some(log))` when bcdboot built the
-/// boot store, `Err` (with the stage's log) when it failed, `Ok(None)` when it did not run.
-/// Read without mounting (`ntfscat`).
-pub fn stage_result(ntfs: &Path) -> Result<Option<String>> {
-    let cat = |name: &str| -> Option<String> {
+/// What the WinPE stage left on the Windows volume.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// No log: it did not run (or did not find the volume).
+    NotRun,
+    /// bcdboot built the boot store; its log.
+    Done(String),
+    /// A step failed; its log.
+    Failed(String),
+}
+
+/// Reads the WinPE stage's log from the Windows volume `ntfs` without mounting it (`ntfscat`).
+pub fn stage_result(ntfs: &Path) -> Result<Stage> {
+    let cat = |name: &str| -> Result<Option<String>> {
         let out = Command::new("ntfscat")
             .arg(ntfs)
             .arg(format!("/{VOLUME_DIR}/{name}"))
             .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            .context("running ntfscat (package ntfs-3g)")?;
+        Ok(out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .replace("\r\n", " / ")
+        }))
     };
-    if let Some(log) = cat(bundle::windows::STAGE_FAILED) {
-        anyhow::bail!(
-            "the WinPE stage failed (bcdboot did not build Windows's boot store): {}",
-            log.trim().replace("\r\n", " / ")
-        );
-    }
-    Ok(cat(bundle::windows::STAGE_DONE))
+    Ok(if let Some(log) = cat(bundle::windows::STAGE_FAILED)? {
+        Stage::Failed(log)
+    } else if let Some(log) = cat(bundle::windows::STAGE_DONE)? {
+        Stage::Done(log)
+    } else {
+        Stage::NotRun
+    })
 }
 
 #[cfg(test)]
