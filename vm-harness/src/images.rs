@@ -80,6 +80,23 @@ impl Cache {
             t.elapsed().as_secs_f64(),
             out.display()
         );
+        // Trees of the same kind from older recipes are not used again: they go (each is
+        // hundreds of MB, and recipes change).
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let stale = n.strip_prefix(&format!("{kind}-")).is_some_and(|rest| {
+                rest.len() >= 16 && rest[..16].chars().all(|c| c.is_ascii_hexdigit())
+            }) && Some(n.split('.').next().unwrap_or("").to_string()) != name;
+            if stale {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
         Ok(out)
     }
 }
