@@ -8,6 +8,7 @@ use std::path::Path;
 /// A sparse file on a loop device, detached (with its partitions) on drop.
 struct Loop {
     dev: String,
+    _attached: LoopDev,
     _dir: tempfile::TempDir,
 }
 
@@ -16,26 +17,20 @@ impl Loop {
         let dir = scratch();
         let img = dir.path().join("disk.img");
         sh(&format!("truncate -s {size} {}", img.display()));
-        let dev = sh(&format!(
-            "losetup --find --show --sector-size {sector} {}",
-            img.display()
-        ))
-        .trim()
-        .to_string();
-        Loop { dev, _dir: dir }
+        let attached = attach(&img, sector);
+        Loop {
+            dev: attached.0.clone(),
+            _attached: attached,
+            _dir: dir,
+        }
     }
 }
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        // (Then the loop device is detached, with its partitions.)
         let _ = std::process::Command::new("umount")
             .arg(format!("{}p2", self.dev))
-            .output();
-        let _ = std::process::Command::new("partx")
-            .args(["-d", &self.dev])
-            .output();
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.dev])
             .output();
     }
 }

@@ -13,24 +13,9 @@ use integration_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-struct Loop(String);
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("partx").args(["-d", &self.0]).output();
-        let _ = Command::new("losetup").args(["-d", &self.0]).output();
-    }
-}
-
-fn loopdev(img: &Path, size: &str, sector: u32) -> Loop {
+fn loopdev(img: &Path, size: &str, sector: u32) -> LoopDev {
     sh(&format!("truncate -s {size} {}", img.display()));
-    Loop(
-        sh(&format!(
-            "losetup --find --show --sector-size {sector} {}",
-            img.display()
-        ))
-        .trim()
-        .to_string(),
-    )
+    attach(img, sector)
 }
 
 /// The device node of the partition named `name` on `disk` (sfdisk's view).
@@ -90,8 +75,8 @@ fn os_tree(dir: &Path, marker: &str) {
 struct Env {
     w: tempfile::TempDir,
     stager: Stager,
-    disk1: Loop,
-    disk2: Loop,
+    disk1: LoopDev,
+    disk2: LoopDev,
     fw: PathBuf,
     /// When set, the agent writes real UEFI variables (bootcfg's efivarfs implementation)
     /// into this stand-in directory instead of the fake firmware file.

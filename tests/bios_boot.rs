@@ -195,17 +195,8 @@ fn the_new_table_and_grub_land_together_and_boot_at_once() {
         "truncate -s 1G {i} && printf 'label: dos\\nstart=2048, type=83\\n' | sfdisk -q {i} && printf 'OLD-BOOT-CODE' | dd of={i} conv=notrunc status=none",
         i = img.display()
     ));
-    let dev = sh(&format!("losetup --find --show {}", img.display()))
-        .trim()
-        .to_string();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("partx").args(["-d", &self.0]).output();
-            let _ = Command::new("losetup").args(["-d", &self.0]).output();
-        }
-    }
-    let d = Detach(dev.clone());
+    let d = attach(&img, 512);
+    let dev = d.0.clone();
     let id = disk::identify(Path::new(&dev)).unwrap();
     let layout = disk::linux_target_layout(id.size_bytes, 512, true).unwrap();
     let bios = &layout.parts[0];

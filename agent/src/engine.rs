@@ -740,6 +740,20 @@ impl Agent {
         )
     }
 
+    /// The stash on disk 2 (`d2`, checked to be the disk in the journal), mounted read-only.
+    fn mount_stash(&self, d2: &DiskId) -> Result<Mounted> {
+        let dev = disk::identify(Path::new(&d2.path))
+            .ok()
+            .filter(|now| now.same_disk(d2))
+            .and_then(|now| {
+                now.find_partition(PartKind::LinuxData)
+                    .ok()
+                    .map(|p| now.partition_path(p.number))
+            })
+            .context("disk 2 (the stash) is not where the journal says")?;
+        Mounted::ext4(&dev, &self.work.join("stash"), true)
+    }
+
     /// The ESP partition's device of disk `d`, checked to be the disk in the journal.
     fn esp_of(&self, d: Option<&DiskId>) -> Result<PathBuf> {
         let now = journal_disk_now(d)?;
@@ -838,16 +852,7 @@ impl Agent {
         );
         mount::mkfs_esp(esp, "ESP", pinned.logical_sector)?;
         let root_uuid = mount::mkfs_ext4(root_dev, "root")?;
-        let stash_dev = disk::identify(Path::new(&d2.path))
-            .ok()
-            .filter(|now| now.same_disk(&d2))
-            .and_then(|now| {
-                now.find_partition(PartKind::LinuxData)
-                    .ok()
-                    .map(|p| now.partition_path(p.number))
-            })
-            .context("disk 2 (the stash) is not where the journal says")?;
-        let stash = Mounted::ext4(&stash_dev, &self.work.join("stash"), true)?;
+        let stash = self.mount_stash(&d2)?;
         let root = Mounted::ext4(root_dev, &self.work.join("target"), false)?;
         let tdir = stash.path.join("target");
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
@@ -908,16 +913,7 @@ impl Agent {
             layout.sector,
             "Windows",
         )?;
-        let stash_dev = disk::identify(Path::new(&d2.path))
-            .ok()
-            .filter(|now| now.same_disk(&d2))
-            .and_then(|now| {
-                now.find_partition(PartKind::LinuxData)
-                    .ok()
-                    .map(|p| now.partition_path(p.number))
-            })
-            .context("disk 2 (the stash) is not where the journal says")?;
-        let stash = Mounted::ext4(&stash_dev, &self.work.join("stash"), true)?;
+        let stash = self.mount_stash(&d2)?;
         let tdir = stash.path.join("target");
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
         let id = bundle::payload::load_identity(&tdir.join(bundle::IDENTITY_FILE))?;

@@ -217,26 +217,16 @@ fn in_tree(
 /// Writes `files` (paths with `/`, e.g. `EFI/reinstall/grub.cfg`) into the FAT filesystem on
 /// `dev`, creating directories; existing files are replaced.
 pub fn write_esp(dev: &Path, files: &[(&str, &[u8])]) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .with_context(|| format!("opening {}", dev.display()))?;
-    let fs = fatfs::FileSystem::new(&f, fatfs::FsOptions::new())
-        .with_context(|| format!("{} is not a FAT filesystem", dev.display()))?;
-    for (path, data) in files {
-        create_with(&fs, dev, path, &mut |w| {
-            w.write_all(data)
-                .with_context(|| format!("{}: writing {path} (is the ESP full?)", dev.display()))
-        })?;
-    }
-    fs.unmount()
-        .with_context(|| format!("flushing {}", dev.display()))?;
-    // On the device, not only in its page cache: a power cut must not take back a loader
-    // (or a grubenv) that a phase recorded as written.
-    f.sync_all()
-        .with_context(|| format!("flushing {}", dev.display()))?;
-    Ok(())
+    with_esp_fs(dev, &mut |fs| {
+        for (path, data) in files {
+            create_with(fs, dev, path, &mut |w| {
+                w.write_all(data).with_context(|| {
+                    format!("{}: writing {path} (is the ESP full?)", dev.display())
+                })
+            })?;
+        }
+        Ok(())
+    })
 }
 
 /// As [`write_esp`] for one file whose contents `write` produces (a stream too large to
@@ -246,17 +236,27 @@ pub fn write_esp_with(
     path: &str,
     write: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
+    with_esp_fs(dev, &mut |fs| create_with(fs, dev, path, write))
+}
+
+/// Opens the FAT filesystem on `dev` for `f`, then unmounts it and flushes the device.
+fn with_esp_fs(
+    dev: &Path,
+    f: &mut dyn FnMut(&fatfs::FileSystem<&std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)
         .with_context(|| format!("opening {}", dev.display()))?;
-    let fs = fatfs::FileSystem::new(&f, fatfs::FsOptions::new())
+    let fs = fatfs::FileSystem::new(&file, fatfs::FsOptions::new())
         .with_context(|| format!("{} is not a FAT filesystem", dev.display()))?;
-    create_with(&fs, dev, path, write)?;
+    f(&fs)?;
     fs.unmount()
         .with_context(|| format!("flushing {}", dev.display()))?;
-    f.sync_all()
+    // On the device, not only in its page cache: a power cut must not take back a loader
+    // (or a grubenv) that a phase recorded as written.
+    file.sync_all()
         .with_context(|| format!("flushing {}", dev.display()))?;
     Ok(())
 }

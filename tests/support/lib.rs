@@ -289,3 +289,25 @@ pub fn unpack_cmd(home: &Path, ex: &Path, target: &Path) -> Command {
         .arg(target);
     c
 }
+
+/// A loop device (with its partitions: `partx -a` as MACHINE-NOTES says), detached on drop.
+pub struct LoopDev(pub String);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.0]).output();
+        let _ = Command::new("losetup").args(["-d", &self.0]).output();
+    }
+}
+
+/// Attaches the image `img` as a loop device of `sector`-byte sectors.
+pub fn attach(img: &Path, sector: u32) -> LoopDev {
+    LoopDev(
+        sh(&format!(
+            "losetup --find --show --sector-size {sector} {}",
+            img.display()
+        ))
+        .trim()
+        .to_string(),
+    )
+}

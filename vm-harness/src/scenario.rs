@@ -360,6 +360,24 @@ impl Env {
             .context("running reinstall --target")
     }
 
+    /// Checks that the stager shows the job failed with a reason containing `why`, and
+    /// records it as a row.
+    pub fn stager_failed(&mut self, why: &str) -> Result<()> {
+        let v = self.stager_view()?.context("no job")?;
+        let msg = v
+            .last_event
+            .as_ref()
+            .and_then(|ev| ev.event.message.clone())
+            .unwrap_or_default();
+        ensure!(
+            v.state == HostState::Failed && msg.contains(why),
+            "stager shows {:?}: {msg:?}",
+            v.state
+        );
+        self.row(&format!("stager: failed: {msg}"));
+        Ok(())
+    }
+
     pub fn operator_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("operator.log")).unwrap_or_default()
     }
@@ -645,18 +663,7 @@ pub fn bad_target(o: &Opts) -> Result<bool> {
         !st.success(),
         "reinstall --wait succeeded for a target that panics"
     );
-    let v = e.stager_view()?.context("no job")?;
-    let msg = v
-        .last_event
-        .as_ref()
-        .and_then(|ev| ev.event.message.clone())
-        .unwrap_or_default();
-    ensure!(
-        v.state == HostState::Failed && msg.contains("target did not come up"),
-        "stager shows {:?}: {msg:?}",
-        v.state
-    );
-    e.row(&format!("stager: failed: {msg}"));
+    e.stager_failed("target did not come up")?;
     if !e.vm.uefi {
         e.passed("scenario bad-target (BIOS): passed");
         return Ok(true);
@@ -708,18 +715,7 @@ pub fn windows_layout(o: &Opts) -> Result<bool> {
         !st.success(),
         "reinstall --wait succeeded, but the stand-in WinPE cannot boot"
     );
-    let v = e.stager_view()?.context("no job")?;
-    let msg = v
-        .last_event
-        .as_ref()
-        .and_then(|ev| ev.event.message.clone())
-        .unwrap_or_default();
-    ensure!(
-        v.state == HostState::Failed && msg.contains("WinPE stage left no log"),
-        "stager shows {:?}: {msg:?}",
-        v.state
-    );
-    e.row(&format!("stager: failed: {msg}"));
+    e.stager_failed("WinPE stage left no log")?;
     let f = e.wait_world("rescue", Some(&f.boot_id))?;
     e.check_boot(&f, "rescue OS after WinPE did not start", 2, 2)?;
     // (OVMF may move its own entries first: what counts is the rescue before the target.)
