@@ -47,6 +47,19 @@ fn mount(dev: &str, at: &Path, ro: bool) -> Mount {
     Mount(at.to_path_buf())
 }
 
+/// An NTFS volume (or image) mounted with ntfs-3g, unmounted when the guard drops (also when
+/// an assertion fails first).
+fn ntfs3g(dev: &str, at: &Path, ro: bool) -> Mount {
+    std::fs::create_dir_all(at).unwrap();
+    let mut c = Command::new("ntfs-3g");
+    c.arg(dev).arg(at);
+    if ro {
+        c.args(["-o", "ro"]);
+    }
+    ok(&mut c);
+    Mount(at.to_path_buf())
+}
+
 /// An OS tree the agent can be injected into: systemd-networkd present, a passwd.
 fn os_tree(dir: &Path, marker: &str) {
     for d in ["etc", "lib/systemd/system", "usr/bin", "boot"] {
@@ -1129,13 +1142,10 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
         let media = p.join("target-tree");
         let src = p.join("mnt-win-src");
         let dst = p.join("mnt-win-dst");
-        for (img, at) in [
-            (format!("{}.src.ntfs", media.display()), &src),
-            (vol.clone(), &dst),
-        ] {
-            std::fs::create_dir_all(at).unwrap();
-            ok(Command::new("ntfs-3g").arg(&img).arg(at).args(["-o", "ro"]));
-        }
+        let mounted = [
+            ntfs3g(&format!("{}.src.ntfs", media.display()), &src, true),
+            ntfs3g(&vol, &dst, true),
+        ];
         let attrs = |root: &Path, rel: &str| -> String {
             let f = root.join(rel);
             let mut s = format!("{:?}", std::fs::read(&f).ok());
@@ -1267,8 +1277,7 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
         std::fs::copy(dst.join("reinstall/target-up.json"), &up).unwrap();
         let ca = p.join("ca-from-windows.pem");
         std::fs::copy(dst.join("reinstall/ca.pem"), &ca).unwrap();
-        umount(&src);
-        umount(&dst);
+        drop(mounted);
         // The ESP: the media's boot manager and BCD as they are, WinPE with the stage script.
         use bootcfg::loader::read_esp;
         assert_eq!(
@@ -1296,14 +1305,14 @@ fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage(
         } else {
             "stage-failed.log"
         };
-        std::fs::create_dir_all(&dst).unwrap();
-        ok(Command::new("ntfs-3g").arg(&vol).arg(&dst));
-        std::fs::write(
-            dst.join("reinstall").join(log),
-            "bcdboot: Boot files successfully created.\r\n",
-        )
-        .unwrap();
-        umount(&dst);
+        {
+            let _m = ntfs3g(&vol, &dst, false);
+            std::fs::write(
+                dst.join("reinstall").join(log),
+                "bcdboot: Boot files successfully created.\r\n",
+            )
+            .unwrap();
+        }
         env.power_cycle();
         env.power_cycle();
         assert_eq!(env.current_label(), "reinstall-rescue");
