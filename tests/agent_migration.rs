@@ -131,6 +131,12 @@ impl Env {
         let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
         if windows {
             os_tree(&rescue, "rescue");
+            // What a rescue OS needs to install Windows (the agent runs the host's here; it
+            // checks the rescue tree has them).
+            std::fs::create_dir_all(rescue.join("usr/sbin")).unwrap();
+            for (tool, _) in agent::windows::RESCUE_TOOLS {
+                std::fs::write(rescue.join("usr/bin").join(tool), "").unwrap();
+            }
             let script =
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-windows-media");
             ok(Command::new(&script).arg(&target));
@@ -1404,4 +1410,50 @@ fn a_power_cut_anywhere_in_a_windows_install_comes_back_to_rescue_and_resumes() 
             "after {fp}: the image is whole"
         );
     }
+}
+
+/// A rescue OS that could not install Windows (no wimtools/ntfs-3g in the rescue bundle) is
+/// found in stage-rescue, on the source OS, before the machine boots away from it: the job
+/// stops with the missing programs named, and the next boot is still the source OS.
+#[test]
+fn a_windows_job_with_a_rescue_that_lacks_the_windows_tools_stops_on_the_source() {
+    let env = Env::build_with(512, "3G", 0, false, true);
+    let bare = env.w.path().join("bare-rescue");
+    os_tree(&bare, "rescue");
+    ok(integration_tests::stager()
+        .args(["bundle", "build", "--dir"])
+        .arg(&env.stager.home)
+        .args([
+            "--name",
+            "bare-rescue",
+            "--version",
+            "1",
+            "--kind",
+            "rescue",
+            "--os",
+            "linux",
+        ])
+        .arg(&bare));
+    ok(env.stager.reinstall("alice").args([
+        "--host",
+        "web1",
+        "--target",
+        "target",
+        "--rescue",
+        "bare-rescue",
+    ]));
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot install a Windows target")
+            && err.contains("wimapply (wimtools)")
+            && err.contains("mkntfs (ntfs-3g)"),
+        "{err}"
+    );
+    assert_eq!(
+        env.next_label(),
+        "source",
+        "the machine stays in the source OS"
+    );
+    env.check_next_boot("after the refusal");
 }

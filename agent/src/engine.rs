@@ -589,6 +589,11 @@ impl Agent {
             &mut prog,
         )
         .context("unpacking the rescue bundle")?;
+        if j.target_os == Some(bundle::Os::Windows) {
+            // Found here, from the source OS, rather than in the rescue OS with disk 1 wiped.
+            crate::windows::check_rescue_tools(&rescue.path)
+                .with_context(|| format!("rescue bundle {}@{}", j.rescue.name, j.rescue.version))?;
+        }
         // The packed target, beside it, verified.
         let stash = Mounted::ext4(&parts[2], &self.work.join("stash"), false)?;
         let tdir = stash.path.join("target");

@@ -400,6 +400,33 @@ pub fn pkcs12(id: &proto::identity::IdentityFile, password: &str) -> Result<Vec<
 /// the first-boot script, then the unattend file with its password goes.
 pub const SETUP_COMPLETE: &str = "@echo off\r\nrem Written by reinstall: runs once, as SYSTEM, after Windows Setup.\r\npowershell -NoProfile -ExecutionPolicy Bypass -File %SystemDrive%\\reinstall\\firstboot.ps1 > %SystemDrive%\\reinstall\\firstboot.log 2>&1\r\ndel /q %WINDIR%\\Panther\\unattend.xml\r\n";
 
+/// The programs the rescue OS runs to install Windows, and their Debian packages.
+pub const RESCUE_TOOLS: &[(&str, &str)] = &[
+    ("mkntfs", "ntfs-3g"),
+    ("ntfs-3g", "ntfs-3g"),
+    ("ntfscat", "ntfs-3g"),
+    ("wimapply", "wimtools"),
+];
+
+/// Refuses a rescue tree (`root`) that lacks a program the Windows install needs.
+pub fn check_rescue_tools(root: &Path) -> Result<()> {
+    let missing: Vec<String> = RESCUE_TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            !["usr/bin", "usr/sbin", "bin", "sbin"]
+                .iter()
+                .any(|d| root.join(d).join(tool).exists())
+        })
+        .map(|(tool, pkg)| format!("{tool} ({pkg})"))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "the rescue OS cannot install a Windows target: it lacks {}; nothing on disk 1 was changed",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
 /// Makes the NTFS volume on `dev`, the partition starting at LBA `start` on a disk of
 /// `sector`-byte sectors. mkntfs cannot learn the start and geometry from a loop device (or
 /// some RAID and virtual disks), and Windows's boot code reads the volume by the "hidden
