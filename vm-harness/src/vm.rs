@@ -71,8 +71,17 @@ impl ResetWatch {
         if self.seen.1.elapsed() < after {
             return false;
         }
-        let tail = tail_lines(log, 1);
-        tail.contains("reboot: machine restart") || tail.contains("reboot: Restarting system")
+        // Silent, and since the last reset (or power-on) no kernel has started: the firmware
+        // or the boot loader stopped (seen under TCG: OVMF silent after a warm reset; GRUB
+        // stopped after "Welcome to GRUB!" or after "Booting ..."). A started kernel may be
+        // silent for long (the agent writing gigabytes logs nothing to the console).
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        let since = ["reboot: machine restart", "reboot: Restarting system"]
+            .iter()
+            .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
+            .max()
+            .unwrap_or(0);
+        !text[since..].contains("Linux version")
     }
 }
 
@@ -200,21 +209,22 @@ impl Vm {
         }
     }
 
-    /// Whether QEMU still runs (it exits on its own only on error). Also the reset watchdog:
-    /// a guest that rebooted and whose firmware stayed silent for `RESET_HANG` is power-cycled
-    /// (counted in `hung_resets`, at most `MAX_HUNG_RESETS`). The migration itself cannot
-    /// cause this: the kernel has already handed the reset to the emulator.
+    /// Whether QEMU still runs (it exits on its own only on error). Also the boot watchdog: a
+    /// guest whose serial console stayed silent for `RESET_HANG` before any kernel started
+    /// since its last reset (firmware or boot loader stopped) is power-cycled, as a BMC
+    /// would (counted in `hung_resets`, at most `MAX_HUNG_RESETS`: a boot path that stops
+    /// every time still fails the run).
     pub fn running(&mut self) -> Result<bool> {
         if self.child.is_some() && self.watch.hung(&self.serial_log(), RESET_HANG) {
             self.hung_resets += 1;
             eprintln!(
-                "vm-harness: no firmware output for {}s after the guest's reboot (emulator hung in warm reset); power-cycling ({} of at most {MAX_HUNG_RESETS})",
+                "vm-harness: the serial console has been silent for {}s and no kernel started since the last reset (firmware or boot loader stopped); power-cycling ({} of at most {MAX_HUNG_RESETS})",
                 RESET_HANG.as_secs(),
                 self.hung_resets
             );
             anyhow::ensure!(
                 self.hung_resets <= MAX_HUNG_RESETS,
-                "the emulator hung in a warm reset {} times; see {}",
+                "the boot stopped before the kernel {} times; see {}",
                 self.hung_resets,
                 self.serial_log().display()
             );
@@ -446,14 +456,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_reset_watch_fires_only_on_a_silent_machine_restart() {
+    fn the_boot_watch_fires_only_on_a_boot_that_stopped_before_the_kernel() {
         let dir = std::env::temp_dir().join(format!("reset-watch-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("serial.log");
         let quiet = Duration::from_millis(200);
         let mut w = ResetWatch::new();
         // A running guest that is merely quiet: never.
-        std::fs::write(&log, "[   12.0] systemd[1]: Started ssh.service\r\n").unwrap();
+        std::fs::write(
+            &log,
+            "[    0.0] Linux version 6.1.0\r\n[   12.0] systemd[1]: Started ssh.service\r\n",
+        )
+        .unwrap();
         assert!(!w.hung(&log, quiet));
         std::thread::sleep(quiet * 2);
         assert!(!w.hung(&log, quiet));
@@ -468,10 +482,19 @@ mod tests {
         assert!(!w.hung(&log, quiet));
         std::thread::sleep(quiet * 2);
         assert!(w.hung(&log, quiet));
-        // The firmware printed something after the reset: the guest is booting.
+        // The firmware and GRUB printed something after the reset, then stopped: hung too.
         std::fs::write(
             &log,
-            "[   40.9] reboot: machine restart\r\nBdsDxe: loading Boot0005\r\n",
+            "[   40.9] reboot: machine restart\r\nBdsDxe: loading Boot0005\r\nWelcome to GRUB!\r\n",
+        )
+        .unwrap();
+        assert!(!w.hung(&log, quiet));
+        std::thread::sleep(quiet * 2);
+        assert!(w.hung(&log, quiet));
+        // A kernel started after the reset: a quiet guest, never hung.
+        std::fs::write(
+            &log,
+            "[   40.9] reboot: machine restart\r\nBdsDxe: loading Boot0005\r\n[    0.0] Linux version 6.1.0\r\n",
         )
         .unwrap();
         assert!(!w.hung(&log, quiet));
