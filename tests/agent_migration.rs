@@ -1386,6 +1386,15 @@ fn a_power_cut_anywhere_in_a_windows_install_comes_back_to_rescue_and_resumes() 
             "reinstall-rescue",
             "after a cut at {fp} the next boot must be the rescue OS"
         );
+        if fp.starts_with("windows-apply") || fp.starts_with("unpack-entry") {
+            // Nor may firmware that boots disk 1's removable-media path first find a loader
+            // there: the media's WinPE arrives on the ESP only when the volume is complete.
+            let esp = PathBuf::from(part_named(&env.disk1.0, "EFI system partition"));
+            assert!(
+                bootcfg::loader::read_esp(&esp, "EFI/BOOT/BOOTX64.EFI").is_err(),
+                "after a cut at {fp}, disk 1's removable path boots WinPE on a half-written volume"
+            );
+        }
         env.power_cycle();
         assert_eq!(env.current_label(), "reinstall-rescue", "{fp}");
         let (code, err) = env.boot_linux();

@@ -927,6 +927,7 @@ impl Agent {
             ntfs: vol.clone(),
             meta: None,
             applied: false,
+            removable: None,
         };
         let mut prog = Reporter::new(self, j, "install-target");
         bundle::verify::run(&signed, id, &mut inst, "install-target", &mut prog)
@@ -934,6 +935,7 @@ impl Agent {
         drop(stash);
         let meta = inst
             .meta
+            .clone()
             .context("the Windows bundle has no windows.json")?;
         anyhow::ensure!(inst.applied, "the Windows bundle has no install.wim");
         let net: NetIdentity =
@@ -948,6 +950,7 @@ impl Agent {
             &self.client.identity,
             j.job,
         )?;
+        inst.finish()?;
         eprintln!(
             "reinstall: Windows image {:?} applied to {}; wrote {}",
             meta.image_name,

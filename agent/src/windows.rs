@@ -458,7 +458,13 @@ pub struct Installer {
     pub ntfs: PathBuf,
     pub meta: Option<Meta>,
     pub applied: bool,
+    /// The media's `\EFI\BOOT\BOOTX64.EFI` (its path as the media spells it, its bytes),
+    /// written onto the ESP only when the volume is complete ([`Installer::finish`]).
+    pub removable: Option<(String, Vec<u8>)>,
 }
+
+/// The removable-media boot path (UEFI spec §3.5.1.1), relative to the ESP.
+const REMOVABLE: &str = "EFI/BOOT/BOOTX64.EFI";
 
 fn entry_err(e: &Entry, reason: impl std::fmt::Display) -> bundle::Error {
     bundle::Error::Entry {
@@ -476,6 +482,15 @@ impl Sink for Installer {
 }
 
 impl Installer {
+    /// Writes the held-back removable-path loader: the last write of install-target, once
+    /// the image and the identity are on the volume.
+    pub fn finish(&self) -> Result<()> {
+        if let Some((rel, data)) = &self.removable {
+            bootcfg::loader::write_esp(&self.esp, &[(rel.as_str(), data)])?;
+        }
+        Ok(())
+    }
+
     fn entry_inner(&mut self, e: &Entry, data: &mut EntryData<'_>) -> bundle::Result<()> {
         let p = e.path.as_path();
         let on_esp = p.strip_prefix(ESP_DIR).ok().map(Path::to_path_buf);
@@ -499,6 +514,17 @@ impl Installer {
             }
             EntryKind::File if on_esp.as_ref().is_some_and(|r| !r.as_os_str().is_empty()) => {
                 let rel = on_esp.expect("checked").display().to_string();
+                if rel.eq_ignore_ascii_case(REMOVABLE) {
+                    // Held back: the firmware's removable-media path may be booted ahead of
+                    // the rescue entry, and must not start WinPE on a half-written volume.
+                    let mut v = Vec::new();
+                    data.for_each_chunk(|c| {
+                        v.extend_from_slice(c);
+                        Ok(())
+                    })?;
+                    self.removable = Some((rel, v));
+                    return Ok(());
+                }
                 bootcfg::loader::write_esp_with(&self.esp, &rel, &mut |w| {
                     data.for_each_chunk(|c| {
                         w.write_all(c)

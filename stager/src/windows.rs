@@ -172,6 +172,8 @@ wpeutil reboot
 exit /b 0
 :failed
 if not "%WIN%"=="" copy /y %LOG% %WIN%\{VOLUME_DIR}\{STAGE_FAILED}
+rem Off the removable-media path: firmware that boots it first falls through to the rescue.
+del /f S:\EFI\BOOT\BOOTX64.EFI
 wpeutil reboot
 "#
     );
@@ -374,5 +376,7 @@ mod tests {
         let s = stage_cmd();
         assert!(!s.replace("\r\n", "").contains('\n'));
         assert!(s.contains("/addlast") && s.contains(STAGE_DONE) && s.contains(STAGE_FAILED));
+        let failed = &s[s.find(":failed").unwrap()..];
+        assert!(failed.contains("del /f S:\\EFI\\BOOT\\BOOTX64.EFI"), "{s}");
     }
 }

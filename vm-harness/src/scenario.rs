@@ -716,7 +716,9 @@ pub fn windows_layout(o: &Opts) -> Result<bool> {
         "reinstall --wait succeeded, but the stand-in WinPE cannot boot"
     );
     e.stager_failed("WinPE stage left no log")?;
-    let f = e.wait_world("rescue", Some(&f.boot_id))?;
+    // The job's failure (checked above) says the WinPE boots happened; the rescue OS may be
+    // the very boot first seen above when they were quick, so any boot of it will do.
+    let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS after WinPE did not start", 2, 2)?;
     // (OVMF may move its own entries first: what counts is the rescue before the target.)
     let (order, raw) = boot_order(&e)?;
