@@ -551,6 +551,27 @@ impl Agent {
         Ok(())
     }
 
+    /// Writes `layout` (and, for legacy BIOS, the GRUB built for it) to the pinned disk, records
+    /// the disk as it is now (its new table's GUID) in the journal slot `slot` before anything
+    /// else, then waits for the new partitions' device nodes and returns their paths. The
+    /// journal is saved first so that a resumed job finds the disk it wrote, not the old GUID.
+    fn repartition(
+        &mut self,
+        j: &mut Journal,
+        slot: fn(&mut Journal) -> &mut Option<DiskId>,
+        pinned: &DiskId,
+        layout: &disk::Layout,
+        bios: Option<&bootcfg::bios::Prepared>,
+    ) -> Result<Vec<PathBuf>> {
+        let mut locked = Locked::open_for(pinned, &self.root)?;
+        let parts = locked.write_gpt_with(layout, bios)?;
+        *slot(j) = Some(locked.id.clone());
+        self.journal.save(j)?;
+        drop(locked);
+        disk::settle(Path::new(&pinned.path), &parts)?;
+        Ok(parts)
+    }
+
     fn stage_rescue(&mut self, j: &mut Journal) -> Result<()> {
         let pinned = j.disk2.clone().context("no disk 2 in the journal")?;
         let (rm, _, _) = self.manifest(&j.rescue)?;
@@ -561,12 +582,7 @@ impl Agent {
             rescue_root_size(&rm),
             stash_size(&tm),
         )?;
-        let mut locked = Locked::open_for(&pinned, &self.root)?;
-        let parts = locked.write_gpt(&layout)?;
-        j.disk2 = Some(locked.id.clone());
-        self.journal.save(j)?;
-        drop(locked);
-        disk::settle(Path::new(&pinned.path), &parts)?;
+        let parts = self.repartition(j, |j| &mut j.disk2, &pinned, &layout, None)?;
         mount::mkfs_esp(&parts[0], "RESCUE-ESP", pinned.logical_sector)?;
         let rescue_uuid = mount::mkfs_ext4(&parts[1], "reinstall-rescue")?;
         mount::mkfs_ext4(&parts[2], "reinstall-stash")?;
@@ -844,13 +860,9 @@ impl Agent {
             }
             None => None,
         };
-        let mut locked = Locked::open_for(&pinned, &self.root)?;
-        let parts = locked.write_gpt_with(&layout, bios.as_ref().map(|b| &b.1))?;
+        let grub = bios.as_ref().map(|b| &b.1);
+        let parts = self.repartition(j, |j| &mut j.disk1, &pinned, &layout, grub)?;
         let bios = bios.map(|b| b.0);
-        j.disk1 = Some(locked.id.clone());
-        self.journal.save(j)?;
-        drop(locked);
-        disk::settle(Path::new(&pinned.path), &parts)?;
         let (esp, root_dev) = (
             &parts[layout.index_of(PartKind::Esp)],
             &parts[layout.index_of(PartKind::LinuxRoot)],
@@ -902,12 +914,7 @@ impl Agent {
         let pinned = j.disk1.clone().context("no disk 1 in the journal")?;
         let d2 = j.disk2.clone().context("no disk 2 in the journal")?;
         let layout = disk::windows_target_layout(pinned.size_bytes, pinned.logical_sector)?;
-        let mut locked = Locked::open_for(&pinned, &self.root)?;
-        let parts = locked.write_gpt(&layout)?;
-        j.disk1 = Some(locked.id.clone());
-        self.journal.save(j)?;
-        drop(locked);
-        disk::settle(Path::new(&pinned.path), &parts)?;
+        let parts = self.repartition(j, |j| &mut j.disk1, &pinned, &layout, None)?;
         let esp = parts[layout.index_of(PartKind::Esp)].clone();
         let vol_i = layout.index_of(PartKind::MsBasicData);
         let vol = parts[vol_i].clone();
