@@ -37,6 +37,17 @@ pub struct Interface {
     pub routes: Vec<Route>,
 }
 
+impl Interface {
+    /// Whether the interface has an address of this family (`v6`) that was leased
+    /// (`dynamic`) or configured: what decides DHCP and router advertisements in every
+    /// renderer.
+    pub fn has(&self, dynamic: bool, v6: bool) -> bool {
+        self.addresses
+            .iter()
+            .any(|a| a.dynamic == dynamic && a.address.is_ipv6() == v6)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Address {
     pub address: IpAddr,
@@ -330,21 +341,8 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
             let _ = writeln!(s, "[Match]\nMACAddress={}\n", iface.mac);
             let _ = writeln!(s, "[Link]\nMTUBytes={}\n", iface.mtu);
             let _ = writeln!(s, "[Network]");
-            let v4_dynamic = iface
-                .addresses
-                .iter()
-                .any(|a| a.dynamic && a.address.is_ipv4());
-            let v6_static = iface
-                .addresses
-                .iter()
-                .any(|a| !a.dynamic && a.address.is_ipv6());
-            let dhcp = match (
-                v4_dynamic,
-                iface
-                    .addresses
-                    .iter()
-                    .any(|a| a.dynamic && a.address.is_ipv6()),
-            ) {
+            let v6_static = iface.has(false, true);
+            let dhcp = match (iface.has(true, false), iface.has(true, true)) {
                 (true, true) => "yes",
                 (true, false) => "ipv4",
                 (false, true) => "ipv6",
@@ -487,6 +485,86 @@ mod tests {
         ] {
             assert!(v6.contains(want), "{want:?} missing from:\n{v6}");
         }
+    }
+
+    /// Leased addresses (DHCP, SLAAC) are not written as static ones: each renderer turns on
+    /// the leasing for that family only. veth0 leases IPv4, veth1 leases IPv6.
+    #[test]
+    fn leased_addresses_turn_on_dhcp_for_their_family_in_every_renderer() {
+        use crate::netstack::{render, Stack};
+        let mut id = fixture("two-nics").unwrap();
+        for i in &mut id.interfaces {
+            i.addresses.iter_mut().for_each(|a| a.dynamic = true);
+        }
+        let (v4, v6) = (
+            id.interfaces
+                .iter()
+                .position(|i| i.name == "veth0")
+                .unwrap(),
+            id.interfaces
+                .iter()
+                .position(|i| i.name == "veth1")
+                .unwrap(),
+        );
+        assert!(id.interfaces[v4].has(true, false) && !id.interfaces[v4].has(true, true));
+        assert!(id.interfaces[v6].has(true, true) && !id.interfaces[v6].has(false, true));
+        let networkd = render_networkd(&id);
+        let file = |mac: &str| &networkd.iter().find(|(n, _)| n.contains(mac)).unwrap().1;
+        let (a, b) = (file("525400aabb01"), file("525400aabb02"));
+        assert!(a.contains("DHCP=ipv4\nIPv6AcceptRA=yes"), "{a}");
+        assert!(b.contains("DHCP=ipv6\nIPv6AcceptRA=yes"), "{b}");
+        assert!(
+            !a.contains("\nAddress=") && !b.contains("\nAddress="),
+            "{a}{b}"
+        );
+        let text = |s: Stack| {
+            render(s, &id)
+                .into_iter()
+                .map(|f| f.contents)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let netplan = text(Stack::Netplan);
+        for want in [
+            format!("rnic{v4}:\n      match:\n        macaddress: \"52:54:00:aa:bb:01\"\n      mtu: 9000\n      dhcp4: true\n      dhcp6: false"),
+            format!("rnic{v6}:"),
+            "dhcp4: false\n      dhcp6: true\n      accept-ra: true".into(),
+        ] {
+            assert!(netplan.contains(&want), "{want:?} missing from:\n{netplan}");
+        }
+        assert!(
+            !netplan.contains("203.0.113.10") && !netplan.contains("2001:db8::10/"),
+            "{netplan}"
+        );
+        let nm = text(Stack::NetworkManager);
+        assert!(
+            nm.contains("[ipv4]\nmethod=auto") && nm.contains("[ipv6]\nmethod=auto"),
+            "{nm}"
+        );
+        assert!(!nm.contains("method=manual"), "{nm}");
+        let ifupdown = text(Stack::Ifupdown);
+        for want in [
+            format!("iface rnic{v4} inet dhcp"),
+            format!("iface rnic{v6} inet6 auto"),
+        ] {
+            assert!(
+                ifupdown.contains(&want),
+                "{want:?} missing from:\n{ifupdown}"
+            );
+        }
+        assert!(!ifupdown.contains(" static"), "{ifupdown}");
+        let x = crate::windows::render_unattend(&id, "pw").unwrap();
+        for (mac, dhcp4, dhcp6) in [
+            ("52-54-00-AA-BB-01", true, false),
+            ("52-54-00-AA-BB-02", false, true),
+        ] {
+            let want = format!("<Identifier>{mac}</Identifier>\n          <Ipv4Settings>\n            <DhcpEnabled>{dhcp4}</DhcpEnabled>\n          </Ipv4Settings>\n          <Ipv6Settings>\n            <DhcpEnabled>{dhcp6}</DhcpEnabled>\n            <RouterDiscoveryEnabled>true</RouterDiscoveryEnabled>");
+            assert!(x.contains(&want), "{want:?} missing from:\n{x}");
+        }
+        assert!(
+            !x.contains("203.0.113.10") && !x.contains("2001:db8::10/"),
+            "{x}"
+        );
     }
 
     #[test]

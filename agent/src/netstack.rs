@@ -81,12 +81,6 @@ fn static_addrs(n: &Interface, v6: bool) -> Vec<String> {
         .collect()
 }
 
-fn dynamic(n: &Interface, v6: bool) -> bool {
-    n.addresses
-        .iter()
-        .any(|a| a.dynamic && a.address.is_ipv6() == v6)
-}
-
 fn is_v6(r: &Route) -> bool {
     match (r.destination, r.gateway) {
         (Some((d, _)), _) => d.is_ipv6(),
@@ -116,8 +110,8 @@ fn netplan(id: &NetIdentity) -> File {
         let _ = writeln!(
             s,
             "      dhcp4: {}\n      dhcp6: {}",
-            dynamic(n, false),
-            dynamic(n, true)
+            n.has(true, false),
+            n.has(true, true)
         );
         let _ = writeln!(s, "      accept-ra: {}", static_addrs(n, true).is_empty());
         let addrs: Vec<String> = [static_addrs(n, false), static_addrs(n, true)].concat();
@@ -207,7 +201,7 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> File {
         let addrs = static_addrs(n, v6);
         let method = if !addrs.is_empty() {
             "manual"
-        } else if dynamic(n, v6) {
+        } else if n.has(true, v6) {
             "auto"
         } else if v6 {
             "ignore"
@@ -278,7 +272,7 @@ fn ifupdown(id: &NetIdentity) -> Vec<File> {
             let fam = if v6 { "inet6" } else { "inet" };
             let addrs = static_addrs(n, v6);
             if addrs.is_empty() {
-                if dynamic(n, v6) {
+                if n.has(true, v6) {
                     let _ = writeln!(s, "iface {name} {fam} {}", if v6 { "auto" } else { "dhcp" });
                 }
                 continue;

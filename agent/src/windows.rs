@@ -132,18 +132,11 @@ pub fn render_unattend(id: &NetIdentity, admin_password: &str) -> Result<String>
     );
     let _ = writeln!(s, "      <Interfaces>");
     for iface in &id.interfaces {
-        let v4_dhcp = iface
-            .addresses
-            .iter()
-            .any(|a| a.dynamic && a.address.is_ipv4());
-        let v6_dhcp = iface
-            .addresses
-            .iter()
-            .any(|a| a.dynamic && a.address.is_ipv6());
-        let v6_static = iface
-            .addresses
-            .iter()
-            .any(|a| !a.dynamic && a.address.is_ipv6());
+        let (v4_dhcp, v6_dhcp, v6_static) = (
+            iface.has(true, false),
+            iface.has(true, true),
+            iface.has(false, true),
+        );
         let _ = writeln!(s, r#"        <Interface wcm:action="add">"#);
         let _ = writeln!(
             s,
