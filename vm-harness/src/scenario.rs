@@ -503,15 +503,16 @@ fn interop(e: &Env) -> Result<usize> {
     Ok(entries.len())
 }
 
-/// The migration from a booted source OS to the target, checked at every boot. Returns the
-/// target's facts.
-fn migrate(e: &mut Env) -> Result<Facts> {
+/// The first half every scenario shares: the VM started, the source OS up and checked, the
+/// operator's `reinstall --target TARGET --wait` started, and the rescue OS up and checked.
+/// Returns the rescue's facts and the operator's process.
+fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
     e.vm.start()?;
     let f = e.wait_world("source", None)?;
     e.check_boot(&f, "source OS", 1, 2)?;
     e.row("source OS up: SSH, same address and host key, root on disk 1");
-    let mut op = e.create_job(TARGET)?;
-    e.row("operator: reinstall --target debian-vm --wait");
+    let op = e.create_job(target)?;
+    e.row(&format!("operator: reinstall --target {target} --wait"));
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS", 2, 2)?;
     let v = e
@@ -521,6 +522,13 @@ fn migrate(e: &mut Env) -> Result<Facts> {
         "rescue OS up: same address and host key, root on disk 2 (stager: {})",
         v.phase.as_deref().unwrap_or("-")
     ));
+    Ok((f, op))
+}
+
+/// The migration from a booted source OS to the target, checked at every boot. Returns the
+/// target's facts.
+fn migrate(e: &mut Env) -> Result<Facts> {
+    let (_, mut op) = to_rescue(e, TARGET)?;
     let f = e.wait_world("target", None)?;
     e.check_boot(&f, "target OS", 1, 2)?;
     e.row("target OS up: same address and host key, root on disk 1");
@@ -644,14 +652,7 @@ pub fn full(o: &Opts) -> Result<bool> {
 
 pub fn bad_target(o: &Opts) -> Result<bool> {
     let mut e = Env::new(o, "bad-target", Extra::BadTarget)?;
-    e.vm.start()?;
-    let f = e.wait_world("source", None)?;
-    e.check_boot(&f, "source OS", 1, 2)?;
-    e.row("source OS up");
-    let mut op = e.create_job(BAD_TARGET)?;
-    let f = e.wait_world("rescue", None)?;
-    e.check_boot(&f, "rescue OS", 2, 2)?;
-    e.row("rescue OS up");
+    let (f, mut op) = to_rescue(&mut e, BAD_TARGET)?;
     // The rescue installs the bad target and boots it once; it panics, the machine resets,
     // and the firmware's default (the rescue) comes back.
     let f = e.wait_world("rescue", Some(&f.boot_id))?;
@@ -701,14 +702,7 @@ pub fn windows_layout(o: &Opts) -> Result<bool> {
         "windows-layout is UEFI only: a Windows target on a BIOS machine is refused in plan"
     );
     let mut e = Env::new(o, "windows-layout", Extra::Windows)?;
-    e.vm.start()?;
-    let f = e.wait_world("source", None)?;
-    e.check_boot(&f, "source OS", 1, 2)?;
-    e.row("source OS up");
-    let mut op = e.create_job(WINDOWS)?;
-    let f = e.wait_world("rescue", None)?;
-    e.check_boot(&f, "rescue OS", 2, 2)?;
-    e.row("rescue OS up");
+    let (_, mut op) = to_rescue(&mut e, WINDOWS)?;
     let st =
         wait_child(&mut e.vm, &mut op, Duration::from_secs(1800)).context("reinstall --wait")?;
     ensure!(
