@@ -13,7 +13,13 @@ use std::time::{Duration, Instant};
 /// A 64 MiB GPT disk image: BIOS boot partition at 1 MiB, an ESP holding `cfg` and `env` in
 /// EFI/BOOT, GRUB i386-pc installed by bootcfg.
 fn bios_disk(dir: &Path, cfg: &str, env: &BTreeMap<String, String>) -> PathBuf {
-    let img = dir.join("disk.img");
+    esp_disk(&dir.join("disk.img"), cfg, env, true)
+}
+
+/// The same disk at `img`, with GRUB installed or not (`grub`: a second disk whose ESP GRUB
+/// only reads). Returns `img`.
+fn esp_disk(img: &Path, cfg: &str, env: &BTreeMap<String, String>, grub: bool) -> PathBuf {
+    let img = img.to_path_buf();
     sh(&format!(
         "truncate -s 64M {i} && printf 'label: gpt\\nstart=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name=bios-boot\\nsize=40M, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp\\n' | sfdisk -q {i}",
         i = img.display()
@@ -31,7 +37,9 @@ fn bios_disk(dir: &Path, cfg: &str, env: &BTreeMap<String, String>) -> PathBuf {
         // being written), then this one.
         let uuid = bootcfg::bios::read_fat32_uuid(esp)?;
         let early = bootcfg::bios::early_config(&["0bad-0bad", &uuid], "EFI/BOOT");
-        bootcfg::bios::install(dev, None, 2048, 2048, &early)?;
+        if grub {
+            bootcfg::bios::install(dev, None, 2048, 2048, &early)?;
+        }
         Ok(())
     });
     img
@@ -51,6 +59,11 @@ fn with_esp<T>(img: &Path, f: impl FnOnce(&Path, &Path) -> anyhow::Result<T>) ->
 
 /// Boots the image under SeaBIOS until the serial console shows `until` (or 120 s).
 fn boot_seabios(img: &Path, until: &str) -> (String, f64) {
+    boot_seabios_with(img, &[], until)
+}
+
+/// The same with more disks after it (`more`).
+fn boot_seabios_with(img: &Path, more: &[&Path], until: &str) -> (String, f64) {
     let serial = img.with_extension("serial.log");
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
@@ -67,6 +80,12 @@ fn boot_seabios(img: &Path, until: &str) -> (String, f64) {
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", img.display()))
+        .args(more.iter().flat_map(|m| {
+            [
+                "-drive".to_string(),
+                format!("file={},format=raw,if=virtio", m.display()),
+            ]
+        }))
         .spawn()
         .unwrap();
     let t = Instant::now();
@@ -177,6 +196,84 @@ fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
     let (log, _) = boot_seabios(&img, "66666666-7777-8888-9999-000000000000");
     assert!(
         log.contains("no such device: 66666666-7777-8888-9999-000000000000"),
+        "after the one-shot GRUB did not return to the default (serial console):\n{log}"
+    );
+}
+
+/// A second job on a BIOS machine: disk 1 still boots the old target through our GRUB, and its
+/// rescue entry names the old rescue root, which stage-rescue has reformatted. The grubenv
+/// sends that entry to the new rescue ESP on disk 2 by its FAT volume id: real GRUB follows it
+/// for the one-shot (into that ESP's own grub.cfg and its rescue root), and the next power
+/// cycle is the default again.
+#[test]
+fn a_rescue_entry_sent_to_the_new_rescue_esp_boots_through_it() {
+    let w = scratch();
+    let entry = |id: &str, uuid: &str| bootcfg::grubcfg::Entry {
+        id: id.into(),
+        title: format!("{id} OS"),
+        root_uuid: uuid.into(),
+        kernel: "/boot/vmlinuz".into(),
+        initrd: None,
+        args: "console=ttyS0".into(),
+    };
+    const OLD_TARGET: &str = "11111111-2222-3333-4444-555555555555";
+    const OLD_RESCUE: &str = "66666666-7777-8888-9999-000000000000";
+    const NEW_RESCUE: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+    let disk2 = esp_disk(
+        &w.path().join("disk2.img"),
+        &bootcfg::grubcfg::render(&[entry("rescue", NEW_RESCUE)], "rescue", 0),
+        &BTreeMap::new(),
+        false,
+    );
+    let esp2 = with_esp(&disk2, |_, esp| bootcfg::bios::read_fat32_uuid(esp));
+    let var = bootcfg::grubcfg::redirect_var("rescue");
+    let cfg = bootcfg::grubcfg::render(
+        &[entry("target", OLD_TARGET), entry("rescue", OLD_RESCUE)],
+        "rescue",
+        0,
+    );
+    let disk1 = bios_disk(
+        w.path(),
+        &cfg,
+        &env(&[
+            ("saved_entry", "target"),
+            ("next_entry", "rescue"),
+            (&var, &esp2),
+        ]),
+    );
+    let (log, _) = boot_seabios_with(&disk1, &[&disk2], NEW_RESCUE);
+    assert!(
+        log.contains(&format!("no such device: {NEW_RESCUE}")),
+        "GRUB did not follow the rescue entry to the new rescue ESP (serial console):\n{log}"
+    );
+    assert!(!log.contains(OLD_RESCUE), "{log}");
+    let (env1, env2) = (
+        with_esp(&disk1, |_, esp| {
+            Ok(bootcfg::grubenv::parse(
+                "grubenv",
+                &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
+            )?)
+        }),
+        with_esp(&disk2, |_, esp| {
+            Ok(bootcfg::grubenv::parse(
+                "grubenv",
+                &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
+            )?)
+        }),
+    );
+    let get = |e: &BTreeMap<String, String>, k: &str| e.get(k).cloned().unwrap_or_default();
+    assert_eq!(get(&env1, "next_entry"), "", "the one-shot is spent");
+    assert_eq!(
+        get(&env1, &var),
+        esp2,
+        "the redirect stays for the next one-shot"
+    );
+    assert_eq!(get(&env1, "reinstall_booted"), "rescue");
+    assert_eq!(get(&env2, "reinstall_booted"), "rescue", "{env2:?}");
+    // The next power cycle: disk 1's default, the old target.
+    let (log, _) = boot_seabios_with(&disk1, &[&disk2], OLD_TARGET);
+    assert!(
+        log.contains(&format!("no such device: {OLD_TARGET}")),
         "after the one-shot GRUB did not return to the default (serial console):\n{log}"
     );
 }

@@ -123,6 +123,15 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
             "  set {BOOTED_VAR}=\"{}\"\n  save_env {BOOTED_VAR}",
             e.id
         );
+        // Sent elsewhere: an entry whose OS was rewritten since this file was (a second job's
+        // new rescue OS on disk 2, while disk 1 still boots the old target through this GRUB)
+        // boots through that OS's own ESP and grub.cfg instead, named by its FAT volume id in
+        // the grubenv. Cleared first, so that config's own entry does not come back here.
+        let var = redirect_var(&e.id);
+        let _ = writeln!(
+            s,
+            "  if [ \"${{{var}}}\" ]; then\n    set reinstall_esp=\"${{{var}}}\"\n    set {var}=\n    if search --no-floppy --fs-uuid --set=root ${{reinstall_esp}}; then\n      set prefix=($root)/{REDIRECT_DIR}\n      configfile $prefix/grub.cfg\n    fi\n  fi"
+        );
         let _ = writeln!(
             s,
             "  search --no-floppy --fs-uuid --set=root {}",
@@ -144,6 +153,19 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
     );
     s
 }
+
+/// The grubenv variable that sends entry `id` to another ESP's grub.cfg (its FAT volume id,
+/// `XXXX-XXXX`); see [`render`].
+pub fn redirect_var(id: &str) -> String {
+    format!(
+        "reinstall_esp_{}",
+        id.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+}
+
+/// Where the grub.cfg of an ESP an entry is sent to lives (the removable path's directory,
+/// which every ESP of ours has).
+pub const REDIRECT_DIR: &str = "EFI/BOOT";
 
 /// The grubenv variable each entry sets (and saves) to the id of the entry it boots.
 pub const BOOTED_VAR: &str = "reinstall_booted";
@@ -208,6 +230,8 @@ mod tests {
             "set reinstall_booted=\"rescue\"\n  save_env reinstall_booted",
             "set fallback=\"0 1\"",
             "terminal_output serial console",
+            "  if [ \"${reinstall_esp_rescue}\" ]; then",
+            "configfile $prefix/grub.cfg",
         ] {
             assert!(cfg.contains(want), "{want:?} missing from:\n{cfg}");
         }
