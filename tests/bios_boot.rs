@@ -109,6 +109,29 @@ fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A menu entry whose root does not exist here: GRUB records the entry, then fails to find
+/// it ("no such device: UUID" on the serial console), which tells what it tried to boot.
+fn entry(id: &str, uuid: &str) -> bootcfg::grubcfg::Entry {
+    bootcfg::grubcfg::Entry {
+        id: id.into(),
+        title: format!("{id} OS"),
+        root_uuid: uuid.into(),
+        kernel: "/boot/vmlinuz".into(),
+        initrd: None,
+        args: "console=ttyS0".into(),
+    }
+}
+
+/// The grubenv in EFI/BOOT on the ESP of the disk image `img`.
+fn grubenv_of(img: &Path) -> BTreeMap<String, String> {
+    with_esp(img, |_, esp| {
+        Ok(bootcfg::grubenv::parse(
+            "grubenv",
+            &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
+        )?)
+    })
+}
+
 #[test]
 fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
     let w = scratch();
@@ -128,13 +151,7 @@ fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
     assert!(log.contains("REINSTALL-BIOS-GRUB-SAVED"), "{log}");
     eprintln!("SeaBIOS → boot.img → core.img → grub.cfg on the ESP in {secs:.1}s");
     // The one-shot was spent on the disk, by GRUB itself.
-    let env = with_esp(&img, |_, esp| {
-        bootcfg::grubenv::parse(
-            "grubenv",
-            &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
-        )
-        .map_err(Into::into)
-    });
+    let env = grubenv_of(&img);
     assert_eq!(env.get("next_entry").map(String::as_str).unwrap_or(""), "");
     assert_eq!(env.get("saved_entry").map(String::as_str), Some("rescue"));
 }
@@ -145,15 +162,6 @@ fn seabios_boots_our_grub_which_reads_and_spends_the_one_shot_on_the_esp() {
 #[test]
 fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
     let w = scratch();
-    // Roots that do not exist here: GRUB records the entry, then fails to find it.
-    let entry = |id: &str, uuid: &str| bootcfg::grubcfg::Entry {
-        id: id.into(),
-        title: format!("{id} OS"),
-        root_uuid: uuid.into(),
-        kernel: "/boot/vmlinuz".into(),
-        initrd: None,
-        args: "console=ttyS0".into(),
-    };
     let cfg = bootcfg::grubcfg::render(
         &[
             entry("target", "11111111-2222-3333-4444-555555555555"),
@@ -208,14 +216,6 @@ fn the_grub_boot_selector_one_shot_is_what_real_grub_boots_and_reports() {
 #[test]
 fn a_rescue_entry_sent_to_the_new_rescue_esp_boots_through_it() {
     let w = scratch();
-    let entry = |id: &str, uuid: &str| bootcfg::grubcfg::Entry {
-        id: id.into(),
-        title: format!("{id} OS"),
-        root_uuid: uuid.into(),
-        kernel: "/boot/vmlinuz".into(),
-        initrd: None,
-        args: "console=ttyS0".into(),
-    };
     const OLD_TARGET: &str = "11111111-2222-3333-4444-555555555555";
     const OLD_RESCUE: &str = "66666666-7777-8888-9999-000000000000";
     const NEW_RESCUE: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
@@ -247,20 +247,7 @@ fn a_rescue_entry_sent_to_the_new_rescue_esp_boots_through_it() {
         "GRUB did not follow the rescue entry to the new rescue ESP (serial console):\n{log}"
     );
     assert!(!log.contains(OLD_RESCUE), "{log}");
-    let (env1, env2) = (
-        with_esp(&disk1, |_, esp| {
-            Ok(bootcfg::grubenv::parse(
-                "grubenv",
-                &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
-            )?)
-        }),
-        with_esp(&disk2, |_, esp| {
-            Ok(bootcfg::grubenv::parse(
-                "grubenv",
-                &bootcfg::loader::read_esp(esp, "EFI/BOOT/grubenv")?,
-            )?)
-        }),
-    );
+    let (env1, env2) = (grubenv_of(&disk1), grubenv_of(&disk2));
     let get = |e: &BTreeMap<String, String>, k: &str| e.get(k).cloned().unwrap_or_default();
     assert_eq!(get(&env1, "next_entry"), "", "the one-shot is spent");
     assert_eq!(
