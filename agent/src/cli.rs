@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Remote two-disk OS reinstaller: the operator's command and (later) the agent.
+/// Remote two-disk OS reinstaller: the operator's command and the agent.
 ///
 /// Without a subcommand, creates a reinstall job on the stager:
 ///
@@ -19,7 +19,7 @@ use std::process::ExitCode;
 #[command(
     name = "reinstall",
     version,
-    after_help = "The agent reboots UEFI machines through their firmware variables and legacy BIOS machines through GRUB on disk 1 (a second job on a BIOS machine is not built yet). Exit status: 0 ok, 1 failed, 2 usage."
+    after_help = "The agent reboots UEFI machines through their firmware variables and legacy BIOS machines through GRUB on disk 1. Exit status: 0 ok, 1 failed, 2 usage."
 )]
 pub struct Cli {
     #[command(flatten)]

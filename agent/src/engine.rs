@@ -276,10 +276,7 @@ impl Agent {
                 self.requested_rescue(&j)?;
             }
             (Some(req), Some(j)) => {
-                // Disk 1's entry first: a BIOS selector learns from it where disk 1's GRUB
-                // reads its environment (on UEFI it exists already and is left as it is).
-                self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?;
-                let n = self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?;
+                let n = self.rescue_entry(&j)?;
                 if req.permanent {
                     self.boot.make_default(n)?;
                 } else {
@@ -418,9 +415,7 @@ impl Agent {
     /// Whether the one-shot boot into the OS that runs `todo` is set and not yet used.
     fn reboot_pending(&mut self, j: &Journal, todo: Phase) -> Result<bool> {
         let entry = match todo {
-            Phase::RescueUp => {
-                self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?
-            }
+            Phase::RescueUp => self.rescue_entry(j)?,
             Phase::TargetUp => {
                 self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
             }
@@ -516,14 +511,21 @@ impl Agent {
     }
 
     fn plan(&mut self, j: &mut Journal) -> Result<()> {
-        // On BIOS, an OS this agent wrote boots through our GRUB on disk 1, whose rescue entry
-        // would have to follow the new rescue disk: not built. Refused before disk 2 is touched.
-        anyhow::ensure!(
-            !(self.grub_chooses && self.root.join(WORLD_FILE).exists()),
-            "a second job on a legacy BIOS machine is not supported yet: this OS was installed by reinstall ({} exists) and boots through its GRUB on disk 1; nothing was changed",
-            self.root.join(WORLD_FILE).display()
-        );
         let (d1, d2) = select_disks(&self.root, self.disk2.as_deref())?;
+        if self.disk1_grub_is_ours() {
+            // A second job on BIOS: the rescue entry of disk 1's GRUB must be able to follow
+            // the new rescue OS (see stage-rescue). A GRUB written before it could is refused
+            // here, before disk 2 is touched.
+            let esp = d1.partition_path(d1.find_partition(PartKind::Esp)?.number);
+            let cfg =
+                bootcfg::loader::read_esp(&esp, &format!("{}/grub.cfg", crate::bootsel::GRUB_DIR))?;
+            let var = bootcfg::grubcfg::redirect_var("rescue");
+            anyhow::ensure!(
+                String::from_utf8_lossy(&cfg).contains(&format!("${{{var}}}")),
+                "{}: disk 1's GRUB was written by an older version of reinstall, whose rescue entry cannot follow a new rescue OS on disk 2; a second job on this legacy BIOS machine is not supported; nothing was changed",
+                esp.display()
+            );
+        }
         anyhow::ensure!(
             !self.grub_chooses || d1.logical_sector == 512,
             "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported; nothing was changed",
@@ -643,7 +645,36 @@ impl Agent {
             "reinstall",
             true,
         )?;
+        if self.disk1_grub_is_ours() {
+            // A second job on BIOS: disk 1 boots this OS through our GRUB, whose rescue entry
+            // names the rescue root just reformatted. Its grubenv now sends that entry to the
+            // new rescue ESP (one in-place write of the environment block, as a one-shot is);
+            // the default stays this OS until the rescue has called home.
+            let uuid = bootcfg::bios::read_fat32_uuid(&parts[0])?;
+            crate::bootsel::GrubEnv {
+                esp: self.esp_of(j.disk1.as_ref())?,
+                dir: crate::bootsel::GRUB_DIR.into(),
+            }
+            .set(&bootcfg::grubcfg::redirect_var("rescue"), &uuid)?;
+        }
         Ok(())
+    }
+
+    /// Legacy BIOS, from an OS this agent installed: disk 1 boots through our GRUB (a second
+    /// job), not the source's own.
+    fn disk1_grub_is_ours(&self) -> bool {
+        self.grub_chooses && self.root.join(WORLD_FILE).exists()
+    }
+
+    /// The rescue OS's boot entry. On BIOS disk 1's entry is named first: the selector learns
+    /// from it where disk 1's GRUB reads its environment, when that GRUB is ours (after
+    /// install-target, or from the start of a second job); a BIOS source's disk 1 may have
+    /// no ESP at all, which is not an error here.
+    fn rescue_entry(&mut self, j: &Journal) -> Result<u16> {
+        if self.grub_chooses {
+            let _ = self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER);
+        }
+        self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)
     }
 
     /// Injects identity, network, the agent and its journal into a freshly unpacked tree, and
@@ -710,7 +741,7 @@ impl Agent {
             }
             self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?
         } else {
-            self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?
+            self.rescue_entry(j)?
         };
         self.boot.set_next(n)?;
         Ok(())
@@ -737,7 +768,7 @@ impl Agent {
         self.client
             .post::<_, serde_json::Value>("/v1/agent/events", &ev)
             .context("calling home")?;
-        let rescue = self.entry_of(j.disk2.as_ref(), "reinstall-rescue", RESCUE_LOADER)?;
+        let rescue = self.rescue_entry(j)?;
         if target {
             let t = self.entry_of(j.disk1.as_ref(), "reinstall-target", TARGET_LOADER)?;
             self.boot.make_default(rescue)?;

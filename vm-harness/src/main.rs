@@ -32,8 +32,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///   all         full, bad-target, windows-layout (UEFI), power-cut.
 ///
 /// --bios: SeaBIOS instead of OVMF; the source disk boots through its own Debian GRUB for
-/// BIOS. `full --bios` checks the migration, the default boot, and the rescue on request and
-/// back (not: efibootmgr, which has nothing to show, and a second job, not built for BIOS).
+/// BIOS. `full --bios` checks the migration, the default boot, the rescue on request and
+/// back, and a second job (not: efibootmgr, which has nothing to show).
 #[derive(Parser)]
 #[command(name = "vm-harness", verbatim_doc_comment)]
 struct Cli {
