@@ -439,6 +439,22 @@ fn reinstall_wait_follows_the_job_and_exits_by_its_outcome() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["hosts"][0]["state"], outcome);
         assert_eq!(v["hosts"][0]["bytes_done"], 500);
+        // Later the rescue OS reports that the target stopped coming up: a done job stays
+        // done, with the report as the host's last event; a failed one stays failed.
+        let later = format!(
+            r#"{{"job":{id},"kind":"failed","phase":"target-up","message":"the target did not come up"}}"#
+        );
+        assert_eq!(post_event(&s, host, &later).0, 200);
+        let out = ok(s
+            .reinstall("alice")
+            .args(["status", "--host", host, "--json"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let job = &v["jobs"][0]["hosts"][0];
+        assert_eq!(job["state"], outcome, "{v}");
+        assert_eq!(
+            job["last_event"]["event"]["message"], "the target did not come up",
+            "{v}"
+        );
     }
     // status lists both hosts; an agent identity cannot create jobs.
     let out = ok(s.reinstall("alice").args(["status", "--json"]));

@@ -396,6 +396,10 @@ impl Db {
         )?;
         let event_id = tx.last_insert_rowid();
         let new_state = match ev.kind {
+            // A job its target finished stays finished: the rescue OS reporting, later, that
+            // the target no longer comes up (a disk gone, a bad kernel update) is the host's
+            // news, kept as its last event, not a rewrite of the job's outcome.
+            EventKind::Failed if state == "done" => "done",
             EventKind::Done => "done",
             EventKind::Failed => "failed",
             _ if state == "pending" => "running",
