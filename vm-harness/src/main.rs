@@ -26,6 +26,7 @@ use std::process::{Command, ExitCode, Stdio};
 ///               the stager shows the failure.
 ///   power-cut   SIGKILL QEMU at phase boundaries and inside long writes, power on again,
 ///               and check where the machine ends up (table: cut point, outcome, recovery).
+///               --second-job: the cut falls in a second job, after a whole first one.
 ///   windows-layout  the rescue half of a Windows target (synthetic media, UEFI): disk 1 laid
 ///               out and written by the rescue OS, checked from the host; the stand-in WinPE
 ///               cannot start, so the machine must come back to rescue with the job failed.
@@ -70,6 +71,11 @@ enum Cmd {
         /// List the cut points and exit.
         #[arg(long)]
         list: bool,
+        /// Cut in a second job: each run first takes the machine through a whole job, so the
+        /// cut falls in a job that starts in an OS reinstall installed (on BIOS: through the
+        /// GRUB of the first job, its rescue entry sent to the new rescue OS).
+        #[arg(long)]
+        second_job: bool,
     },
     All,
     /// Print the accelerator the VMs would use (KVM only if a probe boot works; else TCG).
@@ -149,7 +155,9 @@ fn main() -> ExitCode {
         Cmd::Full => scenario::full(&opts),
         Cmd::BadTarget => scenario::bad_target(&opts),
         Cmd::WindowsLayout => scenario::windows_layout(&opts),
-        Cmd::PowerCut { points, .. } => scenario::power_cut(&opts, points),
+        Cmd::PowerCut {
+            points, second_job, ..
+        } => scenario::power_cut(&opts, points, *second_job),
         Cmd::All => scenario::all(&opts),
         Cmd::Relay { .. } | Cmd::Accel => unreachable!(),
     };

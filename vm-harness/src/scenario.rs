@@ -908,10 +908,25 @@ fn random_share() -> f64 {
 /// One cut: runs the migration until the stager shows the cut point, kills QEMU, powers on
 /// again, and waits for the end: the target with the job done, or a reachable rescue (or
 /// source) with the failure reported. Returns (outcome, seconds from power-on to the end).
-fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
-    let mut e = Env::new(o, &format!("power-cut-{}", p.name), Extra::None)?;
+fn cut_once(o: &Opts, p: &CutPoint, second_job: bool) -> Result<(String, String, f64)> {
+    let name = match second_job {
+        true => format!("power-cut-2-{}", p.name),
+        false => format!("power-cut-{}", p.name),
+    };
+    let mut e = Env::new(o, &name, Extra::None)?;
     e.vm.start()?;
     e.wait_world("source", None)?;
+    // Where the job starts: the source OS, or (second job) the first job's target.
+    let start = if second_job {
+        let mut first = e.create_job(TARGET)?;
+        let st = wait_child(&mut e.vm, &mut first, BOOT_LIMIT).context("the first job")?;
+        ensure!(st.success(), "the first job failed:\n{}", e.operator_log());
+        e.wait_world("target", None)?;
+        e.row("first job done: the cut falls in the second");
+        "target"
+    } else {
+        "source"
+    };
     let mut op = e.create_job(TARGET)?;
     let share = p.during.map(|_| random_share());
     let t = Instant::now();
@@ -987,7 +1002,7 @@ fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
             e.check_boot(&facts, "target", 1, 2)?;
             "target, job done".to_string()
         }
-        (HostState::Failed, w @ ("rescue" | "source")) => {
+        (HostState::Failed, w) if w == "rescue" || w == start => {
             let msg = v
                 .last_event
                 .and_then(|ev| ev.event.message)
@@ -1000,7 +1015,7 @@ fn cut_once(o: &Opts, p: &CutPoint) -> Result<(String, String, f64)> {
     Ok((cut_at, outcome, on.elapsed().as_secs_f64()))
 }
 
-pub fn power_cut(o: &Opts, only: &[String]) -> Result<bool> {
+pub fn power_cut(o: &Opts, only: &[String], second_job: bool) -> Result<bool> {
     for n in only {
         ensure!(
             CUT_POINTS.iter().any(|p| p.name == n),
@@ -1014,7 +1029,7 @@ pub fn power_cut(o: &Opts, only: &[String]) -> Result<bool> {
         .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name))
     {
         let t = Instant::now();
-        let row = match cut_once(o, p) {
+        let row = match cut_once(o, p, second_job) {
             Ok((at, outcome, rec)) => (p.name, at, outcome, rec),
             Err(e) => {
                 ok = false;
@@ -1030,8 +1045,9 @@ pub fn power_cut(o: &Opts, only: &[String]) -> Result<bool> {
         rows.push(row);
     }
     println!(
-        "\nscenario power-cut ({})\n{:<20} {:<22} {:>10}  outcome",
+        "\nscenario power-cut ({}{})\n{:<20} {:<22} {:>10}  outcome",
         if o.bios { "BIOS" } else { "UEFI" },
+        if second_job { ", second job" } else { "" },
         "cut point",
         "cut in",
         "recover s"
@@ -1086,6 +1102,6 @@ pub fn all(o: &Opts) -> Result<bool> {
             }
         }
     }
-    ok &= power_cut(o, &[])?;
+    ok &= power_cut(o, &[], false)?;
     Ok(ok)
 }
