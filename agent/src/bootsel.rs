@@ -157,7 +157,7 @@ pub struct BiosGrub {
 pub const RESCUE_LABEL: &str = "reinstall-rescue";
 pub const TARGET_LABEL: &str = "reinstall-target";
 /// Where our grub.cfg and grubenv live on an ESP (BIOS core.img and the removable UEFI path).
-pub const GRUB_DIR: &str = "EFI/BOOT";
+pub const GRUB_DIR: &str = bootcfg::grubcfg::REDIRECT_DIR;
 
 impl BiosGrub {
     pub fn new(root: &Path) -> BiosGrub {

@@ -519,9 +519,8 @@ impl Agent {
             let esp = d1.partition_path(d1.find_partition(PartKind::Esp)?.number);
             let cfg =
                 bootcfg::loader::read_esp(&esp, &format!("{}/grub.cfg", crate::bootsel::GRUB_DIR))?;
-            let var = bootcfg::grubcfg::redirect_var("rescue");
             anyhow::ensure!(
-                String::from_utf8_lossy(&cfg).contains(&format!("${{{var}}}")),
+                bootcfg::grubcfg::can_redirect(&String::from_utf8_lossy(&cfg), "rescue"),
                 "{}: disk 1's GRUB was written by an older version of reinstall, whose rescue entry cannot follow a new rescue OS on disk 2; a second job on this legacy BIOS machine is not supported; nothing was changed",
                 esp.display()
             );

@@ -163,8 +163,14 @@ pub fn redirect_var(id: &str) -> String {
     )
 }
 
+/// Whether `cfg` (a grub.cfg) lets entry `id` be sent elsewhere by [`redirect_var`]: what
+/// [`render`] writes now; a file written before it could, cannot.
+pub fn can_redirect(cfg: &str, id: &str) -> bool {
+    cfg.contains(&format!("${{{}}}", redirect_var(id)))
+}
+
 /// Where the grub.cfg of an ESP an entry is sent to lives (the removable path's directory,
-/// which every ESP of ours has).
+/// which every ESP of ours has, and where BIOS GRUB reads its config).
 pub const REDIRECT_DIR: &str = "EFI/BOOT";
 
 /// The grubenv variable each entry sets (and saves) to the id of the entry it boots.
@@ -236,5 +242,6 @@ mod tests {
             assert!(cfg.contains(want), "{want:?} missing from:\n{cfg}");
         }
         assert_eq!(entry_ids(&cfg), ["rescue", "firmware"]);
+        assert!(can_redirect(&cfg, "rescue") && !can_redirect(&cfg, "target"));
     }
 }
