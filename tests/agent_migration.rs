@@ -8,6 +8,7 @@
 
 use agent::bootsel::{FakeEntry, FakeFirmware, FakeState};
 use agent::disk::{self, Locked};
+use bootcfg::grubcfg::{FELL_BACK_VAR, SAVED_TRIES, TRIES_VAR};
 use integration_tests::stager::Stager;
 use integration_tests::*;
 use std::path::{Path, PathBuf};
@@ -321,8 +322,9 @@ impl Env {
     }
 
     /// What disk 1's GRUB does when the firmware starts it, as its grub.cfg says (bootcfg's
-    /// grubcfg): a pending `next_entry` is booted and cleared in the grubenv, else
-    /// `saved_entry`, else the default written into grub.cfg. Returns the entry's id.
+    /// grubcfg; real GRUB does it in `tests/bios_boot.rs`): a pending `next_entry` is booted
+    /// and cleared in the grubenv, else `saved_entry` (counted when it is not the default),
+    /// else the default written into grub.cfg. Returns the entry's id.
     fn grub_boot(&self) -> String {
         use bootcfg::{grubenv, loader};
         let esp = PathBuf::from(part_named(&self.disk1.0, "esp"));
@@ -336,17 +338,34 @@ impl Env {
             .and_then(|d| d.strip_suffix('"'))
             .expect("grub.cfg names a default")
             .to_string();
+        let write = |env: &std::collections::BTreeMap<String, String>| {
+            loader::write_esp(&esp, &[(env_path, &grubenv::render(env).unwrap())]).unwrap()
+        };
+        let saved = env.get("saved_entry").filter(|v| !v.is_empty()).cloned();
         match env.get("next_entry").filter(|v| !v.is_empty()).cloned() {
             Some(next) => {
                 env.remove("next_entry");
-                loader::write_esp(&esp, &[(env_path, &grubenv::render(&env).unwrap())]).unwrap();
+                write(&env);
                 next
             }
-            None => env
-                .get("saved_entry")
-                .filter(|v| !v.is_empty())
-                .cloned()
-                .unwrap_or(default),
+            // A saved entry other than the default is counted, and given up on after
+            // SAVED_TRIES boots its OS did not take back.
+            None => match saved {
+                Some(saved) if saved != default => {
+                    let tries = env.remove(TRIES_VAR).unwrap_or_default();
+                    let chosen = if tries == "x".repeat(SAVED_TRIES) {
+                        env.insert(FELL_BACK_VAR.into(), saved);
+                        default
+                    } else {
+                        env.insert(TRIES_VAR.into(), format!("{tries}x"));
+                        saved
+                    };
+                    write(&env);
+                    chosen
+                }
+                Some(saved) => saved,
+                None => default,
+            },
         }
     }
 
@@ -521,6 +540,63 @@ impl Env {
         );
         (code, err)
     }
+}
+
+/// Days after a job, the target stops coming up (an update that panics on every boot): disk
+/// 1's GRUB boots it SAVED_TRIES times, then the rescue OS, whose agent reports it (the stager
+/// keeps the job done, with the report as the host's last event) and stays up instead of
+/// taking it for a failed one-shot of the job; the target stays the default, a reboot from
+/// the rescue tries it again, and a target that comes up takes GRUB's count back.
+#[test]
+fn a_target_that_stops_coming_up_after_the_job_falls_back_to_the_rescue_which_reports_it() {
+    let env = Env::new();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
+    let disk1_env = || {
+        let esp = PathBuf::from(part_named(&env.disk1.0, "esp"));
+        let p = "EFI/BOOT/grubenv";
+        bootcfg::grubenv::parse(p, &bootcfg::loader::read_esp(&esp, p).unwrap()).unwrap()
+    };
+    // The target panics on every boot from now on: its agent never runs.
+    for n in 1..=SAVED_TRIES {
+        env.power_cycle();
+        assert_eq!(env.current_label(), "reinstall-target", "boot {n}");
+    }
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-rescue");
+    let (code, err) = env.boot_linux();
+    assert_eq!(
+        code, 0,
+        "the rescue OS stays up (no retry of the target): {err}"
+    );
+    let want = format!("the target OS did not come up {SAVED_TRIES} boots in a row after job 1");
+    assert!(err.contains(&want), "{err}");
+    let out = ok(env
+        .stager
+        .reinstall("alice")
+        .args(["status", "--host", "web1", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let host = &v["jobs"][0]["hosts"][0];
+    assert_eq!(host["state"], "done", "{v}");
+    let msg = host["last_event"]["event"]["message"]
+        .as_str()
+        .unwrap_or("");
+    assert!(msg.contains(&want), "{v}");
+    let e = disk1_env();
+    assert!(!e.contains_key(FELL_BACK_VAR), "reported once: {e:?}");
+    assert_eq!(e["saved_entry"], "target", "the target stays the default");
+    // The agent again in the same boot (systemd restarted it): nothing more to report.
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("did not come up"), "{err}");
+    // Repaired from the rescue OS, rebooted: the target comes up and takes the count back.
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-target");
+    assert_eq!(disk1_env()[TRIES_VAR], "x");
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 0, "{err}");
+    assert!(!disk1_env().contains_key(TRIES_VAR), "{err}");
 }
 
 fn create_job(s: &Stager) {
@@ -999,7 +1075,8 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
     sh("sync");
-    let boot = |disks: &[&str], marker: &str, what: &str| {
+    // `keep`: the disks keep what the boot wrote (GRUB's grubenv), else a snapshot is booted.
+    let boot_with = |disks: &[&str], marker: &str, what: &str, keep: bool| {
         let vars = env.w.path().join("vars.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
         let serial = env.w.path().join(format!("{what}.serial"));
@@ -1029,8 +1106,9 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
         for (i, img) in disks.iter().enumerate() {
             qemu.arg("-drive")
                 .arg(format!(
-                    "file={},format=raw,if=none,id=d{i},snapshot=on",
-                    env.w.path().join(img).display()
+                    "file={},format=raw,if=none,id=d{i},snapshot={}",
+                    env.w.path().join(img).display(),
+                    if keep { "off" } else { "on" }
                 ))
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive=d{i},bootindex={}", i + 1));
@@ -1056,6 +1134,7 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
         );
         log
     };
+    let boot = |disks: &[&str], marker: &str, what: &str| boot_with(disks, marker, what, false);
     boot(
         &["disk2.img"],
         "REINSTALL-RESCUE-BOOTED host=web1 world=rescue",
@@ -1066,6 +1145,45 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
         "REINSTALL-TARGET-BOOTED host=web1 world=target",
         "disk 1 alone",
     );
+    // Later the target panics on every boot (its init dies; `panic=10` reboots, which ends
+    // QEMU here): disk 1's GRUB boots it SAVED_TRIES times, counting in its grubenv, and
+    // then the rescue OS, naming the target for the rescue's agent to report.
+    {
+        let at = env.w.path().join("mnt-break");
+        let _m = mount(&env.root_part("reinstall-target"), &at, false);
+        std::fs::write(at.join("sbin/init"), "#!/bin/busybox sh\nexit 1\n").unwrap();
+    }
+    sh("sync");
+    for n in 1..=SAVED_TRIES {
+        let log = boot_with(
+            &["disk1.img", "disk2.img"],
+            "Kernel panic - not syncing: Attempted to kill init",
+            &format!("both disks, the target's init dies (boot {n})"),
+            true,
+        );
+        assert!(
+            log.contains("Booting `target OS'") && !log.contains("REINSTALL-RESCUE-BOOTED"),
+            "boot {n}: GRUB did not boot the target, or the rescue came up:\n{log}"
+        );
+    }
+    let log = boot_with(
+        &["disk1.img", "disk2.img"],
+        "REINSTALL-RESCUE-BOOTED host=web1 world=rescue",
+        "both disks, after the target died twice",
+        true,
+    );
+    assert!(!log.contains("Kernel panic"), "{log}");
+    let esp = part_named(&env.disk1.0, "esp");
+    sh(&format!("blockdev --flushbufs {esp} {}", env.disk1.0));
+    let p = "EFI/BOOT/grubenv";
+    let genv = bootcfg::grubenv::parse(p, &bootcfg::loader::read_esp(Path::new(&esp), p).unwrap())
+        .unwrap();
+    assert_eq!(
+        genv.get(FELL_BACK_VAR).map(String::as_str),
+        Some("target"),
+        "{genv:?}"
+    );
+    assert_eq!(genv["saved_entry"], "target", "{genv:?}");
     // The target's kernel is gone: disk 1's GRUB cannot boot its default entry and falls
     // back to its next one, the rescue OS on disk 2, instead of waiting at a GRUB prompt.
     {

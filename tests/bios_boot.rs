@@ -313,3 +313,53 @@ fn the_new_table_and_grub_land_together_and_boot_at_once() {
     );
     eprintln!("SeaBIOS → GRUB core from the new table's write alone in {secs:.1}s");
 }
+
+/// After a job, disk 1's GRUB boots the target as its saved default, counting each boot in
+/// the grubenv until the target's agent takes the count back. A target that never gets that
+/// far (a kernel that panics on every boot) is booted `SAVED_TRIES` times; the next boot is the
+/// rescue OS (the config's default), with the target named for it to report, and the count
+/// starts again. Real GRUB, the grub.cfg bootcfg renders, the entries' roots absent (what
+/// GRUB tried is on its serial console).
+#[test]
+fn grub_gives_up_on_a_saved_target_that_never_comes_up_and_boots_the_rescue() {
+    use bootcfg::grubcfg::{FELL_BACK_VAR, SAVED_TRIES, TRIES_VAR};
+    let w = scratch();
+    const TARGET: &str = "11111111-2222-3333-4444-555555555555";
+    const RESCUE: &str = "66666666-7777-8888-9999-000000000000";
+    let cfg = bootcfg::grubcfg::render(
+        &[entry("target", TARGET), entry("rescue", RESCUE)],
+        "rescue",
+        0,
+    );
+    let img = bios_disk(w.path(), &cfg, &env(&[("saved_entry", "target")]));
+    let get = |k: &str| grubenv_of(&img).get(k).cloned().unwrap_or_default();
+    let boots = |want: &str, not: &str, when: &str| {
+        let (log, _) = boot_seabios(&img, &format!("no such device: {want}"));
+        assert!(
+            log.contains(&format!("no such device: {want}")) && !log.contains(not),
+            "{when}: GRUB did not boot {want} first (serial console):\n{log}"
+        );
+    };
+    for n in 1..=SAVED_TRIES {
+        boots(TARGET, RESCUE, &format!("boot {n}"));
+        assert_eq!(get(TRIES_VAR), "x".repeat(n), "boot {n} is counted");
+    }
+    boots(RESCUE, TARGET, "after the tries");
+    assert_eq!(get(FELL_BACK_VAR), "target", "the rescue OS is told why");
+    assert_eq!(get(TRIES_VAR), "", "the count starts again");
+    assert_eq!(get("saved_entry"), "target", "the target stays the default");
+    // A reboot from the rescue tries the target again; once up, its agent takes the count
+    // back (what `Agent::boot_checks` does in the target), and the next boot is counted
+    // from nothing.
+    boots(TARGET, RESCUE, "a reboot from the rescue");
+    assert_eq!(get(TRIES_VAR), "x");
+    with_esp(&img, |_, esp| {
+        GrubEnv {
+            esp: esp.to_path_buf(),
+            dir: "EFI/BOOT".into(),
+        }
+        .remove(&[TRIES_VAR, FELL_BACK_VAR])
+    });
+    boots(TARGET, RESCUE, "after the target came up");
+    assert_eq!(get(TRIES_VAR), "x", "a boot that came up is not counted");
+}

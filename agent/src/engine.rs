@@ -33,6 +33,9 @@ pub const WORLD_FILE: &str = "etc/reinstall/world";
 pub const JOURNAL_DIR: &str = "var/lib/reinstall";
 pub const RESCUE_LOADER: &str = "\\EFI\\reinstall\\grubx64.efi";
 pub const TARGET_LOADER: &str = "\\EFI\\BOOT\\BOOTX64.EFI";
+/// Where disk 1's GRUB keeps its grubenv: the removable path (BIOS GRUB, and UEFI firmware
+/// that boots it) and the target's own loader directory (its UEFI entry).
+const DISK1_GRUB_DIRS: [&str; 2] = ["EFI/BOOT", "EFI/target"];
 /// The journal note that the WinPE stage of a Windows target built the boot store.
 const WINDOWS_STAGE_DONE: &str = "windows: the WinPE stage built the boot store";
 const MIB: u64 = 1 << 20;
@@ -132,10 +135,7 @@ impl Agent {
             },
         };
         loop {
-            let todo = match j.step {
-                Step::Entering => j.phase,
-                Step::Done => j.phase.next(j.hold_in_rescue),
-            };
+            let todo = j.pending();
             if todo == Phase::Done || todo == Phase::Failed {
                 return Ok(Outcome::Done);
             }
@@ -785,10 +785,118 @@ impl Agent {
     fn disk1_grubenv(&self, j: &Journal, var: (&str, &str)) -> Result<()> {
         let esp = self.esp_of(j.disk1.as_ref())?;
         let env = grub_env(&[var])?;
-        bootcfg::loader::write_esp(
-            &esp,
-            &[("EFI/BOOT/grubenv", &env), ("EFI/target/grubenv", &env)],
-        )
+        let files: Vec<(String, &[u8])> = DISK1_GRUB_DIRS
+            .iter()
+            .map(|d| (format!("{d}/grubenv"), env.as_slice()))
+            .collect();
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), *b)).collect();
+        bootcfg::loader::write_esp(&esp, &refs)
+    }
+
+    /// Once per boot, before the agent talks to anyone: disk 1's GRUB counts the boots of a
+    /// saved target that did not get this far, and boots the rescue OS after
+    /// [`bootcfg::grubcfg::SAVED_TRIES`] of them (see `bootcfg::grubcfg::render`). In an OS
+    /// this agent installed (the target; a target that is the source of a next job) this
+    /// boot got far enough: the count is taken back. In the rescue OS: if GRUB gave up on the
+    /// target, the target had called home (GRUB counts only a saved target), so the job's
+    /// target is reported as no longer coming up (the stager keeps a done job done, with this
+    /// as the host's last event) and the rescue OS stays up, reachable; the target stays the
+    /// default, so a reboot tries it again. Best effort: what fails is said, not fatal.
+    pub fn boot_checks(&mut self) {
+        if let Err(e) = self.count_boot() {
+            eprintln!("reinstall: disk 1's GRUB boot count: {e:#}");
+        }
+    }
+
+    fn count_boot(&mut self) -> Result<()> {
+        use bootcfg::grubcfg::{FELL_BACK_VAR, SAVED_TRIES, TRIES_VAR};
+        let ours = self.world == World::Rescue || self.root.join(WORLD_FILE).exists();
+        let Some(mut j) = self.journal.load()? else {
+            return Ok(());
+        };
+        // A Windows disk 1 has no GRUB; a job before plan has no disk 1 yet.
+        let (true, Some(d1)) = (ours, j.disk1.clone()) else {
+            return Ok(());
+        };
+        if j.target_os == Some(bundle::Os::Windows) {
+            return Ok(());
+        }
+        // Disk 1 still the source's: a BIOS source may have no ESP.
+        let Ok(esp) = self.esp_of(Some(&d1)) else {
+            return Ok(());
+        };
+        // Disk 1 still the source's (a first job's rescue OS before install-target), or a
+        // loader directory that is gone: nothing counted there.
+        let envs: Vec<_> = DISK1_GRUB_DIRS
+            .iter()
+            .map(|d| crate::bootsel::GrubEnv {
+                esp: esp.clone(),
+                dir: d.to_string(),
+            })
+            .filter(|g| g.env().is_ok())
+            .collect();
+        if self.world != World::Rescue {
+            for g in &envs {
+                for (k, v) in g.remove(&[TRIES_VAR, FELL_BACK_VAR])? {
+                    eprintln!(
+                        "reinstall: this boot is up: {k}={v:?} taken back from disk 1's {}/grubenv",
+                        g.dir
+                    );
+                }
+            }
+            return Ok(());
+        }
+        let Some(entry) = envs.iter().find_map(|g| {
+            g.env()
+                .ok()?
+                .remove(FELL_BACK_VAR)
+                .filter(|v| !v.is_empty())
+        }) else {
+            return Ok(());
+        };
+        if !(j.finished() || j.pending() == Phase::TargetUp) {
+            // A second job's source (a target we installed) that stopped coming up before
+            // this rescue OS called home: GRUB sent it here, and the job carries on from here.
+            eprintln!("reinstall: disk 1's GRUB booted this rescue OS after the {entry} OS did not come up {SAVED_TRIES} boots in a row; the job carries on");
+            for g in &envs {
+                g.remove(&[FELL_BACK_VAR])?;
+            }
+            return Ok(());
+        }
+        let msg = format!(
+            "the {entry} OS did not come up {SAVED_TRIES} boots in a row after job {} (a panic or hang before its agent started); disk 1's GRUB booted the rescue OS instead; the {entry} stays the default: a reboot tries it again",
+            j.job
+        );
+        // The job's target had called home (GRUB counts only a saved target, saved once it
+        // did): this rescue OS's journal, last written before that boot, moves on, so the job
+        // is not taken for a target that never came up.
+        if !j.finished() {
+            j.record(
+                Phase::TargetUp,
+                Step::Done,
+                Some("the target had called home (it was disk 1's default)".into()),
+            );
+            self.journal.save(&j)?;
+        }
+        eprintln!("reinstall: {msg}");
+        // Reported before the mark is taken away: a stager that cannot be reached now hears
+        // it from the next start of this agent.
+        let ev = Event {
+            job: j.job,
+            kind: EventKind::Failed,
+            phase: Some(j.phase.as_str().into()),
+            bytes_done: None,
+            bytes_total: None,
+            message: Some(msg),
+            network: None,
+        };
+        self.client
+            .post::<_, serde_json::Value>("/v1/agent/events", &ev)
+            .context("reporting the fall-back to the stager")?;
+        for g in &envs {
+            g.remove(&[FELL_BACK_VAR])?;
+        }
+        Ok(())
     }
 
     /// The stash on disk 2 (`d2`, checked to be the disk in the journal), mounted read-only.

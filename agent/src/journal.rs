@@ -144,6 +144,14 @@ impl Journal {
             .with_context(|| format!("{}: malformed journal", path.display()))
     }
 
+    /// The phase to run next: the one entered and not done (redone), else the one after.
+    pub fn pending(&self) -> Phase {
+        match self.step {
+            Step::Entering => self.phase,
+            Step::Done => self.phase.next(self.hold_in_rescue),
+        }
+    }
+
     /// Whether the job has ended here: done (the last phase for it is done) or failed.
     pub fn finished(&self) -> bool {
         self.phase == Phase::Failed

@@ -106,9 +106,17 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
     let _ = writeln!(s, "if [ -s $prefix/grubenv ]; then\n  load_env\nfi");
     // A pending one-shot is cleared before it is tried: if that boot fails, the next one
     // falls back to the saved (last good) entry.
+    // A saved entry other than `default` (disk 1's target, made default once it called
+    // home) is counted: each boot of it adds a try, and the OS it boots takes them back once
+    // it is up ([`TRIES_VAR`], cleared by the agent). After [`SAVED_TRIES`] boots that never
+    // got that far (a kernel that panics on every boot, an init that does not start), the next
+    // boot is `default` (the rescue OS), with the entry that failed in [`FELL_BACK_VAR`] for
+    // it to report, and the count starts again: a reboot from there tries the saved entry.
+    // GRUB has no arithmetic: the count is a string of `x`s.
+    let full = "x".repeat(SAVED_TRIES);
     let _ = writeln!(
         s,
-        "if [ \"${{next_entry}}\" ]; then\n  set default=\"${{next_entry}}\"\n  set next_entry=\n  save_env next_entry\nelif [ \"${{saved_entry}}\" ]; then\n  set default=\"${{saved_entry}}\"\nelse\n  set default=\"{default}\"\nfi"
+        "if [ \"${{next_entry}}\" ]; then\n  set default=\"${{next_entry}}\"\n  set next_entry=\n  save_env next_entry\nelif [ \"${{saved_entry}}\" ]; then\n  set default=\"${{saved_entry}}\"\n  if [ \"${{saved_entry}}\" != \"{default}\" ]; then\n    if [ \"${{{TRIES_VAR}}}\" = \"{full}\" ]; then\n      set {FELL_BACK_VAR}=\"${{saved_entry}}\"\n      set {TRIES_VAR}=\n      save_env {FELL_BACK_VAR} {TRIES_VAR}\n      set default=\"{default}\"\n    else\n      set {TRIES_VAR}=\"${{{TRIES_VAR}}}x\"\n      save_env {TRIES_VAR}\n    fi\n  fi\nelse\n  set default=\"{default}\"\nfi"
     );
     for e in entries {
         let _ = writeln!(
@@ -172,6 +180,15 @@ pub fn can_redirect(cfg: &str, id: &str) -> bool {
 /// Where the grub.cfg of an ESP an entry is sent to lives (the removable path's directory,
 /// which every ESP of ours has, and where BIOS GRUB reads its config).
 pub const REDIRECT_DIR: &str = "EFI/BOOT";
+
+/// How many boots of a saved (non-default) entry may end before its OS takes them back, the
+/// next boot being the default entry; see [`render`].
+pub const SAVED_TRIES: usize = 2;
+/// The grubenv variable counting boots of the saved entry that its OS has not taken back
+/// (`x`, `xx`): the OS clears it once it is up.
+pub const TRIES_VAR: &str = "reinstall_tries";
+/// The grubenv variable GRUB sets to the saved entry it gave up on, booting the default.
+pub const FELL_BACK_VAR: &str = "reinstall_fell_back";
 
 /// The grubenv variable each entry sets (and saves) to the id of the entry it boots.
 pub const BOOTED_VAR: &str = "reinstall_booted";
@@ -238,6 +255,11 @@ mod tests {
             "terminal_output serial console",
             "  if [ \"${reinstall_esp_rescue}\" ]; then",
             "configfile $prefix/grub.cfg",
+            // A saved entry other than the default is counted, and given up on.
+            "  if [ \"${saved_entry}\" != \"rescue\" ]; then",
+            "    if [ \"${reinstall_tries}\" = \"xx\" ]; then",
+            "      save_env reinstall_fell_back reinstall_tries\n      set default=\"rescue\"",
+            "      set reinstall_tries=\"${reinstall_tries}x\"\n      save_env reinstall_tries",
         ] {
             assert!(cfg.contains(want), "{want:?} missing from:\n{cfg}");
         }

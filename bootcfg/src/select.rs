@@ -395,6 +395,24 @@ impl GrubEnv {
         crate::loader::write_esp(&self.esp, &[(&p, &crate::grubenv::render(&env)?)])
     }
 
+    /// Removes `vars` from the grubenv, writing it only when one was there. Returns the
+    /// values removed (empty ones left out).
+    pub fn remove(
+        &self,
+        vars: &[&str],
+    ) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let mut env = self.env()?;
+        let gone: std::collections::BTreeMap<String, String> = vars
+            .iter()
+            .filter_map(|v| env.remove(*v).map(|x| (v.to_string(), x)))
+            .collect();
+        if !gone.is_empty() {
+            let p = self.file("grubenv");
+            crate::loader::write_esp(&self.esp, &[(&p, &crate::grubenv::render(&env)?)])?;
+        }
+        Ok(gone.into_iter().filter(|(_, x)| !x.is_empty()).collect())
+    }
+
     fn id(&self, entry: u16) -> anyhow::Result<String> {
         self.ids()?.get(entry as usize).cloned().ok_or_else(|| {
             anyhow::anyhow!(
@@ -504,6 +522,17 @@ mod grubenv_tests {
         assert_eq!(env["next_entry"], "target");
         assert_eq!(env["saved_entry"], "rescue");
         assert!(g.set_next(9).is_err());
+        g.set("reinstall_tries", "xx").unwrap();
+        g.set("reinstall_fell_back", "").unwrap();
+        let gone = g.remove(&["reinstall_tries", "reinstall_fell_back", "absent"]);
+        assert_eq!(
+            gone.unwrap(),
+            [("reinstall_tries".into(), "xx".into())].into()
+        );
+        assert!(g.remove(&["reinstall_tries"]).unwrap().is_empty());
+        let env = g.env().unwrap();
+        assert!(!env.contains_key("reinstall_tries") && !env.contains_key("reinstall_fell_back"));
+        assert_eq!(env["saved_entry"], "rescue", "the others are kept");
         std::fs::remove_file(&img).unwrap();
     }
 }
