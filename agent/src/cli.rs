@@ -84,6 +84,10 @@ pub enum Command {
     /// rescue entry (custom.cfg) and a one-shot (next_entry, as grub-reboot), and from
     /// install-target on disk 1 carries our GRUB i386-pc. With --fake-firmware or --efivars
     /// DIR (tests) it exits with status 100 where it would reboot.
+    ///
+    /// After a job, disk 1's GRUB counts the target's boots and the agent takes the count
+    /// back when it starts there; after two boots that never got that far GRUB boots the
+    /// rescue OS, whose agent reports it to the stager (the job stays done) and stays up.
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.

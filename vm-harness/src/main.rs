@@ -21,7 +21,9 @@ use std::process::{Command, ExitCode, Stdio};
 ///   full        source → rescue → target; after each boot: SSH at the same address with the
 ///               same host key, the root on the expected disk, the stager's phase; at the end
 ///               the target's marker, the rescue and the stash intact, the boot order, the
-///               entries as efibootmgr lists them; rescue on request and back; a second job.
+///               entries as efibootmgr lists them; rescue on request and back; a target
+///               that stops coming up (panics at boot) is given up on by disk 1's GRUB after
+///               two boots, the rescue reports it, repaired from there; a second job.
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
 ///               the stager shows the failure.
 ///   power-cut   SIGKILL QEMU at phase boundaries and inside long writes, power on again,
@@ -34,7 +36,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///
 /// --bios: SeaBIOS instead of OVMF; the source disk boots through its own Debian GRUB for
 /// BIOS. `full --bios` checks the migration, the default boot, the rescue on request and
-/// back, and a second job (not: efibootmgr, which has nothing to show).
+/// back, the target that stops coming up, and a second job (not: efibootmgr, which has
+/// nothing to show).
 #[derive(Parser)]
 #[command(name = "vm-harness", verbatim_doc_comment)]
 struct Cli {

@@ -363,19 +363,24 @@ impl Env {
     /// Checks that the stager shows the job failed with a reason containing `why`, and
     /// records it as a row.
     pub fn stager_failed(&mut self, why: &str) -> Result<()> {
+        let (state, msg) = self.stager_last()?;
+        ensure!(
+            state == HostState::Failed && msg.contains(why),
+            "stager shows {state:?}: {msg:?}"
+        );
+        self.row(&format!("stager: failed: {msg}"));
+        Ok(())
+    }
+
+    /// The host's state in the newest job and the message of its last event.
+    pub fn stager_last(&self) -> Result<(HostState, String)> {
         let v = self.stager_view()?.context("no job")?;
         let msg = v
             .last_event
             .as_ref()
             .and_then(|ev| ev.event.message.clone())
             .unwrap_or_default();
-        ensure!(
-            v.state == HostState::Failed && msg.contains(why),
-            "stager shows {:?}: {msg:?}",
-            v.state
-        );
-        self.row(&format!("stager: failed: {msg}"));
-        Ok(())
+        Ok((v.state, msg))
     }
 
     pub fn operator_log(&self) -> String {
@@ -610,6 +615,7 @@ pub fn full(o: &Opts) -> Result<bool> {
     let f = e.wait_world("target", None)?;
     e.check_boot(&f, "target OS after leaving the rescue", 1, 2)?;
     e.row("rebooted in rescue: back in the target");
+    target_stops_coming_up(&mut e)?;
     // Fleets reinstall the same machine again: a second job goes from this target, through
     // the rescue, into a new target, and (UEFI) leaves one boot entry per label. On BIOS the
     // old target's GRUB on disk 1 is sent to the new rescue OS through its grubenv.
@@ -649,6 +655,62 @@ pub fn full(o: &Opts) -> Result<bool> {
     ));
     e.passed("scenario full (UEFI): passed");
     Ok(true)
+}
+
+/// A unit that crashes the kernel early in every boot of the target (as a bad update might):
+/// `panic=10` reboots it, long before the agent would start.
+const PANIC_UNIT: &str = "[Unit]\nDescription=vm-harness: crash the kernel at boot\n\
+    DefaultDependencies=no\nBefore=sysinit.target\n\n[Service]\nType=oneshot\n\
+    ExecStart=/bin/sh -c 'echo c > /proc/sysrq-trigger'\n\n[Install]\nWantedBy=sysinit.target\n";
+const PANIC_SAYS: &str = "Kernel panic - not syncing: sysrq triggered crash";
+
+/// After a done job, the target stops coming up: disk 1's GRUB boots it
+/// `bootcfg::grubcfg::SAVED_TRIES` times (each a kernel panic), then the rescue OS, whose agent
+/// tells the stager (the job stays done, the report is the host's last event). Repaired from
+/// the rescue OS (the unit removed from disk 1's root), a reboot is the target again.
+fn target_stops_coming_up(e: &mut Env) -> Result<()> {
+    let tries = bootcfg::grubcfg::SAVED_TRIES;
+    let panics = e.vm.serial_count(PANIC_SAYS);
+    e.vm.ssh(&format!(
+        "printf '%s' \"{PANIC_UNIT}\" > /etc/systemd/system/vm-panic.service && systemctl enable -q vm-panic.service && sync"
+    ))?;
+    e.vm.ssh("systemctl reboot || true").ok();
+    e.row("the target is made to panic early in every boot; rebooted");
+    let f = e.wait_world("rescue", None)?;
+    e.check_boot(&f, "rescue OS after the target stopped coming up", 2, 2)?;
+    let panicked = e.vm.serial_count(PANIC_SAYS) - panics;
+    ensure!(
+        panicked == tries,
+        "the target panicked {panicked} times before the rescue OS came up, expected {tries}"
+    );
+    e.row(&format!(
+        "the target panicked {panicked} times; disk 1's GRUB booted the rescue OS: same address and host key"
+    ));
+    // The rescue's agent reports once it reaches the stager.
+    let t = Instant::now();
+    let (state, msg) = loop {
+        let (state, msg) = e.stager_last()?;
+        if msg.contains("boots in a row") || t.elapsed() > Duration::from_secs(300) {
+            break (state, msg);
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    ensure!(
+        state == HostState::Done
+            && msg.contains(&format!("did not come up {tries} boots in a row")),
+        "stager shows {state:?}, last event {msg:?}"
+    );
+    e.row(&format!("stager: job still done; last event: {msg}"));
+    let root = e.part(1, if e.vm.uefi { 2 } else { 3 });
+    e.vm.ssh(&format!(
+        "mkdir -p /mnt/t && mount {root} /mnt/t && rm -f /mnt/t/etc/systemd/system/vm-panic.service \
+         /mnt/t/etc/systemd/system/sysinit.target.wants/vm-panic.service && umount /mnt/t && sync"
+    ))?;
+    e.vm.ssh("systemctl reboot || true").ok();
+    let f = e.wait_world("target", None)?;
+    e.check_boot(&f, "target OS after the repair", 1, 2)?;
+    e.row("repaired from the rescue OS, rebooted: the target again");
+    Ok(())
 }
 
 pub fn bad_target(o: &Opts) -> Result<bool> {

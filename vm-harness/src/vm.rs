@@ -246,6 +246,14 @@ impl Vm {
         }
     }
 
+    /// How often `what` appears in the serial consoles of every start of this VM so far.
+    pub fn serial_count(&self, what: &str) -> usize {
+        (0..=self.starts)
+            .filter_map(|n| std::fs::read(self.dir.join(format!("serial-{n}.log"))).ok())
+            .map(|b| String::from_utf8_lossy(&b).matches(what).count())
+            .sum()
+    }
+
     pub fn serial_tail(&self, n: usize) -> String {
         tail_lines(&self.serial_log(), n)
     }
