@@ -455,6 +455,15 @@ fn reinstall_wait_follows_the_job_and_exits_by_its_outcome() {
             job["last_event"]["event"]["message"], "the target did not come up",
             "{v}"
         );
+        // The text view names a done host that reported a failure since; a failed job's
+        // host is not singled out (its failure is the outcome).
+        let out = ok(s.reinstall("alice").args(["status", "--host", host]));
+        let flagged = format!("{host} (job {id} done), at ");
+        assert_eq!(
+            out.contains(&flagged) && out.contains(": the target did not come up"),
+            outcome == "done",
+            "{out}"
+        );
     }
     // status lists both hosts; an agent identity cannot create jobs.
     let out = ok(s.reinstall("alice").args(["status", "--json"]));

@@ -5,7 +5,7 @@ use agent::client::Client;
 use anyhow::{bail, Context, Result};
 use bundle::progress::bytes;
 use proto::identity::{IdentityFile, Role};
-use proto::v1::{CreateJob, Host, HostState, Job, JobState, RescueRequest};
+use proto::v1::{CreateJob, EventKind, Host, HostState, Job, JobState, RescueRequest};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -204,6 +204,33 @@ pub fn status(g: &Global) -> Result<ExitCode> {
             } else {
                 ""
             }
+        );
+    }
+    // A host whose last job finished but which reported a failure since (its rescue OS,
+    // after the target stopped coming up): the job's outcome stands, the host needs a look.
+    for h in &hosts {
+        let Some(hj) = jobs
+            .iter()
+            .filter(|j| j.state != JobState::Active && Some(j.id) == h.job)
+            .flat_map(|j| j.hosts.iter())
+            .find(|hj| hj.host == h.name)
+        else {
+            continue;
+        };
+        let Some(ev) = hj
+            .last_event
+            .as_ref()
+            .filter(|e| e.event.kind == EventKind::Failed && hj.state == HostState::Done)
+        else {
+            continue;
+        };
+        println!(
+            "
+{} (job {} done), at {}: {}",
+            h.name,
+            h.job.unwrap_or_default(),
+            ev.time,
+            ev.event.message.as_deref().unwrap_or("failed")
         );
     }
     for j in jobs.iter().filter(|j| j.state == JobState::Active) {
