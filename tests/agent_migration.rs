@@ -342,7 +342,7 @@ impl Env {
             loader::write_esp(&esp, &[(env_path, &grubenv::render(env).unwrap())]).unwrap()
         };
         let saved = env.get("saved_entry").filter(|v| !v.is_empty()).cloned();
-        match env.get("next_entry").filter(|v| !v.is_empty()).cloned() {
+        let chosen = match env.get("next_entry").filter(|v| !v.is_empty()).cloned() {
             Some(next) => {
                 env.remove("next_entry");
                 write(&env);
@@ -366,7 +366,22 @@ impl Env {
                 Some(saved) => saved,
                 None => default,
             },
+        };
+        // An entry that cannot load (the target's kernel gone) falls through to the next:
+        // the rescue OS (`fallback` in grub.cfg; real GRUB does it under OVMF in
+        // `both_disks_boot_on_uefi_firmware_into_their_own_os`).
+        if chosen == "target" {
+            let at = self.w.path().join("mnt-grub");
+            let _m = mount(&part_named(&self.disk1.0, "root"), &at, true);
+            let kernel = std::fs::read_dir(at.join("boot")).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz"))
+            });
+            if !kernel {
+                return "rescue".into();
+            }
         }
+        chosen
     }
 
     /// A power cycle: the firmware consumes BootNext if set.
@@ -570,7 +585,7 @@ fn a_target_that_stops_coming_up_after_the_job_falls_back_to_the_rescue_which_re
         code, 0,
         "the rescue OS stays up (no retry of the target): {err}"
     );
-    let want = format!("the target OS did not come up {SAVED_TRIES} boots in a row after job 1");
+    let want = format!("after job 1, the target OS did not come up {SAVED_TRIES} boots in a row");
     assert!(err.contains(&want), "{err}");
     let out = ok(env
         .stager
@@ -597,6 +612,46 @@ fn a_target_that_stops_coming_up_after_the_job_falls_back_to_the_rescue_which_re
     let (code, err) = env.boot_linux();
     assert_eq!(code, 0, "{err}");
     assert!(!disk1_env().contains_key(TRIES_VAR), "{err}");
+}
+
+/// After a job, the target's kernel is gone (a botched update): disk 1's GRUB falls through to
+/// the rescue OS at once (no count). The rescue's agent, with no request from an operator and
+/// disk 1's GRUB still saving the target as its default (saved only once the target called
+/// home), reports it and stays up, instead of taking it for a failed first boot and
+/// retrying the target.
+#[test]
+fn a_target_whose_kernel_is_gone_after_the_job_boots_the_rescue_which_reports_it() {
+    let env = Env::new();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    {
+        let at = env.w.path().join("mnt-break");
+        let _m = mount(&part_named(&env.disk1.0, "root"), &at, false);
+        sh(&format!("rm -f {}/boot/vmlinuz*", at.display()));
+    }
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-rescue");
+    let (code, err) = env.boot_linux();
+    assert_eq!(
+        code, 0,
+        "the rescue OS stays up (no retry of the target): {err}"
+    );
+    let want = "after job 1, the target OS did not load";
+    assert!(err.contains(want), "{err}");
+    let v = job_state(&env.stager);
+    assert_eq!(v["state"], "done", "{v}");
+    let out = ok(env
+        .stager
+        .reinstall("alice")
+        .args(["status", "--host", "web1"]));
+    assert!(
+        out.contains("web1 (job 1 done), at ") && out.contains(want),
+        "{out}"
+    );
+    // Its journal moved on: the agent again (restarted) has nothing more to say.
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains(want), "{err}");
 }
 
 fn create_job(s: &Stager) {

@@ -155,6 +155,16 @@ impl Agent {
                 // not because the target failed: stay, reachable, and do not fail the job.
                 return Ok(Outcome::Done);
             }
+            if self.world == World::Rescue && todo == Phase::TargetUp && self.target_was_up(&j) {
+                // Not asked for, and not GRUB's count: disk 1's GRUB could not load the
+                // target (its kernel or root filesystem gone) and fell through to this entry,
+                // or the firmware skipped disk 1. Not a first boot to retry.
+                self.target_gone(
+                    &mut j,
+                    "did not load (its kernel or root filesystem is gone, or disk 1 was skipped): the rescue OS came up without a request",
+                )?;
+                return Ok(Outcome::Done);
+            }
             if expect != self.world && self.windows_stage(&mut j, todo)? {
                 return Ok(Outcome::Reboot);
             }
@@ -863,24 +873,35 @@ impl Agent {
             }
             return Ok(());
         }
+        self.target_gone(
+            &mut j,
+            &format!("did not come up {SAVED_TRIES} boots in a row (a panic or hang before its agent started); disk 1's GRUB booted the rescue OS instead"),
+        )?;
+        for g in &envs {
+            g.remove(&[FELL_BACK_VAR])?;
+        }
+        Ok(())
+    }
+
+    /// In the rescue OS, without an operator's request, after the job's target had called
+    /// home: the target stopped coming up (`why`). Moves this rescue OS's journal (last
+    /// written before the target's first boot) on, so the job is not taken for a target that
+    /// never came up and retried, and tells the stager (which keeps a done job done, with
+    /// this as the host's last event). The rescue OS stays up; the target stays the default.
+    fn target_gone(&mut self, j: &mut Journal, why: &str) -> Result<()> {
         let msg = format!(
-            "the {entry} OS did not come up {SAVED_TRIES} boots in a row after job {} (a panic or hang before its agent started); disk 1's GRUB booted the rescue OS instead; the {entry} stays the default: a reboot tries it again",
+            "after job {}, the target OS {why}; the target stays the default: a reboot tries it again",
             j.job
         );
-        // The job's target had called home (GRUB counts only a saved target, saved once it
-        // did): this rescue OS's journal, last written before that boot, moves on, so the job
-        // is not taken for a target that never came up.
         if !j.finished() {
             j.record(
                 Phase::TargetUp,
                 Step::Done,
                 Some("the target had called home (it was disk 1's default)".into()),
             );
-            self.journal.save(&j)?;
+            self.journal.save(j)?;
         }
         eprintln!("reinstall: {msg}");
-        // Reported before the mark is taken away: a stager that cannot be reached now hears
-        // it from the next start of this agent.
         let ev = Event {
             job: j.job,
             kind: EventKind::Failed,
@@ -892,11 +913,22 @@ impl Agent {
         };
         self.client
             .post::<_, serde_json::Value>("/v1/agent/events", &ev)
-            .context("reporting the fall-back to the stager")?;
-        for g in &envs {
-            g.remove(&[FELL_BACK_VAR])?;
-        }
+            .context("reporting to the stager that the target stopped coming up")?;
         Ok(())
+    }
+
+    /// Whether disk 1's GRUB has the target as its saved default: `target-up` saves it only
+    /// after the target has called home.
+    fn target_was_up(&self, j: &Journal) -> bool {
+        self.esp_of(j.disk1.as_ref())
+            .and_then(|esp| {
+                crate::bootsel::GrubEnv {
+                    esp,
+                    dir: DISK1_GRUB_DIRS[0].into(),
+                }
+                .env()
+            })
+            .is_ok_and(|env| env.get("saved_entry").map(String::as_str) == Some("target"))
     }
 
     /// The stash on disk 2 (`d2`, checked to be the disk in the journal), mounted read-only.
