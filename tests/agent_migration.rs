@@ -1200,6 +1200,24 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
         "REINSTALL-TARGET-BOOTED host=web1 world=target",
         "disk 1 alone",
     );
+    // A kernel update in the target: the kernel grub.cfg was written with is gone, a newer
+    // one is installed, and the OS's own symlinks name it (as Debian's linux-update-symlinks
+    // keeps them). Disk 1's GRUB boots the newer one, with no change on the ESP.
+    {
+        let at = env.w.path().join("mnt-update");
+        let _m = mount(&env.root_part("reinstall-target"), &at, false);
+        sh(&format!(
+            "cd {} && k=$(ls boot/vmlinuz-*) && i=$(ls boot/initrd.img-*) && \
+             mv $k $k.update && mv $i $i.update && ln -s $k.update vmlinuz && ln -s $i.update initrd.img",
+            at.display()
+        ));
+    }
+    sh("sync");
+    boot(
+        &["disk1.img"],
+        "REINSTALL-TARGET-BOOTED host=web1 world=target",
+        "disk 1 alone, after a kernel update in the target",
+    );
     // Later the target panics on every boot (its init dies; `panic=10` reboots, which ends
     // QEMU here): disk 1's GRUB boots it SAVED_TRIES times, counting in its grubenv, and
     // then the rescue OS, naming the target for the rescue's agent to report.

@@ -145,15 +145,26 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
             "  search --no-floppy --fs-uuid --set=root {}",
             e.root_uuid
         );
+        // The kernel the OS itself names as its newest (`/vmlinuz` and `/initrd.img`, the
+        // symlinks Debian and Ubuntu keep pointing at the kernel installed last): a kernel
+        // update in the OS is booted without this file being rewritten, and the kernel that
+        // was found when it was written can be removed. Without them, that kernel.
+        let linux = |k: &str| format!("linux {k} root=UUID={} ro {}", e.root_uuid, e.args);
+        let (test, own) = match &e.initrd {
+            Some(_) => (
+                format!("[ -f {OWN_KERNEL} -a -f {OWN_INITRD} ]"),
+                format!("{}\n    initrd {OWN_INITRD}", linux(OWN_KERNEL)),
+            ),
+            None => (format!("[ -f {OWN_KERNEL} ]"), linux(OWN_KERNEL)),
+        };
+        let found = match &e.initrd {
+            Some(i) => format!("{}\n    initrd {i}", linux(&e.kernel)),
+            None => linux(&e.kernel),
+        };
         let _ = writeln!(
             s,
-            "  linux {} root=UUID={} ro {}",
-            e.kernel, e.root_uuid, e.args
+            "  if {test}; then\n    {own}\n  else\n    {found}\n  fi\n}}"
         );
-        if let Some(i) = &e.initrd {
-            let _ = writeln!(s, "  initrd {i}");
-        }
-        let _ = writeln!(s, "}}");
     }
     let _ = writeln!(
         s,
@@ -180,6 +191,11 @@ pub fn can_redirect(cfg: &str, id: &str) -> bool {
 /// Where the grub.cfg of an ESP an entry is sent to lives (the removable path's directory,
 /// which every ESP of ours has, and where BIOS GRUB reads its config).
 pub const REDIRECT_DIR: &str = "EFI/BOOT";
+
+/// The symlinks to the newest kernel and initrd that Debian-family OSes keep in their root
+/// (`linux-update-symlinks`); an entry boots them when both are there.
+pub const OWN_KERNEL: &str = "/vmlinuz";
+pub const OWN_INITRD: &str = "/initrd.img";
 
 /// How many boots of a saved (non-default) entry may end before its OS takes them back, the
 /// next boot being the default entry; see [`render`].
@@ -246,8 +262,8 @@ mod tests {
         let cfg = render(&[e], "rescue", 1);
         for want in [
             "search --no-floppy --fs-uuid --set=root 0c1a5c1e-1111-2222-3333-444455556666",
-            "linux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=0c1a5c1e-1111-2222-3333-444455556666 ro console=ttyS0,115200",
-            "initrd /boot/initrd.img-6.1.0-28-amd64",
+            "  if [ -f /vmlinuz -a -f /initrd.img ]; then\n    linux /vmlinuz root=UUID=0c1a5c1e-1111-2222-3333-444455556666 ro console=ttyS0,115200\n    initrd /initrd.img\n  else",
+            "    linux /boot/vmlinuz-6.1.0-28-amd64 root=UUID=0c1a5c1e-1111-2222-3333-444455556666 ro console=ttyS0,115200\n    initrd /boot/initrd.img-6.1.0-28-amd64\n  fi",
             "set next_entry=\n  save_env next_entry",
             "menuentry 'reinstall rescue' --id 'rescue'",
             "set reinstall_booted=\"rescue\"\n  save_env reinstall_booted",
