@@ -893,19 +893,13 @@ impl Agent {
             "after job {}, the target OS {why}; the target stays the default: a reboot tries it again",
             j.job
         );
-        if !j.finished() {
-            j.record(
-                Phase::TargetUp,
-                Step::Done,
-                Some("the target had called home (it was disk 1's default)".into()),
-            );
-            self.journal.save(j)?;
-        }
         eprintln!("reinstall: {msg}");
+        // Reported first: a stager that cannot be reached now hears it from the next start of
+        // this agent, which finds the same state.
         let ev = Event {
             job: j.job,
             kind: EventKind::Failed,
-            phase: Some(j.phase.as_str().into()),
+            phase: Some(Phase::TargetUp.as_str().into()),
             bytes_done: None,
             bytes_total: None,
             message: Some(msg),
@@ -914,6 +908,14 @@ impl Agent {
         self.client
             .post::<_, serde_json::Value>("/v1/agent/events", &ev)
             .context("reporting to the stager that the target stopped coming up")?;
+        if !j.finished() {
+            j.record(
+                Phase::TargetUp,
+                Step::Done,
+                Some("the target had called home (it was disk 1's default)".into()),
+            );
+            self.journal.save(j)?;
+        }
         Ok(())
     }
 
