@@ -67,7 +67,10 @@ pub struct JobOpts {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Show jobs and hosts (all, or those named with --host).
+    /// Show jobs and hosts (all, or those named with --host): every host's phase, job,
+    /// address and last contact; the running jobs host by host; and any host whose last job
+    /// is done but which reported a failure since (its rescue OS, after the target stopped
+    /// coming up), with the report.
     Status,
     /// Send the hosts to their rescue OS (once, or for good with --permanent).
     Rescue(RescueOpts),
