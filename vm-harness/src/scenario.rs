@@ -992,10 +992,17 @@ fn cut_once(o: &Opts, p: &CutPoint, second_job: bool) -> Result<(String, String,
     let mut op = e.create_job(TARGET)?;
     let share = p.during.map(|_| random_share());
     let t = Instant::now();
+    // The operator's command creates the job while this loop already looks: until the stager
+    // shows it, the newest job may be the first one, final and past every cut point (seen:
+    // a second-job cut at stage-rescue that fell after the first job instead).
+    let mut created = !second_job;
     let cut_at = loop {
         ensure!(t.elapsed() < 3 * BOOT_LIMIT, "never reached the cut point");
         e.vm.running()?;
-        if let Some(v) = e.stager_view()? {
+        if let Some(v) = e.stager_view()?.filter(|v| {
+            created |= !v.state.is_final();
+            created
+        }) {
             // Short phases can pass between two looks: cut at the first look at or past the
             // cut point's phase (a share of bytes only counts inside that phase).
             let seen = v.phase.as_deref().map(phase_index).unwrap_or(0);
