@@ -412,6 +412,26 @@ impl Env {
         }
     }
 
+    /// Disk 1's GRUB environment (`EFI/BOOT/grubenv` on its ESP), read past the block
+    /// cache (QEMU may have written the image file behind the loop device).
+    fn disk1_grubenv(&self) -> std::collections::BTreeMap<String, String> {
+        let esp = part_named(&self.disk1.0, "esp");
+        sh(&format!("blockdev --flushbufs {esp} {}", self.disk1.0));
+        let p = "EFI/BOOT/grubenv";
+        bootcfg::grubenv::parse(p, &bootcfg::loader::read_esp(Path::new(&esp), p).unwrap()).unwrap()
+    }
+
+    /// Changes the target's root on disk 1 while no OS runs (mounted read-write, `f` given
+    /// its mount point), then flushes it for the next boot.
+    fn change_target(&self, f: impl FnOnce(&Path)) {
+        let at = self.w.path().join("mnt-change");
+        {
+            let _m = mount(&self.root_part("reinstall-target"), &at, false);
+            f(&at);
+        }
+        sh("sync");
+    }
+
     fn root_part(&self, label: &str) -> String {
         match label {
             // The source and the target name their root partition "root" (the target's is
@@ -568,11 +588,6 @@ fn a_target_that_stops_coming_up_after_the_job_falls_back_to_the_rescue_which_re
     create_job(&env.stager);
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
-    let disk1_env = || {
-        let esp = PathBuf::from(part_named(&env.disk1.0, "esp"));
-        let p = "EFI/BOOT/grubenv";
-        bootcfg::grubenv::parse(p, &bootcfg::loader::read_esp(&esp, p).unwrap()).unwrap()
-    };
     // The target panics on every boot from now on: its agent never runs.
     for n in 1..=SAVED_TRIES {
         env.power_cycle();
@@ -598,7 +613,7 @@ fn a_target_that_stops_coming_up_after_the_job_falls_back_to_the_rescue_which_re
         .as_str()
         .unwrap_or("");
     assert!(msg.contains(&want), "{v}");
-    let e = disk1_env();
+    let e = env.disk1_grubenv();
     assert!(!e.contains_key(FELL_BACK_VAR), "reported once: {e:?}");
     assert_eq!(e["saved_entry"], "target", "the target stays the default");
     // The agent again in the same boot (systemd restarted it): nothing more to report.
@@ -608,10 +623,10 @@ fn a_target_that_stops_coming_up_after_the_job_falls_back_to_the_rescue_which_re
     // Repaired from the rescue OS, rebooted: the target comes up and takes the count back.
     env.power_cycle();
     assert_eq!(env.current_label(), "reinstall-target");
-    assert_eq!(disk1_env()[TRIES_VAR], "x");
+    assert_eq!(env.disk1_grubenv()[TRIES_VAR], "x");
     let (code, err) = env.boot_linux();
     assert_eq!(code, 0, "{err}");
-    assert!(!disk1_env().contains_key(TRIES_VAR), "{err}");
+    assert!(!env.disk1_grubenv().contains_key(TRIES_VAR), "{err}");
 }
 
 /// After a job, the target's kernel is gone (a botched update): disk 1's GRUB falls through to
@@ -624,11 +639,9 @@ fn a_target_whose_kernel_is_gone_after_the_job_boots_the_rescue_which_reports_it
     let env = Env::new();
     create_job(&env.stager);
     env.migrate(None, false);
-    {
-        let at = env.w.path().join("mnt-break");
-        let _m = mount(&part_named(&env.disk1.0, "root"), &at, false);
+    env.change_target(|at| {
         sh(&format!("rm -f {}/boot/vmlinuz*", at.display()));
-    }
+    });
     env.power_cycle();
     assert_eq!(env.current_label(), "reinstall-rescue");
     let (code, err) = env.boot_linux();
@@ -1203,16 +1216,13 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
     // A kernel update in the target: the kernel grub.cfg was written with is gone, a newer
     // one is installed, and the OS's own symlinks name it (as Debian's linux-update-symlinks
     // keeps them). Disk 1's GRUB boots the newer one, with no change on the ESP.
-    {
-        let at = env.w.path().join("mnt-update");
-        let _m = mount(&env.root_part("reinstall-target"), &at, false);
+    env.change_target(|at| {
         sh(&format!(
             "cd {} && k=$(ls boot/vmlinuz-*) && i=$(ls boot/initrd.img-*) && \
              mv $k $k.update && mv $i $i.update && ln -s $k.update vmlinuz && ln -s $i.update initrd.img",
             at.display()
         ));
-    }
-    sh("sync");
+    });
     boot(
         &["disk1.img"],
         "REINSTALL-TARGET-BOOTED host=web1 world=target",
@@ -1221,12 +1231,9 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
     // Later the target panics on every boot (its init dies; `panic=10` reboots, which ends
     // QEMU here): disk 1's GRUB boots it SAVED_TRIES times, counting in its grubenv, and
     // then the rescue OS, naming the target for the rescue's agent to report.
-    {
-        let at = env.w.path().join("mnt-break");
-        let _m = mount(&env.root_part("reinstall-target"), &at, false);
+    env.change_target(|at| {
         std::fs::write(at.join("sbin/init"), "#!/bin/busybox sh\nexit 1\n").unwrap();
-    }
-    sh("sync");
+    });
     for n in 1..=SAVED_TRIES {
         let log = boot_with(
             &["disk1.img", "disk2.img"],
@@ -1246,11 +1253,7 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
         true,
     );
     assert!(!log.contains("Kernel panic"), "{log}");
-    let esp = part_named(&env.disk1.0, "esp");
-    sh(&format!("blockdev --flushbufs {esp} {}", env.disk1.0));
-    let p = "EFI/BOOT/grubenv";
-    let genv = bootcfg::grubenv::parse(p, &bootcfg::loader::read_esp(Path::new(&esp), p).unwrap())
-        .unwrap();
+    let genv = env.disk1_grubenv();
     assert_eq!(
         genv.get(FELL_BACK_VAR).map(String::as_str),
         Some("target"),
@@ -1259,12 +1262,9 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
     assert_eq!(genv["saved_entry"], "target", "{genv:?}");
     // The target's kernel is gone: disk 1's GRUB cannot boot its default entry and falls
     // back to its next one, the rescue OS on disk 2, instead of waiting at a GRUB prompt.
-    {
-        let at = env.w.path().join("mnt-break");
-        let _m = mount(&env.root_part("reinstall-target"), &at, false);
+    env.change_target(|at| {
         sh(&format!("rm -f {}/boot/vmlinuz*", at.display()));
-    }
-    sh("sync");
+    });
     let log = boot(
         &["disk1.img", "disk2.img"],
         "REINSTALL-RESCUE-BOOTED host=web1 world=rescue",

@@ -843,10 +843,10 @@ impl Agent {
                 esp: esp.clone(),
                 dir: d.to_string(),
             })
-            .filter(|g| g.env().is_ok())
+            .filter_map(|g| g.env().ok().map(|env| (g, env)))
             .collect();
         if self.world != World::Rescue {
-            for g in &envs {
+            for (g, _) in &envs {
                 for (k, v) in g.remove(&[TRIES_VAR, FELL_BACK_VAR])? {
                     eprintln!(
                         "reinstall: this boot is up: {k}={v:?} taken back from disk 1's {}/grubenv",
@@ -856,19 +856,17 @@ impl Agent {
             }
             return Ok(());
         }
-        let Some(entry) = envs.iter().find_map(|g| {
-            g.env()
-                .ok()?
-                .remove(FELL_BACK_VAR)
-                .filter(|v| !v.is_empty())
-        }) else {
+        let Some(entry) = envs
+            .iter()
+            .find_map(|(_, env)| env.get(FELL_BACK_VAR).filter(|v| !v.is_empty()).cloned())
+        else {
             return Ok(());
         };
         if !(j.finished() || j.pending() == Phase::TargetUp) {
             // A second job's source (a target we installed) that stopped coming up before
             // this rescue OS called home: GRUB sent it here, and the job carries on from here.
             eprintln!("reinstall: disk 1's GRUB booted this rescue OS after the {entry} OS did not come up {SAVED_TRIES} boots in a row; the job carries on");
-            for g in &envs {
+            for (g, _) in &envs {
                 g.remove(&[FELL_BACK_VAR])?;
             }
             return Ok(());
@@ -877,7 +875,7 @@ impl Agent {
             &mut j,
             &format!("did not come up {SAVED_TRIES} boots in a row (a panic or hang before its agent started); disk 1's GRUB booted the rescue OS instead"),
         )?;
-        for g in &envs {
+        for (g, _) in &envs {
             g.remove(&[FELL_BACK_VAR])?;
         }
         Ok(())

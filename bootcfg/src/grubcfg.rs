@@ -150,16 +150,17 @@ pub fn render(entries: &[Entry], default: &str, timeout_secs: u32) -> String {
         // update in the OS is booted without this file being rewritten, and the kernel that
         // was found when it was written can be removed. Without them, that kernel.
         let linux = |k: &str| format!("linux {k} root=UUID={} ro {}", e.root_uuid, e.args);
-        let (test, own) = match &e.initrd {
-            Some(_) => (
+        let (test, own, found) = match &e.initrd {
+            Some(i) => (
                 format!("[ -f {OWN_KERNEL} -a -f {OWN_INITRD} ]"),
                 format!("{}\n    initrd {OWN_INITRD}", linux(OWN_KERNEL)),
+                format!("{}\n    initrd {i}", linux(&e.kernel)),
             ),
-            None => (format!("[ -f {OWN_KERNEL} ]"), linux(OWN_KERNEL)),
-        };
-        let found = match &e.initrd {
-            Some(i) => format!("{}\n    initrd {i}", linux(&e.kernel)),
-            None => linux(&e.kernel),
+            None => (
+                format!("[ -f {OWN_KERNEL} ]"),
+                linux(OWN_KERNEL),
+                linux(&e.kernel),
+            ),
         };
         let _ = writeln!(
             s,

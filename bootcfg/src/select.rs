@@ -391,8 +391,12 @@ impl GrubEnv {
     pub fn set(&self, var: &str, value: &str) -> anyhow::Result<()> {
         let mut env = self.env()?;
         env.insert(var.to_string(), value.to_string());
+        self.write_env(&env)
+    }
+
+    fn write_env(&self, env: &std::collections::BTreeMap<String, String>) -> anyhow::Result<()> {
         let p = self.file("grubenv");
-        crate::loader::write_esp(&self.esp, &[(&p, &crate::grubenv::render(&env)?)])
+        crate::loader::write_esp(&self.esp, &[(&p, &crate::grubenv::render(env)?)])
     }
 
     /// Removes `vars` from the grubenv, writing it only when one was there. Returns the
@@ -407,8 +411,7 @@ impl GrubEnv {
             .filter_map(|v| env.remove(*v).map(|x| (v.to_string(), x)))
             .collect();
         if !gone.is_empty() {
-            let p = self.file("grubenv");
-            crate::loader::write_esp(&self.esp, &[(&p, &crate::grubenv::render(&env)?)])?;
+            self.write_env(&env)?;
         }
         Ok(gone.into_iter().filter(|(_, x)| !x.is_empty()).collect())
     }
