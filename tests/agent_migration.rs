@@ -667,6 +667,125 @@ fn a_target_whose_kernel_is_gone_after_the_job_boots_the_rescue_which_reports_it
     assert!(!err.contains(want), "{err}");
 }
 
+/// A machine left in its rescue OS (here: the target's kernel gone after job 1) is
+/// reinstalled from there: the operator's next job is taken by the rescue OS, which keeps
+/// itself and disk 2's partitions, stashes the new target and installs it on disk 1 with the
+/// identity it carries. A target too large for the stash is refused in plan with nothing
+/// written, and the operator cancels that job; the rescue OS drops it and takes the next.
+#[test]
+fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_target() {
+    let env = Env::new();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    let fails_over = fails(env.stager.reinstall("alice").args(["cancel", "1"]));
+    assert!(fails_over.contains("job 1 is over"), "{fails_over}");
+    env.change_target(|at| {
+        sh(&format!("rm -f {}/boot/vmlinuz*", at.display()));
+    });
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-rescue");
+    assert_eq!(env.boot_linux().0, 0);
+    let uuid = |dev: &str| sh(&format!("blkid -s UUID -o value {dev}"));
+    let rescue_fs = uuid(&env.root_part("reinstall-rescue"));
+    // Too large for disk 1 (3 GiB): 4 GiB of zeros, tiny packed.
+    env.add_target("2", "target-2", 4 << 30);
+    ok(env
+        .stager
+        .reinstall("alice")
+        .args(["--host", "web1", "--target", "target@2"]));
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("job 2 received in the rescue OS") && err.contains("disk 1 is too small"),
+        "{err}"
+    );
+    // Nothing was written: disk 1 holds job 1's target, the stash job 1's bundle.
+    env.change_target(|at| {
+        assert_eq!(
+            std::fs::read_to_string(at.join("etc/os-marker")).unwrap(),
+            "target"
+        );
+    });
+    let stashed = |at: &str| {
+        let s = env.w.path().join(at);
+        let _c = mount(&format!("{}p3", env.disk2.0), &s, true);
+        let h = sh(&format!(
+            "sha256sum {}/target/payload.age | cut -d' ' -f1",
+            s.display()
+        ));
+        h.trim().to_string()
+    };
+    assert_eq!(stashed("check-stash-1"), env.stager.sha_of("target"));
+    let out = ok(env.stager.reinstall("alice").args(["cancel", "2"]));
+    assert!(
+        out.contains("job 2 cancelled") && out.contains("web1"),
+        "{out}"
+    );
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("job 2 is no longer this host's work"), "{err}");
+    // Job 3, a target that fits: installed from the rescue OS, booted, done.
+    let sha3 = env.add_target("3", "target-3", 0);
+    ok(env
+        .stager
+        .reinstall("alice")
+        .args(["--host", "web1", "--target", "target@3"]));
+    // The power goes while the rescue OS stashes the target: the firmware boots job 1's
+    // target, which does not load, and the rescue OS resumes.
+    let (log, notes) = env.migrate(Some("in-rescue:fetch-chunk@2"), true);
+    assert_eq!(notes, ["power cut in reinstall-rescue"]);
+    let job = job_state(&env.stager);
+    assert_eq!(
+        (job["id"].as_u64(), job["state"].as_str()),
+        (Some(3), Some("done")),
+        "{job}"
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|l| *l == "create reinstall-rescue")
+            .count(),
+        1,
+        "the rescue entry of job 1 serves job 3: {log:?}"
+    );
+    assert_eq!(
+        uuid(&env.root_part("reinstall-rescue")),
+        rescue_fs,
+        "the rescue OS was kept"
+    );
+    let p = env.w.path();
+    let t = p.join("check-target");
+    let _a = mount(&env.root_part("reinstall-target"), &t, true);
+    assert_eq!(
+        std::fs::read_to_string(t.join("etc/os-marker")).unwrap(),
+        "target-3"
+    );
+    for f in [
+        "etc/ssh/ssh_host_ed25519_key",
+        "etc/reinstall/identity.toml",
+        "etc/hostname",
+    ] {
+        assert_eq!(
+            std::fs::read(t.join(f)).unwrap(),
+            std::fs::read(p.join("carry-expect").join(f)).unwrap(),
+            "{f} in the new target is not the machine's"
+        );
+    }
+    assert_eq!(
+        stashed("check-stash-3"),
+        sha3,
+        "the stash holds job 3's target"
+    );
+    let r = p.join("check-rescue");
+    let _b = mount(&env.root_part("reinstall-rescue"), &r, true);
+    for n in [1, 2] {
+        assert!(
+            r.join(format!("var/lib/reinstall/archive/job-{n}/journal.json"))
+                .exists(),
+            "job {n} archived in the rescue OS"
+        );
+    }
+}
+
 fn create_job(s: &Stager) {
     ok(s.reinstall("alice")
         .args(["--host", "web1", "--target", "target"]));
@@ -1036,6 +1155,33 @@ impl Env {
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Builds bundle `target@VERSION` on the running stager: an OS tree with `marker` and a
+    /// sparse file of `sparse` bytes. Returns its payload's SHA-256.
+    fn add_target(&self, version: &str, marker: &str, sparse: u64) -> String {
+        let tree = self.w.path().join(format!("target-tree-{version}"));
+        os_tree(&tree, marker);
+        sh(&format!(
+            "truncate -s {sparse} {}/usr/bin/large",
+            tree.display()
+        ));
+        ok(stager()
+            .args(["bundle", "build", "--dir"])
+            .arg(&self.stager.home)
+            .args(["--name", "target", "--version", version, "--kind", "target"])
+            .args(["--os", "linux"])
+            .arg(&tree));
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                self.stager
+                    .home
+                    .join(format!("bundles/target/{version}/manifest.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        m["payload"]["sha256"].as_str().unwrap().to_string()
     }
 
     fn last_message(&self) -> String {

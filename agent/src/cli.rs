@@ -50,7 +50,8 @@ pub struct Global {
 
 #[derive(Args)]
 pub struct JobOpts {
-    /// Target bundle: NAME (newest) or NAME@VERSION. Creates a job for the hosts.
+    /// Target bundle: NAME (newest) or NAME@VERSION. Creates a job for the hosts; a host
+    /// that sits in its rescue OS takes it there (its rescue OS stays as it is).
     #[arg(long)]
     pub target: Option<String>,
     /// Rescue bundle (default: the stager's default_rescue).
@@ -74,6 +75,15 @@ pub enum Command {
     Status,
     /// Send the hosts to their rescue OS (once, or for good with --permanent).
     Rescue(RescueOpts),
+    /// Cancel a job: its hosts that have not finished stop taking it.
+    ///
+    /// An agent drops a cancelled job at its next step where the machine sits in an OS its
+    /// firmware boots by default: before plan or stage-rescue in the source OS (nothing that
+    /// boots was changed), and in the rescue OS before rescue-up or install-target (it stays
+    /// there, reachable, and takes the host's next job there). A host between a one-shot
+    /// boot and its new OS's call home (boot-rescue, boot-target, target-up) cannot report
+    /// to a cancelled job; its firmware then falls back to the last good OS.
+    Cancel(CancelOpts),
     /// Show what a reinstall of this machine would do, writing nothing: disk 1 (the running
     /// root) and disk 2 with their stable ids, the layouts for both, the boot mode, the
     /// network and security identity to carry, the boot entry changes. Refuses, with the
@@ -87,6 +97,10 @@ pub enum Command {
     /// rescue entry (custom.cfg) and a one-shot (next_entry, as grub-reboot), and from
     /// install-target on disk 1 carries our GRUB i386-pc. With --fake-firmware or --efivars
     /// DIR (tests) it exits with status 100 where it would reboot.
+    ///
+    /// A job that arrives while the machine sits in its rescue OS (after a failed job, a
+    /// target that stopped coming up, a rescue on request) is taken there: the rescue OS and
+    /// disk 2's partitions stay, the new target is stashed, installed on disk 1 and booted.
     ///
     /// After a job, disk 1's GRUB counts the target's boots and the agent takes the count
     /// back when it starts there; after two boots that never got that far GRUB boots the
@@ -163,6 +177,12 @@ pub struct FirmwareOpts {
     /// /sys/firmware/efi/efivars.
     #[arg(long)]
     pub efivars: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CancelOpts {
+    /// The job's number (as `status` shows it).
+    pub job: u64,
 }
 
 #[derive(Args)]

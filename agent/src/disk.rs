@@ -549,6 +549,28 @@ pub struct Locked {
     pub id: DiskId,
 }
 
+/// Finds a pinned disk again, as it is now: by its by-id links first (paths can change
+/// between boots), and refuses another disk found there.
+pub fn find_pinned(pinned: &DiskId) -> Result<DiskId> {
+    let path = pinned
+        .by_id
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .cloned()
+        .unwrap_or_else(|| pinned.path.clone());
+    let now = identify(Path::new(&path))?;
+    if !now.same_disk(pinned) {
+        bail!(
+            "{path} is not the disk pinned in the plan (serial {:?}, {} bytes; now serial {:?}, {} bytes); refusing to write",
+            pinned.serial,
+            pinned.size_bytes,
+            now.serial,
+            now.size_bytes
+        );
+    }
+    Ok(now)
+}
+
 impl Locked {
     pub fn open(pinned: &DiskId) -> Result<Locked> {
         Self::open_for(pinned, Path::new("/"))
@@ -556,23 +578,7 @@ impl Locked {
 
     /// Opens the pinned disk for writing by an agent whose root tree is `root`.
     pub fn open_for(pinned: &DiskId, root: &Path) -> Result<Locked> {
-        // Find the pinned disk again: by-id links first (paths can change between boots).
-        let path = pinned
-            .by_id
-            .iter()
-            .find(|p| Path::new(p).exists())
-            .cloned()
-            .unwrap_or_else(|| pinned.path.clone());
-        let now = identify(Path::new(&path))?;
-        if !now.same_disk(pinned) {
-            bail!(
-                "{path} is not the disk pinned in the plan (serial {:?}, {} bytes; now serial {:?}, {} bytes); refusing to write",
-                pinned.serial,
-                pinned.size_bytes,
-                now.serial,
-                now.size_bytes
-            );
-        }
+        let now = find_pinned(pinned)?;
         check_destructible_for(&now, root)?;
         let file = OpenOptions::new()
             .read(true)

@@ -139,7 +139,7 @@ impl Agent {
             if todo == Phase::Done || todo == Phase::Failed {
                 return Ok(Outcome::Done);
             }
-            let expect = match todo.runs_in() {
+            let expect = match j.runs_in(todo) {
                 journal::Runs::SourceOs => World::Source,
                 journal::Runs::Rescue => World::Rescue,
                 journal::Runs::Target => World::Target,
@@ -205,12 +205,21 @@ impl Agent {
                 eprintln!("reinstall: {msg}");
                 return Ok(Outcome::Done);
             }
+            if matches!(
+                todo,
+                Phase::Plan | Phase::StageRescue | Phase::RescueUp | Phase::InstallTarget
+            ) && self.dropped(&j)?
+            {
+                return Ok(Outcome::Done);
+            }
             j.record(todo, Step::Entering, None);
             self.journal.save(&j)?;
             self.report(&j, EventKind::PhaseEntered, None, None);
             bundle::failpoint::hit(&format!("enter-{}", todo.as_str()));
             let result = match todo {
+                Phase::Plan if j.from_rescue => self.plan_in_rescue(&mut j),
                 Phase::Plan => self.plan(&mut j),
+                Phase::StageRescue if j.from_rescue => self.stash_only(&j),
                 Phase::StageRescue => self.stage_rescue(&mut j),
                 Phase::BootRescue => self.boot_entry(&j, false),
                 Phase::RescueUp => self.called_home(&j, false),
@@ -236,7 +245,7 @@ impl Agent {
             self.journal.save(&j)?;
             self.report(&j, EventKind::PhaseDone, None, None);
             bundle::failpoint::hit(&format!("done-{}", todo.as_str()));
-            if j.phase.next(j.hold_in_rescue) == Phase::Done {
+            if j.after(j.phase) == Phase::Done {
                 self.report(&j, EventKind::Done, Some("job complete".into()), None);
                 return Ok(Outcome::Done);
             }
@@ -249,12 +258,31 @@ impl Agent {
     /// Waits (long poll, `wait`) for work while no job runs here, and acts on a rescue request:
     /// from the source or target OS, boots the rescue OS once (or makes it the default, when
     /// permanent) and returns `Reboot`; in the rescue OS, acknowledges it. A new job for a
-    /// machine whose job is finished is taken from the source or target OS (not from the
-    /// rescue OS, which runs from disk 2).
+    /// machine whose job is finished is taken in any OS: from the source or target OS it
+    /// runs the whole migration; in the rescue OS (after a failed job, a target that stopped
+    /// coming up, a rescue on request) it installs the new target from there.
     pub fn idle(&mut self, wait: Duration) -> Result<Outcome> {
         let t = Instant::now();
         let w: Work = self.client.poll_work(wait)?;
         let j = self.journal.load()?;
+        if let (Some(job), Some(old), World::Rescue) = (&w.job, &j, self.world) {
+            if job.id != old.job {
+                // The stager gives a host a new job only when its last one is over (done,
+                // failed, cancelled), also when this rescue OS's journal stopped before the
+                // end (a rescue on request leaves it at target-up). The identity carried into
+                // this OS (network.json, carry) stays: it is the machine's, for the new target.
+                let to = self.journal.archive(old.job, &[])?;
+                // This boot's answer to a rescue request is not the new job's.
+                let _ = std::fs::remove_file(self.work.join("rescue-requested"));
+                eprintln!(
+                    "reinstall: job {} received in the rescue OS; job {} is over (kept in {}); the new target is installed from here",
+                    job.id,
+                    old.job,
+                    to.display()
+                );
+                return Ok(Outcome::NewJob);
+            }
+        }
         if let (Some(job), Some(old)) = (&w.job, &j) {
             if job.id != old.job && old.finished() && self.world != World::Rescue {
                 // A new job for a machine that finished one: the running OS becomes the
@@ -273,12 +301,6 @@ impl Agent {
                     to.display()
                 );
                 return Ok(Outcome::NewJob);
-            }
-            if job.id != old.job && self.world == World::Rescue {
-                eprintln!(
-                    "reinstall: job {} received in the rescue OS: a new job starts from the source or target OS (not taken)",
-                    job.id
-                );
             }
         }
         match (w.rescue, j) {
@@ -318,6 +340,37 @@ impl Agent {
             std::thread::sleep(rest);
         }
         Ok(Outcome::Idle)
+    }
+
+    /// Before a phase that runs in an OS the firmware boots by default, with no one-shot
+    /// pending (`plan`, `stage-rescue`; in the rescue OS `rescue-up`, where the source is
+    /// still the default and intact, and `install-target`, with the rescue the default): a
+    /// job the stager no longer gives this host (an operator cancelled it: refused in plan,
+    /// failing in install-target) is dropped here, its journal archived, and the agent waits
+    /// for work again, in the OS it runs. A job is not dropped between a one-shot boot and
+    /// the call home of the OS it boots (`boot-rescue`, `boot-target`, `target-up`). Returns
+    /// whether it dropped the job.
+    fn dropped(&mut self, j: &Journal) -> Result<bool> {
+        let w: Work = self.client.poll_work(Duration::ZERO)?;
+        if w.job.as_ref().is_some_and(|x| x.id == j.job) {
+            return Ok(false);
+        }
+        // In the rescue OS the carried identity stays (see `idle`); in the source OS the
+        // next job's plan captures it again.
+        let keep = j.from_rescue || self.world == World::Rescue;
+        let names: &[&str] = if keep {
+            &[]
+        } else {
+            &["network.json", "carry"]
+        };
+        let to = self.journal.archive(j.job, names)?;
+        eprintln!(
+            "reinstall: job {} is no longer this host's work (cancelled) before {}: dropped, nothing that boots was changed (kept in {})",
+            j.job,
+            j.pending().as_str(),
+            to.display()
+        );
+        Ok(true)
     }
 
     /// In the rescue OS: whether this boot was asked for by an operator. The stager holds
@@ -435,9 +488,15 @@ impl Agent {
     }
 
     fn new_job(&mut self, wait: Duration) -> Result<Option<Journal>> {
-        if self.world != World::Source {
-            return Ok(None);
-        }
+        // In the rescue OS: the disks of the last job that ran through it.
+        let last = match self.world {
+            World::Source => None,
+            World::Rescue => match self.journal.last_archived()? {
+                Some(last) => Some(last),
+                None => return Ok(None),
+            },
+            World::Target => return Ok(None),
+        };
         let w: Work = self.client.poll_work(wait)?;
         let Some(job) = w.job else { return Ok(None) };
         let mut j = Journal {
@@ -452,10 +511,29 @@ impl Agent {
             disk1: None,
             disk2: None,
             target_os: None,
+            from_rescue: false,
             updated: String::new(),
             history: Vec::new(),
         };
-        j.record(Phase::Plan, Step::Entering, Some("job received".into()));
+        let mut note = "job received".to_string();
+        if let Some(last) = last {
+            // The rescue OS runs from disk 2 and stays: the job's rescue bundle is not
+            // installed, and the journal names the one that runs.
+            if last.rescue != j.rescue {
+                note = format!(
+                    "job received in the rescue OS, which stays {}@{} (the job names {}@{}: a job taken in the rescue OS does not replace the OS it runs from)",
+                    last.rescue.name, last.rescue.version, j.rescue.name, j.rescue.version
+                );
+                eprintln!("reinstall: {note}");
+                j.rescue = last.rescue;
+            } else {
+                note = "job received in the rescue OS".into();
+            }
+            j.from_rescue = true;
+            j.disk1 = last.disk1;
+            j.disk2 = last.disk2;
+        }
+        j.record(Phase::Plan, Step::Entering, Some(note));
         self.journal.save(&j)?;
         Ok(Some(j))
     }
@@ -586,7 +664,7 @@ impl Agent {
     fn stage_rescue(&mut self, j: &mut Journal) -> Result<()> {
         let pinned = j.disk2.clone().context("no disk 2 in the journal")?;
         let (rm, _, _) = self.manifest(&j.rescue)?;
-        let (tm, tbytes, tsig) = self.manifest(&j.target)?;
+        let (tm, _, _) = self.manifest(&j.target)?;
         let layout = disk::rescue_layout(
             pinned.size_bytes,
             pinned.logical_sector,
@@ -623,23 +701,7 @@ impl Agent {
         }
         // The packed target, beside it, verified.
         let stash = Mounted::ext4(&parts[2], &self.work.join("stash"), false)?;
-        let tdir = stash.path.join("target");
-        std::fs::create_dir_all(&tdir)?;
-        std::fs::write(tdir.join(bundle::MANIFEST_FILE), &tbytes)?;
-        std::fs::write(tdir.join(bundle::SIGNATURE_FILE), &tsig)?;
-        let (_, tid_text) = self.age_identity(&j.target)?;
-        write_private(&tdir.join(bundle::IDENTITY_FILE), &tid_text)?;
-        let mut prog = Reporter::new(self, j, "stage-rescue");
-        transfer::fetch_to_file(
-            &self.client,
-            &j.target.sha256,
-            j.target.size,
-            &tdir.join(bundle::PAYLOAD_FILE),
-            &mut |d, t| prog.update("stash", d, Some(t), 0),
-        )?;
-        prog.finish();
-        let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
-        bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
+        self.stash_target(j, &stash.path)?;
         // What the rescue OS needs to be this machine and carry on the job, and to boot.
         self.make_bootable_world(j, &rescue.path, &rescue_uuid, "rescue", Phase::BootRescue)?;
         // With the removable-media fallback too: firmware that lost its entries (or a machine
@@ -667,6 +729,116 @@ impl Agent {
             .set(&bootcfg::grubcfg::redirect_var("rescue"), &uuid)?;
         }
         Ok(())
+    }
+
+    /// Stores the job's target bundle, packed, in the stash filesystem mounted at `stash`
+    /// (`target/`: manifest, signature, age identity, payload), and verifies it. A stash that
+    /// holds another bundle (a job taken in the rescue OS) loses that payload first: a
+    /// download is only ever resumed onto its own bytes.
+    fn stash_target(&self, j: &Journal, stash: &Path) -> Result<()> {
+        let (_, tbytes, tsig) = self.manifest(&j.target)?;
+        let tdir = stash.join("target");
+        std::fs::create_dir_all(&tdir)?;
+        let manifest = tdir.join(bundle::MANIFEST_FILE);
+        if std::fs::read(&manifest).ok().as_deref() != Some(&tbytes[..]) {
+            match std::fs::remove_file(tdir.join(bundle::PAYLOAD_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).context("removing the stash's old payload")
+                }
+                _ => nix::unistd::sync(),
+            }
+            std::fs::write(&manifest, &tbytes)?;
+        }
+        std::fs::write(tdir.join(bundle::SIGNATURE_FILE), &tsig)?;
+        let (_, tid_text) = self.age_identity(&j.target)?;
+        write_private(&tdir.join(bundle::IDENTITY_FILE), &tid_text)?;
+        let mut prog = Reporter::new(self, j, j.phase.as_str());
+        transfer::fetch_to_file(
+            &self.client,
+            &j.target.sha256,
+            j.target.size,
+            &tdir.join(bundle::PAYLOAD_FILE),
+            &mut |d, t| prog.update("stash", d, Some(t), 0),
+        )?;
+        prog.finish();
+        let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
+        bundle::verify::check_hash(&signed, &mut bundle::progress::Silent)?;
+        Ok(())
+    }
+
+    /// `plan` of a job taken in the rescue OS: disk 1 is the disk the last job pinned, found
+    /// again by its stable ids (not mounted: an operator's repair may have left it so);
+    /// disk 2 is the running root's, the last job's disk 2. The rescue OS and disk 2's
+    /// partitions stay as they are, so the target must fit the stash there. The identity
+    /// carried into this rescue OS (`network.json`, `carry`) is the machine's, for the new
+    /// target too. Refuses before anything is written.
+    fn plan_in_rescue(&mut self, j: &mut Journal) -> Result<()> {
+        let last1 = j
+            .disk1
+            .clone()
+            .context("no disk 1 in the last job's journal")?;
+        let last2 = j
+            .disk2
+            .clone()
+            .context("no disk 2 in the last job's journal")?;
+        let roots = disk::root_disks_of(&self.root);
+        let d2 = match roots.as_slice() {
+            [r] => disk::identify(Path::new(&format!("/dev/{r}")))?,
+            _ => bail!(
+                "the running root is on {} disks ({roots:?}); the rescue OS runs from disk 2 alone",
+                roots.len()
+            ),
+        };
+        anyhow::ensure!(
+            d2.same_disk(&last2),
+            "the rescue OS runs from {}, which is not disk 2 of the last job ({}); nothing was changed",
+            d2.path,
+            last2.path
+        );
+        let d1 = disk::find_pinned(&last1).context("disk 1 of the last job")?;
+        disk::check_destructible_for(&d1, &self.root)?;
+        anyhow::ensure!(
+            !self.grub_chooses || d1.logical_sector == 512,
+            "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported; nothing was changed",
+            d1.path,
+            d1.logical_sector
+        );
+        let (tm, _, _) = self.manifest(&j.target)?;
+        target_layout(&d1, Some(&tm), self.grub_chooses)?;
+        let stash = d2.find_partition(PartKind::LinuxData)?;
+        let room = stash.size_lba * d2.logical_sector;
+        anyhow::ensure!(
+            room >= stash_size(&tm),
+            "the stash on disk 2 ({}) holds {} MiB; target {}@{} needs {} MiB; a job taken in the rescue OS does not repartition the disk it runs from: run the job from the source or target OS instead; nothing was changed",
+            d2.partition_path(stash.number).display(),
+            room / MIB,
+            j.target.name,
+            j.target.version,
+            stash_size(&tm).div_ceil(MIB)
+        );
+        if tm.os == bundle::Os::Windows {
+            crate::windows::check_rescue_tools(&self.root).context("this rescue OS")?;
+        }
+        for carried in ["network.json", "carry"] {
+            anyhow::ensure!(
+                self.dir().join(carried).exists(),
+                "{}: the identity carried into this rescue OS is missing; nothing was changed",
+                self.dir().join(carried).display()
+            );
+        }
+        j.target_os = Some(tm.os);
+        j.disk1 = Some(d1);
+        j.disk2 = Some(d2);
+        Ok(())
+    }
+
+    /// `stage-rescue` of a job taken in the rescue OS: the running rescue OS stays; only
+    /// the target is stashed (see [`Agent::stash_target`]).
+    fn stash_only(&self, j: &Journal) -> Result<()> {
+        let d2 = journal_disk_now(j.disk2.as_ref())?;
+        let dev = d2.partition_path(d2.find_partition(PartKind::LinuxData)?.number);
+        let stash = Mounted::ext4(&dev, &self.work.join("stash"), false)?;
+        self.stash_target(j, &stash.path)
     }
 
     /// Legacy BIOS, from an OS this agent installed: disk 1 boots through our GRUB (a second

@@ -110,6 +110,11 @@ pub struct Journal {
     /// The target's OS, from its signed manifest (set in plan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_os: Option<bundle::Os>,
+    /// The job was taken in the rescue OS (after an earlier job, from disk 2): `plan` and
+    /// `stage-rescue` run there (the latter only stashes the target: the running rescue OS
+    /// stays as it is), and `boot-rescue` is skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_rescue: bool,
     pub updated: String,
     pub history: Vec<Entry>,
 }
@@ -148,14 +153,31 @@ impl Journal {
     pub fn pending(&self) -> Phase {
         match self.step {
             Step::Entering => self.phase,
-            Step::Done => self.phase.next(self.hold_in_rescue),
+            Step::Done => self.after(self.phase),
+        }
+    }
+
+    /// The phase after `p` in this job: a job held in rescue stops after `rescue-up`, a job
+    /// taken in the rescue OS has no `boot-rescue`.
+    pub fn after(&self, p: Phase) -> Phase {
+        match p.next(self.hold_in_rescue) {
+            Phase::BootRescue if self.from_rescue => Phase::RescueUp,
+            n => n,
+        }
+    }
+
+    /// Where `p` runs in this job.
+    pub fn runs_in(&self, p: Phase) -> Runs {
+        match p {
+            Phase::Plan | Phase::StageRescue if self.from_rescue => Runs::Rescue,
+            p => p.runs_in(),
         }
     }
 
     /// Whether the job has ended here: done (the last phase for it is done) or failed.
     pub fn finished(&self) -> bool {
         self.phase == Phase::Failed
-            || (self.step == Step::Done && self.phase.next(self.hold_in_rescue) == Phase::Done)
+            || (self.step == Step::Done && self.after(self.phase) == Phase::Done)
     }
 
     /// Records a step in memory (does not touch the disk; see [`Locked::save`]).
@@ -230,6 +252,30 @@ impl Locked {
         Ok(to)
     }
 
+    /// The newest archived journal (the highest job number), if any.
+    pub fn last_archived(&self) -> Result<Option<Journal>> {
+        let dir = self.dir.join("archive");
+        let newest = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("job-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max();
+        let Some(n) = newest else { return Ok(None) };
+        let p = dir.join(format!("job-{n}")).join(FILE);
+        match std::fs::read(&p) {
+            Ok(b) => Journal::parse(&p, &b).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
     /// Writes the journal atomically and durably.
     pub fn save(&self, j: &Journal) -> Result<()> {
         let p = self.path();
@@ -280,6 +326,37 @@ mod tests {
         assert_eq!(Phase::RescueUp.next(true), Phase::Done);
         assert_eq!(Phase::InstallTarget.runs_in(), Runs::Rescue);
         assert_eq!(Phase::StageRescue.runs_in(), Runs::SourceOs);
+    }
+
+    #[test]
+    fn a_job_taken_in_the_rescue_os_plans_and_stashes_there_and_skips_boot_rescue() {
+        let mut j = Journal::parse(Path::new("f"), FIXTURE).unwrap();
+        j.from_rescue = true;
+        let mut p = Phase::Plan;
+        let mut seen = vec![];
+        while p != Phase::Done {
+            seen.push((p, j.runs_in(p)));
+            p = j.after(p);
+        }
+        assert_eq!(
+            seen,
+            [
+                (Phase::Plan, Runs::Rescue),
+                (Phase::StageRescue, Runs::Rescue),
+                (Phase::RescueUp, Runs::Rescue),
+                (Phase::InstallTarget, Runs::Rescue),
+                (Phase::BootTarget, Runs::Rescue),
+                (Phase::TargetUp, Runs::Target),
+            ]
+        );
+        j.record(Phase::StageRescue, Step::Done, None);
+        assert_eq!(j.pending(), Phase::RescueUp);
+        j.hold_in_rescue = true;
+        j.record(Phase::RescueUp, Step::Done, None);
+        assert!(j.finished());
+        // Written only when set: older agents read the journals of ordinary jobs.
+        j.from_rescue = false;
+        assert!(!serde_json::to_string(&j).unwrap().contains("from_rescue"));
     }
 
     #[test]

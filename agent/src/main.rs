@@ -318,6 +318,7 @@ fn main() -> ExitCode {
         }
         Some(cli::Command::Status) => operator::status(&args.global),
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
+        Some(cli::Command::Cancel(o)) => operator::cancel(&args.global, &o),
         Some(cli::Command::Network) => network(json),
         Some(cli::Command::Firmware(ref o)) => firmware(o, json),
         Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),

@@ -1,6 +1,6 @@
 //! The operator's commands: create a job (and follow it), show status, send hosts to rescue.
 
-use crate::cli::{Global, JobOpts, RescueOpts};
+use crate::cli::{CancelOpts, Global, JobOpts, RescueOpts};
 use agent::client::Client;
 use anyhow::{bail, Context, Result};
 use bundle::progress::bytes;
@@ -267,6 +267,23 @@ pub fn rescue(g: &Global, o: &RescueOpts) -> Result<ExitCode> {
                 if o.permanent { " (permanent)" } else { "" }
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn cancel(g: &Global, o: &CancelOpts) -> Result<ExitCode> {
+    let c = client(g)?;
+    let j: Job = c.post(
+        &format!("/v1/jobs/{}/cancel", o.job),
+        &serde_json::json!({}),
+    )?;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("job {} cancelled", j.id);
+    for h in &j.hosts {
+        println!("  {}", host_line(h));
     }
     Ok(ExitCode::SUCCESS)
 }

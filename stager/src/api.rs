@@ -106,9 +106,7 @@ async fn dispatch(
         (["v1", "jobs", id, "cancel"], _, true) => {
             operator(&who)?;
             let id = job_id(id)?;
-            let Some(hosts) = state.db(move |db| db.cancel(id)).await? else {
-                return Err(ApiError::not_found(format!("no job {id}")));
-            };
+            let hosts = state.db(move |db| db.cancel(id)).await?;
             for h in &hosts {
                 state.wake(h);
             }

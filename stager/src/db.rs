@@ -296,13 +296,17 @@ impl Db {
     }
 
     /// Cancels a job: hosts that had not finished are marked cancelled. Returns the hosts
-    /// affected, or `None` if there is no such job.
-    pub fn cancel(&self, id: u64) -> rusqlite::Result<Option<Vec<String>>> {
+    /// affected; refuses an unknown job, and a job that is over (every host done, failed
+    /// or cancelled: its outcome stays).
+    pub fn cancel(&self, id: u64) -> Result<Vec<String>, Refusal> {
         let mut c = self.c();
         let tx = c.transaction()?;
-        let n = tx.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?1", [id as i64])?;
-        if n == 0 {
-            return Ok(None);
+        let known = tx
+            .query_row("SELECT 1 FROM jobs WHERE id = ?1", [id as i64], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !known {
+            return Err(Refusal::NotFound(format!("no job {id}")));
         }
         let hosts: Vec<String> = tx
             .prepare(
@@ -310,12 +314,18 @@ impl Db {
             )?
             .query_map([id as i64], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        if hosts.is_empty() {
+            return Err(Refusal::Conflict(format!(
+                "job {id} is over (every host is done, failed or cancelled); nothing to cancel"
+            )));
+        }
+        tx.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?1", [id as i64])?;
         tx.execute(
             "UPDATE job_hosts SET state = 'cancelled', updated = ?2 WHERE job = ?1 AND state IN ('pending', 'running')",
             params![id as i64, now()],
         )?;
         tx.commit()?;
-        Ok(Some(hosts))
+        Ok(hosts)
     }
 
     /// The unfinished job of `host`, as the agent sees it.

@@ -25,7 +25,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///               that stops coming up (panics at boot) is given up on by disk 1's GRUB after
 ///               two boots, the rescue reports it, repaired from there; a second job.
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
-///               the stager shows the failure.
+///               the stager shows the failure; then a job with a good target is taken by the
+///               rescue OS, which installs it from there (rescue kept) and boots it.
 ///   power-cut   SIGKILL QEMU at phase boundaries and inside long writes, power on again,
 ///               and check where the machine ends up (table: cut point, outcome, recovery).
 ///               --second-job: the cut falls in a second job, after a whole first one.
