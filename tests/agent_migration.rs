@@ -404,6 +404,10 @@ impl Env {
             }
         }
         let _ = std::fs::remove_file(self.grub_chose());
+        // What the agent keeps for one boot (a tmpfs on a machine) is gone.
+        for f in agent::engine::PER_BOOT {
+            let _ = std::fs::remove_file(self.w.path().join("work").join(f));
+        }
         // (A Windows disk 1 has no GRUB: its firmware entry starts Windows's boot manager.)
         if self.label_of(self.boot_current()) == "reinstall-target"
             && Path::new(&part_named(&self.disk1.0, "root")).exists()
@@ -486,6 +490,16 @@ impl Env {
     }
 
     fn agent(&self, root: &Path, failpoint: Option<&str>) -> std::process::Output {
+        self.agent_with(root, failpoint, &[])
+    }
+
+    /// As `agent`, with `extra` arguments for `reinstall agent`.
+    fn agent_with(
+        &self,
+        root: &Path,
+        failpoint: Option<&str>,
+        extra: &[&str],
+    ) -> std::process::Output {
         let mut c = Command::new(bin("reinstall"));
         c.arg("agent")
             .arg("--root")
@@ -493,7 +507,8 @@ impl Env {
             .args(["--disk2", &self.disk2.0])
             .arg("--work")
             .arg(self.w.path().join("work"))
-            .args(["--wait", "5", "--once"]);
+            .args(["--wait", "5", "--once"])
+            .args(extra);
         match &self.efivars {
             Some(d) => c.arg("--efivars").arg(d),
             None => c.arg("--fake-firmware").arg(&self.fw),
@@ -563,10 +578,15 @@ impl Env {
 
     /// As `boot_linux`, with `failpoint` armed (then the agent may die on it).
     fn boot_linux_with(&self, failpoint: Option<&str>) -> (i32, String) {
+        self.boot_linux_args(failpoint, &[])
+    }
+
+    /// As `boot_linux_with`, with `extra` arguments for `reinstall agent`.
+    fn boot_linux_args(&self, failpoint: Option<&str>, extra: &[&str]) -> (i32, String) {
         let label = self.current_label();
         let root = self.w.path().join(format!("mnt-{label}"));
         let _m = mount(&self.root_part(&label), &root, false);
-        let out = self.agent(&root, failpoint);
+        let out = self.agent_with(&root, failpoint, extra);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         let code = out.status.code().unwrap_or(-1);
         assert!(
@@ -784,6 +804,62 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
             "job {n} archived in the rescue OS"
         );
     }
+}
+
+/// A new OS that comes up but cannot reach the stager (its network is wrong, its identity
+/// refused; here the stager is away) must not keep the machine: past its time to call home
+/// the target reboots, without a one-shot, into the rescue OS (the default), which boots it
+/// once more; the second time the rescue OS fails the job and stays, reachable. With the
+/// stager back in between, the retried target would simply have called home.
+#[test]
+fn a_target_that_cannot_call_home_reboots_into_the_rescue_which_retries_then_fails_the_job() {
+    let mut env = Env::new();
+    create_job(&env.stager);
+    assert_eq!(env.boot_linux().0, 100, "source: stage-rescue, boot-rescue");
+    env.power_cycle();
+    assert_eq!(
+        env.boot_linux().0,
+        100,
+        "rescue: install-target, boot-target"
+    );
+    for round in 1..=2 {
+        env.power_cycle();
+        assert_eq!(env.current_label(), "reinstall-target", "round {round}");
+        env.stager.kill();
+        let t = std::time::Instant::now();
+        let (code, err) = env.boot_linux_args(None, &["--call-home-for", "3"]);
+        assert_eq!(code, 100, "round {round}: {err}");
+        assert!(
+            err.contains("could not call home within 3 s") && t.elapsed().as_secs() < 60,
+            "round {round}: {err}"
+        );
+        env.check_next_boot("after the target gave up calling home");
+        assert_eq!(env.next_label(), "reinstall-rescue");
+        env.stager.start();
+        env.power_cycle();
+        assert_eq!(env.current_label(), "reinstall-rescue");
+        let (code, err) = env.boot_linux();
+        if round == 1 {
+            assert_eq!(code, 100, "the rescue OS boots the target once more: {err}");
+            assert!(err.contains("retrying boot-target"), "{err}");
+        } else {
+            assert_eq!(code, 0, "{err}");
+            assert!(
+                err.contains("the target did not come up after 2 tries")
+                    && err
+                        .contains("its journal says: the target OS could not call home within 3 s"),
+                "{err}"
+            );
+        }
+    }
+    let job = job_state(&env.stager);
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(env.next_label(), "reinstall-rescue");
+    // Why is in the target's own journal, for whoever repairs it from the rescue OS.
+    env.change_target(|at| {
+        let j = std::fs::read_to_string(at.join("var/lib/reinstall/journal.json")).unwrap();
+        assert!(j.contains("could not call home"), "{j}");
+    });
 }
 
 fn create_job(s: &Stager) {

@@ -160,9 +160,18 @@ pub struct AgentOpts {
     /// this or --fake-firmware, the machine's own /sys/firmware/efi/efivars is used.
     #[arg(long)]
     pub efivars: Option<PathBuf>,
-    /// Where the agent mounts the filesystems it writes.
+    /// Where the agent mounts the filesystems it writes, and keeps what holds for one boot
+    /// only (a tmpfs on a machine).
     #[arg(long, default_value = "/run/reinstall")]
     pub work: PathBuf,
+    /// In the first boot of a new OS (the rescue OS before rescue-up, the target before
+    /// target-up): seconds from the agent's first start in this boot within which it must
+    /// have called home. Past them, a failure to reach the stager (its network does not work,
+    /// its identity is refused, the stager is away) reboots the machine into the last good
+    /// OS, which boots the new one once more and then reports the failure: a new OS that is
+    /// up but cannot be reached never keeps the machine.
+    #[arg(long, default_value_t = agent::engine::CALL_HOME_FOR.as_secs())]
+    pub call_home_for: u64,
     /// Seconds to long-poll the stager for a job.
     #[arg(long, default_value_t = 60)]
     pub wait: u64,

@@ -42,6 +42,16 @@ const MIB: u64 = 1 << 20;
 /// How many more times a one-shot boot into the rescue or the target is tried after it came
 /// back without the new OS calling home (a power cut while it booted; a flaky first boot).
 pub const BOOT_RETRIES: usize = 1;
+/// How long a new OS's agent has, from its first start in that boot, to call home before it
+/// reboots into the last good OS (see [`Agent::run`]).
+pub const CALL_HOME_FOR: Duration = Duration::from_secs(600);
+/// The files in the work directory that hold for one boot (it is a tmpfs on a machine; a
+/// harness that simulates reboots removes them).
+pub const PER_BOOT: [&str; 2] = [REQUESTED, FIRST_START];
+const REQUESTED: &str = "rescue-requested";
+const FIRST_START: &str = "first-start";
+/// What a new OS that gave up calling home notes in its journal.
+const GAVE_UP: &str = "could not call home";
 
 pub fn world_of(root: &Path) -> World {
     match std::fs::read_to_string(root.join(WORLD_FILE))
@@ -80,6 +90,8 @@ pub struct Agent {
     /// Boots are chosen by GRUB on disk 1 (a legacy BIOS machine, `BiosGrub`), not by
     /// firmware variables (real or stand-in).
     pub grub_chooses: bool,
+    /// See [`CALL_HOME_FOR`].
+    pub call_home_for: Duration,
     journal: journal::Locked,
 }
 
@@ -100,6 +112,7 @@ impl Agent {
             disk2,
             work: work.to_path_buf(),
             grub_chooses: false,
+            call_home_for: CALL_HOME_FOR,
             journal,
         };
         a.clear_stale_mounts();
@@ -126,14 +139,105 @@ impl Agent {
     }
 
     /// Runs phases until the job needs a reboot, finishes, or there is none.
+    ///
+    /// In the first boot of a new OS (the one-shot into it is spent: a reboot lands in the
+    /// last good OS) every call to the stager is bounded by what is left of
+    /// [`Agent::call_home_for`] since the agent's first start in this boot; a run that fails
+    /// past it (the stager not reached, or refusing this OS) notes why in this OS's journal
+    /// and returns `Reboot` without a one-shot: the last good OS comes back, and boots this
+    /// one once more or reports the failure. Before that, a failed run is retried by the
+    /// agent's restart, as always.
     pub fn run(&mut self, wait: Duration) -> Result<Outcome> {
-        let mut j = match self.journal.load()? {
+        let j = match self.journal.load()? {
             Some(j) => j,
             None => match self.new_job(wait)? {
                 Some(j) => j,
                 None => return Ok(Outcome::Idle),
             },
         };
+        let Some(left) = self.first_boot_left(&j)? else {
+            return self.carry_on(j);
+        };
+        let patient = self.client.clone();
+        self.client = patient.clone().retrying(left);
+        let r = self.carry_on(j.clone());
+        self.client = patient;
+        match r {
+            Err(e) if self.first_boot_left(&j)?.is_some_and(|l| l.is_zero()) => {
+                let mut j = self.journal.load()?.unwrap_or(j);
+                let msg = format!(
+                    "the {} OS {GAVE_UP} within {} s of its agent's first start in this boot ({e:#}); rebooting into the last good OS, which boots this one once more or reports it",
+                    if self.world == World::Target { "target" } else { "rescue" },
+                    self.call_home_for.as_secs()
+                );
+                j.record(j.phase, j.step, Some(msg.clone()));
+                self.journal.save(&j)?;
+                eprintln!("reinstall: {msg}");
+                Ok(Outcome::Reboot)
+            }
+            r => r,
+        }
+    }
+
+    /// Why the new OS of `expect` (the target on disk 1, the rescue OS on disk 2) gave up
+    /// calling home, from the note its agent left in its own journal (see [`Agent::run`]),
+    /// when it got that far: read from its root filesystem, mounted read-only. `None` when
+    /// the note or the filesystem is not there (it panicked before its agent ran).
+    fn new_os_says(&self, j: &Journal, expect: World) -> Option<String> {
+        let (d, what) = match expect {
+            World::Target if j.target_os != Some(bundle::Os::Windows) => (&j.disk1, "target"),
+            World::Rescue => (&j.disk2, "rescue"),
+            _ => return None,
+        };
+        let now = journal_disk_now(d.as_ref()).ok()?;
+        let dev = now.partition_path(now.find_partition(PartKind::LinuxRoot).ok()?.number);
+        let m = Mounted::ext4(&dev, &self.work.join(format!("{what}-journal")), true).ok()?;
+        let p = m.path.join(JOURNAL_DIR).join(journal::FILE);
+        let theirs = Journal::parse(&p, &std::fs::read(&p).ok()?).ok()?;
+        (theirs.job == j.job).then_some(())?;
+        theirs.history.iter().rev().find_map(|e| {
+            e.note
+                .as_deref()
+                .filter(|n| n.contains(GAVE_UP))
+                .map(String::from)
+        })
+    }
+
+    /// In the first boot of a new OS (its call home pending: `rescue-up` in the rescue OS
+    /// after `boot-rescue`, `target-up` in the target), what is left of the time to call
+    /// home, counted from the agent's first start in this boot (recorded in the per-boot
+    /// work directory). `None` in any other boot.
+    fn first_boot_left(&self, j: &Journal) -> Result<Option<Duration>> {
+        let first = match (j.pending(), self.world) {
+            (Phase::TargetUp, World::Target) => true,
+            // A job taken in the rescue OS reaches rescue-up without a reboot.
+            (Phase::RescueUp, World::Rescue) => !j.from_rescue,
+            _ => false,
+        };
+        if !first {
+            return Ok(None);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        let f = self.work.join(FIRST_START);
+        let since = match std::fs::read_to_string(&f)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            Some(ms) => ms,
+            None => {
+                std::fs::create_dir_all(&self.work)?;
+                std::fs::write(&f, format!("{now}\n"))
+                    .with_context(|| format!("writing {}", f.display()))?;
+                now
+            }
+        };
+        let spent = Duration::from_millis(now.saturating_sub(since));
+        Ok(Some(self.call_home_for.saturating_sub(spent)))
+    }
+
+    fn carry_on(&mut self, mut j: Journal) -> Result<Outcome> {
         loop {
             let todo = j.pending();
             if todo == Phase::Done || todo == Phase::Failed {
@@ -192,8 +296,12 @@ impl Agent {
                 } else {
                     ""
                 };
+                let says = self
+                    .new_os_says(&j, expect)
+                    .map(|n| format!("; its journal says: {n}"))
+                    .unwrap_or_default();
                 let msg = format!(
-                    "{} did not come up after {} tries (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default{booted}{winpe}",
+                    "{} did not come up after {} tries (expected the {expect:?} OS for phase {}); back in the {:?} OS, which stays the default{booted}{winpe}{says}",
                     if expect == World::Target { "the target" } else { "the rescue OS" },
                     BOOT_RETRIES + 1,
                     todo.as_str(),
@@ -273,7 +381,7 @@ impl Agent {
                 // this OS (network.json, carry) stays: it is the machine's, for the new target.
                 let to = self.journal.archive(old.job, &[])?;
                 // This boot's answer to a rescue request is not the new job's.
-                let _ = std::fs::remove_file(self.work.join("rescue-requested"));
+                let _ = std::fs::remove_file(self.work.join(REQUESTED));
                 eprintln!(
                     "reinstall: job {} received in the rescue OS; job {} is over (kept in {}); the new target is installed from here",
                     job.id,
@@ -377,7 +485,7 @@ impl Agent {
     /// the request until the rescue OS acknowledges it (a `rescue` phase event, sent here);
     /// a file under the per-boot work directory remembers the answer for this boot.
     fn requested_rescue(&mut self, j: &Journal) -> Result<bool> {
-        let marker = self.work.join("rescue-requested");
+        let marker = self.work.join(REQUESTED);
         if marker.exists() {
             return Ok(true);
         }

@@ -242,6 +242,7 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
     let grub_chooses = real && !std::path::Path::new("/sys/firmware/efi").exists();
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
     a.grub_chooses = grub_chooses;
+    a.call_home_for = std::time::Duration::from_secs(o.call_home_for);
     a.boot_checks();
     loop {
         match a.run(std::time::Duration::from_secs(o.wait))? {
