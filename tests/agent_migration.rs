@@ -779,17 +779,7 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
         std::fs::read_to_string(t.join("etc/os-marker")).unwrap(),
         "target-3"
     );
-    for f in [
-        "etc/ssh/ssh_host_ed25519_key",
-        "etc/reinstall/identity.toml",
-        "etc/hostname",
-    ] {
-        assert_eq!(
-            std::fs::read(t.join(f)).unwrap(),
-            std::fs::read(p.join("carry-expect").join(f)).unwrap(),
-            "{f} in the new target is not the machine's"
-        );
-    }
+    env.assert_carried(&t);
     assert_eq!(
         stashed("check-stash-3"),
         sha3,
@@ -924,19 +914,7 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
     let _a = mount(&part_named(&env.disk1.0, "root"), &t, true);
     let _b = mount(&format!("{}p2", env.disk2.0), &r, true);
     for tree in [&t, &r] {
-        for f in [
-            "etc/ssh/ssh_host_ed25519_key",
-            "root/.ssh/authorized_keys",
-            "etc/reinstall/identity.toml",
-            "etc/hostname",
-        ] {
-            assert_eq!(
-                std::fs::read(tree.join(f)).unwrap(),
-                std::fs::read(p.join("carry-expect").join(f)).unwrap(),
-                "{f} in {} is not the source's",
-                tree.display()
-            );
-        }
+        env.assert_carried(tree);
         let key = std::fs::metadata(tree.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
@@ -1231,6 +1209,23 @@ impl Env {
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// The identity files in the OS tree `tree` are the source's, byte for byte.
+    fn assert_carried(&self, tree: &Path) {
+        for f in [
+            "etc/ssh/ssh_host_ed25519_key",
+            "root/.ssh/authorized_keys",
+            "etc/reinstall/identity.toml",
+            "etc/hostname",
+        ] {
+            assert_eq!(
+                std::fs::read(tree.join(f)).unwrap(),
+                std::fs::read(self.w.path().join("carry-expect").join(f)).unwrap(),
+                "{f} in {} is not the source's",
+                tree.display()
+            );
+        }
     }
 
     /// Builds bundle `target@VERSION` on the running stager: an OS tree with `marker` and a

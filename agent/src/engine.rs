@@ -721,12 +721,6 @@ impl Agent {
                 esp.display()
             );
         }
-        anyhow::ensure!(
-            !self.grub_chooses || d1.logical_sector == 512,
-            "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported; nothing was changed",
-            d1.path,
-            d1.logical_sector
-        );
         let (rm, _, _) = self.manifest(&j.rescue)?;
         let (tm, _, _) = self.manifest(&j.target)?;
         disk::rescue_layout(
@@ -905,12 +899,6 @@ impl Agent {
         );
         let d1 = disk::find_pinned(&last1).context("disk 1 of the last job")?;
         disk::check_destructible_for(&d1, &self.root)?;
-        anyhow::ensure!(
-            !self.grub_chooses || d1.logical_sector == 512,
-            "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported; nothing was changed",
-            d1.path,
-            d1.logical_sector
-        );
         let (tm, _, _) = self.manifest(&j.target)?;
         target_layout(&d1, Some(&tm), self.grub_chooses)?;
         let stash = d2.find_partition(PartKind::LinuxData)?;
@@ -1628,6 +1616,12 @@ fn grub_env(vars: &[(&str, &str)]) -> Result<Vec<u8>> {
 
 /// Disk 1's layout for the target `m` (Linux when unknown), checked to hold it.
 fn target_layout(d1: &DiskId, m: Option<&bundle::Manifest>, bios: bool) -> Result<disk::Layout> {
+    anyhow::ensure!(
+        !bios || d1.logical_sector == 512,
+        "{}: legacy BIOS boot from a disk with {}-byte sectors is not supported; nothing was changed",
+        d1.path,
+        d1.logical_sector
+    );
     let Some(m) = m else {
         return disk::linux_target_layout(d1.size_bytes, d1.logical_sector, bios);
     };
