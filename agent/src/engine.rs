@@ -217,9 +217,15 @@ impl Agent {
         if !first {
             return Ok(None);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64;
+        // Time since boot (CLOCK_BOOTTIME), not the wall clock, which the new OS may set
+        // hours forward or back as it comes up (NTP, an RTC kept in local time).
+        let uptime = std::fs::read_to_string("/proc/uptime").context("reading /proc/uptime")?;
+        let now = uptime
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse::<f64>().ok())
+            .map(|s| (s * 1000.0) as u64)
+            .with_context(|| format!("/proc/uptime says {uptime:?}"))?;
         let f = self.work.join(FIRST_START);
         let since = match std::fs::read_to_string(&f)
             .ok()
