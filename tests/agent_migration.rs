@@ -852,6 +852,44 @@ fn a_target_that_cannot_call_home_reboots_into_the_rescue_which_retries_then_fai
     });
 }
 
+/// `reinstall --host H rescue` after a job: the target boots the rescue OS once, which
+/// acknowledges the request and stays up (the job stays done; the stager shows phase
+/// `rescue`); a reboot returns to the target, whose agent tells the stager it is back.
+#[test]
+fn a_rescue_on_request_boots_the_rescue_once_and_the_target_says_when_it_is_back() {
+    let env = Env::new();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    let phase = || {
+        let out = ok(env
+            .stager
+            .reinstall("alice")
+            .args(["status", "--host", "web1", "--json"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["hosts"][0]["phase"].as_str().unwrap_or("").to_string()
+    };
+    assert_eq!(phase(), "target-up");
+    ok(env
+        .stager
+        .reinstall("alice")
+        .args(["--host", "web1", "rescue"]));
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 100, "the target boots the rescue OS once: {err}");
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-rescue");
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("in the rescue OS, as requested"), "{err}");
+    assert_eq!(phase(), "rescue");
+    assert_eq!(job_state(&env.stager)["state"], "done");
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-target");
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(phase(), "target-up", "the stager still shows the rescue OS");
+    assert_eq!(job_state(&env.stager)["state"], "done");
+}
+
 fn create_job(s: &Stager) {
     ok(s.reinstall("alice")
         .args(["--host", "web1", "--target", "target"]));

@@ -1090,6 +1090,22 @@ impl Agent {
         if let Err(e) = self.count_boot() {
             eprintln!("reinstall: disk 1's GRUB boot count: {e:#}");
         }
+        self.say_up();
+    }
+
+    /// In the target after its job is done (any later boot: a reboot, a return from the
+    /// rescue OS): tells the stager this OS is up, so that the host's phase and last event
+    /// are this boot's, not what the rescue OS said before it (`rescue` after a rescue on
+    /// request, a report that the target had stopped coming up). Best effort.
+    fn say_up(&mut self) {
+        if self.world != World::Target {
+            return;
+        }
+        if let Ok(Some(j)) = self.journal.load() {
+            if j.finished() && j.phase != Phase::Failed {
+                self.report(&j, EventKind::Network, Some("target OS up".into()), None);
+            }
+        }
     }
 
     fn count_boot(&mut self) -> Result<()> {

@@ -614,7 +614,21 @@ pub fn full(o: &Opts) -> Result<bool> {
     e.vm.ssh("systemctl reboot || true").ok();
     let f = e.wait_world("target", None)?;
     e.check_boot(&f, "target OS after leaving the rescue", 1, 2)?;
-    e.row("rebooted in rescue: back in the target");
+    // Its agent tells the stager it is back (after it started: wait for it).
+    let t = Instant::now();
+    let phase = loop {
+        let v = e.stager_view()?.context("no job")?;
+        let p = v.phase.unwrap_or_default();
+        if p == "target-up" || t.elapsed() > Duration::from_secs(120) {
+            break p;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    ensure!(
+        phase == "target-up",
+        "the stager still shows phase {phase:?} with the target back"
+    );
+    e.row("rebooted in rescue: back in the target; stager: phase target-up");
     target_stops_coming_up(&mut e)?;
     // Fleets reinstall the same machine again: a second job goes from this target, through
     // the rescue, into a new target, and (UEFI) leaves one boot entry per label. On BIOS the
