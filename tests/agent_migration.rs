@@ -953,6 +953,22 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
     let _b = mount(&format!("{}p2", env.disk2.0), &r, true);
     for tree in [&t, &r] {
         env.assert_carried(tree);
+        for target in ["emergency.target", "rescue.target"] {
+            let link = tree.join(format!(
+                "etc/systemd/system/{target}.wants/reinstall-emergency-reboot.service"
+            ));
+            assert_eq!(
+                std::fs::read_link(&link).unwrap(),
+                Path::new("/etc/systemd/system/reinstall-emergency-reboot.service")
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(
+                tree.join("etc/systemd/system/reinstall-emergency-reboot.service")
+            )
+            .unwrap(),
+            agent::engine::EMERGENCY_UNIT
+        );
         let key = std::fs::metadata(tree.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,

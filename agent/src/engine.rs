@@ -984,13 +984,24 @@ impl Agent {
         let bin = tree.join("usr/local/sbin/reinstall");
         std::fs::create_dir_all(bin.parent().unwrap())?;
         std::fs::copy(std::env::current_exe()?, &bin).context("installing the agent")?;
-        let unit = tree.join("etc/systemd/system/reinstall-agent.service");
-        std::fs::create_dir_all(unit.parent().unwrap())?;
-        std::fs::write(&unit, AGENT_UNIT)?;
-        let wants = tree.join("etc/systemd/system/multi-user.target.wants/reinstall-agent.service");
-        std::fs::create_dir_all(wants.parent().unwrap())?;
-        if std::fs::symlink_metadata(&wants).is_err() {
-            std::os::unix::fs::symlink("/etc/systemd/system/reinstall-agent.service", &wants)?;
+        for (name, text, by) in [
+            (AGENT_SERVICE, AGENT_UNIT, &["multi-user.target"][..]),
+            (
+                EMERGENCY_SERVICE,
+                EMERGENCY_UNIT,
+                &["emergency.target", "rescue.target"][..],
+            ),
+        ] {
+            let unit = tree.join("etc/systemd/system").join(name);
+            std::fs::create_dir_all(unit.parent().unwrap())?;
+            std::fs::write(&unit, text)?;
+            for target in by {
+                let wants = tree.join(format!("etc/systemd/system/{target}.wants/{name}"));
+                std::fs::create_dir_all(wants.parent().unwrap())?;
+                if std::fs::symlink_metadata(&wants).is_err() {
+                    std::os::unix::fs::symlink(format!("/etc/systemd/system/{name}"), &wants)?;
+                }
+            }
         }
         // The journal as the next OS will see it: the boot that starts it has happened.
         let next = journal::Locked::open(&tree.join(JOURNAL_DIR))?;
@@ -1434,6 +1445,24 @@ impl Agent {
 
 /// The agent's systemd unit, installed into every OS it writes (and into the VM harness's
 /// source image).
+pub const AGENT_SERVICE: &str = "reinstall-agent.service";
+pub const EMERGENCY_SERVICE: &str = "reinstall-emergency-reboot.service";
+
+/// Started with systemd's emergency or rescue mode (a bad fstab, a failed fsck) in every OS
+/// the agent writes: on a machine nobody can reach such a boot is a dead end, so it reboots
+/// after `DELAY` seconds; in the target disk 1's GRUB counts those boots and falls back to the
+/// rescue OS (see `bootcfg::grubcfg`), and in a first boot the firmware's last good OS comes
+/// back. A drop-in changes the delay; `systemctl stop` it to keep the shell.
+pub const EMERGENCY_UNIT: &str = "[Unit]
+Description=reinstall: emergency or rescue mode is a dead end on a machine nobody can reach: reboot
+DefaultDependencies=no
+
+[Service]
+Type=simple
+Environment=DELAY=120
+ExecStart=/bin/sh -c 'echo \"reinstall: emergency or rescue mode, unreachable: rebooting in $DELAY s (systemctl stop reinstall-emergency-reboot to stay)\" >/dev/console; sleep $DELAY; exec systemctl reboot --force'
+";
+
 pub const AGENT_UNIT: &str = "[Unit]
 Description=reinstall agent: carries a reinstall job across reboots
 After=network-online.target

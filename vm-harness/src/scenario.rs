@@ -677,28 +677,52 @@ const PANIC_UNIT: &str = "[Unit]\nDescription=vm-harness: crash the kernel at bo
     DefaultDependencies=no\nBefore=sysinit.target\n\n[Service]\nType=oneshot\n\
     ExecStart=/bin/sh -c 'echo c > /proc/sysrq-trigger'\n\n[Install]\nWantedBy=sysinit.target\n";
 const PANIC_SAYS: &str = "Kernel panic - not syncing: sysrq triggered crash";
+/// A unit that sends every boot of the target into systemd's emergency mode (as a bad fstab
+/// or a failed fsck would), before the agent starts.
+const EMERGENCY_BREAK_UNIT: &str = "[Unit]\nDescription=vm-harness: emergency mode at boot\n\
+    DefaultDependencies=no\nAfter=local-fs.target\nBefore=sysinit.target\n\n[Service]\n\
+    Type=oneshot\nExecStart=/bin/systemctl --no-block isolate emergency.target\n\n[Install]\n\
+    WantedBy=sysinit.target\n";
+/// What the agent's emergency-reboot unit says on the console.
+const EMERGENCY_SAYS: &str = "reinstall: emergency or rescue mode, unreachable";
 
 /// After a done job, the target stops coming up: disk 1's GRUB boots it
-/// `bootcfg::grubcfg::SAVED_TRIES` times (each a kernel panic), then the rescue OS, whose agent
-/// tells the stager (the job stays done, the report is the host's last event). Repaired from
-/// the rescue OS (the unit removed from disk 1's root), a reboot is the target again.
+/// `bootcfg::grubcfg::SAVED_TRIES` times, then the rescue OS, whose agent tells the stager
+/// (the job stays done, the report is the host's last event). Each boot is a kernel panic on
+/// UEFI, and on BIOS systemd's emergency mode, left by the agent's emergency-reboot unit (its
+/// delay cut to 5 s by a drop-in). Repaired from the rescue OS (the unit removed from disk
+/// 1's root), a reboot is the target again.
 fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     let tries = bootcfg::grubcfg::SAVED_TRIES;
-    let panics = e.vm.serial_count(PANIC_SAYS);
+    let (unit, says, did, setup) = if e.vm.uefi {
+        (PANIC_UNIT, PANIC_SAYS, "panicked", String::new())
+    } else {
+        let d = format!("/etc/systemd/system/{}.d", agent::engine::EMERGENCY_SERVICE);
+        (
+            EMERGENCY_BREAK_UNIT,
+            EMERGENCY_SAYS,
+            "fell into emergency mode and rebooted",
+            format!("mkdir -p {d} && printf '[Service]\\nEnvironment=DELAY=5\\n' > {d}/vm.conf && "),
+        )
+    };
+    let before = e.vm.serial_count(says);
     e.vm.ssh(&format!(
-        "printf '%s' \"{PANIC_UNIT}\" > /etc/systemd/system/vm-panic.service && systemctl enable -q vm-panic.service && sync"
+        "{setup}printf '%s' \"{unit}\" > /etc/systemd/system/vm-break.service && systemctl enable -q vm-break.service && sync"
     ))?;
     e.vm.ssh("systemctl reboot || true").ok();
-    e.row("the target is made to panic early in every boot; rebooted");
+    e.row(&format!(
+        "the target is broken early in every boot ({}); rebooted",
+        if e.vm.uefi { "a kernel panic" } else { "systemd's emergency mode" }
+    ));
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS after the target stopped coming up", 2, 2)?;
-    let panicked = e.vm.serial_count(PANIC_SAYS) - panics;
+    let times = e.vm.serial_count(says) - before;
     ensure!(
-        panicked == tries,
-        "the target panicked {panicked} times before the rescue OS came up, expected {tries}"
+        times == tries,
+        "the target {did} {times} times before the rescue OS came up, expected {tries}"
     );
     e.row(&format!(
-        "the target panicked {panicked} times; disk 1's GRUB booted the rescue OS: same address and host key"
+        "the target {did} {times} times; disk 1's GRUB booted the rescue OS: same address and host key"
     ));
     // The rescue's agent reports once it reaches the stager.
     let t = Instant::now();
@@ -717,8 +741,8 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     e.row(&format!("stager: job still done; last event: {msg}"));
     let root = e.part(1, if e.vm.uefi { 2 } else { 3 });
     e.vm.ssh(&format!(
-        "mkdir -p /mnt/t && mount {root} /mnt/t && rm -f /mnt/t/etc/systemd/system/vm-panic.service \
-         /mnt/t/etc/systemd/system/sysinit.target.wants/vm-panic.service && umount /mnt/t && sync"
+        "mkdir -p /mnt/t && mount {root} /mnt/t && rm -f /mnt/t/etc/systemd/system/vm-break.service \
+         /mnt/t/etc/systemd/system/sysinit.target.wants/vm-break.service && umount /mnt/t && sync"
     ))?;
     e.vm.ssh("systemctl reboot || true").ok();
     let f = e.wait_world("target", None)?;
