@@ -1174,7 +1174,7 @@ impl Agent {
         }
         self.target_gone(
             &mut j,
-            &format!("did not come up {SAVED_TRIES} boots in a row (a panic or hang before its agent started); disk 1's GRUB booted the rescue OS instead"),
+            &format!("did not come up {SAVED_TRIES} boots in a row (a panic, emergency mode or a hang before its agent started); disk 1's GRUB booted the rescue OS instead"),
         )?;
         for (g, _) in &envs {
             g.remove(&[FELL_BACK_VAR])?;

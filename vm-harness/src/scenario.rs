@@ -702,7 +702,9 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
             EMERGENCY_BREAK_UNIT,
             EMERGENCY_SAYS,
             "fell into emergency mode and rebooted",
-            format!("mkdir -p {d} && printf '[Service]\\nEnvironment=DELAY=5\\n' > {d}/vm.conf && "),
+            format!(
+                "mkdir -p {d} && printf '[Service]\\nEnvironment=DELAY=5\\n' > {d}/vm.conf && "
+            ),
         )
     };
     let before = e.vm.serial_count(says);
@@ -712,7 +714,11 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     e.vm.ssh("systemctl reboot || true").ok();
     e.row(&format!(
         "the target is broken early in every boot ({}); rebooted",
-        if e.vm.uefi { "a kernel panic" } else { "systemd's emergency mode" }
+        if e.vm.uefi {
+            "a kernel panic"
+        } else {
+            "systemd's emergency mode"
+        }
     ));
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS after the target stopped coming up", 2, 2)?;
