@@ -534,19 +534,25 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
 /// target's facts.
 fn migrate(e: &mut Env) -> Result<Facts> {
     let (_, mut op) = to_rescue(e, TARGET)?;
-    let f = e.wait_world("target", None)?;
-    e.check_boot(&f, "target OS", 1, 2)?;
+    let f = target_done(e, &mut op, "target OS")?;
     e.row("target OS up: same address and host key, root on disk 1");
-    let st =
-        wait_child(&mut e.vm, &mut op, Duration::from_secs(600)).context("reinstall --wait")?;
-    ensure!(
-        st.success(),
-        "reinstall --wait exited {st}:\n{}",
-        e.operator_log()
-    );
     let v = e.stager_view()?.context("no job")?;
     ensure!(v.state == HostState::Done, "stager shows {:?}", v.state);
     e.row("stager: job done; reinstall --wait exited 0");
+    Ok(f)
+}
+
+/// Waits for the target OS to answer over SSH (checked as `what`: same address and host name,
+/// root on disk 1) and for the operator's `reinstall --wait` to exit 0. Returns its facts.
+fn target_done(e: &mut Env, op: &mut Child, what: &str) -> Result<Facts> {
+    let f = e.wait_world("target", None)?;
+    e.check_boot(&f, what, 1, 2)?;
+    let st = wait_child(&mut e.vm, op, Duration::from_secs(600)).context("reinstall --wait")?;
+    ensure!(
+        st.success(),
+        "{what}: reinstall --wait exited {st}:\n{}",
+        e.operator_log()
+    );
     Ok(f)
 }
 
@@ -638,15 +644,7 @@ pub fn full(o: &Opts) -> Result<bool> {
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS (second job)", 2, 2)?;
     e.row("second job: rescue OS up");
-    let f = e.wait_world("target", None)?;
-    e.check_boot(&f, "target OS (second job)", 1, 2)?;
-    let st =
-        wait_child(&mut e.vm, &mut op, Duration::from_secs(600)).context("reinstall --wait")?;
-    ensure!(
-        st.success(),
-        "second job: reinstall --wait exited {st}:\n{}",
-        e.operator_log()
-    );
+    target_done(&mut e, &mut op, "target OS (second job)")?;
     if o.bios {
         e.row("second job done: target up through the new rescue OS");
         e.passed("scenario full (BIOS): passed");
@@ -805,15 +803,7 @@ pub fn bad_target(o: &Opts) -> Result<bool> {
     e.row(&format!(
         "operator: reinstall --target {TARGET} --wait, taken by the rescue OS"
     ));
-    let f = e.wait_world("target", None)?;
-    e.check_boot(&f, "target OS installed from the rescue OS", 1, 2)?;
-    let st =
-        wait_child(&mut e.vm, &mut op, Duration::from_secs(600)).context("reinstall --wait")?;
-    ensure!(
-        st.success(),
-        "reinstall --wait exited {st}:\n{}",
-        e.operator_log()
-    );
+    target_done(&mut e, &mut op, "target OS installed from the rescue OS")?;
     let marker = e.vm.ssh("cat /etc/reinstall-vm-target")?;
     ensure!(
         rescue_fs(&e)? == before,
