@@ -62,26 +62,45 @@ impl ResetWatch {
         }
     }
 
-    fn hung(&mut self, log: &Path, after: Duration) -> bool {
+    /// Why the guest will not come back by itself, if it will not: the boot stopped before
+    /// the kernel, or the kernel reports a CPU stuck for [`STUCK`].
+    fn hung(&mut self, log: &Path, after: Duration) -> Option<String> {
         let len = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
-        if len != self.seen.0 {
+        let grew = len != self.seen.0;
+        if grew {
             self.seen = (len, Instant::now());
-            return false;
         }
-        if self.seen.1.elapsed() < after {
-            return false;
+        let silent = !grew && self.seen.1.elapsed() >= after;
+        if !grew && !silent {
+            return None;
         }
-        // Silent, and since the last reset (or power-on) no kernel has started: the firmware
-        // or the boot loader stopped (seen under TCG: OVMF silent after a warm reset; GRUB
-        // stopped after "Welcome to GRUB!" or after "Booting ..."). A started kernel may be
-        // silent for long (the agent writing gigabytes logs nothing to the console).
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
         let since = ["reboot: machine restart", "reboot: Restarting system"]
             .iter()
             .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
             .max()
             .unwrap_or(0);
-        !text[since..].contains("Linux version")
+        let boot = &text[since..];
+        // Silent, and since the last reset (or power-on) no kernel has started: the firmware
+        // or the boot loader stopped (seen under TCG: OVMF silent after a warm reset; GRUB
+        // stopped after "Welcome to GRUB!" or after "Booting ..."). A started kernel may be
+        // silent for long (the agent writing gigabytes logs nothing to the console).
+        if silent && !boot.contains("Linux version") {
+            return Some(format!(
+                "the serial console has been silent for {}s and no kernel started since the last reset (firmware or boot loader stopped)",
+                after.as_secs()
+            ));
+        }
+        // A kernel that keeps reporting a CPU stuck for minutes (seen under TCG: a soft
+        // lockup in udev's ata_id at boot, re-reported for half an hour while the log grew)
+        // does not come back; a hardware watchdog would reset the machine.
+        let stuck = boot
+            .rfind("soft lockup - CPU#")
+            .and_then(|i| boot[i..].split("stuck for ").nth(1))
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.trim().parse::<u64>().ok())?;
+        (stuck >= STUCK.as_secs())
+            .then(|| format!("the guest kernel reports a CPU stuck for {stuck}s (a soft lockup)"))
     }
 }
 
@@ -95,6 +114,8 @@ fn tail_lines(log: &Path, n: usize) -> String {
 /// before the harness, like a BMC, cuts the power and starts the machine again. OVMF under
 /// TCG prints its first line within seconds of a reset.
 const RESET_HANG: Duration = Duration::from_secs(120);
+/// A soft lockup the guest kernel reports for this long is taken for a hung machine.
+const STUCK: Duration = Duration::from_secs(120);
 /// More hung resets than this in one run fail it: the emulator, not a flake.
 const MAX_HUNG_RESETS: usize = 2;
 
@@ -215,16 +236,19 @@ impl Vm {
     /// would (counted in `hung_resets`, at most `MAX_HUNG_RESETS`: a boot path that stops
     /// every time still fails the run).
     pub fn running(&mut self) -> Result<bool> {
-        if self.child.is_some() && self.watch.hung(&self.serial_log(), RESET_HANG) {
+        let why = match self.child {
+            Some(_) => self.watch.hung(&self.serial_log(), RESET_HANG),
+            None => None,
+        };
+        if let Some(why) = why {
             self.hung_resets += 1;
             eprintln!(
-                "vm-harness: the serial console has been silent for {}s and no kernel started since the last reset (firmware or boot loader stopped); power-cycling ({} of at most {MAX_HUNG_RESETS})",
-                RESET_HANG.as_secs(),
+                "vm-harness: {why}; power-cycling ({} of at most {MAX_HUNG_RESETS})",
                 self.hung_resets
             );
             anyhow::ensure!(
                 self.hung_resets <= MAX_HUNG_RESETS,
-                "the boot stopped before the kernel {} times; see {}",
+                "the guest hung {} times ({why}); see {}",
                 self.hung_resets,
                 self.serial_log().display()
             );
@@ -476,38 +500,58 @@ mod tests {
             "[    0.0] Linux version 6.1.0\r\n[   12.0] systemd[1]: Started ssh.service\r\n",
         )
         .unwrap();
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
         std::thread::sleep(quiet * 2);
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
         // A reboot: not before the log has been silent long enough.
         std::fs::write(
             &log,
             "[   40.9] reboot: Restarting system\r\n[   40.9] reboot: machine restart\r\n",
         )
         .unwrap();
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
         std::thread::sleep(quiet / 4);
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
         std::thread::sleep(quiet * 2);
-        assert!(w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_some());
         // The firmware and GRUB printed something after the reset, then stopped: hung too.
         std::fs::write(
             &log,
             "[   40.9] reboot: machine restart\r\nBdsDxe: loading Boot0005\r\nWelcome to GRUB!\r\n",
         )
         .unwrap();
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
         std::thread::sleep(quiet * 2);
-        assert!(w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_some());
         // A kernel started after the reset: a quiet guest, never hung.
         std::fs::write(
             &log,
             "[   40.9] reboot: machine restart\r\nBdsDxe: loading Boot0005\r\n[    0.0] Linux version 6.1.0\r\n",
         )
         .unwrap();
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
         std::thread::sleep(quiet * 2);
-        assert!(!w.hung(&log, quiet));
+        assert!(w.hung(&log, quiet).is_none());
+        // A started kernel that reports a CPU stuck for minutes, its log still growing.
+        let lockup = |secs: u64| {
+            format!(
+                "[    0.0] Linux version 6.1.0\r\n[  {secs}.7] watchdog: BUG: soft lockup - CPU#0 stuck for {secs}s! [ata_id:242]\r\n"
+            )
+        };
+        std::fs::write(&log, lockup(23)).unwrap();
+        assert!(w.hung(&log, quiet).is_none(), "a short lockup passes");
+        std::fs::write(&log, lockup(23) + &lockup(119)).unwrap();
+        assert!(w.hung(&log, quiet).is_none());
+        std::fs::write(&log, lockup(23) + &lockup(119) + &lockup(279)).unwrap();
+        let why = w.hung(&log, quiet).expect("stuck for 279 s");
+        assert!(why.contains("stuck for 279s"), "{why}");
+        // After the reset, a new boot's log: the old lockup is not this boot's.
+        std::fs::write(
+            &log,
+            lockup(279) + "[  300.0] reboot: machine restart\r\n[    0.0] Linux version 6.1.0\r\n",
+        )
+        .unwrap();
+        assert!(w.hung(&log, quiet).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
