@@ -385,7 +385,7 @@ impl Agent {
                 // failed, cancelled), also when this rescue OS's journal stopped before the
                 // end (a rescue on request leaves it at target-up). The identity carried into
                 // this OS (network.json, carry) stays: it is the machine's, for the new target.
-                let to = self.journal.archive(old.job, &[])?;
+                let to = self.archive(old)?;
                 // This boot's answer to a rescue request is not the new job's.
                 let _ = std::fs::remove_file(self.work.join(REQUESTED));
                 eprintln!(
@@ -402,7 +402,7 @@ impl Agent {
                 // A new job for a machine that finished one: the running OS becomes the
                 // source of the next migration. The old job's state goes to the archive;
                 // `run` takes the new job.
-                let to = self.journal.archive(old.job, &["network.json", "carry"])?;
+                let to = self.archive(old)?;
                 if self.world == World::Target {
                     std::fs::write(self.root.join(WORLD_FILE), "source\n")
                         .context("writing etc/reinstall/world")?;
@@ -469,15 +469,7 @@ impl Agent {
         if w.job.as_ref().is_some_and(|x| x.id == j.job) {
             return Ok(false);
         }
-        // In the rescue OS the carried identity stays (see `idle`); in the source OS the
-        // next job's plan captures it again.
-        let keep = j.from_rescue || self.world == World::Rescue;
-        let names: &[&str] = if keep {
-            &[]
-        } else {
-            &["network.json", "carry"]
-        };
-        let to = self.journal.archive(j.job, names)?;
+        let to = self.archive(j)?;
         eprintln!(
             "reinstall: job {} is no longer this host's work (cancelled) before {}: dropped, nothing that boots was changed (kept in {})",
             j.job,
@@ -485,6 +477,18 @@ impl Agent {
             to.display()
         );
         Ok(true)
+    }
+
+    /// Moves job `j`'s journal to the archive (`archive/job-ID/`), with the identity it
+    /// captured (`network.json`, `carry`) except in the rescue OS, where that identity is the
+    /// machine's for the next job taken there; elsewhere the next job's plan captures it again.
+    fn archive(&self, j: &Journal) -> Result<PathBuf> {
+        let names: &[&str] = if self.world == World::Rescue {
+            &[]
+        } else {
+            &["network.json", "carry"]
+        };
+        self.journal.archive(j.job, names)
     }
 
     /// In the rescue OS: whether this boot was asked for by an operator. The stager holds
@@ -889,14 +893,7 @@ impl Agent {
             .disk2
             .clone()
             .context("no disk 2 in the last job's journal")?;
-        let roots = disk::root_disks_of(&self.root);
-        let d2 = match roots.as_slice() {
-            [r] => disk::identify(Path::new(&format!("/dev/{r}")))?,
-            _ => bail!(
-                "the running root is on {} disks ({roots:?}); the rescue OS runs from disk 2 alone",
-                roots.len()
-            ),
-        };
+        let d2 = running_root_disk(&self.root)?;
         anyhow::ensure!(
             d2.same_disk(&last2),
             "the rescue OS runs from {}, which is not disk 2 of the last job ({}); nothing was changed",
@@ -937,9 +934,8 @@ impl Agent {
     /// `stage-rescue` of a job taken in the rescue OS: the running rescue OS stays; only
     /// the target is stashed (see [`Agent::stash_target`]).
     fn stash_only(&self, j: &Journal) -> Result<()> {
-        let d2 = journal_disk_now(j.disk2.as_ref())?;
-        let dev = d2.partition_path(d2.find_partition(PartKind::LinuxData)?.number);
-        let stash = Mounted::ext4(&dev, &self.work.join("stash"), false)?;
+        let d2 = j.disk2.as_ref().context("no disk 2 in the journal")?;
+        let stash = self.mount_stash(d2, false)?;
         self.stash_target(j, &stash.path)
     }
 
@@ -1232,8 +1228,8 @@ impl Agent {
             .is_ok_and(|env| env.get("saved_entry").map(String::as_str) == Some("target"))
     }
 
-    /// The stash on disk 2 (`d2`, checked to be the disk in the journal), mounted read-only.
-    fn mount_stash(&self, d2: &DiskId) -> Result<Mounted> {
+    /// The stash on disk 2 (`d2`, checked to be the disk in the journal), mounted.
+    fn mount_stash(&self, d2: &DiskId, read_only: bool) -> Result<Mounted> {
         let dev = disk::identify(Path::new(&d2.path))
             .ok()
             .filter(|now| now.same_disk(d2))
@@ -1243,7 +1239,7 @@ impl Agent {
                     .map(|p| now.partition_path(p.number))
             })
             .context("disk 2 (the stash) is not where the journal says")?;
-        Mounted::ext4(&dev, &self.work.join("stash"), true)
+        Mounted::ext4(&dev, &self.work.join("stash"), read_only)
     }
 
     /// The ESP partition's device of disk `d`, checked to be the disk in the journal.
@@ -1340,7 +1336,7 @@ impl Agent {
         );
         mount::mkfs_esp(esp, "ESP", pinned.logical_sector)?;
         let root_uuid = mount::mkfs_ext4(root_dev, "root")?;
-        let stash = self.mount_stash(&d2)?;
+        let stash = self.mount_stash(&d2, true)?;
         let root = Mounted::ext4(root_dev, &self.work.join("target"), false)?;
         let tdir = stash.path.join("target");
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
@@ -1396,7 +1392,7 @@ impl Agent {
             layout.sector,
             "Windows",
         )?;
-        let stash = self.mount_stash(&d2)?;
+        let stash = self.mount_stash(&d2, true)?;
         let tdir = stash.path.join("target");
         let signed = bundle::verify::check_signed(&tdir, &self.release_key()?)?;
         let id = bundle::payload::load_identity(&tdir.join(bundle::IDENTITY_FILE))?;
@@ -1443,8 +1439,7 @@ impl Agent {
     }
 }
 
-/// The agent's systemd unit, installed into every OS it writes (and into the VM harness's
-/// source image).
+/// The names of [`AGENT_UNIT`] and [`EMERGENCY_UNIT`] under `/etc/systemd/system`.
 pub const AGENT_SERVICE: &str = "reinstall-agent.service";
 pub const EMERGENCY_SERVICE: &str = "reinstall-emergency-reboot.service";
 
@@ -1463,6 +1458,8 @@ Environment=DELAY=120
 ExecStart=/bin/sh -c 'echo \"reinstall: emergency or rescue mode, unreachable: rebooting in $DELAY s (systemctl stop reinstall-emergency-reboot to stay)\" >/dev/console; sleep $DELAY; exec systemctl reboot --force'
 ";
 
+/// The agent's systemd unit, installed into every OS it writes (and into the VM harness's
+/// source image).
 pub const AGENT_UNIT: &str = "[Unit]
 Description=reinstall agent: carries a reinstall job across reboots
 After=network-online.target
@@ -1482,18 +1479,10 @@ WantedBy=multi-user.target
 /// Disk 1 (holding the running root `root`) and disk 2 (`hint`, or the only candidate),
 /// both identified, disk 2 checked destructible. Touches nothing.
 pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId)> {
-    let roots = disk::root_disks_of(root);
-    let [disk1] = roots.as_slice() else {
-        bail!(
-            "the running root is on {} disks ({:?}); exactly one is supported",
-            roots.len(),
-            roots
-        );
-    };
-    let d1 = disk::identify(Path::new(&format!("/dev/{disk1}")))?;
+    let d1 = running_root_disk(root)?;
     let d2 = match hint {
         Some(p) => disk::identify(p)?,
-        None => pick_disk2(disk1)?,
+        None => pick_disk2(&d1.name)?,
     };
     anyhow::ensure!(
         d1.name != d2.name,
@@ -1502,6 +1491,19 @@ pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId)
     );
     disk::check_destructible_for(&d2, root)?;
     Ok((d1, d2))
+}
+
+/// The one disk that holds the running root `root`, identified.
+fn running_root_disk(root: &Path) -> Result<DiskId> {
+    let roots = disk::root_disks_of(root);
+    let [disk] = roots.as_slice() else {
+        bail!(
+            "the running root is on {} disks ({:?}); exactly one is supported",
+            roots.len(),
+            roots
+        );
+    };
+    disk::identify(Path::new(&format!("/dev/{disk}")))
 }
 
 /// What `reinstall plan` shows: everything the job would do, decided, nothing written.

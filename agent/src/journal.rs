@@ -195,6 +195,15 @@ impl Journal {
     }
 }
 
+/// The journal at `p`, if there is one.
+fn read(p: &Path) -> Result<Option<Journal>> {
+    match std::fs::read(p) {
+        Ok(b) => Journal::parse(p, &b).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
 /// The journal directory, locked for this process.
 pub struct Locked {
     dir: PathBuf,
@@ -225,19 +234,14 @@ impl Locked {
     }
 
     pub fn load(&self) -> Result<Option<Journal>> {
-        let p = self.path();
-        match std::fs::read(&p) {
-            Ok(b) => Journal::parse(&p, &b).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
+        read(&self.path())
     }
 
     /// Moves a finished job's state (`names`: what it left in the directory besides the
     /// journal) into `archive/job-ID/`, the journal last: a crash in between leaves the
     /// journal in place, and the next call moves what is left.
     pub fn archive(&self, job: u64, names: &[&str]) -> Result<PathBuf> {
-        let to = self.dir.join("archive").join(format!("job-{job}"));
+        let to = self.archived(job);
         std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
         for n in names.iter().chain(std::iter::once(&FILE)) {
             let from = self.dir.join(n);
@@ -268,12 +272,12 @@ impl Locked {
             })
             .max();
         let Some(n) = newest else { return Ok(None) };
-        let p = dir.join(format!("job-{n}")).join(FILE);
-        match std::fs::read(&p) {
-            Ok(b) => Journal::parse(&p, &b).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-        }
+        read(&self.archived(n).join(FILE))
+    }
+
+    /// Where job `job`'s state is archived.
+    fn archived(&self, job: u64) -> PathBuf {
+        self.dir.join("archive").join(format!("job-{job}"))
     }
 
     /// Writes the journal atomically and durably.

@@ -1,4 +1,5 @@
-//! The operator's commands: create a job (and follow it), show status, send hosts to rescue.
+//! The operator's commands: create a job (and follow it), show status, send hosts to rescue,
+//! cancel a job.
 
 use crate::cli::{CancelOpts, Global, JobOpts, RescueOpts};
 use agent::client::Client;
