@@ -86,6 +86,38 @@ fn os_tree(dir: &Path, marker: &str) {
     ));
 }
 
+/// What an [`Env`] is made of.
+#[derive(Clone, Copy)]
+struct Spec {
+    /// Logical sector size of both disks.
+    sector: u32,
+    /// Sizes of the two loop disks (`truncate -s`).
+    disk1: &'static str,
+    disk2: &'static str,
+    /// A sparse file of this many bytes in the target (zeros: cheap to pack, full size to
+    /// unpack).
+    target_extra: u64,
+    /// Rescue and target trees that really boot (a Debian kernel, a small initramfs, an init
+    /// that prints a marker), from `scripts/make-vm-rescue-tree`.
+    bootable: bool,
+    /// The target is Windows, built from synthetic media (`scripts/make-windows-media`, image
+    /// "Test Server").
+    windows: bool,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            sector: 512,
+            disk1: "3G",
+            disk2: "4G",
+            target_extra: 0,
+            bootable: false,
+            windows: false,
+        }
+    }
+}
+
 struct Env {
     w: tempfile::TempDir,
     stager: Stager,
@@ -99,34 +131,18 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Self::with_sectors(512)
+        Self::build(Spec::default())
     }
 
-    fn with_sectors(sector: u32) -> Env {
-        Self::with(sector, "3G", 0)
-    }
-
-    /// `sector`-byte disks, disk 1 of `disk1` bytes, and a target carrying a sparse file of
-    /// `target_extra` bytes (zeros: cheap to pack, full size to unpack).
-    fn with(sector: u32, disk1_size: &str, target_extra: u64) -> Env {
-        Self::build(sector, disk1_size, target_extra, false)
-    }
-
-    /// `bootable`: rescue and target trees that really boot (a Debian kernel, a small
-    /// initramfs, an init that prints a marker), from `scripts/make-vm-rescue-tree`.
-    fn build(sector: u32, disk1_size: &str, target_extra: u64, bootable: bool) -> Env {
-        Self::build_with(sector, disk1_size, target_extra, bootable, false)
-    }
-
-    /// `windows`: the target is Windows, built from synthetic media
-    /// (`scripts/make-windows-media`, image "Test Server").
-    fn build_with(
-        sector: u32,
-        disk1_size: &str,
-        target_extra: u64,
-        bootable: bool,
-        windows: bool,
-    ) -> Env {
+    fn build(spec: Spec) -> Env {
+        let Spec {
+            sector,
+            disk1: disk1_size,
+            disk2: disk2_size,
+            target_extra,
+            bootable,
+            windows,
+        } = spec;
         let w = scratch();
         let p = w.path();
         let (rescue, target) = (p.join("rescue-tree"), p.join("target-tree"));
@@ -178,7 +194,7 @@ impl Env {
         };
         stager.start();
         let disk1 = loopdev(&p.join("disk1.img"), disk1_size, sector);
-        let disk2 = loopdev(&p.join("disk2.img"), "4G", sector);
+        let disk2 = loopdev(&p.join("disk2.img"), disk2_size, sector);
         // The source OS on disk 1: ESP + root, with the identity to carry.
         let id1 = disk::identify(Path::new(&disk1.0)).unwrap();
         let layout = disk::linux_target_layout(id1.size_bytes, id1.logical_sector, false).unwrap();
@@ -434,6 +450,17 @@ impl Env {
             f(&at);
         }
         sh("sync");
+    }
+
+    /// The SHA-256 of the target payload in disk 2's stash, mounted read-only at `at`.
+    fn stashed_sha(&self, at: &str) -> String {
+        let s = self.w.path().join(at);
+        let _c = mount(&format!("{}p3", self.disk2.0), &s, true);
+        let h = sh(&format!(
+            "sha256sum {}/target/payload.age | cut -d' ' -f1",
+            s.display()
+        ));
+        h.trim().to_string()
     }
 
     fn root_part(&self, label: &str) -> String {
@@ -708,7 +735,7 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
     let uuid = |dev: &str| sh(&format!("blkid -s UUID -o value {dev}"));
     let rescue_fs = uuid(&env.root_part("reinstall-rescue"));
     // Too large for disk 1 (3 GiB): 4 GiB of zeros, tiny packed.
-    env.add_target("2", "target-2", 4 << 30);
+    env.add_target("2", "target-2", "truncate -s 4G usr/bin/large");
     ok(env
         .stager
         .reinstall("alice")
@@ -726,16 +753,10 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
             "target"
         );
     });
-    let stashed = |at: &str| {
-        let s = env.w.path().join(at);
-        let _c = mount(&format!("{}p3", env.disk2.0), &s, true);
-        let h = sh(&format!(
-            "sha256sum {}/target/payload.age | cut -d' ' -f1",
-            s.display()
-        ));
-        h.trim().to_string()
-    };
-    assert_eq!(stashed("check-stash-1"), env.stager.sha_of("target"));
+    assert_eq!(
+        env.stashed_sha("check-stash-1"),
+        env.stager.sha_of("target")
+    );
     let out = ok(env.stager.reinstall("alice").args(["cancel", "2"]));
     assert!(
         out.contains("job 2 cancelled") && out.contains("web1"),
@@ -745,7 +766,7 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("job 2 is no longer this host's work"), "{err}");
     // Job 3, a target that fits: installed from the rescue OS, booted, done.
-    let sha3 = env.add_target("3", "target-3", 0);
+    let sha3 = env.add_target("3", "target-3", "true");
     ok(env
         .stager
         .reinstall("alice")
@@ -781,7 +802,7 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
     );
     env.assert_carried(&t);
     assert_eq!(
-        stashed("check-stash-3"),
+        env.stashed_sha("check-stash-3"),
         sha3,
         "the stash holds job 3's target"
     );
@@ -888,6 +909,73 @@ fn a_rescue_on_request_boots_the_rescue_once_and_the_target_says_when_it_is_back
     assert_eq!(code, 0, "{err}");
     assert_eq!(phase(), "target-up", "the stager still shows the rescue OS");
     assert_eq!(job_state(&env.stager)["state"], "done");
+}
+
+/// A job taken in the rescue OS keeps disk 2's partitions as they are: a target whose payload
+/// would not fit the stash there is refused in plan, before anything is written, and the
+/// refusal says how to do it instead.
+#[test]
+fn a_job_in_the_rescue_os_whose_target_outgrows_the_stash_is_refused_before_anything_is_written() {
+    // Disk 2 of 1700 MiB: ESP 256 MiB, rescue root 1280 MiB, a stash of ~160 MiB, room for
+    // job 1's small target.
+    let env = Env::build(Spec {
+        disk2: "1700M",
+        ..Spec::default()
+    });
+    create_job(&env.stager);
+    env.migrate(None, false);
+    ok(env
+        .stager
+        .reinstall("alice")
+        .args(["--host", "web1", "rescue"]));
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 100, "the target boots the rescue OS once: {err}");
+    env.power_cycle();
+    assert_eq!(env.current_label(), "reinstall-rescue");
+    assert_eq!(env.boot_linux().0, 0);
+    let rescue_fs = sh(&format!(
+        "blkid -s UUID -o value {}",
+        env.root_part("reinstall-rescue")
+    ));
+    let table = |d: &str| sh(&format!("sfdisk --dump {d}"));
+    let tables = (table(&env.disk1.0), table(&env.disk2.0));
+    // 180 MiB that do not compress: the payload and its margin outgrow the stash.
+    env.add_target("2", "target-2", "head -c 180M /dev/urandom > usr/bin/noise");
+    ok(env
+        .stager
+        .reinstall("alice")
+        .args(["--host", "web1", "--target", "target@2"]));
+    let (code, err) = env.boot_linux();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("job 2 received in the rescue OS")
+            && err.contains("the stash on disk 2")
+            && err.contains("run the job from the source or target OS instead")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(
+        env.last_message().contains("the stash on disk 2"),
+        "{}",
+        env.last_message()
+    );
+    // Nothing was written: both partition tables, the rescue filesystem, job 1's target on
+    // disk 1 and job 1's bundle in the stash are as they were.
+    assert_eq!((table(&env.disk1.0), table(&env.disk2.0)), tables);
+    assert_eq!(
+        sh(&format!(
+            "blkid -s UUID -o value {}",
+            env.root_part("reinstall-rescue")
+        )),
+        rescue_fs
+    );
+    env.change_target(|at| {
+        assert_eq!(
+            std::fs::read_to_string(at.join("etc/os-marker")).unwrap(),
+            "target"
+        );
+    });
+    assert_eq!(env.stashed_sha("check-stash"), env.stager.sha_of("target"));
 }
 
 fn create_job(s: &Stager) {
@@ -1116,7 +1204,10 @@ fn the_migration_through_uefi_variables_names_the_esps_exactly() {
 
 #[test]
 fn the_migration_works_on_4096_byte_sector_disks() {
-    let env = Env::with_sectors(4096);
+    let env = Env::build(Spec {
+        sector: 4096,
+        ..Spec::default()
+    });
     create_job(&env.stager);
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
@@ -1284,13 +1375,12 @@ impl Env {
 
     /// Builds bundle `target@VERSION` on the running stager: an OS tree with `marker` and a
     /// sparse file of `sparse` bytes. Returns its payload's SHA-256.
-    fn add_target(&self, version: &str, marker: &str, sparse: u64) -> String {
+    /// Builds target bundle `target@VERSION` from a fresh tree marked `marker`, after running
+    /// the shell command `extra` in the tree; returns its payload's SHA-256.
+    fn add_target(&self, version: &str, marker: &str, extra: &str) -> String {
         let tree = self.w.path().join(format!("target-tree-{version}"));
         os_tree(&tree, marker);
-        sh(&format!(
-            "truncate -s {sparse} {}/usr/bin/large",
-            tree.display()
-        ));
+        sh(&format!("cd {} && {extra}", tree.display()));
         ok(stager()
             .args(["bundle", "build", "--dir"])
             .arg(&self.stager.home)
@@ -1388,7 +1478,11 @@ fn a_different_disk_1_at_install_time_is_refused_and_the_machine_stays_in_rescue
 #[test]
 fn a_target_larger_than_disk_1_is_refused_before_anything_is_written() {
     // Disk 1 of 1.2 GiB: its root partition would hold ~700 MiB; the target unpacks to 800.
-    let env = Env::with(512, "1200M", 800 << 20);
+    let env = Env::build(Spec {
+        disk1: "1200M",
+        target_extra: 800 << 20,
+        ..Spec::default()
+    });
     create_job(&env.stager);
     let (code, err) = env.boot_once();
     assert_eq!(code, Some(1), "{err}");
@@ -1409,7 +1503,10 @@ fn a_target_larger_than_disk_1_is_refused_before_anything_is_written() {
 /// themselves live in the fake firmware (the VM harness, issue 6, will drive OVMF's).
 #[test]
 fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
-    let env = Env::build(512, "3G", 0, true);
+    let env = Env::build(Spec {
+        bootable: true,
+        ..Spec::default()
+    });
     create_job(&env.stager);
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
@@ -1556,7 +1653,10 @@ fn both_disks_boot_on_uefi_firmware_into_their_own_os() {
 #[test]
 fn a_windows_target_is_applied_from_the_stash_and_boots_through_its_winpe_stage() {
     for stage_ok in [true, false] {
-        let env = Env::build_with(512, "3G", 0, false, true);
+        let env = Env::build(Spec {
+            windows: true,
+            ..Spec::default()
+        });
         let p = env.w.path();
         create_job(&env.stager);
         // source: plan, stage the rescue; rescue: install-target, boot-target.
@@ -1831,7 +1931,10 @@ fn a_power_cut_anywhere_in_a_windows_install_comes_back_to_rescue_and_resumes() 
         "done-install-target",
         "enter-boot-target",
     ] {
-        let env = Env::build_with(512, "3G", 0, false, true);
+        let env = Env::build(Spec {
+            windows: true,
+            ..Spec::default()
+        });
         create_job(&env.stager);
         let (code, err) = env.boot_linux();
         assert_eq!(code, 100, "source: {err}");
@@ -1888,7 +1991,10 @@ fn a_power_cut_anywhere_in_a_windows_install_comes_back_to_rescue_and_resumes() 
 /// stops with the missing programs named, and the next boot is still the source OS.
 #[test]
 fn a_windows_job_with_a_rescue_that_lacks_the_windows_tools_stops_on_the_source() {
-    let env = Env::build_with(512, "3G", 0, false, true);
+    let env = Env::build(Spec {
+        windows: true,
+        ..Spec::default()
+    });
     let bare = env.w.path().join("bare-rescue");
     os_tree(&bare, "rescue");
     ok(integration_tests::stager()
