@@ -27,16 +27,37 @@ pub struct FsSink {
     /// Directory modes and mtimes, applied by [`FsSink::finish_dirs`].
     deferred: Vec<(PathBuf, Meta)>,
     root_meta: Option<Meta>,
+    /// The target, opened before the first entry is written: [`FsSink::sync`]'s `syncfs`
+    /// through it reports every write-back error since then (Linux samples a filesystem's
+    /// error sequence when a file is opened).
+    root_dir: File,
+    flusher: Flusher,
+    /// File data written since the flusher was last asked to run.
+    unflushed: u64,
 }
 
+/// How much file data is written between two background flushes.
+const FLUSH_EVERY: u64 = 64 << 20;
+
 impl FsSink {
-    pub fn new(root: &Path) -> Self {
-        FsSink {
+    pub fn new(root: &Path) -> Result<Self> {
+        Ok(FsSink {
             root: root.to_path_buf(),
             dirs: HashSet::new(),
             deferred: Vec::new(),
             root_meta: None,
-        }
+            root_dir: File::open(root).map_err(io_err("opening", root))?,
+            flusher: Flusher::start(root)?,
+            unflushed: 0,
+        })
+    }
+
+    /// Makes everything written so far durable: waits for the background flusher, then
+    /// flushes the whole filesystem; an error either met is returned.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flusher.stop()?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&self.root_dir))
+            .map_err(|e| Error::io("flushing the filesystem of", &self.root, e.into()))
     }
 
     /// Applies the deferred directory modes and mtimes, except the root's (see
@@ -135,7 +156,14 @@ impl FsSink {
             }
             r => r.map_err(io_err("creating", abs))?,
         };
-        data.for_each_chunk(|piece| f.write_all(piece).map_err(io_err("writing", abs)))?;
+        data.for_each_chunk(|piece| {
+            self.unflushed += piece.len() as u64;
+            f.write_all(piece).map_err(io_err("writing", abs))
+        })?;
+        if self.unflushed >= FLUSH_EVERY {
+            self.flusher.kick();
+            self.unflushed = 0;
+        }
         std::os::unix::fs::fchown(&f, Some(e.meta.uid), Some(e.meta.gid))
             .map_err(io_err("changing owner of", abs))?;
         f.set_permissions(std::fs::Permissions::from_mode(e.meta.mode))
@@ -217,6 +245,59 @@ impl FsSink {
             }
         }
         Ok(())
+    }
+}
+
+/// Flushes the target's filesystem (`syncfs`) on its own thread while the unpack goes on, so
+/// the disk writes while the pipeline decodes instead of all of it at the end: measured
+/// 1.44× → 1.27× of plain `tar -x` into ext4 (`scripts/bench-unpack`). Its own descriptor of
+/// the target: the error it meets is kept and returned by [`Flusher::stop`], and the final
+/// `syncfs` through [`FsSink`]'s descriptor still sees every error since the unpack began.
+struct Flusher {
+    kick: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Flusher {
+    fn start(root: &Path) -> Result<Flusher> {
+        let dir = File::open(root).map_err(io_err("opening", root))?;
+        // One flush asked for at most: kicks while one runs are merged into the next.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::spawn(move || -> std::io::Result<()> {
+            while rx.recv().is_ok() {
+                nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))?;
+            }
+            Ok(())
+        });
+        Ok(Flusher {
+            kick: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a flush; never waits.
+    fn kick(&self) {
+        if let Some(k) = &self.kick {
+            let _ = k.try_send(());
+        }
+    }
+
+    /// Waits for the flush under way, if any, and ends the thread.
+    fn stop(&mut self) -> Result<()> {
+        drop(self.kick.take());
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => Err(Error::io("flushing the filesystem of", "the target", e)),
+            Some(Err(_)) => Err(Error::Invalid("the flusher thread panicked".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    /// A failed unpack still waits for the thread: it holds the target open, and the caller
+    /// may unmount the target next.
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }
 
@@ -330,11 +411,8 @@ pub fn note_failure(target: &Path, reason: &str) {
     }
 }
 
-/// Flushes the whole filesystem holding `target`, then removes the marker durably.
+/// Removes the marker durably. Only after [`FsSink::sync`] said the tree is on disk.
 pub fn mark_complete(target: &Path) -> Result<()> {
-    let d = File::open(target).map_err(io_err("opening", target))?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
-        .map_err(|e| Error::io("flushing the filesystem of", target, e.into()))?;
     let p = target.join(crate::tree::INCOMPLETE_MARKER);
     std::fs::remove_file(&p).map_err(io_err("removing", &p))?;
     sync_dir(target)

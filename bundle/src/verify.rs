@@ -130,17 +130,16 @@ fn unpack_marked(
     unpack::prepare_target(target)?;
     unpack::mark_incomplete(target, &m.id())?;
     failpoint::hit("unpack-marked");
-    let mut sink = FsSink::new(target);
-    let result = open()
-        .and_then(|reader| walk_payload(m, reader, &mut sink, "unpack", progress))
-        .and_then(|stats| {
-            sink.finish_dirs()?;
-            failpoint::hit("unpack-before-complete");
-            unpack::mark_complete(target)?;
-            sink.finish_root()?;
-            unpack::sync_dir(target)?;
-            Ok(stats)
-        });
+    let result = FsSink::new(target).and_then(|mut sink| {
+        let stats = walk_payload(m, open()?, &mut sink, "unpack", progress)?;
+        sink.finish_dirs()?;
+        failpoint::hit("unpack-before-complete");
+        sink.sync()?;
+        unpack::mark_complete(target)?;
+        sink.finish_root()?;
+        unpack::sync_dir(target)?;
+        Ok(stats)
+    });
     if let Err(e) = &result {
         unpack::note_failure(target, &e.to_string());
     }
