@@ -1057,6 +1057,10 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
             .unwrap(),
             agent::engine::EMERGENCY_UNIT
         );
+        assert_eq!(
+            std::fs::read_to_string(tree.join(agent::engine::WATCHDOG_CONF)).unwrap(),
+            agent::engine::WATCHDOG_DROPIN
+        );
         let key = std::fs::metadata(tree.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,

@@ -999,6 +999,9 @@ impl Agent {
                 }
             }
         }
+        let wd = tree.join(WATCHDOG_CONF);
+        std::fs::create_dir_all(wd.parent().unwrap())?;
+        std::fs::write(&wd, WATCHDOG_DROPIN).with_context(|| format!("writing {WATCHDOG_CONF}"))?;
         // The journal as the next OS will see it: the boot that starts it has happened.
         let next = journal::Locked::open(&tree.join(JOURNAL_DIR))?;
         let mut j2 = j.clone();
@@ -1456,6 +1459,22 @@ DefaultDependencies=no
 Type=simple
 Environment=DELAY=120
 ExecStart=/bin/sh -c 'echo \"reinstall: emergency or rescue mode, unreachable: rebooting in $DELAY s (systemctl stop reinstall-emergency-reboot to stay)\" >/dev/console; sleep $DELAY; exec systemctl reboot --force'
+";
+
+/// Where [`WATCHDOG_DROPIN`] goes in every OS the agent writes.
+pub const WATCHDOG_CONF: &str = "etc/systemd/system.conf.d/50-reinstall-watchdog.conf";
+
+/// Has systemd arm the machine's hardware watchdog (`/dev/watchdog0`: iTCO, IPMI, a VM's
+/// i6300esb; opened when its driver loads) and ping it from PID 1: a boot whose kernel or
+/// systemd hangs is reset, so it is counted and falls back like one that panicked. Without a
+/// watchdog device systemd only notes that it has none.
+pub const WATCHDOG_DROPIN: &str =
+    "# Written by reinstall: a machine nobody can reach must not stay hung. A hardware watchdog
+# resets it when the kernel or systemd stops pinging it for RuntimeWatchdogSec; disk 1's GRUB
+# counts such boots and falls back to the rescue OS. A later drop-in (or removing this file)
+# changes it.
+[Manager]
+RuntimeWatchdogSec=2min
 ";
 
 /// The agent's systemd unit, installed into every OS it writes (and into the VM harness's

@@ -22,8 +22,9 @@ use std::process::{Command, ExitCode, Stdio};
 ///               same host key, the root on the expected disk, the stager's phase; at the end
 ///               the target's marker, the rescue and the stash intact, the boot order, the
 ///               entries as efibootmgr lists them; rescue on request and back; a target
-///               that stops coming up (panics at boot) is given up on by disk 1's GRUB after
-///               two boots, the rescue reports it, repaired from there; a second job.
+///               that stops coming up (hangs at boot, reset by the watchdog; emergency mode
+///               on BIOS) is given up on by disk 1's GRUB after two boots, the rescue
+///               reports it, repaired from there; a second job.
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
 ///               the stager shows the failure; then a job with a good target is taken by the
 ///               rescue OS, which installs it from there (rescue kept) and boots it.

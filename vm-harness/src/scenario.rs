@@ -5,7 +5,7 @@ use crate::vm::{self, Facts, Vm};
 use crate::{run, sh};
 use anyhow::{bail, ensure, Context, Result};
 use proto::v1::{HostJob, HostState};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -669,31 +669,47 @@ pub fn full(o: &Opts) -> Result<bool> {
     Ok(true)
 }
 
-/// A unit that crashes the kernel early in every boot of the target (as a bad update might):
-/// `panic=10` reboots it, long before the agent would start.
-const PANIC_UNIT: &str = "[Unit]\nDescription=vm-harness: crash the kernel at boot\n\
-    DefaultDependencies=no\nBefore=sysinit.target\n\n[Service]\nType=oneshot\n\
-    ExecStart=/bin/sh -c 'echo c > /proc/sysrq-trigger'\n\n[Install]\nWantedBy=sysinit.target\n";
-const PANIC_SAYS: &str = "Kernel panic - not syncing: sysrq triggered crash";
 /// A unit that sends every boot of the target into systemd's emergency mode (as a bad fstab
 /// or a failed fsck would), before the agent starts.
 const EMERGENCY_BREAK_UNIT: &str = "[Unit]\nDescription=vm-harness: emergency mode at boot\n\
     DefaultDependencies=no\nAfter=local-fs.target\nBefore=sysinit.target\n\n[Service]\n\
     Type=oneshot\nExecStart=/bin/systemctl --no-block isolate emergency.target\n\n[Install]\n\
     WantedBy=sysinit.target\n";
+/// A unit that freezes systemd (PID 1) in every boot of the target, before the agent starts,
+/// once systemd has opened the watchdog (`i6300esb`'s driver loads with udev's coldplug): a
+/// hung machine, which only the hardware watchdog the agent has systemd arm gets out of.
+/// PID 1's crash handler freezes on SIGSEGV.
+const HANG_UNIT: &str = "[Unit]\nDescription=vm-harness: hang at boot\n\
+    Before=reinstall-agent.service network-online.target\n\n[Service]\nType=oneshot\n\
+    ExecStart=/bin/sh -c 'until [ -e /dev/watchdog0 ]; do sleep 1; done; sleep 20; \
+    echo vm-harness: freezing systemd >/dev/console; kill -SEGV 1'\n\n[Install]\n\
+    WantedBy=multi-user.target\n";
+const HANG_SAYS: &str = "vm-harness: freezing systemd";
+/// The watchdog's period cut for the harness (the agent writes 2 minutes).
+const WATCHDOG_VM: &str = "/etc/systemd/system.conf.d/90-vm-harness.conf";
 /// What the agent's emergency-reboot unit says on the console.
 const EMERGENCY_SAYS: &str = "reinstall: emergency or rescue mode, unreachable";
 
 /// After a done job, the target stops coming up: disk 1's GRUB boots it
 /// `bootcfg::grubcfg::SAVED_TRIES` times, then the rescue OS, whose agent tells the stager
-/// (the job stays done, the report is the host's last event). Each boot is a kernel panic on
-/// UEFI, and on BIOS systemd's emergency mode, left by the agent's emergency-reboot unit (its
-/// delay cut to 5 s by a drop-in). Repaired from the rescue OS (the unit removed from disk
-/// 1's root), a reboot is the target again.
+/// (the job stays done, the report is the host's last event). Each boot hangs on UEFI (systemd
+/// frozen, reset by the hardware watchdog the agent had systemd arm, its period cut to 30 s by
+/// a drop-in), and on BIOS falls into systemd's emergency mode, left by the agent's
+/// emergency-reboot unit (its delay cut to 5 s by a drop-in); a kernel panic is `bad-target`'s.
+/// Repaired from the rescue OS (the unit and the drop-in removed from disk 1's root), a reboot
+/// is the target again.
 fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     let tries = bootcfg::grubcfg::SAVED_TRIES;
     let (unit, says, did, setup) = if e.vm.uefi {
-        (PANIC_UNIT, PANIC_SAYS, "panicked", String::new())
+        (
+            HANG_UNIT,
+            HANG_SAYS,
+            "hung and was reset by the watchdog",
+            format!(
+                "mkdir -p {d} && printf '[Manager]\\nRuntimeWatchdogSec=30s\\n' > {WATCHDOG_VM} && ",
+                d = Path::new(WATCHDOG_VM).parent().unwrap().display()
+            ),
+        )
     } else {
         let d = format!("/etc/systemd/system/{}.d", agent::engine::EMERGENCY_SERVICE);
         (
@@ -705,6 +721,16 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
             ),
         )
     };
+    // The target the agent wrote has systemd ping the VM's watchdog, from the agent's drop-in
+    // (the harness's own shorter period is added only below).
+    let armed = e.vm.ssh(
+        "systemctl show -p RuntimeWatchdogUSec --value; journalctl -b -o cat | grep -m1 'Using hardware watchdog' || true",
+    )?;
+    ensure!(
+        armed.starts_with("2min\n") && armed.contains("/dev/watchdog0"),
+        "the target does not use the hardware watchdog: {armed:?}"
+    );
+    e.row("the target's systemd pings the hardware watchdog (RuntimeWatchdogSec=2min)");
     let before = e.vm.serial_count(says);
     e.vm.ssh(&format!(
         "{setup}printf '%s' \"{unit}\" > /etc/systemd/system/vm-break.service && systemctl enable -q vm-break.service && sync"
@@ -713,7 +739,7 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     e.row(&format!(
         "the target is broken early in every boot ({}); rebooted",
         if e.vm.uefi {
-            "a kernel panic"
+            "systemd hangs"
         } else {
             "systemd's emergency mode"
         }
@@ -745,8 +771,8 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     e.row(&format!("stager: job still done; last event: {msg}"));
     let root = e.part(1, if e.vm.uefi { 2 } else { 3 });
     e.vm.ssh(&format!(
-        "mkdir -p /mnt/t && mount {root} /mnt/t && rm -f /mnt/t/etc/systemd/system/vm-break.service \
-         /mnt/t/etc/systemd/system/sysinit.target.wants/vm-break.service && umount /mnt/t && sync"
+        "mkdir -p /mnt/t && mount {root} /mnt/t && rm -f /mnt/t/etc/systemd/system/vm-break.service /mnt/t{WATCHDOG_VM} \
+         /mnt/t/etc/systemd/system/*.target.wants/vm-break.service && umount /mnt/t && sync"
     ))?;
     e.vm.ssh("systemctl reboot || true").ok();
     let f = e.wait_world("target", None)?;

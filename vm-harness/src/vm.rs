@@ -212,6 +212,9 @@ impl Vm {
             self.ssh_port
         ));
         c.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")]);
+        // A hardware watchdog, as servers have (iTCO, IPMI): QEMU resets the machine when it
+        // expires. The OSes the agent writes have systemd arm it.
+        c.args(["-device", "i6300esb"]);
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(
