@@ -22,8 +22,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///               same host key, the root on the expected disk, the stager's phase; at the end
 ///               the target's marker, the rescue and the stash intact, the boot order, the
 ///               entries as efibootmgr lists them; rescue on request and back; a target
-///               that stops coming up (hangs at boot, reset by the watchdog; emergency mode
-///               on BIOS) is given up on by disk 1's GRUB after two boots, the rescue
+///               that stops coming up (panics at boot; emergency mode on BIOS; hangs with
+///               --hang) is given up on by disk 1's GRUB after two boots, the rescue
 ///               reports it, repaired from there; a second job.
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
 ///               the stager shows the failure; then a job with a good target is taken by the
@@ -51,6 +51,11 @@ struct Cli {
     /// Disk 2 as an NVMe drive instead of virtio.
     #[arg(long, global = true)]
     nvme: bool,
+    /// Give the VM a hardware watchdog (i6300esb), and in `full` make the broken target hang
+    /// (systemd frozen) instead of panicking or falling into emergency mode: the watchdog the
+    /// agent has systemd arm must reset it. Not in CI (see the README).
+    #[arg(long, global = true)]
+    hang: bool,
     /// Working directory (disk images, serial logs, the stager's home and log).
     #[arg(long, global = true, default_value = "/var/tmp/reinstall-vm")]
     work: PathBuf,
@@ -155,6 +160,7 @@ fn main() -> ExitCode {
         cache: cli.cache.clone(),
         nvme: cli.nvme,
         bios: cli.bios,
+        hang: cli.hang,
     };
     let r = match &cli.cmd {
         Cmd::Full => scenario::full(&opts),

@@ -15,6 +15,8 @@ pub struct Opts {
     pub nvme: bool,
     /// SeaBIOS instead of OVMF; the source disk boots through Debian's GRUB for BIOS.
     pub bios: bool,
+    /// The VM has a hardware watchdog (i6300esb), and `full`'s broken target hangs.
+    pub hang: bool,
 }
 
 const HOST: &str = "vm1";
@@ -206,7 +208,7 @@ impl Env {
             .arg(format!("{DISK2_MIB}M"))
             .arg(&disk2))?;
         let known = dir.join("known_hosts");
-        let vm = Vm::new(
+        let mut vm = Vm::new(
             &dir,
             disk1,
             disk2,
@@ -216,6 +218,7 @@ impl Env {
             key,
             known.clone(),
         )?;
+        vm.watchdog = o.hang;
         let kh: Vec<&str> = host_key.split_whitespace().take(2).collect();
         std::fs::write(
             &known,
@@ -669,6 +672,12 @@ pub fn full(o: &Opts) -> Result<bool> {
     Ok(true)
 }
 
+/// A unit that crashes the kernel early in every boot of the target (as a bad update might):
+/// `panic=10` reboots it, long before the agent would start.
+const PANIC_UNIT: &str = "[Unit]\nDescription=vm-harness: crash the kernel at boot\n\
+    DefaultDependencies=no\nBefore=sysinit.target\n\n[Service]\nType=oneshot\n\
+    ExecStart=/bin/sh -c 'echo c > /proc/sysrq-trigger'\n\n[Install]\nWantedBy=sysinit.target\n";
+const PANIC_SAYS: &str = "Kernel panic - not syncing: sysrq triggered crash";
 /// A unit that sends every boot of the target into systemd's emergency mode (as a bad fstab
 /// or a failed fsck would), before the agent starts.
 const EMERGENCY_BREAK_UNIT: &str = "[Unit]\nDescription=vm-harness: emergency mode at boot\n\
@@ -692,23 +701,42 @@ const EMERGENCY_SAYS: &str = "reinstall: emergency or rescue mode, unreachable";
 
 /// After a done job, the target stops coming up: disk 1's GRUB boots it
 /// `bootcfg::grubcfg::SAVED_TRIES` times, then the rescue OS, whose agent tells the stager
-/// (the job stays done, the report is the host's last event). Each boot hangs on UEFI (systemd
-/// frozen, reset by the hardware watchdog the agent had systemd arm, its period cut to 30 s by
-/// a drop-in), and on BIOS falls into systemd's emergency mode, left by the agent's
-/// emergency-reboot unit (its delay cut to 5 s by a drop-in); a kernel panic is `bad-target`'s.
-/// Repaired from the rescue OS (the unit and the drop-in removed from disk 1's root), a reboot
-/// is the target again.
+/// (the job stays done, the report is the host's last event). Each boot is a kernel panic on
+/// UEFI, and on BIOS systemd's emergency mode, left by the agent's emergency-reboot unit (its
+/// delay cut to 5 s by a drop-in); with `--hang`, a hang (systemd frozen) that the hardware
+/// watchdog the agent had systemd arm resets (its period cut to 30 s by a drop-in). Repaired
+/// from the rescue OS (the unit and the drop-in removed from disk 1's root), a reboot is the
+/// target again.
 fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     let tries = bootcfg::grubcfg::SAVED_TRIES;
-    let (unit, says, did, setup) = if e.vm.uefi {
+    let (unit, says, did, how, setup) = if e.vm.watchdog {
+        // The target the agent wrote has systemd ping the VM's watchdog, from the agent's
+        // drop-in (the harness's own shorter period is added only below).
+        let armed = e.vm.ssh(
+            "systemctl show -p RuntimeWatchdogUSec --value; journalctl -b -o cat | grep -m1 'Using hardware watchdog' || true",
+        )?;
+        ensure!(
+            armed.starts_with("2min\n") && armed.contains("/dev/watchdog0"),
+            "the target does not use the hardware watchdog: {armed:?}"
+        );
+        e.row("the target's systemd pings the hardware watchdog (RuntimeWatchdogSec=2min)");
         (
             HANG_UNIT,
             HANG_SAYS,
             "hung and was reset by the watchdog",
+            "systemd hangs",
             format!(
                 "mkdir -p {d} && printf '[Manager]\\nRuntimeWatchdogSec=30s\\n' > {WATCHDOG_VM} && ",
                 d = Path::new(WATCHDOG_VM).parent().unwrap().display()
             ),
+        )
+    } else if e.vm.uefi {
+        (
+            PANIC_UNIT,
+            PANIC_SAYS,
+            "panicked",
+            "a kernel panic",
+            String::new(),
         )
     } else {
         let d = format!("/etc/systemd/system/{}.d", agent::engine::EMERGENCY_SERVICE);
@@ -716,21 +744,12 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
             EMERGENCY_BREAK_UNIT,
             EMERGENCY_SAYS,
             "fell into emergency mode and rebooted",
+            "systemd's emergency mode",
             format!(
                 "mkdir -p {d} && printf '[Service]\\nEnvironment=DELAY=5\\n' > {d}/vm.conf && "
             ),
         )
     };
-    // The target the agent wrote has systemd ping the VM's watchdog, from the agent's drop-in
-    // (the harness's own shorter period is added only below).
-    let armed = e.vm.ssh(
-        "systemctl show -p RuntimeWatchdogUSec --value; journalctl -b -o cat | grep -m1 'Using hardware watchdog' || true",
-    )?;
-    ensure!(
-        armed.starts_with("2min\n") && armed.contains("/dev/watchdog0"),
-        "the target does not use the hardware watchdog: {armed:?}"
-    );
-    e.row("the target's systemd pings the hardware watchdog (RuntimeWatchdogSec=2min)");
     let before = e.vm.serial_count(says);
     let resets_before = e.vm.hung_resets;
     e.vm.ssh(&format!(
@@ -738,12 +757,7 @@ fn target_stops_coming_up(e: &mut Env) -> Result<()> {
     ))?;
     e.vm.ssh("systemctl reboot || true").ok();
     e.row(&format!(
-        "the target is broken early in every boot ({}); rebooted",
-        if e.vm.uefi {
-            "systemd hangs"
-        } else {
-            "systemd's emergency mode"
-        }
+        "the target is broken early in every boot ({how}); rebooted"
     ));
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS after the target stopped coming up", 2, 2)?;

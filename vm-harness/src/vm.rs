@@ -32,6 +32,8 @@ pub struct Vm {
     pub disk2: PathBuf,
     /// Disk 2 as NVMe instead of virtio.
     pub nvme2: bool,
+    /// An i6300esb watchdog on the machine (`--hang`).
+    pub watchdog: bool,
     pub uefi: bool,
     pub ssh_port: u16,
     /// The host port the stager listens on.
@@ -75,11 +77,19 @@ impl ResetWatch {
             return None;
         }
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
-        let since = ["reboot: machine restart", "reboot: Restarting system"]
-            .iter()
-            .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
-            .max()
-            .unwrap_or(0);
+        // Where this boot began: the kernel's restart, or the firmware or boot loader starting
+        // (a reset by the machine's watchdog leaves no restart message).
+        let since = [
+            "reboot: machine restart",
+            "reboot: Restarting system",
+            "BdsDxe: loading",
+            "SeaBIOS (version",
+            "Welcome to GRUB!",
+        ]
+        .iter()
+        .filter_map(|m| text.rfind(m).map(|i| i + m.len()))
+        .max()
+        .unwrap_or(0);
         let boot = &text[since..];
         // Silent, and since the last reset (or power-on) no kernel has started: the firmware
         // or the boot loader stopped (seen under TCG: OVMF silent after a warm reset; GRUB
@@ -146,6 +156,7 @@ impl Vm {
             disk1,
             disk2,
             nvme2,
+            watchdog: false,
             uefi,
             ssh_port: free_port()?,
             stager_port,
@@ -212,9 +223,11 @@ impl Vm {
             self.ssh_port
         ));
         c.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")]);
-        // A hardware watchdog, as servers have (iTCO, IPMI): QEMU resets the machine when it
-        // expires. The OSes the agent writes have systemd arm it.
-        c.args(["-device", "i6300esb"]);
+        if self.watchdog {
+            // A hardware watchdog, as servers have (iTCO, IPMI): QEMU resets the machine when
+            // it expires. The OSes the agent writes have systemd arm it.
+            c.args(["-device", "i6300esb"]);
+        }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(
@@ -555,6 +568,15 @@ mod tests {
         )
         .unwrap();
         assert!(w.hung(&log, quiet).is_none());
+        // A kernel reset by the watchdog (no restart message), then the boot loader stopped.
+        std::fs::write(
+            &log,
+            "[    0.0] Linux version 6.1.0\r\nvm-harness: freezing systemd\r\nBdsDxe: loading Boot0005\r\nWelcome to GRUB!\r\n  Booting `target OS'\r\n",
+        )
+        .unwrap();
+        assert!(w.hung(&log, quiet).is_none());
+        std::thread::sleep(quiet * 2);
+        assert!(w.hung(&log, quiet).is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
