@@ -452,6 +452,20 @@ impl Env {
         sh("sync");
     }
 
+    /// From the target after a done job: the operator asks for the rescue OS; the target's
+    /// agent boots it once, and the rescue OS's agent runs. Returns its exit code and stderr.
+    fn rescue_on_request(&self) -> (i32, String) {
+        ok(self
+            .stager
+            .reinstall("alice")
+            .args(["--host", "web1", "rescue"]));
+        let (code, err) = self.boot_linux();
+        assert_eq!(code, 100, "the target boots the rescue OS once: {err}");
+        self.power_cycle();
+        assert_eq!(self.current_label(), "reinstall-rescue");
+        self.boot_linux()
+    }
+
     /// The SHA-256 of the target payload in disk 2's stash, mounted read-only at `at`.
     fn stashed_sha(&self, at: &str) -> String {
         let s = self.w.path().join(at);
@@ -890,15 +904,7 @@ fn a_rescue_on_request_boots_the_rescue_once_and_the_target_says_when_it_is_back
         v["hosts"][0]["phase"].as_str().unwrap_or("").to_string()
     };
     assert_eq!(phase(), "target-up");
-    ok(env
-        .stager
-        .reinstall("alice")
-        .args(["--host", "web1", "rescue"]));
-    let (code, err) = env.boot_linux();
-    assert_eq!(code, 100, "the target boots the rescue OS once: {err}");
-    env.power_cycle();
-    assert_eq!(env.current_label(), "reinstall-rescue");
-    let (code, err) = env.boot_linux();
+    let (code, err) = env.rescue_on_request();
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("in the rescue OS, as requested"), "{err}");
     assert_eq!(phase(), "rescue");
@@ -924,19 +930,14 @@ fn a_job_in_the_rescue_os_whose_target_outgrows_the_stash_is_refused_before_anyt
     });
     create_job(&env.stager);
     env.migrate(None, false);
-    ok(env
-        .stager
-        .reinstall("alice")
-        .args(["--host", "web1", "rescue"]));
-    let (code, err) = env.boot_linux();
-    assert_eq!(code, 100, "the target boots the rescue OS once: {err}");
-    env.power_cycle();
-    assert_eq!(env.current_label(), "reinstall-rescue");
-    assert_eq!(env.boot_linux().0, 0);
-    let rescue_fs = sh(&format!(
-        "blkid -s UUID -o value {}",
-        env.root_part("reinstall-rescue")
-    ));
+    assert_eq!(env.rescue_on_request().0, 0);
+    let rescue_fs = || {
+        sh(&format!(
+            "blkid -s UUID -o value {}",
+            env.root_part("reinstall-rescue")
+        ))
+    };
+    let rescue_fs_before = rescue_fs();
     let table = |d: &str| sh(&format!("sfdisk --dump {d}"));
     let tables = (table(&env.disk1.0), table(&env.disk2.0));
     // 180 MiB that do not compress: the payload and its margin outgrow the stash.
@@ -962,13 +963,7 @@ fn a_job_in_the_rescue_os_whose_target_outgrows_the_stash_is_refused_before_anyt
     // Nothing was written: both partition tables, the rescue filesystem, job 1's target on
     // disk 1 and job 1's bundle in the stash are as they were.
     assert_eq!((table(&env.disk1.0), table(&env.disk2.0)), tables);
-    assert_eq!(
-        sh(&format!(
-            "blkid -s UUID -o value {}",
-            env.root_part("reinstall-rescue")
-        )),
-        rescue_fs
-    );
+    assert_eq!(rescue_fs(), rescue_fs_before);
     env.change_target(|at| {
         assert_eq!(
             std::fs::read_to_string(at.join("etc/os-marker")).unwrap(),
