@@ -107,8 +107,10 @@ pub enum Command {
     /// rescue OS, whose agent reports it to the stager (the job stays done) and stays up.
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
-    /// routes, gateways, DNS, MTU, matched by MAC) and the systemd-networkd files it becomes.
-    /// Refuses, naming the interface, what cannot be carried yet (VLANs, bonds).
+    /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
+    /// options; 802.1Q VLANs) and the systemd-networkd files it becomes. Refuses, naming the
+    /// interface, what cannot be carried: bridges, teams, macvlans, bonds monitored by ARP,
+    /// QinQ VLANs (and bonds or VLANs at all when the target is Windows).
     Network,
     /// Show the firmware's boot variables: BootCurrent, BootNext, BootOrder and every
     /// Boot#### entry with its device path, in the text form `efibootmgr -v` prints.

@@ -742,6 +742,9 @@ impl Agent {
         target_layout(&d1, Some(&tm), self.grub_chooses)?;
         j.target_os = Some(tm.os);
         let net = crate::netid::capture()?;
+        if tm.os == bundle::Os::Windows {
+            crate::windows::check_network(&net)?;
+        }
         std::fs::write(
             self.dir().join("network.json"),
             serde_json::to_vec_pretty(&net)?,
@@ -1588,6 +1591,10 @@ pub fn plan_report(
             "boot the target once (next_entry); make it the default after it calls home, rescue kept".into(),
         ]
     };
+    let network = crate::netid::capture()?;
+    if target.is_some_and(|m| m.os == bundle::Os::Windows) {
+        crate::windows::check_network(&network)?;
+    }
     Ok(PlanReport {
         target: target.map(|m| m.id()),
         stash_min_bytes: stash,
@@ -1598,7 +1605,7 @@ pub fn plan_report(
         disk1_layout: l1,
         boot_mode: if uefi { "uefi" } else { "bios" },
         firmware_variables_writable: writable,
-        network: crate::netid::capture()?,
+        network,
         security_identity: preserve::identity_files(root),
     })
 }

@@ -86,8 +86,16 @@ fn plan(
             .iter()
             .map(|a| format!("{}/{}", a.address, a.prefix))
             .collect();
+        let what = match &i.kind {
+            netid::Kind::Ethernet => match p.network.bond_of(&i.name) {
+                Some((b, _)) => format!("in {}", b.name),
+                None => "ethernet".into(),
+            },
+            netid::Kind::Bond(b) => format!("bond {} of {}", b.mode, b.members.join("+")),
+            netid::Kind::Vlan { id, parent } => format!("vlan {id} on {parent}"),
+        };
         println!(
-            "  {} {} mtu {}: {} ({} routes)",
+            "  {} ({what}) {} mtu {}: {} ({} routes)",
             i.name,
             i.mac,
             i.mtu,

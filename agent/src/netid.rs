@@ -7,10 +7,14 @@
 //! its prefix (/32 and /128 included), every route that is not the kernel's own (default
 //! routes whose gateway lies outside the subnet keep `onlink`; IPv6 link-local gateways are
 //! kept as such), DNS servers and search domains, the hostname.
+//! Bonds and 802.1Q VLANs (on an Ethernet interface or on a bond) are carried too: a bond
+//! with its mode, its members (known by their permanent MACs, since enslaved NICs wear the
+//! bond's), its primary, MII monitor, up/down delays, LACP rate and transmit hash policy, and
+//! the MAC it wears; a VLAN with its id, its parent and its MAC. The interfaces they sit on
+//! are carried even without addresses of their own.
 //! Not carried: loopback, link-local IPv6 addresses (the kernel makes them from the MAC).
-//! Refused, naming the interface: VLANs and bonds (`ip` shows them; rendering their netdevs
-//! is not built yet, and a machine that comes back without its bond is unreachable), and
-//! interfaces with addresses but no MAC.
+//! Refused, naming the interface: bridges, teams, macvlans and other virtual links, bonds that
+//! monitor by ARP, 802.1ad (QinQ) VLANs, interfaces with addresses but no MAC.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -27,17 +31,89 @@ pub struct NetIdentity {
     pub dns: Dns,
 }
 
+impl NetIdentity {
+    /// The bond `name` is enslaved to.
+    pub fn bond_of(&self, name: &str) -> Option<(&Interface, &Bond)> {
+        self.interfaces.iter().find_map(|i| match &i.kind {
+            Kind::Bond(b) if b.members.iter().any(|m| m == name) => Some((i, b)),
+            _ => None,
+        })
+    }
+
+    /// The VLANs that sit on `name`.
+    pub fn vlans_on<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Interface> + 'a {
+        self.interfaces
+            .iter()
+            .filter(move |i| matches!(&i.kind, Kind::Vlan { parent, .. } if parent == name))
+    }
+
+    /// Whether any interface is a bond or a VLAN.
+    pub fn has_virtual(&self) -> bool {
+        self.interfaces.iter().any(|i| !i.is_ethernet())
+    }
+
+    /// The index of the interface that carries the DNS settings: the first with an address
+    /// (a bond member or a bare VLAN parent carries none).
+    pub fn dns_index(&self) -> usize {
+        self.interfaces
+            .iter()
+            .position(|i| !i.addresses.is_empty())
+            .unwrap_or(0)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interface {
     /// Name on the machine it was captured from (informational; matching is by MAC).
     pub name: String,
     pub mac: String,
     pub mtu: u32,
+    /// What the interface is (absent in identities captured before bonds and VLANs were
+    /// carried: Ethernet).
+    #[serde(default)]
+    pub kind: Kind,
     pub addresses: Vec<Address>,
     pub routes: Vec<Route>,
 }
 
+/// What an interface is. An Ethernet interface is matched by its (permanent) MAC; a bond or
+/// VLAN is created by the next OS under its captured name, wearing its captured MAC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Kind {
+    #[default]
+    Ethernet,
+    Bond(Bond),
+    Vlan {
+        id: u16,
+        /// The name (in this identity) of the interface it sits on.
+        parent: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bond {
+    /// The kernel's name of the mode: `balance-rr`, `active-backup`, `balance-xor`,
+    /// `broadcast`, `802.3ad`, `balance-tlb`, `balance-alb`.
+    pub mode: String,
+    /// Names (in this identity) of the Ethernet interfaces enslaved to it.
+    pub members: Vec<String>,
+    /// The member preferred while it is up.
+    pub primary: Option<String>,
+    pub miimon_ms: u32,
+    pub updelay_ms: u32,
+    pub downdelay_ms: u32,
+    /// `slow` or `fast` (802.3ad only).
+    pub lacp_rate: Option<String>,
+    /// `layer2`, `layer3+4`, ... (the modes that hash).
+    pub xmit_hash_policy: Option<String>,
+}
+
 impl Interface {
+    pub fn is_ethernet(&self) -> bool {
+        self.kind == Kind::Ethernet
+    }
+
     /// Whether the interface has an address of this family (`v6`) that was leased
     /// (`dynamic`) or configured: what decides DHCP and router advertisements in every
     /// renderer.
@@ -76,6 +152,12 @@ pub struct Dns {
 #[derive(Deserialize)]
 struct IpLink {
     ifname: String,
+    /// The lower device of a VLAN (for a veth: its peer).
+    #[serde(default)]
+    link: Option<String>,
+    /// Set when the current MAC is not the permanent one.
+    #[serde(default)]
+    permaddr: Option<String>,
     #[serde(default)]
     mtu: u32,
     #[serde(default)]
@@ -94,6 +176,12 @@ struct IpLink {
 struct LinkInfo {
     #[serde(default)]
     info_kind: Option<String>,
+    #[serde(default)]
+    info_data: Option<serde_json::Value>,
+    #[serde(default)]
+    info_slave_kind: Option<String>,
+    #[serde(default)]
+    info_slave_data: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -141,7 +229,8 @@ pub fn parse(
         serde_json::from_str::<Vec<IpRoute>>(route6_json)
             .context("parsing `ip -j -6 route` output")?,
     );
-    let mut interfaces = Vec::new();
+    // Every link that could be carried, with whether it has addresses or routes of its own.
+    let mut found: Vec<(Interface, bool)> = Vec::new();
     for l in &links {
         if l.link_type == "loopback" {
             continue;
@@ -151,30 +240,48 @@ pub fn parse(
             .iter()
             .filter(|a| a.scope != "link" && a.scope != "host")
             .collect();
-        let kind = l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref());
-        if let Some(k @ ("vlan" | "bond" | "bridge" | "team" | "macvlan")) = kind {
-            bail!(
-                "interface {} is a {k}: carrying {k} interfaces is not supported yet, and the machine would \
+        let info = l.linkinfo.as_ref();
+        let kind = match info.and_then(|i| i.info_kind.as_deref()) {
+            Some("bond") => Kind::Bond(bond_of_link(l, &links)?),
+            Some("vlan") => vlan_of_link(l)?,
+            Some(k @ ("bridge" | "team" | "macvlan" | "macvtap" | "ipvlan" | "vxlan")) => bail!(
+                "interface {} is a {k}: carrying {k} interfaces is not supported (bonds and VLANs are), and the machine would \
                  come back unreachable without it; reinstall it by other means",
                 l.ifname
-            );
-        }
-        if l.master.is_some() && globals.is_empty() {
+            ),
+            _ => Kind::Ethernet,
+        };
+        let bond_member = info.and_then(|i| i.info_slave_kind.as_deref()) == Some("bond");
+        if l.master.is_some() && !bond_member && globals.is_empty() {
             continue; // a member of something refused above
         }
-        let Some(mac) = l
-            .address
-            .clone()
+        // An enslaved NIC wears its bond's MAC: match it by the one it was made with.
+        let perm = info
+            .and_then(|i| i.info_slave_data.as_ref())
+            .and_then(|d| d.get("perm_hwaddr"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .or_else(|| l.permaddr.clone())
+            .filter(|_| kind == Kind::Ethernet);
+        let Some(mac) = perm
+            .or_else(|| l.address.clone())
             .filter(|m| m.len() == 17 && m != "00:00:00:00:00:00")
         else {
-            if globals.is_empty() {
+            if globals.is_empty() && !bond_member {
                 continue;
             }
             bail!(
-                "interface {} has addresses but no MAC address to match it by",
+                "interface {} has addresses or a bond but no MAC address to match it by",
                 l.ifname
             );
         };
+        if bond_member && !globals.is_empty() {
+            bail!(
+                "interface {} is enslaved to bond {} but has addresses of its own; they cannot be carried",
+                l.ifname,
+                l.master.as_deref().unwrap_or("?")
+            );
+        }
         let addresses = globals
             .iter()
             .map(|a| {
@@ -217,23 +324,73 @@ pub fn parse(
                 metric: r.metric,
             });
         }
-        if addresses.is_empty() && rts.is_empty() {
-            continue;
-        }
-        interfaces.push(Interface {
-            name: l.ifname.clone(),
-            mac: mac.to_lowercase(),
-            mtu: l.mtu,
-            addresses,
-            routes: rts,
-        });
+        let own = !addresses.is_empty() || !rts.is_empty();
+        found.push((
+            Interface {
+                name: l.ifname.clone(),
+                mac: mac.to_lowercase(),
+                mtu: l.mtu,
+                kind,
+                addresses,
+                routes: rts,
+            },
+            own,
+        ));
     }
+    // Carried: what has addresses or routes, and everything it sits on.
+    let mut keep: Vec<bool> = found.iter().map(|(_, own)| *own).collect();
+    loop {
+        let mut grew = false;
+        for i in 0..found.len() {
+            if !keep[i] {
+                continue;
+            }
+            let iface = &found[i].0;
+            let (lowers, what): (Vec<&String>, &str) = match &iface.kind {
+                Kind::Ethernet => continue,
+                Kind::Bond(b) => (b.members.iter().collect(), "member"),
+                Kind::Vlan { parent, .. } => (vec![parent], "parent"),
+            };
+            for lower in lowers {
+                let Some(j) = found.iter().position(|(f, _)| &f.name == lower) else {
+                    bail!(
+                        "interface {}: its {what} {lower} cannot be carried (not found, or without a MAC address)",
+                        iface.name
+                    );
+                };
+                let ok = matches!(
+                    (&iface.kind, &found[j].0.kind),
+                    (Kind::Bond(_), Kind::Ethernet)
+                        | (Kind::Vlan { .. }, Kind::Ethernet | Kind::Bond(_))
+                );
+                anyhow::ensure!(
+                    ok,
+                    "interface {}: its {what} {lower} is a {}: only Ethernet interfaces in bonds, and VLANs on Ethernet interfaces or bonds, are carried",
+                    iface.name,
+                    found[j].0.kind.label()
+                );
+                if !keep[j] {
+                    keep[j] = true;
+                    grew = true;
+                }
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    let mut interfaces: Vec<Interface> = found
+        .into_iter()
+        .zip(keep)
+        .filter_map(|((i, _), k)| k.then_some(i))
+        .collect();
     if interfaces.is_empty() {
         bail!(
             "no interface with an address to carry over: the machine would come back unreachable"
         );
     }
-    interfaces.sort_by(|a, b| a.mac.cmp(&b.mac));
+    interfaces
+        .sort_by(|a, b| (a.kind.rank(), &a.mac, &a.name).cmp(&(b.kind.rank(), &b.mac, &b.name)));
     let hostname = hostname.trim().to_string();
     anyhow::ensure!(!hostname.is_empty(), "the hostname is empty");
     Ok(NetIdentity {
@@ -241,6 +398,118 @@ pub fn parse(
         hostname,
         interfaces,
         dns: parse_resolv(resolv),
+    })
+}
+
+impl Kind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Kind::Ethernet => "Ethernet interface",
+            Kind::Bond(_) => "bond",
+            Kind::Vlan { .. } => "VLAN",
+        }
+    }
+
+    /// Ethernet first, then bonds, then VLANs: each after what it sits on.
+    fn rank(&self) -> u8 {
+        match self {
+            Kind::Ethernet => 0,
+            Kind::Bond(_) => 1,
+            Kind::Vlan { .. } => 2,
+        }
+    }
+}
+
+/// A bond or VLAN keeps its name in the next OS, which writes it into configuration files.
+fn check_virtual_name(name: &str) -> Result<()> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 15
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+        "interface name {name:?}: a bond or VLAN is carried under its name, which must be 1 to 15 letters, digits, '.', '_' or '-'"
+    );
+    Ok(())
+}
+
+fn info_data(l: &IpLink) -> serde_json::Value {
+    l.linkinfo
+        .as_ref()
+        .and_then(|i| i.info_data.clone())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn bond_of_link(l: &IpLink, links: &[IpLink]) -> Result<Bond> {
+    check_virtual_name(&l.ifname)?;
+    let d = info_data(l);
+    let text = |k: &str| d.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let ms = |k: &str| {
+        d.get(k)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+            .min(u32::MAX as u64) as u32
+    };
+    let mode = text("mode").with_context(|| {
+        format!(
+            "bond {}: `ip -d` shows no mode (is the bonding driver loaded?)",
+            l.ifname
+        )
+    })?;
+    let arp = ms("arp_interval");
+    anyhow::ensure!(
+        arp == 0,
+        "bond {}: monitors its links by ARP (arp_interval {arp} ms), which is not carried; switch it to MII monitoring (miimon) or reinstall it by other means",
+        l.ifname
+    );
+    let mut members: Vec<String> = links
+        .iter()
+        .filter(|m| m.master.as_deref() == Some(l.ifname.as_str()))
+        .map(|m| m.ifname.clone())
+        .collect();
+    members.sort();
+    anyhow::ensure!(
+        !members.is_empty(),
+        "bond {} has no member interfaces: the machine cannot be reached through it",
+        l.ifname
+    );
+    let hashes = matches!(
+        mode.as_str(),
+        "balance-xor" | "802.3ad" | "balance-tlb" | "balance-alb"
+    );
+    Ok(Bond {
+        lacp_rate: text("ad_lacp_rate").filter(|_| mode == "802.3ad"),
+        xmit_hash_policy: text("xmit_hash_policy").filter(|_| hashes),
+        primary: text("primary").filter(|p| members.contains(p)),
+        mode,
+        members,
+        miimon_ms: ms("miimon"),
+        updelay_ms: ms("updelay"),
+        downdelay_ms: ms("downdelay"),
+    })
+}
+
+fn vlan_of_link(l: &IpLink) -> Result<Kind> {
+    check_virtual_name(&l.ifname)?;
+    let d = info_data(l);
+    let protocol = d.get("protocol").and_then(|v| v.as_str()).unwrap_or("");
+    anyhow::ensure!(
+        protocol == "802.1Q",
+        "VLAN {}: protocol {protocol:?} is not carried (802.1Q VLANs are); reinstall it by other means",
+        l.ifname
+    );
+    let id = d
+        .get("id")
+        .and_then(|v| v.as_u64())
+        .filter(|id| (1..4095).contains(id))
+        .with_context(|| format!("VLAN {}: `ip -d` shows no VLAN id from 1 to 4094", l.ifname))?;
+    let parent = l
+        .link
+        .clone()
+        .with_context(|| format!("VLAN {}: `ip` shows no parent interface", l.ifname))?;
+    Ok(Kind::Vlan {
+        id: id as u16,
+        parent,
     })
 }
 
@@ -325,22 +594,68 @@ fn kernel_hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname").ok()
 }
 
-/// systemd-networkd files for the next OS: `(file name, contents)`, one `.network` per
-/// interface, matched by MAC.
+/// The name a renderer gives the interface at `index` where it must name it (a bond member,
+/// or any interface under ifupdown, which knows interfaces by name only).
+pub fn nic_name(index: usize) -> String {
+    format!("rnic{index}")
+}
+
+/// A systemd `.link` file that names the Ethernet interface `iface` `name` by its MAC when
+/// it appears (before anything enslaves it). `Type=ether` keeps it off the bonds and VLANs
+/// that later wear the same MAC.
+pub fn naming_link(iface: &Interface, name: &str) -> String {
+    format!(
+        "# Written by reinstall: {} is named by its MAC.\n[Match]\nMACAddress={}\nType=ether\n\n[Link]\nName={name}\n",
+        iface.name, iface.mac
+    )
+}
+
+/// systemd-networkd files for the next OS: `(file name, contents)`. An Ethernet interface
+/// gets a `.network` matched by its MAC (names like `eth0` may change between kernels; MACs
+/// do not); a bond member a `.link` that names it by its MAC and a `.network` that enslaves
+/// it; a bond or VLAN a `.netdev` that creates it under its captured name and MAC, and a
+/// `.network` matched by that name. Those sort first (`05-`): a VLAN wears its parent's MAC,
+/// and the first matching `.network` wins.
 pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
-    id.interfaces
-        .iter()
-        .enumerate()
-        .map(|(i, iface)| {
-            let mut s = String::new();
-            let _ = writeln!(
-                s,
-                "# Written by reinstall: the network identity of {} ({}).",
-                id.hostname, iface.name
-            );
-            let _ = writeln!(s, "[Match]\nMACAddress={}\n", iface.mac);
-            let _ = writeln!(s, "[Link]\nMTUBytes={}\n", iface.mtu);
-            let _ = writeln!(s, "[Network]");
+    let mut files = Vec::new();
+    for (i, iface) in id.interfaces.iter().enumerate() {
+        let mut s = format!(
+            "# Written by reinstall: the network identity of {} ({}).\n",
+            id.hostname, iface.name
+        );
+        if let Some((bond, b)) = id.bond_of(&iface.name) {
+            let name = nic_name(i);
+            files.push((
+                format!("10-reinstall-{name}.link"),
+                naming_link(iface, &name),
+            ));
+            let _ = writeln!(s, "[Match]\nName={name}\n\n[Network]\nBond={}", bond.name);
+            if b.primary.as_deref() == Some(iface.name.as_str()) {
+                let _ = writeln!(s, "PrimarySlave=yes");
+            }
+            files.push((format!("10-reinstall-{name}.network"), s));
+            continue;
+        }
+        let file = match &iface.kind {
+            Kind::Ethernet => {
+                let _ = writeln!(s, "[Match]\nMACAddress={}\n", iface.mac);
+                let _ = writeln!(s, "[Link]\nMTUBytes={}\n", iface.mtu);
+                format!("10-reinstall-{}.network", iface.mac.replace(':', ""))
+            }
+            Kind::Bond(_) | Kind::Vlan { .. } => {
+                files.push((
+                    format!("05-reinstall-{}.netdev", iface.name),
+                    networkd_netdev(id, iface),
+                ));
+                let _ = writeln!(s, "[Match]\nName={}\n", iface.name);
+                format!("05-reinstall-{}.network", iface.name)
+            }
+        };
+        let _ = writeln!(s, "[Network]");
+        if iface.addresses.is_empty() && iface.routes.is_empty() {
+            // Only carries VLANs.
+            let _ = writeln!(s, "DHCP=no\nLinkLocalAddressing=no\nIPv6AcceptRA=no");
+        } else {
             let v6_static = iface.has(false, true);
             let dhcp = match (iface.has(true, false), iface.has(true, true)) {
                 (true, true) => "yes",
@@ -352,43 +667,87 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
             // A static IPv6 address means the operator configured it: do not let router
             // advertisements add or change addresses and routes.
             let _ = writeln!(s, "IPv6AcceptRA={}", if v6_static { "no" } else { "yes" });
-            for a in iface.addresses.iter().filter(|a| !a.dynamic) {
-                let _ = writeln!(s, "Address={}/{}", a.address, a.prefix);
+        }
+        for a in iface.addresses.iter().filter(|a| !a.dynamic) {
+            let _ = writeln!(s, "Address={}/{}", a.address, a.prefix);
+        }
+        if i == id.dns_index() {
+            for d in &id.dns.servers {
+                let _ = writeln!(s, "DNS={d}");
             }
-            if i == 0 {
-                for d in &id.dns.servers {
-                    let _ = writeln!(s, "DNS={d}");
-                }
-                if !id.dns.search.is_empty() {
-                    let _ = writeln!(s, "Domains={}", id.dns.search.join(" "));
-                }
+            if !id.dns.search.is_empty() {
+                let _ = writeln!(s, "Domains={}", id.dns.search.join(" "));
             }
-            for r in &iface.routes {
-                let _ = writeln!(s, "\n[Route]");
-                if let Some((d, p)) = r.destination {
-                    let _ = writeln!(s, "Destination={d}/{p}");
+        }
+        for v in id.vlans_on(&iface.name) {
+            let _ = writeln!(s, "VLAN={}", v.name);
+        }
+        for r in &iface.routes {
+            let _ = writeln!(s, "\n[Route]");
+            if let Some((d, p)) = r.destination {
+                let _ = writeln!(s, "Destination={d}/{p}");
+            }
+            match r.gateway {
+                Some(g) => {
+                    let _ = writeln!(s, "Gateway={g}");
                 }
-                match r.gateway {
-                    Some(g) => {
-                        let _ = writeln!(s, "Gateway={g}");
-                    }
-                    None => {
-                        let _ = writeln!(s, "Scope=link");
-                    }
-                }
-                if r.onlink {
-                    let _ = writeln!(s, "GatewayOnLink=yes");
-                }
-                if let Some(m) = r.metric {
-                    let _ = writeln!(s, "Metric={m}");
+                None => {
+                    let _ = writeln!(s, "Scope=link");
                 }
             }
-            (
-                format!("10-reinstall-{}.network", iface.mac.replace(':', "")),
+            if r.onlink {
+                let _ = writeln!(s, "GatewayOnLink=yes");
+            }
+            if let Some(m) = r.metric {
+                let _ = writeln!(s, "Metric={m}");
+            }
+        }
+        files.push((file, s));
+    }
+    files
+}
+
+/// The `.netdev` that creates bond or VLAN `iface`, wearing its captured MAC (networkd would
+/// otherwise make one up from the machine id, and DHCP reservations and neighbours' caches
+/// would no longer know the machine).
+fn networkd_netdev(id: &NetIdentity, iface: &Interface) -> String {
+    let mut s = format!(
+        "# Written by reinstall: the network identity of {} ({}).\n[NetDev]\nName={}\n",
+        id.hostname, iface.name, iface.name
+    );
+    match &iface.kind {
+        Kind::Ethernet => unreachable!("Ethernet interfaces are not created"),
+        Kind::Bond(b) => {
+            let _ = writeln!(
                 s,
-            )
-        })
-        .collect()
+                "Kind=bond\nMACAddress={}\nMTUBytes={}\n\n[Bond]\nMode={}",
+                iface.mac, iface.mtu, b.mode
+            );
+            if b.miimon_ms > 0 {
+                let _ = writeln!(s, "MIIMonitorSec={}ms", b.miimon_ms);
+            }
+            if b.updelay_ms > 0 {
+                let _ = writeln!(s, "UpDelaySec={}ms", b.updelay_ms);
+            }
+            if b.downdelay_ms > 0 {
+                let _ = writeln!(s, "DownDelaySec={}ms", b.downdelay_ms);
+            }
+            if let Some(r) = &b.lacp_rate {
+                let _ = writeln!(s, "LACPTransmitRate={r}");
+            }
+            if let Some(h) = &b.xmit_hash_policy {
+                let _ = writeln!(s, "TransmitHashPolicy={h}");
+            }
+        }
+        Kind::Vlan { id: vid, .. } => {
+            let _ = writeln!(
+                s,
+                "Kind=vlan\nMACAddress={}\nMTUBytes={}\n\n[VLAN]\nId={vid}",
+                iface.mac, iface.mtu
+            );
+        }
+    }
+    s
 }
 
 /// Parses the captured fixture `agent/tests/fixtures/net/NAME` (for this module's and the
@@ -567,10 +926,177 @@ mod tests {
         );
     }
 
+    /// A machine with eth0 and eth1 in bond0 (active-backup, eth0 primary, MII every 100 ms,
+    /// up delay 200 ms; eth1 wears eth0's MAC as members do), VLAN 100 on the bond, VLAN 200 on
+    /// eth2 (which has no address of its own), and eth3 with nothing (not carried).
     #[test]
-    fn vlans_and_bonds_are_refused_by_name() {
-        let e = fixture("vlan-bond").unwrap_err().to_string();
-        assert!(e.contains("bond0") && e.contains("bond"), "{e}");
+    fn bonds_and_vlans_are_captured_with_what_they_sit_on() {
+        let id = fixture("vlan-bond").unwrap();
+        let names: Vec<&str> = id.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["eth0", "eth1", "eth2", "bond0", "bond0.100", "eth2.200"],
+            "Ethernet first, then bonds, then VLANs; eth3 has nothing to carry"
+        );
+        let by = |n: &str| id.interfaces.iter().find(|i| i.name == n).unwrap();
+        assert_eq!(by("eth1").mac, "52:54:00:00:00:02", "the permanent MAC");
+        assert!(by("eth1").addresses.is_empty() && by("eth2").addresses.is_empty());
+        let Kind::Bond(b) = &by("bond0").kind else {
+            panic!("{:?}", by("bond0").kind)
+        };
+        assert_eq!(
+            b,
+            &Bond {
+                mode: "active-backup".into(),
+                members: vec!["eth0".into(), "eth1".into()],
+                primary: Some("eth0".into()),
+                miimon_ms: 100,
+                updelay_ms: 200,
+                downdelay_ms: 0,
+                lacp_rate: None,
+                xmit_hash_policy: None,
+            }
+        );
+        assert_eq!(by("bond0").mac, "52:54:00:00:00:01");
+        assert_eq!(by("bond0").mtu, 9000);
+        assert_eq!(
+            by("bond0").routes[0].gateway,
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            by("bond0.100").kind,
+            Kind::Vlan {
+                id: 100,
+                parent: "bond0".into()
+            }
+        );
+        assert_eq!(
+            by("bond0.100").routes.len(),
+            1,
+            "{:?}",
+            by("bond0.100").routes
+        );
+        assert_eq!(
+            by("eth2.200").kind,
+            Kind::Vlan {
+                id: 200,
+                parent: "eth2".into()
+            }
+        );
+        assert_eq!(id.bond_of("eth1").unwrap().0.name, "bond0");
+        assert!(id.bond_of("eth2").is_none());
+        assert_eq!(
+            id.dns_index(),
+            3,
+            "DNS goes with the first interface with an address"
+        );
+        // An identity stored before bonds were carried has no `kind`: Ethernet.
+        let mut v = serde_json::to_value(fixture("two-nics").unwrap()).unwrap();
+        v["interfaces"][0].as_object_mut().unwrap().remove("kind");
+        let old: NetIdentity = serde_json::from_value(v).unwrap();
+        assert!(old.interfaces[0].is_ethernet());
+    }
+
+    #[test]
+    fn networkd_creates_bonds_and_vlans_with_their_macs_and_enslaves_members_by_name() {
+        let id = fixture("vlan-bond").unwrap();
+        let files = render_networkd(&id);
+        let file = |n: &str| {
+            &files
+                .iter()
+                .find(|(f, _)| f == n)
+                .unwrap_or_else(|| panic!("{n} missing from {files:?}"))
+                .1
+        };
+        let netdev = file("05-reinstall-bond0.netdev");
+        for want in [
+            "Name=bond0\nKind=bond\nMACAddress=52:54:00:00:00:01\nMTUBytes=9000",
+            "Mode=active-backup\nMIIMonitorSec=100ms\nUpDelaySec=200ms\n",
+        ] {
+            assert!(netdev.contains(want), "{want:?} missing from:\n{netdev}");
+        }
+        assert!(
+            !netdev.contains("LACP") && !netdev.contains("DownDelay"),
+            "{netdev}"
+        );
+        assert!(file("10-reinstall-rnic0.link")
+            .contains("MACAddress=52:54:00:00:00:01\nType=ether\n\n[Link]\nName=rnic0"));
+        assert!(file("10-reinstall-rnic1.link").contains("MACAddress=52:54:00:00:00:02\n"));
+        assert_eq!(
+            file("10-reinstall-rnic0.network")
+                .split_once("[Match]")
+                .unwrap()
+                .1,
+            "\nName=rnic0\n\n[Network]\nBond=bond0\nPrimarySlave=yes\n"
+        );
+        assert!(!file("10-reinstall-rnic1.network").contains("Primary"));
+        let bond = file("05-reinstall-bond0.network");
+        for want in [
+            "[Match]\nName=bond0\n",
+            "Address=192.0.2.10/24",
+            "DNS=192.0.2.53",
+            "VLAN=bond0.100",
+            "Gateway=192.0.2.1",
+        ] {
+            assert!(bond.contains(want), "{want:?} missing from:\n{bond}");
+        }
+        let v100 = file("05-reinstall-bond0.100.netdev");
+        assert!(
+            v100.contains(
+                "Kind=vlan\nMACAddress=52:54:00:00:00:01\nMTUBytes=1500\n\n[VLAN]\nId=100"
+            ),
+            "{v100}"
+        );
+        let v100 = file("05-reinstall-bond0.100.network");
+        for want in [
+            "Address=198.51.100.7/24",
+            "Destination=203.0.113.0/24\nGateway=198.51.100.1",
+        ] {
+            assert!(v100.contains(want), "{want:?} missing from:\n{v100}");
+        }
+        let eth2 = file("10-reinstall-525400000003.network");
+        assert!(
+            eth2.contains("MACAddress=52:54:00:00:00:03")
+                && eth2.contains("DHCP=no\nLinkLocalAddressing=no\nIPv6AcceptRA=no\nVLAN=eth2.200"),
+            "{eth2}"
+        );
+        assert!(file("05-reinstall-eth2.200.network").contains("Address=2001:db8:200::7/64"));
+        assert_eq!(
+            files.len(),
+            11,
+            "{:?}",
+            files.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+    }
+
+    /// Each refusal names the interface and what is not carried.
+    #[test]
+    fn bridges_arp_monitored_bonds_and_qinq_are_refused_by_name() {
+        let d = format!(
+            "{}/tests/fixtures/net/vlan-bond",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let addr = std::fs::read_to_string(format!("{d}/addr.json")).unwrap();
+        let try_with = |from: &str, to: &str| {
+            assert!(addr.contains(from), "{from}");
+            parse(&addr.replacen(from, to, 1), "[]", "[]", "", "h")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = try_with("\"info_kind\":\"bond\"", "\"info_kind\":\"bridge\"");
+        assert!(e.contains("bond0 is a bridge"), "{e}");
+        let e = try_with("\"arp_interval\":0", "\"arp_interval\":500");
+        assert!(e.contains("bond bond0") && e.contains("ARP"), "{e}");
+        let e = try_with(
+            "\"protocol\":\"802.1Q\",\"id\":200",
+            "\"protocol\":\"802.1ad\",\"id\":200",
+        );
+        assert!(e.contains("VLAN eth2.200") && e.contains("802.1ad"), "{e}");
+        let e = try_with("\"link\":\"eth2\"", "\"link\":\"bond0.100\"");
+        assert!(
+            e.contains("eth2.200") && e.contains("bond0.100 is a VLAN"),
+            "{e}"
+        );
     }
 
     #[test]

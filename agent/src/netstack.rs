@@ -55,7 +55,7 @@ pub fn render(stack: Stack, id: &NetIdentity) -> Vec<File> {
             .interfaces
             .iter()
             .enumerate()
-            .map(|(i, n)| nm_keyfile(id, i, n))
+            .flat_map(|(i, n)| nm_keyfile(id, i, n))
             .collect(),
         Stack::Networkd => crate::netid::render_networkd(id)
             .into_iter()
@@ -69,9 +69,7 @@ pub fn render(stack: Stack, id: &NetIdentity) -> Vec<File> {
     }
 }
 
-fn nic(i: usize) -> String {
-    format!("rnic{i}")
-}
+use crate::netid::{nic_name as nic, Kind};
 
 fn static_addrs(n: &Interface, v6: bool) -> Vec<String> {
     n.addresses
@@ -97,83 +95,150 @@ fn dest(r: &Route) -> String {
     }
 }
 
-fn netplan(id: &NetIdentity) -> File {
-    let mut s = String::from("# Written by reinstall: the network identity of this machine.\nnetwork:\n  version: 2\n  ethernets:\n");
-    for (i, n) in id.interfaces.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "    {}:\n      match:\n        macaddress: \"{}\"",
-            nic(i),
-            n.mac
-        );
-        let _ = writeln!(s, "      mtu: {}", n.mtu);
-        let _ = writeln!(
-            s,
-            "      dhcp4: {}\n      dhcp6: {}",
-            n.has(true, false),
-            n.has(true, true)
-        );
-        let _ = writeln!(s, "      accept-ra: {}", static_addrs(n, true).is_empty());
-        let addrs: Vec<String> = [static_addrs(n, false), static_addrs(n, true)].concat();
-        if !addrs.is_empty() {
-            let _ = writeln!(
-                s,
-                "      addresses: [{}]",
-                addrs
-                    .iter()
-                    .map(|a| format!("\"{a}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        if !n.routes.is_empty() {
-            let _ = writeln!(s, "      routes:");
-            for r in &n.routes {
-                let to = if r.destination.is_none() {
-                    "default".to_string()
-                } else {
-                    dest(r)
-                };
-                let _ = writeln!(s, "        - to: \"{to}\"");
-                match r.gateway {
-                    Some(g) => {
-                        let _ = writeln!(s, "          via: \"{g}\"");
-                    }
-                    None => {
-                        let _ = writeln!(s, "          scope: link");
-                    }
+/// An interface that only carries VLANs: no addresses, no routes, no leases.
+fn bare(n: &Interface) -> bool {
+    n.addresses.is_empty() && n.routes.is_empty()
+}
+
+/// How renderers that refer to interfaces by name call the one at `i`: bonds and VLANs by
+/// their captured names, Ethernet interfaces by their `rnicN` key.
+fn ref_name(id: &NetIdentity, i: usize) -> String {
+    let n = &id.interfaces[i];
+    match n.kind {
+        Kind::Ethernet => nic(i),
+        _ => n.name.clone(),
+    }
+}
+
+/// The index of the interface captured as `name`.
+fn index_of(id: &NetIdentity, name: &str) -> usize {
+    id.interfaces
+        .iter()
+        .position(|i| i.name == name)
+        .expect("the identity's references were checked when it was captured")
+}
+
+fn quoted_list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|d| format!("\"{d}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The address, route and DNS part of a netplan interface at six spaces of indent.
+fn netplan_ip(s: &mut String, id: &NetIdentity, i: usize, n: &Interface) {
+    let _ = writeln!(s, "      mtu: {}", n.mtu);
+    let _ = writeln!(
+        s,
+        "      dhcp4: {}\n      dhcp6: {}",
+        n.has(true, false),
+        n.has(true, true)
+    );
+    if bare(n) {
+        let _ = writeln!(s, "      accept-ra: false\n      link-local: []");
+        return;
+    }
+    let _ = writeln!(s, "      accept-ra: {}", static_addrs(n, true).is_empty());
+    let addrs: Vec<String> = [static_addrs(n, false), static_addrs(n, true)].concat();
+    if !addrs.is_empty() {
+        let _ = writeln!(s, "      addresses: [{}]", quoted_list(&addrs));
+    }
+    if !n.routes.is_empty() {
+        let _ = writeln!(s, "      routes:");
+        for r in &n.routes {
+            let to = if r.destination.is_none() {
+                "default".to_string()
+            } else {
+                dest(r)
+            };
+            let _ = writeln!(s, "        - to: \"{to}\"");
+            match r.gateway {
+                Some(g) => {
+                    let _ = writeln!(s, "          via: \"{g}\"");
                 }
-                if r.onlink {
-                    let _ = writeln!(s, "          on-link: true");
-                }
-                if let Some(m) = r.metric {
-                    let _ = writeln!(s, "          metric: {m}");
+                None => {
+                    let _ = writeln!(s, "          scope: link");
                 }
             }
+            if r.onlink {
+                let _ = writeln!(s, "          on-link: true");
+            }
+            if let Some(m) = r.metric {
+                let _ = writeln!(s, "          metric: {m}");
+            }
         }
-        if i == 0 && (!id.dns.servers.is_empty() || !id.dns.search.is_empty()) {
-            let _ = writeln!(s, "      nameservers:");
-            let _ = writeln!(
-                s,
-                "        addresses: [{}]",
-                id.dns
-                    .servers
-                    .iter()
-                    .map(|d| format!("\"{d}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            let _ = writeln!(
-                s,
-                "        search: [{}]",
-                id.dns
-                    .search
-                    .iter()
-                    .map(|d| format!("\"{d}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+    }
+    if i == id.dns_index() && (!id.dns.servers.is_empty() || !id.dns.search.is_empty()) {
+        let _ = writeln!(s, "      nameservers:");
+        let _ = writeln!(s, "        addresses: [{}]", quoted_list(&id.dns.servers));
+        let _ = writeln!(s, "        search: [{}]", quoted_list(&id.dns.search));
+    }
+}
+
+fn netplan(id: &NetIdentity) -> File {
+    let mut s = String::from(
+        "# Written by reinstall: the network identity of this machine.\nnetwork:\n  version: 2\n",
+    );
+    let mut section = "";
+    for (i, n) in id.interfaces.iter().enumerate() {
+        let want = match n.kind {
+            Kind::Ethernet => "ethernets",
+            Kind::Bond(_) => "bonds",
+            Kind::Vlan { .. } => "vlans",
+        };
+        if want != section {
+            let _ = writeln!(s, "  {want}:");
+            section = want;
         }
+        let _ = writeln!(s, "    {}:", ref_name(id, i));
+        match &n.kind {
+            Kind::Ethernet => {
+                let _ = writeln!(s, "      match:\n        macaddress: \"{}\"", n.mac);
+                if id.bond_of(&n.name).is_some() {
+                    // Named, so that the bond can name its primary; no addresses of its own.
+                    let _ = writeln!(
+                        s,
+                        "      set-name: {}\n      dhcp4: false\n      dhcp6: false\n      accept-ra: false\n      link-local: []",
+                        nic(i)
+                    );
+                    continue;
+                }
+            }
+            Kind::Bond(b) => {
+                let members: Vec<String> = b.members.iter().map(|m| nic(index_of(id, m))).collect();
+                let _ = writeln!(s, "      interfaces: [{}]", members.join(", "));
+                let _ = writeln!(s, "      macaddress: \"{}\"", n.mac);
+                let _ = writeln!(s, "      parameters:\n        mode: {}", b.mode);
+                if b.miimon_ms > 0 {
+                    let _ = writeln!(s, "        mii-monitor-interval: {}", b.miimon_ms);
+                }
+                if b.updelay_ms > 0 {
+                    let _ = writeln!(s, "        up-delay: {}", b.updelay_ms);
+                }
+                if b.downdelay_ms > 0 {
+                    let _ = writeln!(s, "        down-delay: {}", b.downdelay_ms);
+                }
+                if let Some(r) = &b.lacp_rate {
+                    let _ = writeln!(s, "        lacp-rate: {r}");
+                }
+                if let Some(h) = &b.xmit_hash_policy {
+                    let _ = writeln!(s, "        transmit-hash-policy: {h}");
+                }
+                if let Some(p) = &b.primary {
+                    let _ = writeln!(s, "        primary: {}", nic(index_of(id, p)));
+                }
+            }
+            Kind::Vlan { id: vid, parent } => {
+                let _ = writeln!(
+                    s,
+                    "      id: {vid}\n      link: {}\n      macaddress: \"{}\"",
+                    ref_name(id, index_of(id, parent)),
+                    n.mac
+                );
+            }
+        }
+        netplan_ip(&mut s, id, i, n);
     }
     File {
         path: "etc/netplan/60-reinstall.yaml".into(),
@@ -183,19 +248,97 @@ fn netplan(id: &NetIdentity) -> File {
     }
 }
 
-fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> File {
+/// A stable UUID for the NetworkManager connection `name` (VLANs name their parent by it:
+/// an Ethernet interface's kernel name in the next OS is not known).
+fn nm_uuid(name: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("reinstall NetworkManager connection {name}"));
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x: String = b.iter().map(|v| format!("{v:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+}
+
+fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
+    let mut files = Vec::new();
     let mut s = String::new();
-    let name = format!("reinstall-{}", nic(i));
-    let _ = writeln!(
-        s,
-        "[connection]\nid={name}\ntype=ethernet\nautoconnect=true\n"
-    );
-    let _ = writeln!(
-        s,
-        "[ethernet]\nmac-address={}\nmtu={}\n",
-        n.mac.to_uppercase(),
-        n.mtu
-    );
+    let name = format!("reinstall-{}", ref_name(id, i));
+    let _ = writeln!(s, "[connection]\nid={name}\nuuid={}", nm_uuid(&name));
+    match &n.kind {
+        Kind::Ethernet => {
+            let _ = writeln!(s, "type=ethernet\nautoconnect=true");
+            if let Some((bond, _)) = id.bond_of(&n.name) {
+                // Named by a .link file, so that the bond can name its primary.
+                files.push(File {
+                    path: format!("etc/systemd/network/10-reinstall-{}.link", nic(i)),
+                    contents: crate::netid::naming_link(n, &nic(i)),
+                    mode: 0o644,
+                });
+                let _ = writeln!(
+                    s,
+                    "interface-name={}\nmaster={}\nslave-type=bond\n\n[ethernet]\nmac-address={}\n",
+                    nic(i),
+                    bond.name,
+                    n.mac.to_uppercase()
+                );
+                files.push(nm_file(&name, s));
+                return files;
+            }
+            let _ = writeln!(
+                s,
+                "\n[ethernet]\nmac-address={}\nmtu={}\n",
+                n.mac.to_uppercase(),
+                n.mtu
+            );
+        }
+        Kind::Bond(b) => {
+            let _ = writeln!(
+                s,
+                "type=bond\ninterface-name={}\nautoconnect=true\n\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[bond]\nmode={}",
+                n.name,
+                n.mac.to_uppercase(),
+                n.mtu,
+                b.mode
+            );
+            let _ = writeln!(s, "miimon={}", b.miimon_ms);
+            if b.updelay_ms > 0 {
+                let _ = writeln!(s, "updelay={}", b.updelay_ms);
+            }
+            if b.downdelay_ms > 0 {
+                let _ = writeln!(s, "downdelay={}", b.downdelay_ms);
+            }
+            if let Some(r) = &b.lacp_rate {
+                let _ = writeln!(s, "lacp_rate={r}");
+            }
+            if let Some(h) = &b.xmit_hash_policy {
+                let _ = writeln!(s, "xmit_hash_policy={h}");
+            }
+            if let Some(p) = &b.primary {
+                let _ = writeln!(s, "primary={}", nic(index_of(id, p)));
+            }
+            s.push('\n');
+        }
+        Kind::Vlan { id: vid, parent } => {
+            let parent = format!("reinstall-{}", ref_name(id, index_of(id, parent)));
+            let _ = writeln!(
+                s,
+                "type=vlan\ninterface-name={}\nautoconnect=true\n\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[vlan]\nid={vid}\nparent={}\n",
+                n.name,
+                n.mac.to_uppercase(),
+                n.mtu,
+                nm_uuid(&parent)
+            );
+        }
+    }
     for v6 in [false, true] {
         let _ = writeln!(s, "[{}]", if v6 { "ipv6" } else { "ipv4" });
         let addrs = static_addrs(n, v6);
@@ -231,7 +374,7 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> File {
                 let _ = writeln!(s, "route{}_options=onlink=true", k + 1);
             }
         }
-        if i == 0 {
+        if i == id.dns_index() {
             let dns: Vec<String> = id
                 .dns
                 .servers
@@ -248,36 +391,111 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> File {
         }
         s.push('\n');
     }
+    files.push(nm_file(&name, s));
+    files
+}
+
+fn nm_file(name: &str, contents: String) -> File {
     File {
         path: format!("etc/NetworkManager/system-connections/{name}.nmconnection"),
-        contents: s,
+        contents,
         // NetworkManager ignores keyfiles readable by others.
         mode: 0o600,
     }
+}
+
+/// The commands that create bond or VLAN `n` before ifupdown configures it (plain ifupdown
+/// and iproute2: neither ifenslave nor the vlan package is needed; when one of them made the
+/// link already, it is left as it is).
+fn ifupdown_create(id: &NetIdentity, n: &Interface) -> Vec<String> {
+    let mut pre = Vec::new();
+    match &n.kind {
+        Kind::Ethernet => {}
+        Kind::Bond(b) => {
+            let mut opts = format!("mode {}", b.mode);
+            for (k, v) in [
+                ("miimon", b.miimon_ms),
+                ("updelay", b.updelay_ms),
+                ("downdelay", b.downdelay_ms),
+            ] {
+                if v > 0 {
+                    let _ = write!(opts, " {k} {v}");
+                }
+            }
+            if let Some(r) = &b.lacp_rate {
+                let _ = write!(opts, " lacp_rate {r}");
+            }
+            if let Some(h) = &b.xmit_hash_policy {
+                let _ = write!(opts, " xmit_hash_policy {h}");
+            }
+            pre.push(format!(
+                "ip link show dev {0} >/dev/null 2>&1 || ip link add {0} address {1} mtu {2} type bond {opts}",
+                n.name, n.mac, n.mtu
+            ));
+            for m in &b.members {
+                pre.push(format!(
+                    "ip link set dev {0} down && ip link set dev {0} master {1} && ip link set dev {0} up",
+                    nic(index_of(id, m)),
+                    n.name
+                ));
+            }
+            if let Some(p) = &b.primary {
+                pre.push(format!(
+                    "ip link set dev {} type bond primary {}",
+                    n.name,
+                    nic(index_of(id, p))
+                ));
+            }
+        }
+        Kind::Vlan { id: vid, parent } => {
+            let parent = ref_name(id, index_of(id, parent));
+            pre.push(format!("ip link set dev {parent} up"));
+            pre.push(format!(
+                "ip link show dev {0} >/dev/null 2>&1 || ip link add link {parent} name {0} address {1} mtu {2} type vlan id {vid}",
+                n.name, n.mac, n.mtu
+            ));
+        }
+    }
+    pre
 }
 
 fn ifupdown(id: &NetIdentity) -> Vec<File> {
     let mut files = Vec::new();
     let mut s = String::from("# Written by reinstall: the network identity of this machine.\n");
     for (i, n) in id.interfaces.iter().enumerate() {
-        let name = nic(i);
-        // ifupdown knows interfaces by name only: name this one by its MAC first.
-        files.push(File {
-            path: format!("etc/systemd/network/10-reinstall-{name}.link"),
-            contents: format!("[Match]\nMACAddress={}\n\n[Link]\nName={name}\n", n.mac),
-            mode: 0o644,
-        });
+        let name = ref_name(id, i);
+        if n.is_ethernet() {
+            // ifupdown knows interfaces by name only: name this one by its MAC first.
+            files.push(File {
+                path: format!("etc/systemd/network/10-reinstall-{name}.link"),
+                contents: crate::netid::naming_link(n, &name),
+                mode: 0o644,
+            });
+            if id.bond_of(&n.name).is_some() || bare(n) {
+                continue; // brought up by its bond or VLANs
+            }
+        }
+        let mut pre = ifupdown_create(id, n);
         let _ = writeln!(s, "\nauto {name}");
+        let mut stanzas = 0;
         for v6 in [false, true] {
             let fam = if v6 { "inet6" } else { "inet" };
             let addrs = static_addrs(n, v6);
             if addrs.is_empty() {
                 if n.has(true, v6) {
                     let _ = writeln!(s, "iface {name} {fam} {}", if v6 { "auto" } else { "dhcp" });
+                    stanzas += 1;
+                    for p in pre.drain(..) {
+                        let _ = writeln!(s, "    pre-up {p}");
+                    }
                 }
                 continue;
             }
             let _ = writeln!(s, "iface {name} {fam} static");
+            stanzas += 1;
+            for p in pre.drain(..) {
+                let _ = writeln!(s, "    pre-up {p}");
+            }
             let _ = writeln!(s, "    address {}", addrs[0]);
             if !v6 {
                 let _ = writeln!(s, "    mtu {}", n.mtu);
@@ -318,6 +536,17 @@ fn ifupdown(id: &NetIdentity) -> Vec<File> {
                 }
                 let _ = writeln!(s, "{cmd}");
             }
+        }
+        if stanzas == 0 {
+            // A bond that only carries VLANs: created and brought up, nothing else.
+            let _ = writeln!(s, "iface {name} inet manual");
+            for p in pre.drain(..) {
+                let _ = writeln!(s, "    pre-up {p}");
+            }
+            let _ = writeln!(s, "    up ip link set dev {name} up");
+        }
+        if !n.is_ethernet() {
+            let _ = writeln!(s, "    post-down ip link del dev {name}");
         }
     }
     files.push(File {
@@ -405,7 +634,7 @@ mod tests {
         assert_eq!(links.len(), 2);
         assert!(links.iter().any(|l| l
             .contents
-            .contains("MACAddress=52:54:00:aa:bb:01\n\n[Link]\nName=rnic")));
+            .contains("MACAddress=52:54:00:aa:bb:01\nType=ether\n\n[Link]\nName=rnic")));
         let ifaces = &f
             .iter()
             .find(|f| f.path.ends_with("60-reinstall"))
@@ -421,6 +650,111 @@ mod tests {
         assert!(ifaces.contains("onlink"));
         assert!(ifaces.contains("address 2001:db8::10/128"));
         assert!(all(&f).contains("nameserver 192.0.2.53"));
+    }
+
+    fn bonded() -> NetIdentity {
+        crate::netid::fixture("vlan-bond").unwrap()
+    }
+
+    /// bond0 = eth0 (rnic0, primary) + eth1 (rnic1); VLAN 100 on bond0; VLAN 200 on eth2
+    /// (rnic2, no address of its own). See the fixture's capture test in netid.
+    #[test]
+    fn netplan_declares_members_bonds_and_vlans_by_their_keys() {
+        let s = &render(Stack::Netplan, &bonded())[0].contents;
+        for want in [
+            "  ethernets:\n    rnic0:\n      match:\n        macaddress: \"52:54:00:00:00:01\"\n      set-name: rnic0\n      dhcp4: false",
+            "    rnic2:\n      match:\n        macaddress: \"52:54:00:00:00:03\"\n      mtu: 1500\n      dhcp4: false\n      dhcp6: false\n      accept-ra: false\n      link-local: []",
+            "  bonds:\n    bond0:\n      interfaces: [rnic0, rnic1]\n      macaddress: \"52:54:00:00:00:01\"\n      parameters:\n        mode: active-backup\n        mii-monitor-interval: 100\n        up-delay: 200\n        primary: rnic0\n      mtu: 9000",
+            "addresses: [\"192.0.2.10/24\"]",
+            "  vlans:\n    bond0.100:\n      id: 100\n      link: bond0\n",
+            "    eth2.200:\n      id: 200\n      link: rnic2\n",
+            "addresses: [\"2001:db8:200::7/64\"]",
+        ] {
+            assert!(s.contains(want), "{want:?} missing from:\n{s}");
+        }
+        assert_eq!(s.matches("nameservers:").count(), 1, "{s}");
+        assert!(s.find("nameservers:") > s.find("bond0:"), "{s}");
+    }
+
+    #[test]
+    fn networkmanager_enslaves_members_and_names_vlan_parents_by_connection_uuid() {
+        let f = render(Stack::NetworkManager, &bonded());
+        let conn = |n: &str| {
+            &f.iter()
+                .find(|f| f.path.ends_with(&format!("/reinstall-{n}.nmconnection")))
+                .unwrap_or_else(|| panic!("{n}: {f:?}"))
+                .contents
+        };
+        assert!(f
+            .iter()
+            .any(|f| f.path == "etc/systemd/network/10-reinstall-rnic1.link"
+                && f.contents
+                    .contains("MACAddress=52:54:00:00:00:02\nType=ether")));
+        let m = conn("rnic1");
+        assert!(
+            m.contains("interface-name=rnic1\nmaster=bond0\nslave-type=bond")
+                && !m.contains("[ipv4]"),
+            "{m}"
+        );
+        let b = conn("bond0");
+        for want in [
+            "type=bond\ninterface-name=bond0",
+            "cloned-mac-address=52:54:00:00:00:01\nmtu=9000",
+            "[bond]\nmode=active-backup\nmiimon=100\nupdelay=200\nprimary=rnic0\n",
+            "address1=192.0.2.10/24",
+            "dns=192.0.2.53;",
+        ] {
+            assert!(b.contains(want), "{want:?} missing from:\n{b}");
+        }
+        let uuid_of = |text: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("uuid="))
+                .unwrap()
+                .to_string()
+        };
+        let v = conn("eth2.200");
+        assert!(
+            v.contains(&format!(
+                "[vlan]\nid=200\nparent={}\n",
+                uuid_of(conn("rnic2"))
+            )),
+            "{v}"
+        );
+        let v = conn("bond0.100");
+        assert!(v.contains(&format!("parent={}\n", uuid_of(b))), "{v}");
+        assert!(conn("rnic2").contains("[ipv4]\nmethod=disabled"));
+        let uuids: std::collections::BTreeSet<String> = f
+            .iter()
+            .filter(|f| f.path.ends_with(".nmconnection"))
+            .map(|f| uuid_of(&f.contents))
+            .collect();
+        assert_eq!(uuids.len(), 6, "one distinct uuid per connection");
+        assert_eq!(render(Stack::NetworkManager, &bonded()), f, "and stable");
+    }
+
+    #[test]
+    fn ifupdown_creates_bonds_and_vlans_with_iproute2_after_what_they_sit_on() {
+        let f = render(Stack::Ifupdown, &bonded());
+        let s = &f
+            .iter()
+            .find(|f| f.path.ends_with("60-reinstall"))
+            .unwrap()
+            .contents;
+        assert!(
+            !s.contains("auto rnic"),
+            "members and bare parents come up with what sits on them:\n{s}"
+        );
+        let bond = s.find("auto bond0\niface bond0 inet static\n    pre-up ip link show dev bond0 >/dev/null 2>&1 || ip link add bond0 address 52:54:00:00:00:01 mtu 9000 type bond mode active-backup miimon 100 updelay 200\n    pre-up ip link set dev rnic0 down && ip link set dev rnic0 master bond0 && ip link set dev rnic0 up\n    pre-up ip link set dev rnic1 down && ip link set dev rnic1 master bond0 && ip link set dev rnic1 up\n    pre-up ip link set dev bond0 type bond primary rnic0\n    address 192.0.2.10/24").expect(s);
+        let v100 = s.find("auto bond0.100\niface bond0.100 inet static\n    pre-up ip link set dev bond0 up\n    pre-up ip link show dev bond0.100 >/dev/null 2>&1 || ip link add link bond0 name bond0.100 address 52:54:00:00:00:01 mtu 1500 type vlan id 100\n").expect(s);
+        assert!(bond < v100, "{s}");
+        assert!(s.contains("iface eth2.200 inet6 static\n    pre-up ip link set dev rnic2 up\n    pre-up ip link show dev eth2.200"), "{s}");
+        assert!(s.contains("    post-down ip link del dev bond0\n"), "{s}");
+        assert!(
+            s.contains("up ip -4 route add 203.0.113.0/24 via 198.51.100.1 dev bond0.100"),
+            "{s}"
+        );
+        let links = f.iter().filter(|f| f.path.ends_with(".link")).count();
+        assert_eq!(links, 3, "every Ethernet interface is named by its MAC");
     }
 
     #[test]

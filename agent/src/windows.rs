@@ -103,8 +103,22 @@ fn prefix_of(r: &Route, gw: IpAddr) -> String {
     }
 }
 
+/// Refuses, naming the interface, an identity Windows' answer file cannot carry: bonds
+/// (NIC teams are made with PowerShell after setup, not in unattend) and VLANs.
+pub fn check_network(id: &NetIdentity) -> Result<()> {
+    if let Some(i) = id.interfaces.iter().find(|i| !i.is_ethernet()) {
+        anyhow::bail!(
+            "interface {} is a {}: carrying bonds and VLANs into Windows is not supported (its answer file cannot make them); reinstall this machine with a Linux target, or move its address to a plain interface first",
+            i.name,
+            i.kind.label()
+        );
+    }
+    Ok(())
+}
+
 /// `unattend.xml` for the specialize pass.
 pub fn render_unattend(id: &NetIdentity, admin_password: &str) -> Result<String> {
+    check_network(id)?;
     let name = computer_name(&id.hostname)?;
     let mut s = String::new();
     let _ = writeln!(s, r#"<?xml version="1.0" encoding="utf-8"?>"#);
@@ -805,5 +819,16 @@ mod tests {
         );
         assert!(computer_name("12345").is_err());
         assert!(computer_name("--").is_err());
+    }
+
+    #[test]
+    fn bonds_and_vlans_are_refused_for_windows_naming_the_interface() {
+        let id = crate::netid::fixture("vlan-bond").unwrap();
+        let e = render_unattend(&id, "pw").unwrap_err().to_string();
+        assert!(
+            e.contains("bond0 is a bond") && e.contains("Windows"),
+            "{e}"
+        );
+        assert!(check_network(&crate::netid::fixture("two-nics").unwrap()).is_ok());
     }
 }
