@@ -111,7 +111,7 @@ pub enum Command {
     /// options; 802.1Q VLANs) and the systemd-networkd files it becomes. Refuses, naming the
     /// interface, what cannot be carried: bridges, teams, macvlans, bonds monitored by ARP,
     /// QinQ VLANs (and bonds or VLANs at all when the target is Windows).
-    Network,
+    Network(NetworkOpts),
     /// Show the firmware's boot variables: BootCurrent, BootNext, BootOrder and every
     /// Boot#### entry with its device path, in the text form `efibootmgr -v` prints.
     Firmware(FirmwareOpts),
@@ -180,6 +180,26 @@ pub struct AgentOpts {
     /// Poll once: exit 0 if there is no job instead of polling again.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Args)]
+pub struct NetworkOpts {
+    /// Render this saved identity (the JSON `reinstall network --json` prints under
+    /// "identity", or a job's `network.json` in the agent's state directory) instead of
+    /// capturing this machine's.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// The network stack to render for, as a target tree using it would get it.
+    #[arg(long, value_enum, default_value = "networkd")]
+    pub stack: StackArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StackArg {
+    Networkd,
+    Netplan,
+    Networkmanager,
+    Ifupdown,
 }
 
 #[derive(Args)]

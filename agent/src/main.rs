@@ -9,18 +9,38 @@ use agent::netid;
 use clap::{CommandFactory, Parser};
 use std::process::ExitCode;
 
-fn network(json: bool) -> anyhow::Result<ExitCode> {
-    let id = netid::capture()?;
-    let files = netid::render_networkd(&id);
+fn network(o: &cli::NetworkOpts, json: bool) -> anyhow::Result<ExitCode> {
+    use agent::netstack::{render, Stack};
+    use anyhow::Context as _;
+    let id: netid::NetIdentity = match &o.from {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not JSON", p.display()))?;
+            // Either an identity or `reinstall network --json`'s whole output.
+            let v = v.get("identity").cloned().unwrap_or(v);
+            serde_json::from_value(v)
+                .with_context(|| format!("{}: not a network identity", p.display()))?
+        }
+        None => netid::capture()?,
+    };
+    let stack = match o.stack {
+        cli::StackArg::Networkd => Stack::Networkd,
+        cli::StackArg::Netplan => Stack::Netplan,
+        cli::StackArg::Networkmanager => Stack::NetworkManager,
+        cli::StackArg::Ifupdown => Stack::Ifupdown,
+    };
+    let files = render(stack, &id);
     if json {
         let v = serde_json::json!({
             "identity": id,
-            "networkd": files.iter().map(|(n, c)| serde_json::json!({"file": n, "contents": c})).collect::<Vec<_>>(),
+            "files": files.iter().map(|f| serde_json::json!({"path": f.path, "mode": f.mode, "contents": f.contents})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        for (name, contents) in files {
-            println!("# /etc/systemd/network/{name}\n{contents}");
+        for f in files {
+            println!("# /{} (mode {:o})\n{}", f.path, f.mode, f.contents);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -328,7 +348,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Status) => operator::status(&args.global),
         Some(cli::Command::Rescue(o)) => operator::rescue(&args.global, &o),
         Some(cli::Command::Cancel(o)) => operator::cancel(&args.global, &o),
-        Some(cli::Command::Network) => network(json),
+        Some(cli::Command::Network(o)) => network(&o, json),
         Some(cli::Command::Firmware(ref o)) => firmware(o, json),
         Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),
         Some(cli::Command::Plan(ref o)) => plan(o, args.global.identity.as_deref(), json),

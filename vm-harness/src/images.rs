@@ -111,6 +111,9 @@ pub struct SourceSpec<'a> {
     pub authorized_key: &'a str,
     pub agent_identity: &'a Path,
     pub agent_binary: &'a Path,
+    /// The address on an active-backup bond of the NIC `mac` (primary) and a second NIC with
+    /// this MAC, with VLAN 100 on the bond holding this address.
+    pub bond: Option<(&'a str, &'a str)>,
 }
 
 /// Copies the cached source tree and makes it this run's machine: hostname, a static address
@@ -135,13 +138,48 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
         "etc/hosts",
         &format!("127.0.0.1 localhost\n127.0.1.1 {}\n", s.hostname),
     )?;
-    w(
-        "etc/systemd/network/10-static.network",
-        &format!(
-            "[Match]\nMACAddress={}\n\n[Network]\nAddress={}\nGateway={}\nDNS=10.0.2.3\n",
-            s.mac, s.address, s.gateway
-        ),
-    )?;
+    let ip = format!(
+        "Address={}\nGateway={}\nDNS=10.0.2.3\n",
+        s.address, s.gateway
+    );
+    match s.bond {
+        None => w(
+            "etc/systemd/network/10-static.network",
+            &format!("[Match]\nMACAddress={}\n\n[Network]\n{ip}", s.mac),
+        )?,
+        Some((mac2, vlan_addr)) => {
+            // As an operator would write it. Members by their permanent MACs: once enslaved
+            // they wear the bond's.
+            w(
+                "etc/systemd/network/10-bond0.netdev",
+                &format!(
+                    "[NetDev]\nName=bond0\nKind=bond\nMACAddress={}\n\n[Bond]\nMode=active-backup\nMIIMonitorSec=100ms\n",
+                    s.mac
+                ),
+            )?;
+            w(
+                "etc/systemd/network/10-bond0.network",
+                &format!("[Match]\nName=bond0\n\n[Network]\n{ip}VLAN=bond0.100\n"),
+            )?;
+            w(
+                "etc/systemd/network/10-bond0.100.netdev",
+                "[NetDev]\nName=bond0.100\nKind=vlan\n\n[VLAN]\nId=100\n",
+            )?;
+            w(
+                "etc/systemd/network/10-bond0.100.network",
+                &format!("[Match]\nName=bond0.100\n\n[Network]\nAddress={vlan_addr}\n"),
+            )?;
+            for (i, (mac, primary)) in [(s.mac, true), (mac2, false)].iter().enumerate() {
+                w(
+                    &format!("etc/systemd/network/20-nic{i}.network"),
+                    &format!(
+                        "[Match]\nPermanentMACAddress={mac}\n\n[Network]\nBond=bond0\n{}",
+                        if *primary { "PrimarySlave=yes\n" } else { "" }
+                    ),
+                )?;
+            }
+        }
+    }
     let mut id = [0u8; 16];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut id)?;
     w(

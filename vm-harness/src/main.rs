@@ -56,6 +56,12 @@ struct Cli {
     /// agent has systemd arm must reset it. Not in CI (see the README).
     #[arg(long, global = true)]
     hang: bool,
+    /// Put the VM's address on an active-backup bond of two NICs (the first primary; the
+    /// second on a user network of its own), with VLAN 100 on the bond holding another
+    /// address, as the source OS configures them (systemd-networkd). Every boot must show
+    /// them as they were: the agent carries bonds and VLANs into the rescue and the target.
+    #[arg(long, global = true)]
+    bond: bool,
     /// Working directory (disk images, serial logs, the stager's home and log).
     #[arg(long, global = true, default_value = "/var/tmp/reinstall-vm")]
     work: PathBuf,
@@ -161,6 +167,7 @@ fn main() -> ExitCode {
         nvme: cli.nvme,
         bios: cli.bios,
         hang: cli.hang,
+        bond: cli.bond,
     };
     let r = match &cli.cmd {
         Cmd::Full => scenario::full(&opts),

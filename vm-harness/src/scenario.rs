@@ -17,7 +17,13 @@ pub struct Opts {
     pub bios: bool,
     /// The VM has a hardware watchdog (i6300esb), and `full`'s broken target hangs.
     pub hang: bool,
+    /// The VM's address is on a bond of two NICs, with a VLAN on it (see [`BOND_VLAN`]).
+    pub bond: bool,
 }
+
+/// With `--bond`: VLAN 100 on bond0 holds this address (QEMU's user network carries no
+/// tagged frames: the VLAN is checked by what the guest shows, the bond by SSH through it).
+const BOND_VLAN: &str = "192.0.2.7/24";
 
 const HOST: &str = "vm1";
 const TARGET: &str = "debian-vm";
@@ -195,6 +201,7 @@ impl Env {
                 authorized_key: pubkey.trim(),
                 agent_identity: &agent_id,
                 agent_binary: &reinstall,
+                bond: o.bond.then_some((vm::MAC2, BOND_VLAN)),
             },
         )?;
         let host_key = std::fs::read_to_string(tree.join("etc/ssh/ssh_host_ed25519_key.pub"))?;
@@ -219,6 +226,7 @@ impl Env {
             known.clone(),
         )?;
         vm.watchdog = o.hang;
+        vm.second_nic = o.bond;
         let kh: Vec<&str> = host_key.split_whitespace().take(2).collect();
         std::fs::write(
             &known,
@@ -338,6 +346,86 @@ impl Env {
             f.root == want,
             "{what}: root on {:?}, expected {want}",
             f.root
+        );
+        if self.vm.second_nic {
+            self.check_bond(what)?;
+        }
+        Ok(())
+    }
+
+    /// With `--bond`: the address is on bond0 (active-backup, MII every 100 ms) of both NICs,
+    /// known by their permanent MACs, the first one primary and active; bond0 wears the first
+    /// NIC's MAC; VLAN 100 on bond0 holds [`BOND_VLAN`]. (SSH answering at the address shows
+    /// the bond passes traffic.)
+    fn check_bond(&self, what: &str) -> Result<()> {
+        let out = self.vm.ssh(
+            "cat /proc/net/bonding/bond0; echo ===; cat /sys/class/net/bond0/address; \
+             echo ===; ip -d -j link show dev bond0.100; echo ===; \
+             ip -4 -o addr show dev bond0; echo ===; ip -4 -o addr show dev bond0.100",
+        )?;
+        let parts: Vec<&str> = out.split("===\n").collect();
+        ensure!(
+            parts.len() == 5,
+            "{what}: the bond or its VLAN is missing:\n{out}"
+        );
+        let bonding = parts[0];
+        let field = |k: &str| {
+            bonding
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        ensure!(
+            field("Bonding Mode:").contains("active-backup")
+                && field("MII Polling Interval (ms):") == "100",
+            "{what}: bond0 is not active-backup with MII every 100 ms:\n{bonding}"
+        );
+        let mut perm: Vec<(String, String)> = Vec::new();
+        let mut name = String::new();
+        for l in bonding.lines() {
+            if let Some(n) = l.strip_prefix("Slave Interface:") {
+                name = n.trim().to_string();
+            } else if let Some(m) = l.strip_prefix("Permanent HW addr:") {
+                perm.push((name.clone(), m.trim().to_string()));
+            }
+        }
+        let mut macs: Vec<&str> = perm.iter().map(|(_, m)| m.as_str()).collect();
+        macs.sort();
+        ensure!(
+            macs == [vm::MAC, vm::MAC2],
+            "{what}: bond0's members are {perm:?}, expected the NICs {} and {}",
+            vm::MAC,
+            vm::MAC2
+        );
+        let primary = field("Primary Slave:");
+        let active = field("Currently Active Slave:");
+        let first = &perm.iter().find(|(_, m)| m == vm::MAC).expect("checked").0;
+        ensure!(
+            primary.split_whitespace().next() == Some(first.as_str()) && &active == first,
+            "{what}: bond0's primary is {primary:?} and active {active:?}, expected {first} (the NIC with {})",
+            vm::MAC
+        );
+        ensure!(
+            parts[1].trim() == vm::MAC,
+            "{what}: bond0 wears {:?}, expected {}",
+            parts[1].trim(),
+            vm::MAC
+        );
+        let v: serde_json::Value = serde_json::from_str(parts[2])
+            .with_context(|| format!("{what}: ip -j link show bond0.100: {:?}", parts[2]))?;
+        let v = &v[0];
+        ensure!(
+            v["link"] == "bond0" && v["linkinfo"]["info_data"]["id"] == 100,
+            "{what}: bond0.100 is not VLAN 100 on bond0: {v}"
+        );
+        ensure!(
+            parts[3].contains(&format!(" {}/24 ", vm::GUEST_IP))
+                && parts[4].contains(&format!(" {BOND_VLAN} ")),
+            "{what}: addresses: bond0 {:?}, bond0.100 {:?}; expected {}/24 and {BOND_VLAN}",
+            parts[3].trim(),
+            parts[4].trim(),
+            vm::GUEST_IP
         );
         Ok(())
     }

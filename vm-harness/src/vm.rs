@@ -12,6 +12,8 @@ pub const GUEST_IP: &str = "10.0.2.50";
 pub const STAGER_IP: &str = "10.0.2.100";
 pub const STAGER_PORT: u16 = 8443;
 pub const MAC: &str = "52:54:00:12:34:56";
+/// The second NIC of a machine with a bond (`--bond`).
+pub const MAC2: &str = "52:54:00:12:34:57";
 
 /// OVMF's code (read-only) and a private copy of its variable store, as pflash units 0 and 1.
 fn ovmf<'a>(c: &'a mut Command, vars: &Path) -> &'a mut Command {
@@ -34,6 +36,8 @@ pub struct Vm {
     pub nvme2: bool,
     /// An i6300esb watchdog on the machine (`--hang`).
     pub watchdog: bool,
+    /// A second NIC (`--bond`), on a user network of its own that forwards nothing.
+    pub second_nic: bool,
     pub uefi: bool,
     pub ssh_port: u16,
     /// The host port the stager listens on.
@@ -157,6 +161,7 @@ impl Vm {
             disk2,
             nvme2,
             watchdog: false,
+            second_nic: false,
             uefi,
             ssh_port: free_port()?,
             stager_port,
@@ -223,6 +228,14 @@ impl Vm {
             self.ssh_port
         ));
         c.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")]);
+        if self.second_nic {
+            c.args([
+                "-netdev",
+                "user,id=n1,restrict=on,net=10.0.3.0/24",
+                "-device",
+                &format!("virtio-net-pci,netdev=n1,mac={MAC2}"),
+            ]);
+        }
         if self.watchdog {
             // A hardware watchdog, as servers have (iTCO, IPMI): QEMU resets the machine when
             // it expires. The OSes the agent writes have systemd arm it.
