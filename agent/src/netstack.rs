@@ -5,7 +5,7 @@
 //! by its MAC first. Pure functions: files as (path inside the tree, contents, mode).
 
 use crate::netid::{Interface, NetIdentity, Route};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
@@ -46,6 +46,97 @@ pub fn detect(tree: &Path) -> Result<Stack> {
             tree.display()
         )
     }
+}
+
+/// The kernel drivers the identity needs beyond a NIC's own: `bonding` for a bond, `8021q`
+/// for a VLAN, each with the interface that needs it.
+fn needed_drivers(id: &NetIdentity) -> Vec<(&'static str, &str)> {
+    let mut need: Vec<(&'static str, &str)> = Vec::new();
+    for i in &id.interfaces {
+        let m = match i.kind {
+            Kind::Ethernet => continue,
+            Kind::Bond(_) => "bonding",
+            Kind::Vlan { .. } => "8021q",
+        };
+        if !need.iter().any(|(n, _)| *n == m) {
+            need.push((m, &i.name));
+        }
+    }
+    need
+}
+
+/// Refuses a tree whose kernel (the one its boot entry will load, see
+/// [`bootcfg::grubcfg::find_kernel`]) cannot make the identity's bonds or VLANs: the driver
+/// neither built in (`modules.builtin`) nor a module whose file and dependencies
+/// (`modules.dep`) are all in the tree. Such an OS would boot without its address, and the
+/// machine would not be reachable; refused before the tree is made bootable.
+pub fn check_drivers(id: &NetIdentity, tree: &Path) -> Result<()> {
+    let need = needed_drivers(id);
+    if need.is_empty() {
+        return Ok(());
+    }
+    let (kernel, _) = bootcfg::grubcfg::find_kernel(tree)?;
+    let name = Path::new(&kernel)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    // `vmlinuz` alone is the tree's own link to its newest kernel.
+    let link = std::fs::read_link(tree.join(kernel.trim_start_matches('/')))
+        .ok()
+        .and_then(|t| t.file_name().and_then(|n| n.to_str()).map(String::from));
+    let file = link.unwrap_or(name);
+    let version = file.strip_prefix("vmlinuz-").with_context(|| {
+        format!(
+            "{}: cannot tell the version of kernel {kernel}, so not whether it has {}",
+            tree.display(),
+            need.iter()
+                .map(|(m, _)| *m)
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )
+    })?;
+    let dir = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| tree.join(d).join(version))
+        .find(|d| d.is_dir())
+        .with_context(|| {
+            format!(
+                "{}: kernel {version} has no modules directory (lib/modules/{version})",
+                tree.display()
+            )
+        })?;
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let (builtin, deps) = (read("modules.builtin"), read("modules.dep"));
+    // `kernel/drivers/net/bonding/bonding.ko.zst` is module `bonding`.
+    let module_of = |path: &str| -> String {
+        let base = path.rsplit('/').next().unwrap_or(path);
+        base.split(".ko").next().unwrap_or(base).replace('-', "_")
+    };
+    for (m, iface) in need {
+        if builtin.lines().any(|l| module_of(l.trim()) == m) {
+            continue;
+        }
+        let Some((path, rest)) = deps
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(p, _)| module_of(p) == m)
+        else {
+            bail!(
+                "{}: kernel {version} has no {m} driver, which {iface} needs: the OS would come back without its address, unreachable",
+                tree.display()
+            );
+        };
+        for f in std::iter::once(path).chain(rest.split_whitespace()) {
+            anyhow::ensure!(
+                dir.join(f).is_file(),
+                "{}: kernel {version} lists {} for the {m} driver ({iface} needs it), but the tree lacks it: the OS would come back unreachable",
+                tree.display(),
+                dir.join(f).display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn render(stack: Stack, id: &NetIdentity) -> Vec<File> {
@@ -755,6 +846,52 @@ mod tests {
         );
         let links = f.iter().filter(|f| f.path.ends_with(".link")).count();
         assert_eq!(links, 3, "every Ethernet interface is named by its MAC");
+    }
+
+    /// A tree whose kernel lacks bonding, or has it without a module it depends on (as a
+    /// trimmed rescue image once did: `bonding: Unknown symbol tls_validate_xmit_skb`), is
+    /// refused naming the driver and the file; built in or complete, it passes.
+    #[test]
+    fn a_tree_whose_kernel_cannot_make_the_bond_or_vlan_is_refused() {
+        let d = std::env::temp_dir().join(format!("netstack-drivers-{}", std::process::id()));
+        let t = d.as_path();
+        let w = |p: &str, text: &str| {
+            std::fs::create_dir_all(t.join(p).parent().unwrap()).unwrap();
+            std::fs::write(t.join(p), text).unwrap();
+        };
+        let m = "usr/lib/modules/6.1.0-50-amd64";
+        w("boot/vmlinuz-6.1.0-50-amd64", "");
+        w(&format!("{m}/modules.dep"), "kernel/drivers/net/bonding/bonding.ko.zst: kernel/net/tls/tls.ko.zst\nkernel/net/tls/tls.ko.zst:\n");
+        w(
+            &format!("{m}/modules.builtin"),
+            "kernel/net/8021q/8021q.ko\n",
+        );
+        let b = bonded();
+        let e = check_drivers(&b, t).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel/drivers/net/bonding/bonding.ko.zst") && e.contains("bond0"),
+            "{e}"
+        );
+        w(
+            &format!("{m}/kernel/drivers/net/bonding/bonding.ko.zst"),
+            "",
+        );
+        let e = check_drivers(&b, t).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel/net/tls/tls.ko.zst") && e.contains("bonding"),
+            "{e}"
+        );
+        w(&format!("{m}/kernel/net/tls/tls.ko.zst"), "");
+        check_drivers(&b, t).unwrap();
+        w(&format!("{m}/modules.builtin"), "");
+        let e = check_drivers(&b, t).unwrap_err().to_string();
+        assert!(
+            e.contains("no 8021q driver") && e.contains("bond0.100"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+        // Without bonds or VLANs nothing is asked of the kernel.
+        check_drivers(&id(), Path::new("/nonexistent")).unwrap();
     }
 
     #[test]

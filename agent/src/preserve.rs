@@ -130,6 +130,7 @@ pub fn inject(carry: &Path, tree: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> 
 pub fn inject_network(id: &crate::netid::NetIdentity, tree: &Path) -> Result<Vec<PathBuf>> {
     use crate::netstack::{self, Stack};
     let stack = netstack::detect(tree)?;
+    netstack::check_drivers(id, tree)?;
     let mut out = Vec::new();
     for f in netstack::render(stack, id) {
         let p = tree.join(&f.path);
