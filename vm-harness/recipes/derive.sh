@@ -32,15 +32,17 @@ bad-target)
 esac
 if [ "$kind" = rescue ]; then
     # Modules a server's rescue OS needs: disks (block, nvme, scsi, ata, md, virtio), NICs
-    # (ethernet, virtio), its filesystems (ext4, FAT, NTFS via FUSE/ntfs3), IP. Graphics,
-    # media, sound, radios and remote filesystems go.
+    # (ethernet, virtio, bonding), its filesystems (ext4, FAT, NTFS via FUSE/ntfs3), IP and
+    # VLANs (8021q with garp/mrp/stp/llc), and tls, which bonding needs (without it:
+    # "bonding: Unknown symbol tls_validate_xmit_skb"). Graphics, media, sound, radios and
+    # remote filesystems go.
     m=$(echo "$t"/usr/lib/modules/*/kernel)
     rm -rf "$m"/sound "$m"/drivers/{gpu,media,net/wireless,net/usb,net/can,infiniband,staging,iio,hwmon,isdn,bluetooth,input/touchscreen,mtd,misc,thunderbolt,video,comedi,usb/serial,usb/gadget,nfc,fpga}
     for d in "$m"/fs/*; do
         case ${d##*/} in ext4 | jbd2 | mbcache.ko | fat | nls | fuse | efivarfs | ntfs3 | overlayfs | autofs) ;; *) rm -rf "$d" ;; esac
     done
     for d in "$m"/net/*; do
-        case ${d##*/} in ipv4 | ipv6 | packet | core | unix | 8021q | llc | 802 | bridge) ;; *) rm -rf "$d" ;; esac
+        case ${d##*/} in ipv4 | ipv6 | packet | core | unix | 8021q | llc | 802 | bridge | tls) ;; *) rm -rf "$d" ;; esac
     done
     # Compressed modules: kmod (+ZSTD) decompresses them in userspace.
     find "$m" -name '*.ko' -print0 | xargs -0 -r zstd -q --rm

@@ -24,7 +24,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///               entries as efibootmgr lists them; rescue on request and back; a target
 ///               that stops coming up (panics at boot; emergency mode on BIOS; hangs with
 ///               --hang) is given up on by disk 1's GRUB after two boots, the rescue
-///               reports it, repaired from there; a second job.
+///               reports it, repaired from there; a second job. With --bond, every boot
+///               also shows the source's bond of two NICs and its VLAN as they were.
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
 ///               the stager shows the failure; then a job with a good target is taken by the
 ///               rescue OS, which installs it from there (rescue kept) and boots it.

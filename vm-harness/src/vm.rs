@@ -81,11 +81,14 @@ impl ResetWatch {
             return None;
         }
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
-        // Where this boot began: the kernel's restart, or the firmware or boot loader starting
-        // (a reset by the machine's watchdog leaves no restart message).
+        // Where this boot began: the kernel's restart (or its panic's "Rebooting in 10
+        // seconds..", after which the emulator once stopped before the firmware printed a
+        // word), or the firmware or boot loader starting (a reset by the machine's watchdog
+        // leaves no restart message).
         let since = [
             "reboot: machine restart",
             "reboot: Restarting system",
+            "Rebooting in ",
             "BdsDxe: loading",
             "SeaBIOS (version",
             "Welcome to GRUB!",
@@ -590,6 +593,24 @@ mod tests {
         assert!(w.hung(&log, quiet).is_none());
         std::thread::sleep(quiet * 2);
         assert!(w.hung(&log, quiet).is_some());
+        // A kernel panic's reboot after which nothing more came (seen with `full --bond`).
+        std::fs::write(
+            &log,
+            "[    0.0] Linux version 6.1.0\r\n[   17.9] Kernel panic - not syncing: sysrq triggered crash\r\n[   17.9] Rebooting in 10 seconds..\r\n",
+        )
+        .unwrap();
+        assert!(w.hung(&log, quiet).is_none());
+        std::thread::sleep(quiet * 2);
+        assert!(w.hung(&log, quiet).is_some());
+        // ... and when the next boot's kernel started, a quiet guest again.
+        std::fs::write(
+            &log,
+            "[   17.9] Rebooting in 10 seconds..\r\nBdsDxe: loading Boot0005\r\n[    0.0] Linux version 6.1.0\r\n",
+        )
+        .unwrap();
+        assert!(w.hung(&log, quiet).is_none());
+        std::thread::sleep(quiet * 2);
+        assert!(w.hung(&log, quiet).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
