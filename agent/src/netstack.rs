@@ -75,20 +75,27 @@ pub fn check_drivers(id: &NetIdentity, tree: &Path) -> Result<()> {
     if need.is_empty() {
         return Ok(());
     }
-    let (kernel, _) = bootcfg::grubcfg::find_kernel(tree)?;
-    let name = Path::new(&kernel)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
-    // `vmlinuz` alone is the tree's own link to its newest kernel.
-    let link = std::fs::read_link(tree.join(kernel.trim_start_matches('/')))
-        .ok()
-        .and_then(|t| t.file_name().and_then(|n| n.to_str()).map(String::from));
-    let file = link.unwrap_or(name);
-    let version = file.strip_prefix("vmlinuz-").with_context(|| {
+    // The kernel the boot entry loads: the tree's own `/vmlinuz` link when it has one (and
+    // `/initrd.img` when there is an initrd), else the newest found in /boot (see
+    // `bootcfg::grubcfg::render`).
+    let (found, initrd) = bootcfg::grubcfg::find_kernel(tree)?;
+    let own = tree.join(bootcfg::grubcfg::OWN_KERNEL.trim_start_matches('/'));
+    let own_ok = own.exists()
+        && (initrd.is_none()
+            || tree
+                .join(bootcfg::grubcfg::OWN_INITRD.trim_start_matches('/'))
+                .exists());
+    let kernel = if own_ok {
+        std::fs::read_link(&own)
+            .ok()
+            .and_then(|t| t.file_name().and_then(|n| n.to_str()).map(String::from))
+            .unwrap_or_else(|| "vmlinuz".into())
+    } else {
+        found.rsplit('/').next().unwrap_or_default().to_string()
+    };
+    let version = kernel.strip_prefix("vmlinuz-").with_context(|| {
         format!(
-            "{}: cannot tell the version of kernel {kernel}, so not whether it has {}",
+            "{}: cannot tell the version of the kernel it boots ({kernel}), so not whether it has {}",
             tree.display(),
             need.iter()
                 .map(|(m, _)| *m)
@@ -883,6 +890,16 @@ mod tests {
         );
         w(&format!("{m}/kernel/net/tls/tls.ko.zst"), "");
         check_drivers(&b, t).unwrap();
+        // The tree's own /vmlinuz link names the kernel that boots, even an older one (whose
+        // modules are not in the tree here).
+        w("boot/vmlinuz-6.1.0-40-amd64", "");
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-40-amd64", t.join("vmlinuz")).unwrap();
+        let e = check_drivers(&b, t).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel 6.1.0-40-amd64 has no modules directory"),
+            "{e}"
+        );
+        std::fs::remove_file(t.join("vmlinuz")).unwrap();
         w(&format!("{m}/modules.builtin"), "");
         let e = check_drivers(&b, t).unwrap_err().to_string();
         assert!(
