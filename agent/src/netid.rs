@@ -109,6 +109,30 @@ pub struct Bond {
     pub xmit_hash_policy: Option<String>,
 }
 
+impl Bond {
+    /// The options set away from the driver's defaults (0 or unset), under the bonding
+    /// driver's own names, in one order: what `ip link add ... type bond` and
+    /// NetworkManager's `[bond]` section both take.
+    pub fn driver_options(&self) -> Vec<(&'static str, String)> {
+        let mut o: Vec<(&'static str, String)> = [
+            ("miimon", self.miimon_ms),
+            ("updelay", self.updelay_ms),
+            ("downdelay", self.downdelay_ms),
+        ]
+        .into_iter()
+        .filter(|&(_, v)| v > 0)
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        if let Some(r) = &self.lacp_rate {
+            o.push(("lacp_rate", r.clone()));
+        }
+        if let Some(h) = &self.xmit_hash_policy {
+            o.push(("xmit_hash_policy", h.clone()));
+        }
+        o
+    }
+}
+
 impl Interface {
     pub fn is_ethernet(&self) -> bool {
         self.kind == Kind::Ethernet

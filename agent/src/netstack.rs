@@ -407,18 +407,12 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
                 n.mtu,
                 b.mode
             );
-            let _ = writeln!(s, "miimon={}", b.miimon_ms);
-            if b.updelay_ms > 0 {
-                let _ = writeln!(s, "updelay={}", b.updelay_ms);
+            // NetworkManager turns MII monitoring on (100 ms) when miimon is not given.
+            if b.miimon_ms == 0 {
+                s.push_str("miimon=0\n");
             }
-            if b.downdelay_ms > 0 {
-                let _ = writeln!(s, "downdelay={}", b.downdelay_ms);
-            }
-            if let Some(r) = &b.lacp_rate {
-                let _ = writeln!(s, "lacp_rate={r}");
-            }
-            if let Some(h) = &b.xmit_hash_policy {
-                let _ = writeln!(s, "xmit_hash_policy={h}");
+            for (k, v) in b.driver_options() {
+                let _ = writeln!(s, "{k}={v}");
             }
             if let Some(p) = &b.primary {
                 let _ = writeln!(s, "primary={}", nic(index_of(id, p)));
@@ -511,20 +505,8 @@ fn ifupdown_create(id: &NetIdentity, n: &Interface) -> Vec<String> {
         Kind::Ethernet => {}
         Kind::Bond(b) => {
             let mut opts = format!("mode {}", b.mode);
-            for (k, v) in [
-                ("miimon", b.miimon_ms),
-                ("updelay", b.updelay_ms),
-                ("downdelay", b.downdelay_ms),
-            ] {
-                if v > 0 {
-                    let _ = write!(opts, " {k} {v}");
-                }
-            }
-            if let Some(r) = &b.lacp_rate {
-                let _ = write!(opts, " lacp_rate {r}");
-            }
-            if let Some(h) = &b.xmit_hash_policy {
-                let _ = write!(opts, " xmit_hash_policy {h}");
+            for (k, v) in b.driver_options() {
+                let _ = write!(opts, " {k} {v}");
             }
             pre.push(format!(
                 "ip link show dev {0} >/dev/null 2>&1 || ip link add {0} address {1} mtu {2} type bond {opts}",
