@@ -812,6 +812,45 @@ mod tests {
         assert_eq!(render(Stack::NetworkManager, &bonded()), f, "and stable");
     }
 
+    /// An LACP bond without MII monitoring: NetworkManager and ifupdown get the same driver
+    /// options; NetworkManager an explicit miimon=0 (it would turn on 100 ms by itself).
+    #[test]
+    fn lacp_options_and_monitoring_off_reach_networkmanager_and_ifupdown() {
+        let mut id = bonded();
+        for n in &mut id.interfaces {
+            if let Kind::Bond(b) = &mut n.kind {
+                b.mode = "802.3ad".into();
+                b.miimon_ms = 0;
+                b.updelay_ms = 0;
+                b.primary = None;
+                b.lacp_rate = Some("fast".into());
+                b.xmit_hash_policy = Some("layer3+4".into());
+            }
+        }
+        let nm = render(Stack::NetworkManager, &id);
+        let b = &nm
+            .iter()
+            .find(|f| f.path.ends_with("bond0.nmconnection"))
+            .unwrap()
+            .contents;
+        assert!(
+            b.contains(
+                "[bond]\nmode=802.3ad\nmiimon=0\nlacp_rate=fast\nxmit_hash_policy=layer3+4\n\n"
+            ),
+            "{b}"
+        );
+        let ifu = render(Stack::Ifupdown, &id);
+        let s = &ifu
+            .iter()
+            .find(|f| f.path.ends_with("60-reinstall"))
+            .unwrap()
+            .contents;
+        assert!(
+            s.contains("type bond mode 802.3ad lacp_rate fast xmit_hash_policy layer3+4\n"),
+            "{s}"
+        );
+    }
+
     #[test]
     fn ifupdown_creates_bonds_and_vlans_with_iproute2_after_what_they_sit_on() {
         let f = render(Stack::Ifupdown, &bonded());
