@@ -95,7 +95,8 @@ enum Cmd {
         second_job: bool,
     },
     All,
-    /// Print the accelerator the VMs would use (KVM only if a probe boot works; else TCG).
+    /// Print the accelerator the VMs would use (KVM only if a probe boot works; else TCG) and,
+    /// on a second line, the guest CPU model.
     Accel,
     /// (internal) guestfwd's per-connection relay to the stager.
     #[command(hide = true)]
@@ -153,7 +154,7 @@ fn main() -> ExitCode {
         };
     }
     if let Cmd::Accel = &cli.cmd {
-        println!("{}", vm::accel());
+        println!("{}\n{}", vm::accel(), vm::cpu());
         return ExitCode::SUCCESS;
     }
     if let Cmd::PowerCut { list: true, .. } = &cli.cmd {
