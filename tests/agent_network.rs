@@ -54,6 +54,87 @@ fn a_32_with_onlink_gateway_and_ipv6_only_nic_survive_capture_and_rendering() {
     }
 }
 
+/// A hypervisor-shaped machine, built in network namespaces: its address and default route
+/// on bridge br0 (STP on, forward delay 4 s) of eth0 (a veth whose peer stays in the
+/// namespace, standing in for a NIC), with a tap on br0 as a VM's port; Docker's docker0
+/// with a veth into a second namespace (a container); a VPN's tun0. `reinstall network`
+/// carries br0 with eth0 only and names docker0 and tun0 as left behind; moving the default
+/// route onto tun0 makes it refuse, naming tun0.
+#[test]
+fn a_bridge_is_carried_and_container_and_vpn_links_are_left_behind_by_name() {
+    let ns = Netns(format!("rt-br-{}", std::process::id()));
+    let ctr = Netns(format!("rt-ctr-{}", std::process::id()));
+    let (n, c) = (&ns.0, &ctr.0);
+    sh(&format!(
+        "ip netns add {n}; ip netns add {c}
+         ip -n {n} link add eth0 address 52:54:00:00:01:01 type veth peer name wire0
+         ip -n {n} link add br0 address 52:54:00:00:01:01 type bridge stp_state 1 forward_delay 400
+         ip -n {n} link set eth0 master br0
+         ip -n {n} tuntap add vnet0 mode tap; ip -n {n} link set vnet0 master br0
+         ip -n {n} link add docker0 type bridge
+         ip -n {n} link add veth1234 type veth peer name eth0 netns {c}
+         ip -n {n} link set veth1234 master docker0
+         ip -n {n} tuntap add tun0 mode tun
+         for l in lo eth0 wire0 br0 vnet0 docker0 veth1234 tun0; do ip -n {n} link set $l up; done
+         ip -n {n} addr add 192.0.2.10/24 dev br0
+         ip -n {n} route add default via 192.0.2.1 dev br0
+         ip -n {n} addr add 172.17.0.1/16 dev docker0
+         ip -n {n} addr add 10.8.0.2/24 dev tun0"
+    ));
+    let network = |json: bool| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", n]).arg(bin("reinstall"));
+        cmd.arg("network");
+        if json {
+            cmd.arg("--json");
+        }
+        cmd
+    };
+    let out = ok(&mut network(true));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = &v["identity"];
+    let names: Vec<&str> = id["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["eth0", "br0"], "{out}");
+    assert_eq!(
+        id["interfaces"][1]["kind"],
+        serde_json::json!({"type": "bridge", "ports": ["eth0"], "stp": true, "forward_delay_s": 4}),
+        "{out}"
+    );
+    let left: Vec<&str> = id["left_behind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, ["docker0", "tun0"], "{out}");
+    let text = ok(&mut network(false));
+    for want in [
+        "# not carried: docker0: a bridge with no port out of this machine",
+        "# not carried: tun0: a tun/tap device",
+        "Kind=bridge\nMACAddress=52:54:00:00:01:01",
+        "[Network]\nBridge=br0\n",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    assert!(
+        !text.contains("vnet0") && !text.contains("172.17.0.1"),
+        "{text}"
+    );
+    sh(&format!(
+        "ip -n {n} route del default; ip -n {n} route add default dev tun0"
+    ));
+    let e = fails(&mut network(false));
+    assert!(
+        e.contains("tun0") && e.contains("default route goes through it"),
+        "{e}"
+    );
+}
+
 /// The files `reinstall network --from ID --stack S --json` renders, written into `root` as
 /// the agent writes them into a target tree.
 fn render_into(id: &Path, stack: &str, root: &Path) {
@@ -78,34 +159,8 @@ fn render_into(id: &Path, stack: &str, root: &Path) {
 /// saved output, and the rendering for networkd by `vm-harness full --bond`.)
 #[test]
 fn netplan_itself_reads_the_bond_and_vlans_rendered_for_it() {
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures/net/vlan-bond");
-    let r = |f: &str| std::fs::read_to_string(fx.join(f)).unwrap();
-    let id = agent::netid::parse(
-        &r("addr.json"),
-        &r("route4.json"),
-        &r("route6.json"),
-        &r("resolv.conf"),
-        &r("hostname"),
-    )
-    .unwrap();
     let dir = scratch();
-    let saved = dir.path().join("network.json");
-    std::fs::write(&saved, serde_json::to_vec_pretty(&id).unwrap()).unwrap();
-    let root = dir.path().join("root");
-    render_into(&saved, "netplan", &root);
-    ok(std::process::Command::new("netplan")
-        .args(["generate", "--root-dir"])
-        .arg(&root));
-    let gen = root.join("run/systemd/network");
-    let mut all = String::new();
-    let mut names: Vec<String> = std::fs::read_dir(&gen)
-        .unwrap_or_else(|e| panic!("{}: {e}", gen.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for n in &names {
-        all += &format!("# {n}\n{}\n", std::fs::read_to_string(gen.join(n)).unwrap());
-    }
+    let gen = netplan_generate("vlan-bond", dir.path());
     // (file, section, line): what the bond and VLANs must become.
     let want = [
         ("10-netplan-bond0.netdev", "NetDev", "Kind=bond"),
@@ -175,23 +230,115 @@ fn netplan_itself_reads_the_bond_and_vlans_rendered_for_it() {
             "Address=2001:db8:200::7/64",
         ),
     ];
-    for (file, section, line) in want {
-        let text = std::fs::read_to_string(gen.join(file))
-            .unwrap_or_else(|_| panic!("netplan wrote no {file}; it wrote:\n{all}"));
-        let body = text
-            .split(&format!("[{section}]\n"))
-            .nth(1)
-            .map(|b| b.split("\n[").next().unwrap())
-            .unwrap_or_else(|| panic!("{file} has no [{section}]:\n{text}"));
-        assert!(
-            body.lines().any(|l| l == line),
-            "{file} [{section}] lacks {line}:\n{text}"
-        );
-    }
+    gen.assert_has(&want);
     assert!(
-        !names
+        !gen.names
             .iter()
             .any(|n| n.contains("eth0") || n.contains("eth1")),
-        "members are named by the renderer, not by the old kernel: {names:?}"
+        "members are named by the renderer, not by the old kernel: {:?}",
+        gen.names
     );
+}
+
+/// The bridge fixture (br0 of eth0, STP on, forward delay 4 s; docker0 and tun0 left
+/// behind), rendered for netplan and read by netplan's own generator.
+#[test]
+fn netplan_itself_reads_the_bridge_rendered_for_it() {
+    let dir = scratch();
+    let gen = netplan_generate("bridge", dir.path());
+    gen.assert_has(&[
+        ("10-netplan-br0.netdev", "NetDev", "Kind=bridge"),
+        (
+            "10-netplan-br0.netdev",
+            "NetDev",
+            "MACAddress=52:54:00:00:01:01",
+        ),
+        ("10-netplan-br0.netdev", "Bridge", "STP=true"),
+        ("10-netplan-br0.netdev", "Bridge", "ForwardDelaySec=4"),
+        ("10-netplan-br0.network", "Network", "Address=192.0.2.10/24"),
+        (
+            "10-netplan-br0.network",
+            "Network",
+            "Address=2001:db8::10/64",
+        ),
+        ("10-netplan-br0.network", "Network", "DNS=192.0.2.53"),
+        ("10-netplan-br0.network", "Route", "Gateway=192.0.2.1"),
+        (
+            "10-netplan-rnic0.link",
+            "Match",
+            "PermanentMACAddress=52:54:00:00:01:01",
+        ),
+        ("10-netplan-rnic0.link", "Link", "Name=rnic0"),
+        ("10-netplan-rnic0.network", "Network", "Bridge=br0"),
+    ]);
+    assert!(
+        !gen.all.contains("docker0") && !gen.all.contains("tun0"),
+        "{}",
+        gen.all
+    );
+}
+
+/// What netplan's generator wrote for a rendered identity.
+struct Generated {
+    dir: std::path::PathBuf,
+    names: Vec<String>,
+    all: String,
+}
+
+impl Generated {
+    /// Each `(file, section, line)` is a line of that section of that file.
+    fn assert_has(&self, want: &[(&str, &str, &str)]) {
+        for (file, section, line) in want {
+            let text = std::fs::read_to_string(self.dir.join(file))
+                .unwrap_or_else(|_| panic!("netplan wrote no {file}; it wrote:\n{}", self.all));
+            let body = text
+                .split(&format!("[{section}]\n"))
+                .nth(1)
+                .map(|b| b.split("\n[").next().unwrap())
+                .unwrap_or_else(|| panic!("{file} has no [{section}]:\n{text}"));
+            assert!(
+                body.lines().any(|l| l == *line),
+                "{file} [{section}] lacks {line}:\n{text}"
+            );
+        }
+    }
+}
+
+/// Parses the agent's capture fixture `name` with the agent's own parser, saves it as a job
+/// saves it, renders it for netplan into `dir/root` and runs `netplan generate` there.
+fn netplan_generate(name: &str, dir: &Path) -> Generated {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/fixtures/net")
+        .join(name);
+    let r = |f: &str| std::fs::read_to_string(fx.join(f)).unwrap();
+    let id = agent::netid::parse(
+        &r("addr.json"),
+        &r("route4.json"),
+        &r("route6.json"),
+        &r("resolv.conf"),
+        &r("hostname"),
+    )
+    .unwrap();
+    let saved = dir.join("network.json");
+    std::fs::write(&saved, serde_json::to_vec_pretty(&id).unwrap()).unwrap();
+    let root = dir.join("root");
+    render_into(&saved, "netplan", &root);
+    ok(std::process::Command::new("netplan")
+        .args(["generate", "--root-dir"])
+        .arg(&root));
+    let gen = root.join("run/systemd/network");
+    let mut all = String::new();
+    let mut names: Vec<String> = std::fs::read_dir(&gen)
+        .unwrap_or_else(|e| panic!("{}: {e}", gen.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in &names {
+        all += &format!("# {n}\n{}\n", std::fs::read_to_string(gen.join(n)).unwrap());
+    }
+    Generated {
+        dir: gen,
+        names,
+        all,
+    }
 }

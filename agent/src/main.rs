@@ -39,6 +39,9 @@ fn network(o: &cli::NetworkOpts, json: bool) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        for l in &id.left_behind {
+            println!("# not carried: {}: {}", l.name, l.why);
+        }
         for f in files {
             println!("# /{} (mode {:o})\n{}", f.path, f.mode, f.contents);
         }
@@ -107,12 +110,17 @@ fn plan(
             .map(|a| format!("{}/{}", a.address, a.prefix))
             .collect();
         let what = match &i.kind {
-            netid::Kind::Ethernet => match p.network.bond_of(&i.name) {
-                Some((b, _)) => format!("in {}", b.name),
+            netid::Kind::Ethernet => match p.network.master_of(&i.name) {
+                Some(m) => format!("in {}", m.name),
                 None => "ethernet".into(),
             },
             netid::Kind::Bond(b) => format!("bond {} of {}", b.mode, b.members.join("+")),
             netid::Kind::Vlan { id, parent } => format!("vlan {id} on {parent}"),
+            netid::Kind::Bridge(b) => format!(
+                "bridge of {}, stp {}",
+                b.ports.join("+"),
+                if b.stp { "on" } else { "off" }
+            ),
         };
         println!(
             "  {} ({what}) {} mtu {}: {} ({} routes)",
@@ -122,6 +130,9 @@ fn plan(
             addrs.join(" "),
             i.routes.len()
         );
+    }
+    for l in &p.network.left_behind {
+        println!("  {} not carried: {}", l.name, l.why);
     }
     println!(
         "security identity to carry: {}",

@@ -10,11 +10,19 @@
 //! Bonds and 802.1Q VLANs (on an Ethernet interface or on a bond) are carried too: a bond
 //! with its mode, its members (known by their permanent MACs, since enslaved NICs wear the
 //! bond's), its primary, MII monitor, up/down delays, LACP rate and transmit hash policy, and
-//! the MAC it wears; a VLAN with its id, its parent and its MAC. The interfaces they sit on
-//! are carried even without addresses of their own.
+//! the MAC it wears; a VLAN with its id, its parent and its MAC; a bridge with its ports
+//! (Ethernet interfaces, bonds or VLANs), its MAC, STP and forward delay. The interfaces they
+//! sit on are carried even without addresses of their own.
 //! Not carried: loopback, link-local IPv6 addresses (the kernel makes them from the MAC).
-//! Refused, naming the interface: bridges, teams, macvlans and other virtual links, bonds that
-//! monitor by ARP, 802.1ad (QinQ) VLANs, interfaces with addresses but no MAC.
+//! Left behind and listed in [`NetIdentity::left_behind`] (the software that made them makes
+//! them again in an OS that runs it): interfaces of containers, VMs and tunnels (tun/tap,
+//! WireGuard, VXLAN, IP tunnels, a veth whose peer is in another namespace) and bridges with
+//! no port out of the machine (Docker's `docker0`, libvirt's `virbr0`), unless the default
+//! route goes through one: then the machine is refused, since it would come back without its
+//! way out.
+//! Refused, naming the interface: teams, macvlans and other virtual links, bonds that
+//! monitor by ARP, 802.1ad (QinQ) VLANs, VLANs on bridges, VLAN-filtering bridges,
+//! interfaces with addresses but no MAC.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -29,6 +37,15 @@ pub struct NetIdentity {
     pub hostname: String,
     pub interfaces: Vec<Interface>,
     pub dns: Dns,
+    /// Interfaces with addresses that are not carried, and why (see the module's text).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<LeftBehind>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftBehind {
+    pub name: String,
+    pub why: String,
 }
 
 impl NetIdentity {
@@ -40,6 +57,21 @@ impl NetIdentity {
         })
     }
 
+    /// The bridge `name` is a port of.
+    pub fn bridge_of(&self, name: &str) -> Option<&Interface> {
+        self.interfaces
+            .iter()
+            .find(|i| matches!(&i.kind, Kind::Bridge(b) if b.ports.iter().any(|p| p == name)))
+    }
+
+    /// The bond or bridge that enslaves `name`: such an interface has no addresses of its
+    /// own, and an Ethernet one is named by its MAC so that its master can name it.
+    pub fn master_of(&self, name: &str) -> Option<&Interface> {
+        self.bond_of(name)
+            .map(|(i, _)| i)
+            .or_else(|| self.bridge_of(name))
+    }
+
     /// The VLANs that sit on `name`.
     pub fn vlans_on<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Interface> + 'a {
         self.interfaces
@@ -47,13 +79,8 @@ impl NetIdentity {
             .filter(move |i| matches!(&i.kind, Kind::Vlan { parent, .. } if parent == name))
     }
 
-    /// Whether any interface is a bond or a VLAN.
-    pub fn has_virtual(&self) -> bool {
-        self.interfaces.iter().any(|i| !i.is_ethernet())
-    }
-
     /// The index of the interface that carries the DNS settings: the first with an address
-    /// (a bond member or a bare VLAN parent carries none).
+    /// (a bond member, a bridge port or a bare VLAN parent carries none).
     pub fn dns_index(&self) -> usize {
         self.interfaces
             .iter()
@@ -76,8 +103,8 @@ pub struct Interface {
     pub routes: Vec<Route>,
 }
 
-/// What an interface is. An Ethernet interface is matched by its (permanent) MAC; a bond or
-/// VLAN is created by the next OS under its captured name, wearing its captured MAC.
+/// What an interface is. An Ethernet interface is matched by its (permanent) MAC; a bond,
+/// VLAN or bridge is created by the next OS under its captured name, wearing its captured MAC.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Kind {
@@ -89,6 +116,19 @@ pub enum Kind {
         /// The name (in this identity) of the interface it sits on.
         parent: String,
     },
+    Bridge(Bridge),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bridge {
+    /// Names (in this identity) of its ports that lead out of the machine: Ethernet
+    /// interfaces, bonds or VLANs (the ports of containers and VMs are not carried).
+    pub ports: Vec<String>,
+    /// Spanning tree on.
+    pub stp: bool,
+    /// Seconds a port listens and learns before it forwards (with STP; the kernel's default
+    /// is 15).
+    pub forward_delay_s: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +219,9 @@ struct IpLink {
     /// The lower device of a VLAN (for a veth: its peer).
     #[serde(default)]
     link: Option<String>,
+    /// Set when the peer (of a veth) or lower device is in another network namespace.
+    #[serde(default)]
+    link_netnsid: Option<serde_json::Value>,
     /// Set when the current MAC is not the permanent one.
     #[serde(default)]
     permaddr: Option<String>,
@@ -255,6 +298,7 @@ pub fn parse(
     );
     // Every link that could be carried, with whether it has addresses or routes of its own.
     let mut found: Vec<(Interface, bool)> = Vec::new();
+    let mut left_behind = Vec::new();
     for l in &links {
         if l.link_type == "loopback" {
             continue;
@@ -265,18 +309,47 @@ pub fn parse(
             .filter(|a| a.scope != "link" && a.scope != "host")
             .collect();
         let info = l.linkinfo.as_ref();
-        let kind = match info.and_then(|i| i.info_kind.as_deref()) {
+        let kind_name = info.and_then(|i| i.info_kind.as_deref());
+        let made_by = made_by_software(l).or_else(|| {
+            (kind_name == Some("bridge") && external_ports(l, &links).is_empty()).then_some(
+                "a bridge with no port out of this machine (its ports, if any, are containers' or VMs')",
+            )
+        });
+        if let Some(why) = made_by {
+            if globals.is_empty() {
+                continue; // nothing of the machine's own on it
+            }
+            anyhow::ensure!(
+                !routes
+                    .iter()
+                    .any(|r| r.dst == "default" && r.dev.as_deref() == Some(l.ifname.as_str())),
+                "interface {} is {why}, made by software whose configuration is not carried, and the default route goes \
+                 through it: the machine would come back without its way out; move the default route to a physical \
+                 interface first, or reinstall it by other means",
+                l.ifname
+            );
+            left_behind.push(LeftBehind {
+                name: l.ifname.clone(),
+                why: format!(
+                    "{why}; made again by the software that made it (Docker, libvirt, a VPN, ...) if the new OS runs it"
+                ),
+            });
+            continue;
+        }
+        let kind = match kind_name {
             Some("bond") => Kind::Bond(bond_of_link(l, &links)?),
             Some("vlan") => vlan_of_link(l)?,
-            Some(k @ ("bridge" | "team" | "macvlan" | "macvtap" | "ipvlan" | "vxlan")) => bail!(
-                "interface {} is a {k}: carrying {k} interfaces is not supported (bonds and VLANs are), and the machine would \
-                 come back unreachable without it; reinstall it by other means",
+            Some("bridge") => Kind::Bridge(bridge_of_link(l, &links)?),
+            Some(k @ ("team" | "macvlan" | "macvtap" | "ipvlan")) => bail!(
+                "interface {} is a {k}: carrying {k} interfaces is not supported (bonds, bridges and VLANs are), and the \
+                 machine would come back unreachable without it; reinstall it by other means",
                 l.ifname
             ),
             _ => Kind::Ethernet,
         };
-        let bond_member = info.and_then(|i| i.info_slave_kind.as_deref()) == Some("bond");
-        if l.master.is_some() && !bond_member && globals.is_empty() {
+        let slave_kind = info.and_then(|i| i.info_slave_kind.as_deref());
+        let enslaved = matches!(slave_kind, Some("bond" | "bridge"));
+        if l.master.is_some() && !enslaved && globals.is_empty() {
             continue; // a member of something refused above
         }
         // An enslaved NIC wears its bond's MAC: match it by the one it was made with.
@@ -291,18 +364,19 @@ pub fn parse(
             .or_else(|| l.address.clone())
             .filter(|m| m.len() == 17 && m != "00:00:00:00:00:00")
         else {
-            if globals.is_empty() && !bond_member {
+            if globals.is_empty() && !enslaved {
                 continue;
             }
             bail!(
-                "interface {} has addresses or a bond but no MAC address to match it by",
+                "interface {} has addresses or a master but no MAC address to match it by",
                 l.ifname
             );
         };
-        if bond_member && !globals.is_empty() {
+        if enslaved && !globals.is_empty() {
             bail!(
-                "interface {} is enslaved to bond {} but has addresses of its own; they cannot be carried",
+                "interface {} is a port of {} {} but has addresses of its own; they cannot be carried",
                 l.ifname,
+                slave_kind.unwrap_or("?"),
                 l.master.as_deref().unwrap_or("?")
             );
         }
@@ -374,6 +448,7 @@ pub fn parse(
                 Kind::Ethernet => continue,
                 Kind::Bond(b) => (b.members.iter().collect(), "member"),
                 Kind::Vlan { parent, .. } => (vec![parent], "parent"),
+                Kind::Bridge(b) => (b.ports.iter().collect(), "port"),
             };
             for lower in lowers {
                 let Some(j) = found.iter().position(|(f, _)| &f.name == lower) else {
@@ -386,10 +461,15 @@ pub fn parse(
                     (&iface.kind, &found[j].0.kind),
                     (Kind::Bond(_), Kind::Ethernet)
                         | (Kind::Vlan { .. }, Kind::Ethernet | Kind::Bond(_))
+                        | (
+                            Kind::Bridge(_),
+                            Kind::Ethernet | Kind::Bond(_) | Kind::Vlan { .. }
+                        )
                 );
                 anyhow::ensure!(
                     ok,
-                    "interface {}: its {what} {lower} is a {}: only Ethernet interfaces in bonds, and VLANs on Ethernet interfaces or bonds, are carried",
+                    "interface {}: its {what} {lower} is a {}: carried are Ethernet interfaces in bonds; VLANs on Ethernet \
+                     interfaces or bonds; Ethernet interfaces, bonds and VLANs in bridges",
                     iface.name,
                     found[j].0.kind.label()
                 );
@@ -422,6 +502,7 @@ pub fn parse(
         hostname,
         interfaces,
         dns: parse_resolv(resolv),
+        left_behind,
     })
 }
 
@@ -431,20 +512,23 @@ impl Kind {
             Kind::Ethernet => "Ethernet interface",
             Kind::Bond(_) => "bond",
             Kind::Vlan { .. } => "VLAN",
+            Kind::Bridge(_) => "bridge",
         }
     }
 
-    /// Ethernet first, then bonds, then VLANs: each after what it sits on.
+    /// Ethernet first, then bonds, then VLANs, then bridges: each after what it sits on.
     fn rank(&self) -> u8 {
         match self {
             Kind::Ethernet => 0,
             Kind::Bond(_) => 1,
             Kind::Vlan { .. } => 2,
+            Kind::Bridge(_) => 3,
         }
     }
 }
 
-/// A bond or VLAN keeps its name in the next OS, which writes it into configuration files.
+/// A bond, VLAN or bridge keeps its name in the next OS, which writes it into configuration
+/// files.
 fn check_virtual_name(name: &str) -> Result<()> {
     anyhow::ensure!(
         !name.is_empty()
@@ -452,7 +536,7 @@ fn check_virtual_name(name: &str) -> Result<()> {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
-        "interface name {name:?}: a bond or VLAN is carried under its name, which must be 1 to 15 letters, digits, '.', '_' or '-'"
+        "interface name {name:?}: a bond, VLAN or bridge is carried under its name, which must be 1 to 15 letters, digits, '.', '_' or '-'"
     );
     Ok(())
 }
@@ -510,6 +594,56 @@ fn bond_of_link(l: &IpLink, links: &[IpLink]) -> Result<Bond> {
         miimon_ms: ms("miimon"),
         updelay_ms: ms("updelay"),
         downdelay_ms: ms("downdelay"),
+    })
+}
+
+/// What made `l`, when it is an interface that software makes at run time (see the module's
+/// text); bridges are judged by their ports ([`external_ports`]).
+fn made_by_software(l: &IpLink) -> Option<&'static str> {
+    let kind = l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref())?;
+    Some(match kind {
+        "tun" => "a tun/tap device (a VPN's, or a VM's port)",
+        "wireguard" => "a WireGuard tunnel",
+        "vxlan" | "geneve" => "an overlay tunnel (VXLAN or Geneve, as container networks make)",
+        "ipip" | "gre" | "gretap" | "ip6gre" | "ip6gretap" | "ip6tnl" | "sit" | "vti" | "vti6"
+        | "erspan" => "an IP tunnel",
+        "veth" if l.link_netnsid.is_some() => {
+            "a veth whose peer is in another network namespace (a container's)"
+        }
+        _ => return None,
+    })
+}
+
+/// The ports of bridge `l` that lead out of the machine: all but those made by software.
+fn external_ports<'a>(l: &IpLink, links: &'a [IpLink]) -> Vec<&'a IpLink> {
+    links
+        .iter()
+        .filter(|p| p.master.as_deref() == Some(l.ifname.as_str()) && made_by_software(p).is_none())
+        .collect()
+}
+
+fn bridge_of_link(l: &IpLink, links: &[IpLink]) -> Result<Bridge> {
+    check_virtual_name(&l.ifname)?;
+    let d = info_data(l);
+    let num = |k: &str| d.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    anyhow::ensure!(
+        num("vlan_filtering") == 0,
+        "bridge {}: filters VLANs per port (vlan_filtering), which is not carried; reinstall it by other means",
+        l.ifname
+    );
+    let mut ports: Vec<String> = external_ports(l, links)
+        .iter()
+        .map(|p| p.ifname.clone())
+        .collect();
+    ports.sort();
+    Ok(Bridge {
+        ports,
+        stp: num("stp_state") != 0,
+        // `ip -d` shows it in hundredths of a second.
+        forward_delay_s: d
+            .get("forward_delay")
+            .and_then(|v| v.as_u64())
+            .map_or(15, |cs| (cs / 100).min(u32::MAX as u64) as u32),
     })
 }
 
@@ -636,8 +770,9 @@ pub fn naming_link(iface: &Interface, name: &str) -> String {
 
 /// systemd-networkd files for the next OS: `(file name, contents)`. An Ethernet interface
 /// gets a `.network` matched by its MAC (names like `eth0` may change between kernels; MACs
-/// do not); a bond member a `.link` that names it by its MAC and a `.network` that enslaves
-/// it; a bond or VLAN a `.netdev` that creates it under its captured name and MAC, and a
+/// do not); a bond member or bridge port a `.link` that names it by its MAC and a `.network`
+/// that enslaves it; a bond, VLAN or bridge a `.netdev` that creates it under its captured
+/// name and MAC, and a
 /// `.network` matched by that name. Those sort first (`05-`): a VLAN wears its parent's MAC,
 /// and the first matching `.network` wins.
 pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
@@ -647,14 +782,16 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
             "# Written by reinstall: the network identity of {} ({}).\n",
             id.hostname, iface.name
         );
-        if let Some((bond, b)) = id.bond_of(&iface.name) {
+        let master = id.master_of(&iface.name);
+        if let (Some(m), Kind::Ethernet) = (master, &iface.kind) {
             let name = nic_name(i);
             files.push((
                 format!("10-reinstall-{name}.link"),
                 naming_link(iface, &name),
             ));
-            let _ = writeln!(s, "[Match]\nName={name}\n\n[Network]\nBond={}", bond.name);
-            if b.primary.as_deref() == Some(iface.name.as_str()) {
+            let _ = writeln!(s, "[Match]\nName={name}\n\n[Network]\n{}", enslave_line(m));
+            if matches!(&m.kind, Kind::Bond(b) if b.primary.as_deref() == Some(iface.name.as_str()))
+            {
                 let _ = writeln!(s, "PrimarySlave=yes");
             }
             files.push((format!("10-reinstall-{name}.network"), s));
@@ -666,7 +803,7 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
                 let _ = writeln!(s, "[Link]\nMTUBytes={}\n", iface.mtu);
                 format!("10-reinstall-{}.network", iface.mac.replace(':', ""))
             }
-            Kind::Bond(_) | Kind::Vlan { .. } => {
+            Kind::Bond(_) | Kind::Vlan { .. } | Kind::Bridge(_) => {
                 files.push((
                     format!("05-reinstall-{}.netdev", iface.name),
                     networkd_netdev(id, iface),
@@ -677,8 +814,11 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
         };
         let _ = writeln!(s, "[Network]");
         if iface.addresses.is_empty() && iface.routes.is_empty() {
-            // Only carries VLANs.
+            // Only carries VLANs, or is a bridge's port.
             let _ = writeln!(s, "DHCP=no\nLinkLocalAddressing=no\nIPv6AcceptRA=no");
+            if let Some(m) = master {
+                let _ = writeln!(s, "{}", enslave_line(m));
+            }
         } else {
             let v6_static = iface.has(false, true);
             let dhcp = match (iface.has(true, false), iface.has(true, true)) {
@@ -731,7 +871,15 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
     files
 }
 
-/// The `.netdev` that creates bond or VLAN `iface`, wearing its captured MAC (networkd would
+/// The networkd `[Network]` line that makes an interface a port of bond or bridge `master`.
+fn enslave_line(master: &Interface) -> String {
+    match master.kind {
+        Kind::Bond(_) => format!("Bond={}", master.name),
+        _ => format!("Bridge={}", master.name),
+    }
+}
+
+/// The `.netdev` that creates bond, VLAN or bridge `iface`, wearing its captured MAC (networkd would
 /// otherwise make one up from the machine id, and DHCP reservations and neighbours' caches
 /// would no longer know the machine).
 fn networkd_netdev(id: &NetIdentity, iface: &Interface) -> String {
@@ -768,6 +916,16 @@ fn networkd_netdev(id: &NetIdentity, iface: &Interface) -> String {
                 s,
                 "Kind=vlan\nMACAddress={}\nMTUBytes={}\n\n[VLAN]\nId={vid}",
                 iface.mac, iface.mtu
+            );
+        }
+        Kind::Bridge(b) => {
+            let _ = writeln!(
+                s,
+                "Kind=bridge\nMACAddress={}\nMTUBytes={}\n\n[Bridge]\nSTP={}\nForwardDelaySec={}",
+                iface.mac,
+                iface.mtu,
+                if b.stp { "yes" } else { "no" },
+                b.forward_delay_s
             );
         }
     }
@@ -1095,7 +1253,7 @@ mod tests {
 
     /// Each refusal names the interface and what is not carried.
     #[test]
-    fn bridges_arp_monitored_bonds_and_qinq_are_refused_by_name() {
+    fn teams_arp_monitored_bonds_qinq_and_vlans_on_bridges_are_refused_by_name() {
         let d = format!(
             "{}/tests/fixtures/net/vlan-bond",
             env!("CARGO_MANIFEST_DIR")
@@ -1107,8 +1265,11 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
+        let e = try_with("\"info_kind\":\"bond\"", "\"info_kind\":\"team\"");
+        assert!(e.contains("bond0 is a team"), "{e}");
+        // bond0 made a bridge of eth0 and eth1: VLAN 100 on it is not carried.
         let e = try_with("\"info_kind\":\"bond\"", "\"info_kind\":\"bridge\"");
-        assert!(e.contains("bond0 is a bridge"), "{e}");
+        assert!(e.contains("bond0.100: its parent bond0 is a bridge"), "{e}");
         let e = try_with("\"arp_interval\":0", "\"arp_interval\":500");
         assert!(e.contains("bond bond0") && e.contains("ARP"), "{e}");
         let e = try_with(
@@ -1121,6 +1282,85 @@ mod tests {
             e.contains("eth2.200") && e.contains("bond0.100 is a VLAN"),
             "{e}"
         );
+    }
+
+    /// Captured with `ip` from a network namespace: br0 (STP on, forward delay 4 s, wearing
+    /// its port's MAC) holds 192.0.2.10/24, 2001:db8::10/64 and the default route, with
+    /// eth0 as its port (a veth whose peer, wire0, stays in the same namespace, standing in
+    /// for a NIC; wire0 has no address); docker0 holds 172.17.0.1/16 with one port, a veth
+    /// whose peer is in another namespace (a container's); tun0 holds 10.8.0.2/24.
+    #[test]
+    fn bridges_are_carried_with_their_ports_and_containers_links_left_behind() {
+        let id = fixture("bridge").unwrap();
+        let names: Vec<&str> = id.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "br0"]);
+        let br = &id.interfaces[1];
+        assert_eq!(
+            br.kind,
+            Kind::Bridge(Bridge {
+                ports: vec!["eth0".into()],
+                stp: true,
+                forward_delay_s: 4,
+            })
+        );
+        assert_eq!(br.mac, "52:54:00:00:01:01");
+        assert_eq!(br.addresses.len(), 2);
+        assert_eq!(br.routes[0].gateway, Some("192.0.2.1".parse().unwrap()));
+        assert!(id.interfaces[0].addresses.is_empty());
+        assert_eq!(id.bridge_of("eth0").unwrap().name, "br0");
+        assert_eq!(id.master_of("eth0").unwrap().name, "br0");
+        assert_eq!(id.dns_index(), 1, "DNS goes with the bridge's addresses");
+        let left: Vec<(&str, &str)> = id
+            .left_behind
+            .iter()
+            .map(|l| (l.name.as_str(), l.why.as_str()))
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left[0].0 == "docker0"
+                && left[0]
+                    .1
+                    .contains("a bridge with no port out of this machine"),
+            "{left:?}"
+        );
+        assert!(
+            left[1].0 == "tun0" && left[1].1.contains("tun/tap"),
+            "{left:?}"
+        );
+    }
+
+    /// A default route through what would be left behind, a VLAN-filtering bridge and a port
+    /// with addresses of its own are refused, naming the interface.
+    #[test]
+    fn what_a_bridge_or_left_behind_link_cannot_carry_is_refused_by_name() {
+        let d = format!("{}/tests/fixtures/net/bridge", env!("CARGO_MANIFEST_DIR"));
+        let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
+        let (addr, route4) = (r("addr.json"), r("route4.json"));
+        let try_with =
+            |addr: &str, route4: &str| parse(addr, route4, "[]", "", "h").unwrap_err().to_string();
+        let via_tun = route4.replacen("\"dev\":\"br0\"", "\"dev\":\"tun0\"", 1);
+        let e = try_with(&addr, &via_tun);
+        assert!(e.contains("tun0") && e.contains("default route"), "{e}");
+        let via_docker = route4.replacen("\"dev\":\"br0\"", "\"dev\":\"docker0\"", 1);
+        let e = try_with(&addr, &via_docker);
+        assert!(e.contains("docker0 is a bridge with no port"), "{e}");
+        let filtering = addr.replacen("\"vlan_filtering\":0", "\"vlan_filtering\":1", 1);
+        assert_ne!(filtering, addr);
+        let e = try_with(&filtering, &route4);
+        assert!(
+            e.contains("bridge br0") && e.contains("vlan_filtering"),
+            "{e}"
+        );
+        // eth0 (the first link after lo) given an address of its own.
+        let i = addr.find("\"ifname\":\"eth0\"").unwrap();
+        let j = i + addr[i..].find("\"addr_info\":[").unwrap() + "\"addr_info\":[".len();
+        let own = format!(
+            "{}{{\"family\":\"inet\",\"local\":\"198.51.100.9\",\"prefixlen\":24,\"scope\":\"global\"}},{}",
+            &addr[..j],
+            &addr[j..]
+        );
+        let e = try_with(&own, &route4);
+        assert!(e.contains("eth0 is a port of bridge br0"), "{e}");
     }
 
     #[test]

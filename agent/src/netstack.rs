@@ -49,7 +49,7 @@ pub fn detect(tree: &Path) -> Result<Stack> {
 }
 
 /// The kernel drivers the identity needs beyond a NIC's own: `bonding` for a bond, `8021q`
-/// for a VLAN, each with the interface that needs it.
+/// for a VLAN, `bridge` for a bridge, each with the interface that needs it.
 fn needed_drivers(id: &NetIdentity) -> Vec<(&'static str, &str)> {
     let mut need: Vec<(&'static str, &str)> = Vec::new();
     for i in &id.interfaces {
@@ -57,6 +57,7 @@ fn needed_drivers(id: &NetIdentity) -> Vec<(&'static str, &str)> {
             Kind::Ethernet => continue,
             Kind::Bond(_) => "bonding",
             Kind::Vlan { .. } => "8021q",
+            Kind::Bridge(_) => "bridge",
         };
         if !need.iter().any(|(n, _)| *n == m) {
             need.push((m, &i.name));
@@ -284,6 +285,7 @@ fn netplan(id: &NetIdentity) -> File {
             Kind::Ethernet => "ethernets",
             Kind::Bond(_) => "bonds",
             Kind::Vlan { .. } => "vlans",
+            Kind::Bridge(_) => "bridges",
         };
         if want != section {
             let _ = writeln!(s, "  {want}:");
@@ -293,8 +295,8 @@ fn netplan(id: &NetIdentity) -> File {
         match &n.kind {
             Kind::Ethernet => {
                 let _ = writeln!(s, "      match:\n        macaddress: \"{}\"", n.mac);
-                if id.bond_of(&n.name).is_some() {
-                    // Named, so that the bond can name its primary; no addresses of its own.
+                if id.master_of(&n.name).is_some() {
+                    // Named, so that its bond or bridge can name it; no addresses of its own.
                     let _ = writeln!(
                         s,
                         "      set-name: {}\n      dhcp4: false\n      dhcp6: false\n      accept-ra: false\n      link-local: []",
@@ -335,6 +337,20 @@ fn netplan(id: &NetIdentity) -> File {
                     n.mac
                 );
             }
+            Kind::Bridge(b) => {
+                let ports: Vec<String> = b
+                    .ports
+                    .iter()
+                    .map(|p| ref_name(id, index_of(id, p)))
+                    .collect();
+                let _ = writeln!(s, "      interfaces: [{}]", ports.join(", "));
+                let _ = writeln!(s, "      macaddress: \"{}\"", n.mac);
+                let _ = writeln!(
+                    s,
+                    "      parameters:\n        stp: {}\n        forward-delay: {}",
+                    b.stp, b.forward_delay_s
+                );
+            }
         }
         netplan_ip(&mut s, id, i, n);
     }
@@ -370,11 +386,12 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
     let mut files = Vec::new();
     let mut s = String::new();
     let name = format!("reinstall-{}", ref_name(id, i));
+    let master = id.master_of(&n.name);
     let _ = writeln!(s, "[connection]\nid={name}\nuuid={}", nm_uuid(&name));
     match &n.kind {
         Kind::Ethernet => {
             let _ = writeln!(s, "type=ethernet\nautoconnect=true");
-            if let Some((bond, _)) = id.bond_of(&n.name) {
+            if let Some(m) = master {
                 // Named by a .link file, so that the bond can name its primary.
                 files.push(File {
                     path: format!("etc/systemd/network/10-reinstall-{}.link", nic(i)),
@@ -383,9 +400,9 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
                 });
                 let _ = writeln!(
                     s,
-                    "interface-name={}\nmaster={}\nslave-type=bond\n\n[ethernet]\nmac-address={}\n",
+                    "interface-name={}\n{}\n[ethernet]\nmac-address={}\n",
                     nic(i),
-                    bond.name,
+                    nm_enslave(m),
                     n.mac.to_uppercase()
                 );
                 files.push(nm_file(&name, s));
@@ -401,8 +418,9 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
         Kind::Bond(b) => {
             let _ = writeln!(
                 s,
-                "type=bond\ninterface-name={}\nautoconnect=true\n\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[bond]\nmode={}",
+                "type=bond\ninterface-name={}\nautoconnect=true\n{}\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[bond]\nmode={}",
                 n.name,
+                master.map(nm_enslave).unwrap_or_default(),
                 n.mac.to_uppercase(),
                 n.mtu,
                 b.mode
@@ -423,13 +441,30 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
             let parent = format!("reinstall-{}", ref_name(id, index_of(id, parent)));
             let _ = writeln!(
                 s,
-                "type=vlan\ninterface-name={}\nautoconnect=true\n\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[vlan]\nid={vid}\nparent={}\n",
+                "type=vlan\ninterface-name={}\nautoconnect=true\n{}\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[vlan]\nid={vid}\nparent={}\n",
                 n.name,
+                master.map(nm_enslave).unwrap_or_default(),
                 n.mac.to_uppercase(),
                 n.mtu,
                 nm_uuid(&parent)
             );
         }
+        Kind::Bridge(b) => {
+            let _ = writeln!(
+                s,
+                "type=bridge\ninterface-name={}\nautoconnect=true\n\n[ethernet]\ncloned-mac-address={}\nmtu={}\n\n[bridge]\nstp={}\nforward-delay={}\n",
+                n.name,
+                n.mac.to_uppercase(),
+                n.mtu,
+                b.stp,
+                b.forward_delay_s
+            );
+        }
+    }
+    if master.is_some() {
+        // A port: its addresses are its master's.
+        files.push(nm_file(&name, s));
+        return files;
     }
     for v6 in [false, true] {
         let _ = writeln!(s, "[{}]", if v6 { "ipv6" } else { "ipv4" });
@@ -487,6 +522,16 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
     files
 }
 
+/// The `[connection]` lines (each ending in a newline) that make a connection a port of bond
+/// or bridge `master`.
+fn nm_enslave(master: &Interface) -> String {
+    let kind = match master.kind {
+        Kind::Bond(_) => "bond",
+        _ => "bridge",
+    };
+    format!("master={}\nslave-type={kind}\n", master.name)
+}
+
 fn nm_file(name: &str, contents: String) -> File {
     File {
         path: format!("etc/NetworkManager/system-connections/{name}.nmconnection"),
@@ -535,6 +580,23 @@ fn ifupdown_create(id: &NetIdentity, n: &Interface) -> Vec<String> {
                 n.name, n.mac, n.mtu
             ));
         }
+        Kind::Bridge(b) => {
+            pre.push(format!(
+                "ip link show dev {0} >/dev/null 2>&1 || ip link add {0} address {1} mtu {2} type bridge stp_state {3} forward_delay {4}",
+                n.name,
+                n.mac,
+                n.mtu,
+                u8::from(b.stp),
+                b.forward_delay_s * 100
+            ));
+            for p in &b.ports {
+                pre.push(format!(
+                    "ip link set dev {0} master {1} && ip link set dev {0} up",
+                    ref_name(id, index_of(id, p)),
+                    n.name
+                ));
+            }
+        }
     }
     pre
 }
@@ -551,8 +613,8 @@ fn ifupdown(id: &NetIdentity) -> Vec<File> {
                 contents: crate::netid::naming_link(n, &name),
                 mode: 0o644,
             });
-            if id.bond_of(&n.name).is_some() || bare(n) {
-                continue; // brought up by its bond or VLANs
+            if id.master_of(&n.name).is_some() || bare(n) {
+                continue; // brought up by its bond, bridge or VLANs
             }
         }
         let mut pre = ifupdown_create(id, n);
@@ -874,6 +936,74 @@ mod tests {
         );
         let links = f.iter().filter(|f| f.path.ends_with(".link")).count();
         assert_eq!(links, 3, "every Ethernet interface is named by its MAC");
+    }
+
+    /// br0 (STP on, forward delay 4 s) with eth0 (rnic0) as its port holds the addresses and
+    /// the default route; docker0 and tun0 are left behind (see the capture test in netid).
+    #[test]
+    fn every_stack_makes_the_bridge_with_its_port_named_by_mac() {
+        let id = crate::netid::fixture("bridge").unwrap();
+        let netplan = &render(Stack::Netplan, &id)[0].contents;
+        for want in [
+            "  ethernets:\n    rnic0:\n      match:\n        macaddress: \"52:54:00:00:01:01\"\n      set-name: rnic0\n      dhcp4: false",
+            "  bridges:\n    br0:\n      interfaces: [rnic0]\n      macaddress: \"52:54:00:00:01:01\"\n      parameters:\n        stp: true\n        forward-delay: 4\n      mtu: 1500",
+            "addresses: [\"192.0.2.10/24\", \"2001:db8::10/64\"]",
+            "- to: \"default\"\n          via: \"192.0.2.1\"",
+        ] {
+            assert!(netplan.contains(want), "{want:?} missing from:\n{netplan}");
+        }
+        let nm = render(Stack::NetworkManager, &id);
+        let conn = |n: &str| {
+            &nm.iter()
+                .find(|f| f.path.ends_with(&format!("/reinstall-{n}.nmconnection")))
+                .unwrap_or_else(|| panic!("{n}: {nm:?}"))
+                .contents
+        };
+        let port = conn("rnic0");
+        assert!(
+            port.contains("interface-name=rnic0\nmaster=br0\nslave-type=bridge\n\n[ethernet]\nmac-address=52:54:00:00:01:01")
+                && !port.contains("[ipv4]"),
+            "{port}"
+        );
+        let br = conn("br0");
+        for want in [
+            "type=bridge\ninterface-name=br0\nautoconnect=true\n\n[ethernet]\ncloned-mac-address=52:54:00:00:01:01\nmtu=1500\n\n[bridge]\nstp=true\nforward-delay=4\n",
+            "[ipv4]\nmethod=manual\naddress1=192.0.2.10/24\nroute1=0.0.0.0/0,192.0.2.1",
+            "dns=192.0.2.53;",
+        ] {
+            assert!(br.contains(want), "{want:?} missing from:\n{br}");
+        }
+        assert!(nm
+            .iter()
+            .any(|f| f.path == "etc/systemd/network/10-reinstall-rnic0.link"));
+        let ifu = render(Stack::Ifupdown, &id);
+        let s = &ifu
+            .iter()
+            .find(|f| f.path.ends_with("60-reinstall"))
+            .unwrap()
+            .contents;
+        assert!(
+            !s.contains("auto rnic0"),
+            "the port comes up with its bridge:\n{s}"
+        );
+        assert!(s.contains("auto br0\niface br0 inet static\n    pre-up ip link show dev br0 >/dev/null 2>&1 || ip link add br0 address 52:54:00:00:01:01 mtu 1500 type bridge stp_state 1 forward_delay 400\n    pre-up ip link set dev rnic0 master br0 && ip link set dev rnic0 up\n    address 192.0.2.10/24\n"), "{s}");
+        assert!(s.contains("    post-down ip link del dev br0\n"), "{s}");
+        assert!(
+            !all(&ifu).contains("docker0")
+                && !netplan.contains("docker0")
+                && !all(&nm).contains("tun0"),
+            "left behind"
+        );
+        let nd = all(&render(Stack::Networkd, &id));
+        for want in [
+            "[Match]\nMACAddress=52:54:00:00:01:01\nType=ether\n\n[Link]\nName=rnic0\n",
+            "[Match]\nName=rnic0\n\n[Network]\nBridge=br0\n",
+            "[NetDev]\nName=br0\nKind=bridge\nMACAddress=52:54:00:00:01:01\nMTUBytes=1500\n\n[Bridge]\nSTP=yes\nForwardDelaySec=4\n",
+            "[Match]\nName=br0\n\n[Network]\nDHCP=no\nIPv6AcceptRA=no\nAddress=192.0.2.10/24\n",
+        ] {
+            assert!(nd.contains(want), "{want:?} missing from:\n{nd}");
+        }
+        assert_eq!(needed_drivers(&id), [("bridge", "br0")]);
     }
 
     /// A tree whose kernel lacks bonding, or has it without a module it depends on (as a

@@ -108,7 +108,7 @@ fn prefix_of(r: &Route, gw: IpAddr) -> String {
 pub fn check_network(id: &NetIdentity) -> Result<()> {
     if let Some(i) = id.interfaces.iter().find(|i| !i.is_ethernet()) {
         anyhow::bail!(
-            "interface {} is a {}: carrying bonds and VLANs into Windows is not supported (its answer file cannot make them); reinstall this machine with a Linux target, or move its address to a plain interface first",
+            "interface {} is a {}: carrying bonds, bridges and VLANs into Windows is not supported (its answer file cannot make them); reinstall this machine with a Linux target, or move its address to a plain interface first",
             i.name,
             i.kind.label()
         );
