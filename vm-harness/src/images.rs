@@ -114,6 +114,9 @@ pub struct SourceSpec<'a> {
     /// The address on an active-backup bond of the NIC `mac` (primary) and a second NIC with
     /// this MAC, with VLAN 100 on the bond holding this address.
     pub bond: Option<(&'a str, &'a str)>,
+    /// The address on bridge br0 (STP on, forward delay 4 s) of the NIC, and a portless
+    /// docker0 bridge with 172.17.0.1/16 beside it.
+    pub bridge: bool,
 }
 
 /// Copies the cached source tree and makes it this run's machine: hostname, a static address
@@ -143,6 +146,35 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
         s.address, s.gateway
     );
     match s.bond {
+        None if s.bridge => {
+            // As an operator (and Docker) would have it.
+            w(
+                "etc/systemd/network/10-br0.netdev",
+                &format!(
+                    "[NetDev]\nName=br0\nKind=bridge\nMACAddress={}\n\n[Bridge]\nSTP=yes\nForwardDelaySec=4\n",
+                    s.mac
+                ),
+            )?;
+            w(
+                "etc/systemd/network/10-br0.network",
+                &format!("[Match]\nName=br0\n\n[Network]\n{ip}"),
+            )?;
+            w(
+                "etc/systemd/network/20-nic0.network",
+                &format!(
+                    "[Match]\nMACAddress={}\nType=ether\n\n[Network]\nBridge=br0\n",
+                    s.mac
+                ),
+            )?;
+            w(
+                "etc/systemd/network/10-docker0.netdev",
+                "[NetDev]\nName=docker0\nKind=bridge\n",
+            )?;
+            w(
+                "etc/systemd/network/10-docker0.network",
+                "[Match]\nName=docker0\n\n[Link]\nRequiredForOnline=no\n\n[Network]\nAddress=172.17.0.1/16\nConfigureWithoutCarrier=yes\n",
+            )?;
+        }
         None => w(
             "etc/systemd/network/10-static.network",
             &format!("[Match]\nMACAddress={}\n\n[Network]\n{ip}", s.mac),

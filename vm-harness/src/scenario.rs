@@ -19,6 +19,8 @@ pub struct Opts {
     pub hang: bool,
     /// The VM's address is on a bond of two NICs, with a VLAN on it (see [`BOND_VLAN`]).
     pub bond: bool,
+    /// The VM's address is on a bridge of its NIC, and the source has a portless docker0.
+    pub bridge: bool,
 }
 
 /// With `--bond`: VLAN 100 on bond0 holds this address (QEMU's user network carries no
@@ -55,6 +57,7 @@ pub struct Env {
     t0: Instant,
     last: Instant,
     pub rows: Vec<(String, f64, f64)>,
+    bridge: bool,
 }
 
 impl Drop for Env {
@@ -202,6 +205,7 @@ impl Env {
                 agent_identity: &agent_id,
                 agent_binary: &reinstall,
                 bond: o.bond.then_some((vm::MAC2, BOND_VLAN)),
+                bridge: o.bridge,
             },
         )?;
         let host_key = std::fs::read_to_string(tree.join("etc/ssh/ssh_host_ed25519_key.pub"))?;
@@ -249,6 +253,7 @@ impl Env {
             t0: now,
             last: now,
             rows: Vec::new(),
+            bridge: o.bridge,
         })
     }
 
@@ -350,6 +355,63 @@ impl Env {
         if self.vm.second_nic {
             self.check_bond(what)?;
         }
+        if self.bridge {
+            self.check_bridge(what, f.world == "source")?;
+        }
+        Ok(())
+    }
+
+    /// With `--bridge`: the address is on br0, a bridge with STP on and a forward delay of
+    /// 4 s, wearing the NIC's MAC, with the NIC (known by its MAC) as its port; docker0 is
+    /// there in the source only (the agent leaves it behind). SSH answering at the address
+    /// shows the bridge passes traffic.
+    fn check_bridge(&self, what: &str, source: bool) -> Result<()> {
+        let out = self.vm.ssh(
+            "ip -d -j link show dev br0; echo ===; ip -j link show; echo ===; \
+             ip -4 -o addr show dev br0; echo ===; ip -o link show dev docker0 2>/dev/null || echo none",
+        )?;
+        let parts: Vec<&str> = out.split("===\n").collect();
+        ensure!(parts.len() == 4, "{what}: br0 is missing:\n{out}");
+        let br: serde_json::Value = serde_json::from_str(parts[0])
+            .with_context(|| format!("{what}: ip -j link show br0: {:?}", parts[0]))?;
+        let br = &br[0];
+        let d = &br["linkinfo"]["info_data"];
+        ensure!(
+            br["linkinfo"]["info_kind"] == "bridge"
+                && d["stp_state"] == 1
+                && d["forward_delay"] == 400
+                && br["address"] == vm::MAC,
+            "{what}: br0 is not a bridge with STP on, forward delay 4 s, wearing {}: {br}",
+            vm::MAC
+        );
+        let links: serde_json::Value = serde_json::from_str(parts[1])
+            .with_context(|| format!("{what}: ip -j link show: {:?}", parts[1]))?;
+        let ports: Vec<&serde_json::Value> = links
+            .as_array()
+            .map(|a| a.iter().filter(|l| l["master"] == "br0").collect())
+            .unwrap_or_default();
+        ensure!(
+            ports.len() == 1 && ports[0]["address"] == vm::MAC,
+            "{what}: br0's ports are {ports:?}, expected the NIC with {}",
+            vm::MAC
+        );
+        ensure!(
+            parts[2].contains(&format!(" {}/24 ", vm::GUEST_IP)),
+            "{what}: br0 holds {:?}, expected {}/24",
+            parts[2].trim(),
+            vm::GUEST_IP
+        );
+        let docker = parts[3].trim() != "none";
+        ensure!(
+            docker == source,
+            "{what}: docker0 {}, expected it {}",
+            if docker { "is there" } else { "is not there" },
+            if source {
+                "in the source"
+            } else {
+                "left behind"
+            }
+        );
         Ok(())
     }
 

@@ -377,10 +377,13 @@ impl Drop for Vm {
     }
 }
 
+/// `addr`: the first address on the interface the default route goes through (the one the
+/// machine is reached at; a bridge beside it, as Docker's, may hold others).
 const FACTS_CMD: &str = "echo world=$(cat /etc/reinstall/world 2>/dev/null || echo source); \
     echo root=$(findmnt -no SOURCE /); echo host=$(hostname); \
     echo boot=$(cat /proc/sys/kernel/random/boot_id); \
-    echo addr=$(ip -4 -o addr show scope global | awk '{print $4}' | head -1)";
+    echo addr=$(ip -4 -o addr show scope global dev \"$(ip -4 route show default | awk '{print $5; exit}')\" \
+        | awk '{print $4}' | head -1)";
 
 /// What the guest says about itself.
 #[derive(Debug, Clone, Default)]
