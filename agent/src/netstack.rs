@@ -794,6 +794,15 @@ mod tests {
         assert!(all(&f).contains("nameserver 192.0.2.53"));
     }
 
+    /// The keyfile of NetworkManager connection `reinstall-NAME` among `files`.
+    fn nm_conn<'a>(files: &'a [File], name: &str) -> &'a str {
+        &files
+            .iter()
+            .find(|f| f.path.ends_with(&format!("/reinstall-{name}.nmconnection")))
+            .unwrap_or_else(|| panic!("{name}: {files:?}"))
+            .contents
+    }
+
     fn bonded() -> NetIdentity {
         crate::netid::fixture("vlan-bond").unwrap()
     }
@@ -821,12 +830,7 @@ mod tests {
     #[test]
     fn networkmanager_enslaves_members_and_names_vlan_parents_by_connection_uuid() {
         let f = render(Stack::NetworkManager, &bonded());
-        let conn = |n: &str| {
-            &f.iter()
-                .find(|f| f.path.ends_with(&format!("/reinstall-{n}.nmconnection")))
-                .unwrap_or_else(|| panic!("{n}: {f:?}"))
-                .contents
-        };
+        let conn = |n: &str| nm_conn(&f, n);
         assert!(f
             .iter()
             .any(|f| f.path == "etc/systemd/network/10-reinstall-rnic1.link"
@@ -953,12 +957,7 @@ mod tests {
             assert!(netplan.contains(want), "{want:?} missing from:\n{netplan}");
         }
         let nm = render(Stack::NetworkManager, &id);
-        let conn = |n: &str| {
-            &nm.iter()
-                .find(|f| f.path.ends_with(&format!("/reinstall-{n}.nmconnection")))
-                .unwrap_or_else(|| panic!("{n}: {nm:?}"))
-                .contents
-        };
+        let conn = |n: &str| nm_conn(&nm, n);
         let port = conn("rnic0");
         assert!(
             port.contains("interface-name=rnic0\nmaster=br0\nslave-type=bridge\n\n[ethernet]\nmac-address=52:54:00:00:01:01")
