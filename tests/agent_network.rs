@@ -278,6 +278,34 @@ fn netplan_itself_reads_the_bridge_rendered_for_it() {
     );
 }
 
+/// The dummy fixture (two NICs and dummy0 with an anycast address): netplan 0.106 has no
+/// `dummy-devices`, so the YAML leaves dummy0 out, netplan's generator still reads it, and
+/// dummy0 is created by networkd files written beside it.
+#[test]
+fn netplan_reads_the_nics_rendered_beside_a_dummy_left_to_networkd() {
+    let dir = scratch();
+    let gen = netplan_generate("dummy", dir.path());
+    gen.assert_has(&[
+        (
+            "10-netplan-rnic0.network",
+            "Network",
+            "Address=203.0.113.10/32",
+        ),
+        ("10-netplan-rnic0.network", "Network", "DNS=192.0.2.53"),
+    ]);
+    assert!(!gen.all.contains("dummy0"), "{}", gen.all);
+    let nd = dir.path().join("root/etc/systemd/network");
+    let netdev = std::fs::read_to_string(nd.join("05-reinstall-dummy0.netdev")).unwrap();
+    assert!(netdev.contains("Name=dummy0\nKind=dummy\n"), "{netdev}");
+    let network = std::fs::read_to_string(nd.join("05-reinstall-dummy0.network")).unwrap();
+    assert!(
+        network.contains("[Match]\nName=dummy0\n")
+            && network.contains("Address=192.0.2.53/32\n")
+            && network.contains("Address=2001:db8:53::53/128\n"),
+        "{network}"
+    );
+}
+
 /// What netplan's generator wrote for a rendered identity.
 struct Generated {
     dir: std::path::PathBuf,

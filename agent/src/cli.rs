@@ -108,9 +108,12 @@ pub enum Command {
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
-    /// options; 802.1Q VLANs) and the systemd-networkd files it becomes. Refuses, naming the
-    /// interface, what cannot be carried: bridges, teams, macvlans, bonds monitored by ARP,
-    /// QinQ VLANs (and bonds or VLANs at all when the target is Windows).
+    /// options; bridges with their ports and STP; 802.1Q VLANs) and the systemd-networkd files
+    /// it becomes. Names what is left behind (tun/tap, WireGuard, VXLAN, IP tunnels, veths
+    /// into other namespaces, bridges with no port out of the machine such as docker0).
+    /// Refuses, naming the interface, what cannot be carried: teams, macvlans/ipvlans, bonds
+    /// monitored by ARP, QinQ VLANs, VLANs on bridges, VLAN-filtering bridges (and bonds,
+    /// bridges or VLANs at all when the target is Windows).
     Network(NetworkOpts),
     /// Show the firmware's boot variables: BootCurrent, BootNext, BootOrder and every
     /// Boot#### entry with its device path, in the text form `efibootmgr -v` prints.

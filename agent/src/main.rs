@@ -116,6 +116,7 @@ fn plan(
             },
             netid::Kind::Bond(b) => format!("bond {} of {}", b.mode, b.members.join("+")),
             netid::Kind::Vlan { id, parent } => format!("vlan {id} on {parent}"),
+            netid::Kind::Dummy => "dummy".into(),
             netid::Kind::Bridge(b) => format!(
                 "bridge of {}, stp {}",
                 b.ports.join("+"),

@@ -12,7 +12,10 @@
 //! bond's), its primary, MII monitor, up/down delays, LACP rate and transmit hash policy, and
 //! the MAC it wears; a VLAN with its id, its parent and its MAC; a bridge with its ports
 //! (Ethernet interfaces, bonds or VLANs), its MAC, STP and forward delay. The interfaces they
-//! sit on are carried even without addresses of their own.
+//! sit on are carried even without addresses of their own. Dummy interfaces (the home of
+//! anycast, service and BGP loopback addresses) are carried by name with their addresses and
+//! routes: matched by MAC, as a NIC is, they would match nothing in the next OS (a dummy's MAC
+//! is made up each boot) and their addresses would be silently lost.
 //! Not carried: loopback, link-local IPv6 addresses (the kernel makes them from the MAC).
 //! Left behind and listed in [`NetIdentity::left_behind`] (the software that made them makes
 //! them again in an OS that runs it): interfaces of containers, VMs and tunnels (tun/tap,
@@ -22,7 +25,11 @@
 //! way out.
 //! Refused, naming the interface: teams, macvlans and other virtual links, bonds that
 //! monitor by ARP, 802.1ad (QinQ) VLANs, VLANs on bridges, VLAN-filtering bridges,
-//! interfaces with addresses but no MAC.
+//! interfaces with addresses but no MAC, and any link with addresses of a kind not named here
+//! (a VRF's members, Open vSwitch ports, MACsec, ...) or enslaved to something that is not a
+//! bond or a bridge: carried as a NIC they would match nothing, and the machine could come back
+//! without its address. Links of other kinds without addresses are not carried (nothing of the
+//! machine's is on them).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -117,6 +124,8 @@ pub enum Kind {
         parent: String,
     },
     Bridge(Bridge),
+    /// A dummy interface: created by the next OS under its captured name.
+    Dummy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,17 +349,42 @@ pub fn parse(
             Some("bond") => Kind::Bond(bond_of_link(l, &links)?),
             Some("vlan") => vlan_of_link(l)?,
             Some("bridge") => Kind::Bridge(bridge_of_link(l, &links)?),
+            Some("dummy") => {
+                check_virtual_name(&l.ifname)?;
+                Kind::Dummy
+            }
             Some(k @ ("team" | "macvlan" | "macvtap" | "ipvlan")) => bail!(
-                "interface {} is a {k}: carrying {k} interfaces is not supported (bonds, bridges and VLANs are), and the \
+                "interface {} is a {k}: carrying {k} interfaces is not supported (bonds, bridges, VLANs and dummies are), and the \
                  machine would come back unreachable without it; reinstall it by other means",
                 l.ifname
             ),
-            _ => Kind::Ethernet,
+            // No link information: a NIC. A veth whose peer is in this namespace counts as one
+            // (one made for a container went to `made_by_software` above).
+            None | Some("veth") => Kind::Ethernet,
+            Some(k) => {
+                if globals.is_empty() {
+                    continue; // nothing of the machine's own on it
+                }
+                bail!(
+                    "interface {} is a link of kind {k} with addresses: carrying {k} links is not supported (NICs, \
+                     bonds, bridges, VLANs and dummies are), and the machine would come back without those \
+                     addresses; move them to a carried interface first, or reinstall it by other means",
+                    l.ifname
+                )
+            }
         };
         let slave_kind = info.and_then(|i| i.info_slave_kind.as_deref());
         let enslaved = matches!(slave_kind, Some("bond" | "bridge"));
-        if l.master.is_some() && !enslaved && globals.is_empty() {
-            continue; // a member of something refused above
+        if let (Some(m), false) = (&l.master, enslaved) {
+            if globals.is_empty() {
+                continue; // a member of something refused above, or not carried
+            }
+            bail!(
+                "interface {} has addresses and belongs to {m} (a {}), which is not carried (bonds and bridges are): \
+                 its addresses and routes would come back without it; reinstall it by other means",
+                l.ifname,
+                slave_kind.unwrap_or("master of unknown kind")
+            );
         }
         // An enslaved NIC wears its bond's MAC: match it by the one it was made with.
         let perm = info
@@ -445,7 +479,7 @@ pub fn parse(
             }
             let iface = &found[i].0;
             let (lowers, what): (Vec<&String>, &str) = match &iface.kind {
-                Kind::Ethernet => continue,
+                Kind::Ethernet | Kind::Dummy => continue,
                 Kind::Bond(b) => (b.members.iter().collect(), "member"),
                 Kind::Vlan { parent, .. } => (vec![parent], "parent"),
                 Kind::Bridge(b) => (b.ports.iter().collect(), "port"),
@@ -513,6 +547,7 @@ impl Kind {
             Kind::Bond(_) => "bond",
             Kind::Vlan { .. } => "VLAN",
             Kind::Bridge(_) => "bridge",
+            Kind::Dummy => "dummy interface",
         }
     }
 
@@ -523,11 +558,12 @@ impl Kind {
             Kind::Bond(_) => 1,
             Kind::Vlan { .. } => 2,
             Kind::Bridge(_) => 3,
+            Kind::Dummy => 4,
         }
     }
 }
 
-/// A bond, VLAN or bridge keeps its name in the next OS, which writes it into configuration
+/// A bond, VLAN, bridge or dummy keeps its name in the next OS, which writes it into configuration
 /// files.
 fn check_virtual_name(name: &str) -> Result<()> {
     anyhow::ensure!(
@@ -536,7 +572,7 @@ fn check_virtual_name(name: &str) -> Result<()> {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
-        "interface name {name:?}: a bond, VLAN or bridge is carried under its name, which must be 1 to 15 letters, digits, '.', '_' or '-'"
+        "interface name {name:?}: a bond, VLAN, bridge or dummy is carried under its name, which must be 1 to 15 letters, digits, '.', '_' or '-'"
     );
     Ok(())
 }
@@ -606,7 +642,7 @@ fn made_by_software(l: &IpLink) -> Option<&'static str> {
         "wireguard" => "a WireGuard tunnel",
         "vxlan" | "geneve" => "an overlay tunnel (VXLAN or Geneve, as container networks make)",
         "ipip" | "gre" | "gretap" | "ip6gre" | "ip6gretap" | "ip6tnl" | "sit" | "vti" | "vti6"
-        | "erspan" => "an IP tunnel",
+        | "erspan" | "xfrm" => "an IP tunnel",
         "veth" if l.link_netnsid.is_some() => {
             "a veth whose peer is in another network namespace (a container's)"
         }
@@ -771,13 +807,20 @@ pub fn naming_link(iface: &Interface, name: &str) -> String {
 /// systemd-networkd files for the next OS: `(file name, contents)`. An Ethernet interface
 /// gets a `.network` matched by its MAC (names like `eth0` may change between kernels; MACs
 /// do not); a bond member or bridge port a `.link` that names it by its MAC and a `.network`
-/// that enslaves it; a bond, VLAN or bridge a `.netdev` that creates it under its captured
-/// name and MAC, and a
-/// `.network` matched by that name. Those sort first (`05-`): a VLAN wears its parent's MAC,
-/// and the first matching `.network` wins.
+/// that enslaves it; a bond, VLAN, bridge or dummy a `.netdev` that creates it under its
+/// captured name and MAC, and a `.network` matched by that name. Those sort first (`05-`): a
+/// VLAN wears its parent's MAC, and the first matching `.network` wins.
 pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
+    (0..id.interfaces.len())
+        .flat_map(|i| render_networkd_iface(id, i))
+        .collect()
+}
+
+/// The systemd-networkd files of the interface at `i` (see [`render_networkd`]).
+pub fn render_networkd_iface(id: &NetIdentity, i: usize) -> Vec<(String, String)> {
     let mut files = Vec::new();
-    for (i, iface) in id.interfaces.iter().enumerate() {
+    let iface = &id.interfaces[i];
+    {
         let mut s = format!(
             "# Written by reinstall: the network identity of {} ({}).\n",
             id.hostname, iface.name
@@ -795,7 +838,7 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
                 let _ = writeln!(s, "PrimarySlave=yes");
             }
             files.push((format!("10-reinstall-{name}.network"), s));
-            continue;
+            return files;
         }
         let file = match &iface.kind {
             Kind::Ethernet => {
@@ -803,7 +846,7 @@ pub fn render_networkd(id: &NetIdentity) -> Vec<(String, String)> {
                 let _ = writeln!(s, "[Link]\nMTUBytes={}\n", iface.mtu);
                 format!("10-reinstall-{}.network", iface.mac.replace(':', ""))
             }
-            Kind::Bond(_) | Kind::Vlan { .. } | Kind::Bridge(_) => {
+            Kind::Bond(_) | Kind::Vlan { .. } | Kind::Bridge(_) | Kind::Dummy => {
                 files.push((
                     format!("05-reinstall-{}.netdev", iface.name),
                     networkd_netdev(id, iface),
@@ -926,6 +969,13 @@ fn networkd_netdev(id: &NetIdentity, iface: &Interface) -> String {
                 iface.mtu,
                 if b.stp { "yes" } else { "no" },
                 b.forward_delay_s
+            );
+        }
+        Kind::Dummy => {
+            let _ = writeln!(
+                s,
+                "Kind=dummy\nMACAddress={}\nMTUBytes={}",
+                iface.mac, iface.mtu
             );
         }
     }
@@ -1361,6 +1411,67 @@ mod tests {
         );
         let e = try_with(&own, &route4);
         assert!(e.contains("eth0 is a port of bridge br0"), "{e}");
+    }
+
+    /// `two-nics` with dummy0 (192.0.2.53/32 and 2001:db8:53::53/128, as an anycast
+    /// service address) and an unaddressed ifb0 beside them. Written by hand in the form
+    /// `ip -d -j addr` prints (this machine's kernel has no dummy driver); the VM harness's
+    /// `full --bridge` carries a real one.
+    #[test]
+    fn a_dummy_is_carried_by_name_and_links_of_other_kinds_without_addresses_are_not() {
+        let id = fixture("dummy").unwrap();
+        let names: Vec<&str> = id.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["veth0", "veth1", "dummy0"]);
+        let d = &id.interfaces[2];
+        assert_eq!(d.kind, Kind::Dummy);
+        let addrs: Vec<String> = d
+            .addresses
+            .iter()
+            .map(|a| format!("{}/{}", a.address, a.prefix))
+            .collect();
+        assert_eq!(addrs, ["192.0.2.53/32", "2001:db8:53::53/128"]);
+        assert_ne!(id.dns_index(), 2, "DNS goes with a NIC, not the dummy");
+        assert!(id.left_behind.is_empty(), "{:?}", id.left_behind);
+    }
+
+    /// Addresses on a link of a kind not carried, or on a member of a master that is not a
+    /// bond or a bridge (a VRF, Open vSwitch), are refused naming the link: carried as a NIC
+    /// they would match nothing in the next OS.
+    #[test]
+    fn addresses_on_links_of_other_kinds_or_under_other_masters_are_refused_by_name() {
+        let d = format!("{}/tests/fixtures/net/dummy", env!("CARGO_MANIFEST_DIR"));
+        let addr = std::fs::read_to_string(format!("{d}/addr.json")).unwrap();
+        let try_with = |from: &str, to: &str| {
+            assert!(addr.contains(from), "{from}");
+            parse(&addr.replacen(from, to, 1), "[]", "[]", "", "h")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = try_with("\"info_kind\":\"dummy\"", "\"info_kind\":\"openvswitch\"");
+        assert!(
+            e.contains("dummy0 is a link of kind openvswitch with addresses"),
+            "{e}"
+        );
+        let e = try_with(
+            "\"ifname\":\"veth0\",",
+            "\"ifname\":\"veth0\",\"master\":\"mgmt\",",
+        );
+        assert!(e.contains("veth0 has addresses and belongs to mgmt"), "{e}");
+        let mut links: serde_json::Value = serde_json::from_str(&addr).unwrap();
+        let veth0 = links
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|l| l["ifname"] == "veth0")
+            .unwrap();
+        veth0["master"] = "mgmt".into();
+        veth0["linkinfo"]["info_slave_kind"] = "vrf".into();
+        let e = parse(&links.to_string(), "[]", "[]", "", "h")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("belongs to mgmt (a vrf)"), "{e}");
+        let e = try_with("\"ifname\":\"dummy0\"", "\"ifname\":\"dummy 0\"");
+        assert!(e.contains("\"dummy 0\"") && e.contains("dummy"), "{e}");
     }
 
     #[test]

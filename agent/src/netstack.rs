@@ -49,7 +49,8 @@ pub fn detect(tree: &Path) -> Result<Stack> {
 }
 
 /// The kernel drivers the identity needs beyond a NIC's own: `bonding` for a bond, `8021q`
-/// for a VLAN, `bridge` for a bridge, each with the interface that needs it.
+/// for a VLAN, `bridge` for a bridge, `dummy` for a dummy, each with the interface that needs
+/// it.
 fn needed_drivers(id: &NetIdentity) -> Vec<(&'static str, &str)> {
     let mut need: Vec<(&'static str, &str)> = Vec::new();
     for i in &id.interfaces {
@@ -58,6 +59,7 @@ fn needed_drivers(id: &NetIdentity) -> Vec<(&'static str, &str)> {
             Kind::Bond(_) => "bonding",
             Kind::Vlan { .. } => "8021q",
             Kind::Bridge(_) => "bridge",
+            Kind::Dummy => "dummy",
         };
         if !need.iter().any(|(n, _)| *n == m) {
             need.push((m, &i.name));
@@ -149,23 +151,35 @@ pub fn check_drivers(id: &NetIdentity, tree: &Path) -> Result<()> {
 
 pub fn render(stack: Stack, id: &NetIdentity) -> Vec<File> {
     match stack {
-        Stack::Netplan => vec![netplan(id)],
+        // netplan before 0.107 (Debian 12, Ubuntu 22.04) has no `dummy-devices`: dummies go to
+        // systemd-networkd, netplan's own back end (our YAML keeps its default renderer).
+        Stack::Netplan => std::iter::once(netplan(id))
+            .chain(
+                (0..id.interfaces.len())
+                    .filter(|&i| id.interfaces[i].kind == Kind::Dummy)
+                    .flat_map(|i| networkd_files(crate::netid::render_networkd_iface(id, i))),
+            )
+            .collect(),
         Stack::NetworkManager => id
             .interfaces
             .iter()
             .enumerate()
             .flat_map(|(i, n)| nm_keyfile(id, i, n))
             .collect(),
-        Stack::Networkd => crate::netid::render_networkd(id)
-            .into_iter()
-            .map(|(name, contents)| File {
-                path: format!("etc/systemd/network/{name}"),
-                contents,
-                mode: 0o644,
-            })
-            .collect(),
+        Stack::Networkd => networkd_files(crate::netid::render_networkd(id)),
         Stack::Ifupdown => ifupdown(id),
     }
+}
+
+fn networkd_files(files: Vec<(String, String)>) -> Vec<File> {
+    files
+        .into_iter()
+        .map(|(name, contents)| File {
+            path: format!("etc/systemd/network/{name}"),
+            contents,
+            mode: 0o644,
+        })
+        .collect()
 }
 
 use crate::netid::{nic_name as nic, Kind};
@@ -286,6 +300,7 @@ fn netplan(id: &NetIdentity) -> File {
             Kind::Bond(_) => "bonds",
             Kind::Vlan { .. } => "vlans",
             Kind::Bridge(_) => "bridges",
+            Kind::Dummy => continue, // see `render`
         };
         if want != section {
             let _ = writeln!(s, "  {want}:");
@@ -351,6 +366,7 @@ fn netplan(id: &NetIdentity) -> File {
                     b.stp, b.forward_delay_s
                 );
             }
+            Kind::Dummy => unreachable!("dummies are skipped above"),
         }
         netplan_ip(&mut s, id, i, n);
     }
@@ -460,6 +476,15 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
                 b.forward_delay_s
             );
         }
+        Kind::Dummy => {
+            // No [ethernet] section: a dummy's MAC and MTU are its own business (nothing
+            // answers on it but the machine).
+            let _ = writeln!(
+                s,
+                "type=dummy\ninterface-name={}\nautoconnect=true\n",
+                n.name
+            );
+        }
     }
     if master.is_some() {
         // A port: its addresses are its master's.
@@ -541,7 +566,7 @@ fn nm_file(name: &str, contents: String) -> File {
     }
 }
 
-/// The commands that create bond or VLAN `n` before ifupdown configures it (plain ifupdown
+/// The commands that create bond, VLAN, bridge or dummy `n` before ifupdown configures it (plain ifupdown
 /// and iproute2: neither ifenslave nor the vlan package is needed; when one of them made the
 /// link already, it is left as it is).
 fn ifupdown_create(id: &NetIdentity, n: &Interface) -> Vec<String> {
@@ -580,6 +605,10 @@ fn ifupdown_create(id: &NetIdentity, n: &Interface) -> Vec<String> {
                 n.name, n.mac, n.mtu
             ));
         }
+        Kind::Dummy => pre.push(format!(
+            "ip link show dev {0} >/dev/null 2>&1 || ip link add {0} address {1} mtu {2} type dummy",
+            n.name, n.mac, n.mtu
+        )),
         Kind::Bridge(b) => {
             pre.push(format!(
                 "ip link show dev {0} >/dev/null 2>&1 || ip link add {0} address {1} mtu {2} type bridge stp_state {3} forward_delay {4}",
@@ -1003,6 +1032,66 @@ mod tests {
             assert!(nd.contains(want), "{want:?} missing from:\n{nd}");
         }
         assert_eq!(needed_drivers(&id), [("bridge", "br0")]);
+    }
+
+    /// dummy0 (192.0.2.53/32 and 2001:db8:53::53/128, an anycast address) beside the two
+    /// NICs of `two-nics`: every stack creates it by name with its addresses; DNS stays with
+    /// the first NIC.
+    #[test]
+    fn every_stack_creates_the_dummy_by_name_with_its_addresses() {
+        let id = crate::netid::fixture("dummy").unwrap();
+        let nd = render(Stack::Networkd, &id);
+        let want_netdev =
+            "[NetDev]\nName=dummy0\nKind=dummy\nMACAddress=d6:1e:3a:9c:05:53\nMTUBytes=1500\n";
+        let want_network = "[Match]\nName=dummy0\n\n[Network]\nDHCP=no\nIPv6AcceptRA=no\nAddress=192.0.2.53/32\nAddress=2001:db8:53::53/128\n";
+        let file = |files: &[File], path: &str| {
+            files
+                .iter()
+                .find(|f| f.path == path)
+                .unwrap_or_else(|| panic!("{path} missing from {files:?}"))
+                .contents
+                .clone()
+        };
+        let netdev = "etc/systemd/network/05-reinstall-dummy0.netdev";
+        let network = "etc/systemd/network/05-reinstall-dummy0.network";
+        assert!(file(&nd, netdev).contains(want_netdev), "{nd:?}");
+        let n = file(&nd, network);
+        assert!(n.contains(want_network) && !n.contains("DNS="), "{n}");
+        // netplan 0.106 knows no dummy-devices: the YAML leaves it to networkd's files.
+        let np = render(Stack::Netplan, &id);
+        assert!(!np[0].contents.contains("dummy0"), "{}", np[0].contents);
+        assert!(
+            np[0].contents.contains("nameservers:"),
+            "{}",
+            np[0].contents
+        );
+        assert_eq!(file(&np, netdev), file(&nd, netdev));
+        assert_eq!(file(&np, network), file(&nd, network));
+        assert_eq!(np.len(), 3, "{np:?}");
+        let nm = render(Stack::NetworkManager, &id);
+        let d = nm_conn(&nm, "dummy0");
+        for want in [
+            "type=dummy\ninterface-name=dummy0\nautoconnect=true\n\n[ipv4]\nmethod=manual\naddress1=192.0.2.53/32\n",
+            "[ipv6]\nmethod=manual\naddress1=2001:db8:53::53/128\n",
+        ] {
+            assert!(d.contains(want), "{want:?} missing from:\n{d}");
+        }
+        assert!(!d.contains("dns="), "{d}");
+        let ifu = all(&render(Stack::Ifupdown, &id));
+        assert!(ifu.contains("auto dummy0\niface dummy0 inet static\n    pre-up ip link show dev dummy0 >/dev/null 2>&1 || ip link add dummy0 address d6:1e:3a:9c:05:53 mtu 1500 type dummy\n    address 192.0.2.53/32\n"), "{ifu}");
+        assert!(
+            ifu.contains("iface dummy0 inet6 static\n    address 2001:db8:53::53/128\n"),
+            "{ifu}"
+        );
+        assert!(
+            ifu.contains("    post-down ip link del dev dummy0\n"),
+            "{ifu}"
+        );
+        assert!(
+            !ifu.contains("ifb0") && !all(&nd).contains("ifb0"),
+            "no addresses: not carried"
+        );
+        assert_eq!(needed_drivers(&id), [("dummy", "dummy0")]);
     }
 
     /// A tree whose kernel lacks bonding, or has it without a module it depends on (as a

@@ -104,11 +104,12 @@ fn prefix_of(r: &Route, gw: IpAddr) -> String {
 }
 
 /// Refuses, naming the interface, an identity Windows' answer file cannot carry: bonds
-/// (NIC teams are made with PowerShell after setup, not in unattend) and VLANs.
+/// (NIC teams are made with PowerShell after setup, not in unattend), bridges, VLANs and
+/// dummy interfaces.
 pub fn check_network(id: &NetIdentity) -> Result<()> {
     if let Some(i) = id.interfaces.iter().find(|i| !i.is_ethernet()) {
         anyhow::bail!(
-            "interface {} is a {}: carrying bonds, bridges and VLANs into Windows is not supported (its answer file cannot make them); reinstall this machine with a Linux target, or move its address to a plain interface first",
+            "interface {} is a {}: carrying bonds, bridges, VLANs and dummy interfaces into Windows is not supported (its answer file cannot make them); reinstall this machine with a Linux target, or move its address to a plain interface first",
             i.name,
             i.kind.label()
         );

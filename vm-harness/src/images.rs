@@ -115,7 +115,7 @@ pub struct SourceSpec<'a> {
     /// this MAC, with VLAN 100 on the bond holding this address.
     pub bond: Option<(&'a str, &'a str)>,
     /// The address on bridge br0 (STP on, forward delay 4 s) of the NIC, and a portless
-    /// docker0 bridge with 172.17.0.1/16 beside it.
+    /// docker0 bridge with 172.17.0.1/16 and dummy0 with the anycast address beside it.
     pub bridge: bool,
 }
 
@@ -173,6 +173,17 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
             w(
                 "etc/systemd/network/10-docker0.network",
                 "[Match]\nName=docker0\n\n[Link]\nRequiredForOnline=no\n\n[Network]\nAddress=172.17.0.1/16\nConfigureWithoutCarrier=yes\n",
+            )?;
+            w(
+                "etc/systemd/network/10-anycast.netdev",
+                "[NetDev]\nName=dummy0\nKind=dummy\n",
+            )?;
+            w(
+                "etc/systemd/network/10-anycast.network",
+                &format!(
+                    "[Match]\nName=dummy0\n\n[Network]\nAddress={}\n",
+                    crate::scenario::ANYCAST
+                ),
             )?;
         }
         None => w(

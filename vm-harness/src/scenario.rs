@@ -19,13 +19,18 @@ pub struct Opts {
     pub hang: bool,
     /// The VM's address is on a bond of two NICs, with a VLAN on it (see [`BOND_VLAN`]).
     pub bond: bool,
-    /// The VM's address is on a bridge of its NIC, and the source has a portless docker0.
+    /// The VM's address is on a bridge of its NIC, beside a dummy with [`ANYCAST`]; the
+    /// source also has a portless docker0.
     pub bridge: bool,
 }
 
 /// With `--bond`: VLAN 100 on bond0 holds this address (QEMU's user network carries no
 /// tagged frames: the VLAN is checked by what the guest shows, the bond by SSH through it).
 const BOND_VLAN: &str = "192.0.2.7/24";
+
+/// With `--bridge`: dummy0 holds this address (an anycast service address, as BGP hosts and
+/// load balancers keep on a dummy).
+pub const ANYCAST: &str = "192.0.2.53/32";
 
 const HOST: &str = "vm1";
 const TARGET: &str = "debian-vm";
@@ -363,15 +368,28 @@ impl Env {
 
     /// With `--bridge`: the address is on br0, a bridge with STP on and a forward delay of
     /// 4 s, wearing the NIC's MAC, with the NIC (known by its MAC) as its port; docker0 is
-    /// there in the source only (the agent leaves it behind). SSH answering at the address
-    /// shows the bridge passes traffic.
+    /// there in the source only (the agent leaves it behind); dummy0 is a dummy holding
+    /// [`ANYCAST`]. SSH answering at the address shows the bridge passes traffic.
     fn check_bridge(&self, what: &str, source: bool) -> Result<()> {
         let out = self.vm.ssh(
             "ip -d -j link show dev br0; echo ===; ip -j link show; echo ===; \
-             ip -4 -o addr show dev br0; echo ===; ip -o link show dev docker0 2>/dev/null || echo none",
+             ip -4 -o addr show dev br0; echo ===; ip -o link show dev docker0 2>/dev/null || echo none; \
+             echo ===; ip -d -j addr show dev dummy0 2>&1",
         )?;
         let parts: Vec<&str> = out.split("===\n").collect();
-        ensure!(parts.len() == 4, "{what}: br0 is missing:\n{out}");
+        ensure!(parts.len() == 5, "{what}: br0 is missing:\n{out}");
+        let dummy: serde_json::Value = serde_json::from_str(parts[4])
+            .with_context(|| format!("{what}: dummy0 is missing: {:?}", parts[4]))?;
+        let dummy = &dummy[0];
+        let (addr, prefix) = ANYCAST.split_once('/').unwrap();
+        let prefix: u64 = prefix.parse()?;
+        ensure!(
+            dummy["linkinfo"]["info_kind"] == "dummy"
+                && dummy["addr_info"].as_array().is_some_and(|a| a
+                    .iter()
+                    .any(|x| x["local"] == addr && x["prefixlen"] == prefix)),
+            "{what}: dummy0 is not a dummy holding {ANYCAST}: {dummy}"
+        );
         let br: serde_json::Value = serde_json::from_str(parts[0])
             .with_context(|| format!("{what}: ip -j link show br0: {:?}", parts[0]))?;
         let br = &br[0];
