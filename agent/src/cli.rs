@@ -110,8 +110,8 @@ pub enum Command {
     /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
     /// options; bridges with their ports and STP; 802.1Q VLANs; dummies by name) and the
     /// systemd-networkd files it becomes. Names what is left behind (tun/tap, WireGuard, VXLAN,
-    /// IP tunnels, veths into other namespaces, bridges with no port out of the machine such
-    /// as docker0). Refuses, naming the interface, what cannot be carried: teams,
+    /// IP tunnels, veths into other namespaces, mobile modems' and PPP links, bridges with no
+    /// port out of the machine such as docker0). Refuses, naming the interface, what cannot be carried: teams,
     /// macvlans/ipvlans, bonds monitored by ARP, QinQ VLANs, VLANs on bridges, VLAN-filtering
     /// bridges, addresses on links of other kinds or in a VRF (and bonds, bridges, VLANs or
     /// dummies at all when the target is Windows).

@@ -19,7 +19,8 @@
 //! Not carried: loopback, link-local IPv6 addresses (the kernel makes them from the MAC).
 //! Left behind and listed in [`NetIdentity::left_behind`] (the software that made them makes
 //! them again in an OS that runs it): interfaces of containers, VMs and tunnels (tun/tap,
-//! WireGuard, VXLAN, IP tunnels, a veth whose peer is in another namespace) and bridges with
+//! WireGuard, VXLAN, IP tunnels, a veth whose peer is in another namespace), mobile modems'
+//! and PPP links (point-to-point, no MAC: dialled by a modem manager or pppd), and bridges with
 //! no port out of the machine (Docker's `docker0`, libvirt's `virbr0`), unless the default
 //! route goes through one: then the machine is refused, since it would come back without its
 //! way out.
@@ -340,7 +341,8 @@ pub fn parse(
             left_behind.push(LeftBehind {
                 name: l.ifname.clone(),
                 why: format!(
-                    "{why}; made again by the software that made it (Docker, libvirt, a VPN, ...) if the new OS runs it"
+                    "{why}; made again by the software that made it (Docker, libvirt, a VPN client, a modem manager, ...) if \
+                     the new OS runs it and is configured to"
                 ),
             });
             continue;
@@ -636,8 +638,14 @@ fn bond_of_link(l: &IpLink, links: &[IpLink]) -> Result<Bond> {
 /// What made `l`, when it is an interface that software makes at run time (see the module's
 /// text); bridges are judged by their ports ([`external_ports`]).
 fn made_by_software(l: &IpLink) -> Option<&'static str> {
-    let kind = l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref())?;
-    Some(match kind {
+    let kind = l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref());
+    // A mobile modem in raw-IP mode (`qmi_wwan`, `cdc_mbim`) shows no kind and no MAC.
+    if kind.is_none() && l.master.is_none() && matches!(l.link_type.as_str(), "none" | "ppp") {
+        return Some("a point-to-point link without a MAC address (a mobile modem's)");
+    }
+    Some(match kind? {
+        "ppp" => "a PPP link",
+        "wwan" => "a mobile modem's link",
         "tun" => "a tun/tap device (a VPN's, or a VM's port)",
         "wireguard" => "a WireGuard tunnel",
         "vxlan" | "geneve" => "an overlay tunnel (VXLAN or Geneve, as container networks make)",
@@ -1472,6 +1480,61 @@ mod tests {
         assert!(e.contains("belongs to mgmt (a vrf)"), "{e}");
         let e = try_with("\"ifname\":\"dummy0\"", "\"ifname\":\"dummy 0\"");
         assert!(e.contains("\"dummy 0\"") && e.contains("dummy"), "{e}");
+    }
+
+    /// An edge machine's mobile modem (raw IP: no kind, no MAC, `link/none`) or PPP link with
+    /// an address is left behind by name, as a VPN's tunnel is: it was refused for having no
+    /// MAC. The default route through it is still refused.
+    #[test]
+    fn a_modem_or_ppp_link_is_left_behind_unless_the_default_route_uses_it() {
+        let d = format!("{}/tests/fixtures/net/dummy", env!("CARGO_MANIFEST_DIR"));
+        let mut links: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{d}/addr.json")).unwrap())
+                .unwrap();
+        let l = links
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|l| l["ifname"] == "dummy0")
+            .unwrap();
+        l["ifname"] = "wwan0".into();
+        l["link_type"] = "none".into();
+        l["flags"] = serde_json::json!(["POINTOPOINT", "NOARP", "UP", "LOWER_UP"]);
+        let o = l.as_object_mut().unwrap();
+        o.remove("linkinfo");
+        o.remove("address");
+        o.remove("broadcast");
+        let modem = links.to_string();
+        let id = parse(&modem, "[]", "[]", "", "h").unwrap();
+        assert_eq!(id.left_behind.len(), 1, "{:?}", id.left_behind);
+        assert_eq!(id.left_behind[0].name, "wwan0");
+        assert!(
+            id.left_behind[0].why.contains("mobile modem"),
+            "{:?}",
+            id.left_behind
+        );
+        assert!(id.interfaces.iter().all(|i| i.name != "wwan0"));
+        let e = parse(
+            &modem,
+            r#"[{"dst":"default","dev":"wwan0","scope":"link"}]"#,
+            "[]",
+            "",
+            "h",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("wwan0") && e.contains("default route"), "{e}");
+        let ppp = modem.replacen(
+            "\"ifname\":\"wwan0\"",
+            "\"ifname\":\"ppp0\",\"linkinfo\":{\"info_kind\":\"ppp\"}",
+            1,
+        );
+        let id = parse(&ppp, "[]", "[]", "", "h").unwrap();
+        assert!(
+            id.left_behind[0].name == "ppp0" && id.left_behind[0].why.contains("a PPP link"),
+            "{:?}",
+            id.left_behind
+        );
     }
 
     #[test]
