@@ -105,13 +105,7 @@ fn a_bridge_is_carried_and_container_and_vpn_links_are_left_behind_by_name() {
         serde_json::json!({"type": "bridge", "ports": ["eth0"], "stp": true, "forward_delay_s": 4}),
         "{out}"
     );
-    let left: Vec<&str> = id["left_behind"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(left, ["docker0", "tun0"], "{out}");
+    assert_eq!(left_behind(id), ["docker0", "tun0"], "{out}");
     let text = ok(&mut network(false));
     for want in [
         "# not carried: docker0: a bridge with no port out of this machine",
@@ -306,6 +300,109 @@ fn netplan_reads_the_nics_rendered_beside_a_dummy_left_to_networkd() {
     );
 }
 
+/// A multi-homed machine's policy routing, built in a network namespace: replies from its
+/// second address leave through that address's own gateway (table 100), marked traffic to
+/// 10.50.0.0/16 takes table 200, IPv6 from its prefix table 400; beside them wg-quick's pair
+/// of rules (`not fwmark`, `suppress_prefixlength`). `reinstall network` carries the first
+/// three with their tables' routes, names wg-quick's as left behind, and netplan's own
+/// generator reads what is rendered for it.
+#[test]
+fn policy_routing_is_captured_live_and_netplan_reads_what_it_becomes() {
+    let ns = Netns(format!("rt-pol-{}", std::process::id()));
+    let n = &ns.0;
+    sh(&format!(
+        "ip netns add {n}
+         ip -n {n} link add eth0 address 52:54:00:aa:dd:01 type veth peer name wire0
+         for l in lo eth0 wire0; do ip -n {n} link set $l up; done
+         ip -n {n} addr add 10.9.0.2/24 dev eth0
+         ip -n {n} addr add 10.9.1.2/24 dev eth0
+         ip -n {n} addr add 2001:db8:1::2/64 dev eth0 nodad
+         ip -n {n} route add default via 10.9.0.1 dev eth0
+         ip -n {n} rule add from 10.9.1.2 lookup 100 pref 1000
+         ip -n {n} route add default via 10.9.1.1 dev eth0 table 100
+         ip -n {n} rule add to 10.50.0.0/16 fwmark 0x10 lookup 200 pref 999
+         ip -n {n} route add 10.50.0.0/16 via 10.9.0.1 dev eth0 table 200
+         ip -n {n} -6 rule add from 2001:db8:1::/64 lookup 400 pref 1000
+         ip -n {n} -6 route add default via fe80::1 dev eth0 table 400
+         ip -n {n} rule add not fwmark 0xca6c lookup 51820 pref 899
+         ip -n {n} rule add lookup main suppress_prefixlength 0 pref 900"
+    ));
+    let out = ok(std::process::Command::new("ip")
+        .args(["netns", "exec", n])
+        .arg(bin("reinstall"))
+        .args(["network", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = &v["identity"];
+    let rules: Vec<(u64, bool, u64)> = id["rules"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rules: {out}"))
+        .iter()
+        .map(|r| {
+            (
+                r["priority"].as_u64().unwrap(),
+                r["v6"].as_bool().unwrap(),
+                r["table"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [(999, false, 200), (1000, false, 100), (1000, true, 400)],
+        "{out}"
+    );
+    assert_eq!(left_behind(id), ["IPv4 rule 899", "IPv4 rule 900"], "{out}");
+    let dir = scratch();
+    let saved = dir.path().join("network.json");
+    std::fs::write(&saved, serde_json::to_vec_pretty(id).unwrap()).unwrap();
+    let gen = netplan_generate_saved(&saved, dir.path());
+    gen.assert_has(&[
+        ("10-netplan-rnic0.network", "Route", "Table=100"),
+        (
+            "10-netplan-rnic0.network",
+            "RoutingPolicyRule",
+            "From=10.9.1.2/32",
+        ),
+        (
+            "10-netplan-rnic0.network",
+            "RoutingPolicyRule",
+            "Priority=1000",
+        ),
+        (
+            "10-netplan-rnic0.network",
+            "RoutingPolicyRule",
+            "To=10.50.0.0/16",
+        ),
+        (
+            "10-netplan-rnic0.network",
+            "RoutingPolicyRule",
+            "FirewallMark=16",
+        ),
+        (
+            "10-netplan-rnic0.network",
+            "RoutingPolicyRule",
+            "From=2001:db8:1::/64",
+        ),
+    ]);
+    for (want, n) in [
+        ("[RoutingPolicyRule]", 3),
+        ("Table=100", 2),
+        ("Table=200", 2),
+        ("Table=400", 2),
+    ] {
+        assert_eq!(gen.all.matches(want).count(), n, "{want}:\n{}", gen.all);
+    }
+}
+
+/// The names in a captured identity's `left_behind`.
+fn left_behind(id: &serde_json::Value) -> Vec<&str> {
+    id["left_behind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect()
+}
+
 /// What netplan's generator wrote for a rendered identity.
 struct Generated {
     dir: std::path::PathBuf,
@@ -314,18 +411,20 @@ struct Generated {
 }
 
 impl Generated {
-    /// Each `(file, section, line)` is a line of that section of that file.
+    /// Each `(file, section, line)` is a line of a section of that name (of one of them,
+    /// where the file has several) of that file.
     fn assert_has(&self, want: &[(&str, &str, &str)]) {
         for (file, section, line) in want {
             let text = std::fs::read_to_string(self.dir.join(file))
                 .unwrap_or_else(|_| panic!("netplan wrote no {file}; it wrote:\n{}", self.all));
-            let body = text
+            let bodies: Vec<&str> = text
                 .split(&format!("[{section}]\n"))
-                .nth(1)
+                .skip(1)
                 .map(|b| b.split("\n[").next().unwrap())
-                .unwrap_or_else(|| panic!("{file} has no [{section}]:\n{text}"));
+                .collect();
+            assert!(!bodies.is_empty(), "{file} has no [{section}]:\n{text}");
             assert!(
-                body.lines().any(|l| l == *line),
+                bodies.iter().any(|b| b.lines().any(|l| l == *line)),
                 "{file} [{section}] lacks {line}:\n{text}"
             );
         }
@@ -349,8 +448,14 @@ fn netplan_generate(name: &str, dir: &Path) -> Generated {
     .unwrap();
     let saved = dir.join("network.json");
     std::fs::write(&saved, serde_json::to_vec_pretty(&id).unwrap()).unwrap();
+    netplan_generate_saved(&saved, dir)
+}
+
+/// Renders the saved identity `saved` for netplan into `dir/root` and runs `netplan
+/// generate` there.
+fn netplan_generate_saved(saved: &Path, dir: &Path) -> Generated {
     let root = dir.join("root");
-    render_into(&saved, "netplan", &root);
+    render_into(saved, "netplan", &root);
     ok(std::process::Command::new("netplan")
         .args(["generate", "--root-dir"])
         .arg(&root));

@@ -108,7 +108,8 @@ pub enum Command {
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
-    /// options; bridges with their ports and STP; 802.1Q VLANs; dummies by name) and the
+    /// options; bridges with their ports and STP; 802.1Q VLANs; dummies by name; policy
+    /// routing rules with their tables' routes) and the
     /// systemd-networkd files it becomes. Names what is left behind (tun/tap, WireGuard, VXLAN,
     /// IP tunnels, veths into other namespaces, mobile modems' and PPP links, bridges with no
     /// port out of the machine such as docker0). Refuses, naming the interface, what cannot be carried: teams,

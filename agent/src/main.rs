@@ -132,6 +132,9 @@ fn plan(
             i.routes.len()
         );
     }
+    for r in &p.network.rules {
+        println!("  IPv{} rule {}", if r.v6 { 6 } else { 4 }, r.describe());
+    }
     for l in &p.network.left_behind {
         println!("  {} not carried: {}", l.name, l.why);
     }

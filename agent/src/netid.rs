@@ -16,6 +16,9 @@
 //! anycast, service and BGP loopback addresses) are carried by name with their addresses and
 //! routes: matched by MAC, as a NIC is, they would match nothing in the next OS (a dummy's MAC
 //! is made up each boot) and their addresses would be silently lost.
+//! Policy routing is carried: every `ip rule` made of `from`, `to`, an unmasked `fwmark` and
+//! `lookup` of main or of a numbered table with a route through a carried interface, and the
+//! routes of those tables ([`Route::table`]); other rules are left behind by name.
 //! Not carried: loopback, link-local IPv6 addresses (the kernel makes them from the MAC).
 //! Left behind and listed in [`NetIdentity::left_behind`] (the software that made them makes
 //! them again in an OS that runs it): interfaces of containers, VMs and tunnels (tun/tap,
@@ -45,9 +48,53 @@ pub struct NetIdentity {
     pub hostname: String,
     pub interfaces: Vec<Interface>,
     pub dns: Dns,
-    /// Interfaces with addresses that are not carried, and why (see the module's text).
+    /// Interfaces with addresses, and routing policy rules, that are not carried, and why
+    /// (see the module's text).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_behind: Vec<LeftBehind>,
+    /// Routing policy rules (`ip rule`) beyond the kernel's three, whose tables' routes are
+    /// carried (as [`Route::table`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
+}
+
+/// A routing policy rule: traffic it selects looks up `table` (by number: 254 is `main`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub priority: u32,
+    pub v6: bool,
+    /// Source prefix (`None`: from all).
+    pub from: Option<(IpAddr, u8)>,
+    /// Destination prefix (`None`: to all).
+    pub to: Option<(IpAddr, u8)>,
+    /// Firewall mark (without a mask: a masked mark is not carried).
+    pub fwmark: Option<u32>,
+    pub table: u32,
+}
+
+impl Rule {
+    /// As `ip rule` writes it: `pref 1000 from 10.0.0.5/32 lookup 100`.
+    pub fn describe(&self) -> String {
+        self.words("pref", "lookup")
+    }
+
+    /// The rule with the words chosen for its priority and its table: `ip rule add` takes
+    /// either of iproute2's (`pref`/`priority`, `lookup`/`table`), NetworkManager's
+    /// `routing-rule` `priority` and `table`.
+    pub fn words(&self, pref: &str, lookup: &str) -> String {
+        let mut s = format!("{pref} {}", self.priority);
+        if let Some((a, p)) = self.from {
+            let _ = write!(s, " from {a}/{p}");
+        }
+        if let Some((a, p)) = self.to {
+            let _ = write!(s, " to {a}/{p}");
+        }
+        if let Some(m) = self.fwmark {
+            let _ = write!(s, " fwmark {m:#x}");
+        }
+        let _ = write!(s, " {lookup} {}", self.table);
+        s
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +261,9 @@ pub struct Route {
     /// The gateway is reachable on the link although it is outside every subnet.
     pub onlink: bool,
     pub metric: Option<u32>,
+    /// The routing table (`None`: main), looked up by [`NetIdentity::rules`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +322,134 @@ struct IpAddrInfo {
     dynamic: bool,
 }
 
+/// One line of `ip -j -N rule show`; selectors and actions not named here land in `rest`.
+#[derive(Deserialize)]
+struct IpRule {
+    priority: u32,
+    #[serde(default)]
+    src: Option<String>,
+    #[serde(default)]
+    srclen: Option<u8>,
+    #[serde(default)]
+    dst: Option<String>,
+    #[serde(default)]
+    dstlen: Option<u8>,
+    #[serde(default)]
+    fwmark: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The kernel's own table numbers.
+const TABLE_DEFAULT: u32 = 253;
+const TABLE_MAIN: u32 = 254;
+const TABLE_LOCAL: u32 = 255;
+
+fn table_number(t: &str) -> Option<u32> {
+    match t {
+        "local" => Some(TABLE_LOCAL),
+        "main" => Some(TABLE_MAIN),
+        "default" => Some(TABLE_DEFAULT),
+        _ => t.parse().ok(),
+    }
+}
+
+/// A rule as captured: carried, given the tables whose routes are carried, or why not.
+enum RuleOf {
+    /// One of the kernel's three (local, main, default): made by every kernel.
+    Kernels,
+    Carried(Rule),
+    NotCarried(String),
+}
+
+fn rule_of(r: &IpRule, v6: bool) -> Result<RuleOf> {
+    let table = r.table.as_deref().and_then(table_number);
+    let prefix = |a: &Option<String>, len: Option<u8>| -> Result<Option<(IpAddr, u8)>> {
+        match a.as_deref() {
+            None | Some("all") => Ok(None),
+            Some(a) => {
+                let ip: IpAddr = a
+                    .parse()
+                    .with_context(|| format!("rule {}: address {a:?}", r.priority))?;
+                Ok(Some((
+                    ip,
+                    len.unwrap_or(if ip.is_ipv6() { 128 } else { 32 }),
+                )))
+            }
+        }
+    };
+    let (from, to) = (prefix(&r.src, r.srclen)?, prefix(&r.dst, r.dstlen)?);
+    let fwmark = match r.fwmark.as_deref() {
+        None => None,
+        Some(m) => Some(
+            u32::from_str_radix(m.trim_start_matches("0x"), 16)
+                .with_context(|| format!("rule {}: fwmark {m:?}", r.priority))?,
+        ),
+    };
+    let plain = from.is_none()
+        && to.is_none()
+        && fwmark.is_none()
+        && r.rest.keys().all(|k| k == "protocol");
+    if plain
+        && matches!(
+            (r.priority, table),
+            (0, Some(TABLE_LOCAL)) | (32766, Some(TABLE_MAIN)) | (32767, Some(TABLE_DEFAULT))
+        )
+    {
+        return Ok(RuleOf::Kernels);
+    }
+    // Who made the rule (`proto static` for networkd's and NetworkManager's) changes nothing.
+    let rest: Vec<&String> = r.rest.keys().filter(|k| *k != "protocol").collect();
+    if !rest.is_empty() {
+        let mut keys: Vec<&str> = rest.iter().map(|k| k.as_str()).collect();
+        keys.sort();
+        return Ok(RuleOf::NotCarried(format!(
+            "a routing policy rule with {} (only from, to, an unmasked fwmark and lookup are carried)",
+            keys.join(", ")
+        )));
+    }
+    let Some(table) = table.filter(|&t| t != TABLE_LOCAL && t != TABLE_DEFAULT) else {
+        return Ok(RuleOf::NotCarried(format!(
+            "a routing policy rule that looks up table {} (only main and numbered tables are carried)",
+            r.table.as_deref().unwrap_or("none")
+        )));
+    };
+    Ok(RuleOf::Carried(Rule {
+        priority: r.priority,
+        v6,
+        from,
+        to,
+        fwmark,
+        table,
+    }))
+}
+
+/// The numbered tables (not main, local or default) the rules in the text of `ip -j -N rule
+/// show` look up: the tables whose routes `capture` reads.
+pub fn rule_tables(rules_json: &str) -> Result<Vec<u32>> {
+    let rules: Vec<IpRule> =
+        serde_json::from_str(rules_json).context("parsing `ip -j -N rule` output")?;
+    let mut t: Vec<u32> = rules
+        .iter()
+        .filter_map(|r| r.table.as_deref().and_then(table_number))
+        .filter(|&t| t != TABLE_LOCAL && t != TABLE_MAIN && t != TABLE_DEFAULT)
+        .collect();
+    t.sort_unstable();
+    t.dedup();
+    Ok(t)
+}
+
+/// Routing policy as captured: the text of `ip -j -N -4 rule show` and of `-6`, and of
+/// `ip -j -4|-6 route show table T` for each table in [`rule_tables`] (`(table, v6, text)`).
+#[derive(Default)]
+pub struct PolicyText<'a> {
+    pub rules4: &'a str,
+    pub rules6: &'a str,
+    pub tables: Vec<(u32, bool, &'a str)>,
+}
+
 #[derive(Deserialize)]
 struct IpRoute {
     dst: String,
@@ -298,14 +476,43 @@ pub fn parse(
     resolv: &str,
     hostname: &str,
 ) -> Result<NetIdentity> {
+    parse_with_policy(
+        addr_json,
+        route4_json,
+        route6_json,
+        resolv,
+        hostname,
+        &PolicyText::default(),
+    )
+}
+
+/// [`parse`], with the routing policy rules and the routes of the tables they look up.
+pub fn parse_with_policy(
+    addr_json: &str,
+    route4_json: &str,
+    route6_json: &str,
+    resolv: &str,
+    hostname: &str,
+    policy: &PolicyText,
+) -> Result<NetIdentity> {
     let links: Vec<IpLink> =
         serde_json::from_str(addr_json).context("parsing `ip -j addr` output")?;
-    let mut routes: Vec<IpRoute> =
-        serde_json::from_str(route4_json).context("parsing `ip -j -4 route` output")?;
-    routes.extend(
-        serde_json::from_str::<Vec<IpRoute>>(route6_json)
-            .context("parsing `ip -j -6 route` output")?,
-    );
+    // (table, route): `None` for main.
+    let mut routes: Vec<(Option<u32>, IpRoute)> = Vec::new();
+    for (text, what) in [(route4_json, "-4"), (route6_json, "-6")] {
+        let r: Vec<IpRoute> = serde_json::from_str(text)
+            .with_context(|| format!("parsing `ip -j {what} route` output"))?;
+        routes.extend(r.into_iter().map(|r| (None, r)));
+    }
+    for (t, v6, text) in &policy.tables {
+        let r: Vec<IpRoute> = serde_json::from_str(text).with_context(|| {
+            format!(
+                "parsing `ip -j -{} route show table {t}` output",
+                if *v6 { 6 } else { 4 }
+            )
+        })?;
+        routes.extend(r.into_iter().map(|r| (Some(*t), r)));
+    }
     // Every link that could be carried, with whether it has addresses or routes of its own.
     let mut found: Vec<(Interface, bool)> = Vec::new();
     let mut left_behind = Vec::new();
@@ -330,9 +537,9 @@ pub fn parse(
                 continue; // nothing of the machine's own on it
             }
             anyhow::ensure!(
-                !routes
-                    .iter()
-                    .any(|r| r.dst == "default" && r.dev.as_deref() == Some(l.ifname.as_str())),
+                !routes.iter().any(|(t, r)| t.is_none()
+                    && r.dst == "default"
+                    && r.dev.as_deref() == Some(l.ifname.as_str())),
                 "interface {} is {why}, made by software whose configuration is not carried, and the default route goes \
                  through it: the machine would come back without its way out; move the default route to a physical \
                  interface first, or reinstall it by other means",
@@ -438,9 +645,9 @@ pub fn parse(
             })
             .collect::<Result<Vec<_>>>()?;
         let mut rts = Vec::new();
-        for r in routes
+        for (table, r) in routes
             .iter()
-            .filter(|r| r.dev.as_deref() == Some(l.ifname.as_str()))
+            .filter(|(_, r)| r.dev.as_deref() == Some(l.ifname.as_str()))
         {
             // The kernel's own routes (subnet and link-local prefixes) come back by themselves;
             // RA-learned ones come back with IPv6AcceptRA.
@@ -456,6 +663,7 @@ pub fn parse(
                 gateway: r.gateway,
                 onlink: r.flags.iter().any(|f| f == "onlink"),
                 metric: r.metric,
+                table: *table,
             });
         }
         let own = !addresses.is_empty() || !rts.is_empty();
@@ -531,6 +739,47 @@ pub fn parse(
     }
     interfaces
         .sort_by(|a, b| (a.kind.rank(), &a.mac, &a.name).cmp(&(b.kind.rank(), &b.mac, &b.name)));
+    // Rules are carried when the table they look up is: main, or a numbered table with a
+    // route through a carried interface.
+    let mut rules = Vec::new();
+    for (text, v6) in [(policy.rules4, false), (policy.rules6, true)] {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let captured: Vec<IpRule> = serde_json::from_str(text).with_context(|| {
+            format!("parsing `ip -j -N -{} rule` output", if v6 { 6 } else { 4 })
+        })?;
+        for r in &captured {
+            let name = format!("IPv{} rule {}", if v6 { 6 } else { 4 }, r.priority);
+            match rule_of(r, v6)? {
+                RuleOf::Kernels => {}
+                RuleOf::NotCarried(why) => left_behind.push(LeftBehind { name, why }),
+                RuleOf::Carried(rule) => {
+                    let routed = rule.table == TABLE_MAIN
+                        || interfaces
+                            .iter()
+                            .flat_map(|i| &i.routes)
+                            .any(|rt| rt.table == Some(rule.table) && route_is_v6(rt) == v6);
+                    if routed {
+                        rules.push(rule);
+                    } else {
+                        left_behind.push(LeftBehind {
+                            name,
+                            why: format!(
+                                "a routing policy rule ({}) whose table has no route through a carried interface",
+                                rule.describe()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    // Routes of a table no carried rule looks up would be dead weight in the next OS.
+    for i in &mut interfaces {
+        i.routes
+            .retain(|rt| rt.table.is_none_or(|t| rules.iter().any(|r| r.table == t)));
+    }
     let hostname = hostname.trim().to_string();
     anyhow::ensure!(!hostname.is_empty(), "the hostname is empty");
     Ok(NetIdentity {
@@ -539,6 +788,7 @@ pub fn parse(
         interfaces,
         dns: parse_resolv(resolv),
         left_behind,
+        rules,
     })
 }
 
@@ -761,19 +1011,21 @@ pub fn parse_resolv(text: &str) -> Dns {
 
 /// Captures the running system's identity (runs `ip`).
 pub fn capture() -> Result<NetIdentity> {
-    let ip = |args: &[&str]| -> Result<String> {
+    // `empty_if_missing`: a table that does not exist (a rule may name one no route was ever
+    // added to) has no routes.
+    let ip_or = |args: &[&str], empty_if_missing: bool| -> Result<String> {
         let out = std::process::Command::new("ip")
             .args(args)
             .output()
             .with_context(|| format!("running ip {}", args.join(" ")))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && empty_if_missing && err.contains("does not exist") {
+            return Ok("[]".into());
+        }
+        anyhow::ensure!(out.status.success(), "ip {} failed: {err}", args.join(" "));
         Ok(String::from_utf8(out.stdout)?)
     };
+    let ip = |args: &[&str]| ip_or(args, false);
     let resolv = ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())
@@ -783,13 +1035,44 @@ pub fn capture() -> Result<NetIdentity> {
         .filter(|h| !h.trim().is_empty())
         .or_else(kernel_hostname)
         .unwrap_or_default();
-    parse(
+    // Tables by number (`-N`): names come from rt_tables files, which the next OS may lack.
+    let rules4 = ip(&["-j", "-N", "-4", "rule", "show"])?;
+    let rules6 = ip(&["-j", "-N", "-6", "rule", "show"])?;
+    let mut tables = Vec::new();
+    for (text, v6) in [(&rules4, false), (&rules6, true)] {
+        for t in rule_tables(text)? {
+            let family = if v6 { "-6" } else { "-4" };
+            let routes = ip_or(
+                &["-j", family, "route", "show", "table", &t.to_string()],
+                true,
+            )?;
+            tables.push((t, v6, routes));
+        }
+    }
+    parse_with_policy(
         &ip(&["-d", "-j", "addr", "show"])?,
         &ip(&["-j", "-4", "route", "show", "table", "main"])?,
         &ip(&["-j", "-6", "route", "show", "table", "main"])?,
         &resolv,
         &hostname,
+        &PolicyText {
+            rules4: &rules4,
+            rules6: &rules6,
+            tables: tables
+                .iter()
+                .map(|(t, v6, s)| (*t, *v6, s.as_str()))
+                .collect(),
+        },
     )
+}
+
+/// Whether route `r` is an IPv6 one.
+pub fn route_is_v6(r: &Route) -> bool {
+    match (r.destination, r.gateway) {
+        (Some((d, _)), _) => d.is_ipv6(),
+        (None, Some(g)) => g.is_ipv6(),
+        (None, None) => false,
+    }
 }
 
 fn kernel_hostname() -> Option<String> {
@@ -916,6 +1199,28 @@ pub fn render_networkd_iface(id: &NetIdentity, i: usize) -> Vec<(String, String)
             if let Some(m) = r.metric {
                 let _ = writeln!(s, "Metric={m}");
             }
+            if let Some(t) = r.table {
+                let _ = writeln!(s, "Table={t}");
+            }
+        }
+        if i == id.dns_index() {
+            // Rules belong to no interface; networkd keeps them with the first addressed one.
+            for r in &id.rules {
+                let _ = writeln!(s, "\n[RoutingPolicyRule]");
+                if let Some((a, p)) = r.from {
+                    let _ = writeln!(s, "From={a}/{p}");
+                }
+                if let Some((a, p)) = r.to {
+                    let _ = writeln!(s, "To={a}/{p}");
+                }
+                if let Some(m) = r.fwmark {
+                    let _ = writeln!(s, "FirewallMark={m}");
+                }
+                let _ = writeln!(s, "Table={}\nPriority={}", r.table, r.priority);
+                if r.from.is_none() && r.to.is_none() {
+                    let _ = writeln!(s, "Family={}", if r.v6 { "ipv6" } else { "ipv4" });
+                }
+            }
         }
         files.push((file, s));
     }
@@ -995,13 +1300,35 @@ fn networkd_netdev(id: &NetIdentity, iface: &Interface) -> String {
 #[cfg(test)]
 pub(crate) fn fixture(name: &str) -> Result<NetIdentity> {
     let d = format!("{}/tests/fixtures/net/{name}", env!("CARGO_MANIFEST_DIR"));
-    let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
-    parse(
+    let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap_or_default();
+    // `table-<N>-<4|6>.json`: the routes of table N, as `capture` reads them.
+    let mut tables: Vec<(u32, bool, String)> = std::fs::read_dir(&d)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            let (t, fam) = n
+                .strip_prefix("table-")?
+                .strip_suffix(".json")?
+                .split_once('-')?;
+            Some((t.parse().unwrap(), fam == "6", r(&n)))
+        })
+        .collect();
+    tables.sort();
+    let (rules4, rules6) = (r("rule4.json"), r("rule6.json"));
+    parse_with_policy(
         &r("addr.json"),
         &r("route4.json"),
         &r("route6.json"),
         &r("resolv.conf"),
         &r("hostname"),
+        &PolicyText {
+            rules4: &rules4,
+            rules6: &rules6,
+            tables: tables
+                .iter()
+                .map(|(t, v6, s)| (*t, *v6, s.as_str()))
+                .collect(),
+        },
     )
 }
 
@@ -1532,6 +1859,117 @@ mod tests {
         let id = parse(&ppp, "[]", "[]", "", "h").unwrap();
         assert!(
             id.left_behind[0].name == "ppp0" && id.left_behind[0].why.contains("a PPP link"),
+            "{:?}",
+            id.left_behind
+        );
+    }
+
+    /// Captured with `ip` from a network namespace (`-N` for the rules, as `capture` runs it):
+    /// veth0 holds 10.9.0.2/24 (default route via 10.9.0.1), 10.9.1.2/24 and
+    /// 2001:db8:1::2/64; source routing for 10.9.1.2 (table 100: default via 10.9.1.1) and
+    /// 2001:db8:1::/64 (table 400: default via fe80::1); fwmark rules into table 200 (one
+    /// with a destination); a source rule into main; and what is not carried: wg-quick's pair
+    /// (`not fwmark`, `suppress_prefixlength`), a masked fwmark, and a rule into table 300,
+    /// which has no routes (the table does not even exist). Rule 1300 was made `proto static`,
+    /// as networkd makes its rules.
+    #[test]
+    fn policy_rules_and_their_tables_are_carried_and_the_rest_named() {
+        let id = fixture("policy").unwrap();
+        let rules: Vec<String> = id
+            .rules
+            .iter()
+            .map(|r| format!("{} {}", if r.v6 { 6 } else { 4 }, r.describe()))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "4 pref 998 fwmark 0x20 lookup 200",
+                "4 pref 999 to 10.50.0.0/16 fwmark 0x10 lookup 200",
+                "4 pref 1000 from 10.9.1.2/32 lookup 100",
+                "4 pref 1200 from 10.9.3.0/24 lookup 254",
+                "4 pref 1300 from 10.9.4.0/24 lookup 100",
+                "6 pref 1000 from 2001:db8:1::/64 lookup 400",
+            ]
+        );
+        let left: Vec<(&str, &str)> = id
+            .left_behind
+            .iter()
+            .map(|l| (l.name.as_str(), l.why.as_str()))
+            .collect();
+        let names: Vec<&str> = left.iter().map(|l| l.0).collect();
+        assert_eq!(
+            names,
+            [
+                "IPv4 rule 899",
+                "IPv4 rule 900",
+                "IPv4 rule 901",
+                "IPv4 rule 1100"
+            ],
+            "{left:?}"
+        );
+        assert!(left[0].1.contains("with not"), "{left:?}");
+        assert!(left[1].1.contains("suppress_prefixlen"), "{left:?}");
+        assert!(left[2].1.contains("fwmask"), "{left:?}");
+        assert!(
+            left[3].1.contains("lookup 300) whose table has no route"),
+            "{left:?}"
+        );
+        assert_eq!(id.interfaces.len(), 1);
+        let routes: Vec<String> = id.interfaces[0]
+            .routes
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:?} via {:?} metric {:?} table {:?}",
+                    r.destination,
+                    r.gateway.map(|g| g.to_string()),
+                    r.metric,
+                    r.table
+                )
+            })
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "None via Some(\"10.9.0.1\") metric None table None",
+                "None via Some(\"10.9.1.1\") metric None table Some(100)",
+                "Some((10.50.0.0, 16)) via Some(\"10.9.0.1\") metric Some(5) table Some(200)",
+                "None via Some(\"fe80::1\") metric Some(1024) table Some(400)",
+            ]
+        );
+        // A saved identity from before rules were carried still reads.
+        let mut v = serde_json::to_value(&id).unwrap();
+        v.as_object_mut().unwrap().remove("rules");
+        for r in v["interfaces"][0]["routes"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("table");
+        }
+        let old: NetIdentity = serde_json::from_value(v).unwrap();
+        assert!(old.rules.is_empty() && old.interfaces[0].routes[1].table.is_none());
+    }
+
+    #[test]
+    fn the_tables_a_capture_reads_are_the_numbered_ones_its_rules_name() {
+        let d = format!("{}/tests/fixtures/net/policy", env!("CARGO_MANIFEST_DIR"));
+        let rules4 = std::fs::read_to_string(format!("{d}/rule4.json")).unwrap();
+        assert_eq!(rule_tables(&rules4).unwrap(), [100, 200, 300, 51820]);
+        let named = r#"[{"priority":5,"src":"all","table":"main"},{"priority":6,"src":"all","table":"vpn"}]"#;
+        assert!(rule_tables(named).unwrap().is_empty());
+        // A table known only by name (captured without -N) is named, not guessed.
+        let id = parse_with_policy(
+            &std::fs::read_to_string(format!("{d}/addr.json")).unwrap(),
+            "[]",
+            "[]",
+            "",
+            "h",
+            &PolicyText {
+                rules4: named,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(id.rules.len(), 1, "{:?}", id.rules);
+        assert!(
+            id.left_behind[0].name == "IPv4 rule 6" && id.left_behind[0].why.contains("table vpn"),
             "{:?}",
             id.left_behind
         );

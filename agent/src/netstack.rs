@@ -192,13 +192,7 @@ fn static_addrs(n: &Interface, v6: bool) -> Vec<String> {
         .collect()
 }
 
-fn is_v6(r: &Route) -> bool {
-    match (r.destination, r.gateway) {
-        (Some((d, _)), _) => d.is_ipv6(),
-        (None, Some(g)) => g.is_ipv6(),
-        (None, None) => false,
-    }
-}
+use crate::netid::route_is_v6 as is_v6;
 
 fn dest(r: &Route) -> String {
     match r.destination {
@@ -206,6 +200,12 @@ fn dest(r: &Route) -> String {
         None if is_v6(r) => "::/0".into(),
         None => "0.0.0.0/0".into(),
     }
+}
+
+/// Rule `r` in the words `ip rule add` and NetworkManager's `routing-rule` both take:
+/// `priority 1000 from 10.0.0.5/32 table 100`.
+fn ip_rule_args(r: &crate::netid::Rule) -> String {
+    r.words("priority", "table")
 }
 
 /// An interface that only carries VLANs: no addresses, no routes, no leases.
@@ -280,6 +280,38 @@ fn netplan_ip(s: &mut String, id: &NetIdentity, i: usize, n: &Interface) {
             if let Some(m) = r.metric {
                 let _ = writeln!(s, "          metric: {m}");
             }
+            if let Some(t) = r.table {
+                let _ = writeln!(s, "          table: {t}");
+            }
+        }
+    }
+    if i == id.dns_index() && !id.rules.is_empty() {
+        let _ = writeln!(s, "      routing-policy:");
+        for r in &id.rules {
+            // netplan wants a `from` or a `to` in every rule: to all, when neither.
+            let all = if r.v6 { "::/0" } else { "0.0.0.0/0" };
+            let mut first = "-";
+            if let Some((a, p)) = r.from {
+                let _ = writeln!(s, "        {first} from: \"{a}/{p}\"");
+                first = " ";
+            }
+            match r.to {
+                Some((a, p)) => {
+                    let _ = writeln!(s, "        {first} to: \"{a}/{p}\"");
+                }
+                None if r.from.is_none() => {
+                    let _ = writeln!(s, "        {first} to: \"{all}\"");
+                }
+                None => {}
+            }
+            if let Some(m) = r.fwmark {
+                let _ = writeln!(s, "          mark: {m}");
+            }
+            let _ = writeln!(
+                s,
+                "          table: {}\n          priority: {}",
+                r.table, r.priority
+            );
         }
     }
     if i == id.dns_index() && (!id.dns.servers.is_empty() || !id.dns.search.is_empty()) {
@@ -522,8 +554,20 @@ fn nm_keyfile(id: &NetIdentity, i: usize, n: &Interface) -> Vec<File> {
                     let _ = writeln!(s, "route{}={}", k + 1, dest(r));
                 }
             }
+            let mut opts = Vec::new();
             if r.onlink {
-                let _ = writeln!(s, "route{}_options=onlink=true", k + 1);
+                opts.push("onlink=true".to_string());
+            }
+            if let Some(t) = r.table {
+                opts.push(format!("table={t}"));
+            }
+            if !opts.is_empty() {
+                let _ = writeln!(s, "route{}_options={}", k + 1, opts.join(","));
+            }
+        }
+        if i == id.dns_index() {
+            for (k, r) in id.rules.iter().filter(|r| r.v6 == v6).enumerate() {
+                let _ = writeln!(s, "routing-rule{}={}", k + 1, ip_rule_args(r));
             }
         }
         if i == id.dns_index() {
@@ -705,6 +749,9 @@ fn ifupdown(id: &NetIdentity) -> Vec<File> {
                 if let Some(m) = r.metric {
                     cmd += &format!(" metric {m}");
                 }
+                if let Some(t) = r.table {
+                    cmd += &format!(" table {t}");
+                }
                 let _ = writeln!(s, "{cmd}");
             }
         }
@@ -715,6 +762,17 @@ fn ifupdown(id: &NetIdentity) -> Vec<File> {
                 let _ = writeln!(s, "    pre-up {p}");
             }
             let _ = writeln!(s, "    up ip link set dev {name} up");
+        }
+        if i == id.dns_index() {
+            // In the interface's last stanza: rules belong to no family's address.
+            for r in &id.rules {
+                let _ = writeln!(
+                    s,
+                    "    up ip -{} rule add {}",
+                    if r.v6 { 6 } else { 4 },
+                    ip_rule_args(r)
+                );
+            }
         }
         if !n.is_ethernet() {
             let _ = writeln!(s, "    post-down ip link del dev {name}");
@@ -1092,6 +1150,61 @@ mod tests {
             "no addresses: not carried"
         );
         assert_eq!(needed_drivers(&id), [("dummy", "dummy0")]);
+    }
+
+    /// The policy fixture (see netid's test): every stack puts the tables' routes in their
+    /// tables and the rules, once, with the addressed interface.
+    #[test]
+    fn every_stack_carries_the_rules_and_the_routes_of_their_tables() {
+        let id = crate::netid::fixture("policy").unwrap();
+        let nd = all(&render(Stack::Networkd, &id));
+        for want in [
+            "[Route]\nGateway=10.9.1.1\nTable=100\n",
+            "[Route]\nDestination=10.50.0.0/16\nGateway=10.9.0.1\nMetric=5\nTable=200\n",
+            "[Route]\nGateway=fe80::1\nMetric=1024\nTable=400\n",
+            "[RoutingPolicyRule]\nFirewallMark=32\nTable=200\nPriority=998\nFamily=ipv4\n",
+            "[RoutingPolicyRule]\nTo=10.50.0.0/16\nFirewallMark=16\nTable=200\nPriority=999\n",
+            "[RoutingPolicyRule]\nFrom=10.9.1.2/32\nTable=100\nPriority=1000\n",
+            "[RoutingPolicyRule]\nFrom=10.9.3.0/24\nTable=254\nPriority=1200\n",
+            "[RoutingPolicyRule]\nFrom=2001:db8:1::/64\nTable=400\nPriority=1000\n",
+        ] {
+            assert!(nd.contains(want), "{want:?} missing from:\n{nd}");
+        }
+        assert_eq!(nd.matches("[RoutingPolicyRule]").count(), 6, "{nd}");
+        let np = &render(Stack::Netplan, &id)[0].contents;
+        for want in [
+            "        - to: \"default\"\n          via: \"10.9.1.1\"\n          table: 100\n",
+            "      routing-policy:\n        - to: \"0.0.0.0/0\"\n          mark: 32\n          table: 200\n          priority: 998\n",
+            "        - to: \"10.50.0.0/16\"\n          mark: 16\n          table: 200\n          priority: 999\n",
+            "        - from: \"10.9.1.2/32\"\n          table: 100\n          priority: 1000\n",
+            "        - from: \"2001:db8:1::/64\"\n          table: 400\n          priority: 1000\n",
+        ] {
+            assert!(np.contains(want), "{want:?} missing from:\n{np}");
+        }
+        let nm = render(Stack::NetworkManager, &id);
+        let c = nm_conn(&nm, "rnic0");
+        for want in [
+            "route2=0.0.0.0/0,10.9.1.1\nroute2_options=table=100\n",
+            "route3=10.50.0.0/16,10.9.0.1,5\nroute3_options=table=200\n",
+            "routing-rule1=priority 998 fwmark 0x20 table 200\n",
+            "routing-rule2=priority 999 to 10.50.0.0/16 fwmark 0x10 table 200\n",
+            "routing-rule3=priority 1000 from 10.9.1.2/32 table 100\n",
+            "routing-rule4=priority 1200 from 10.9.3.0/24 table 254\n",
+            "[ipv6]\nmethod=manual\naddress1=2001:db8:1::2/64\nroute1=::/0,fe80::1,1024\nroute1_options=table=400\nrouting-rule1=priority 1000 from 2001:db8:1::/64 table 400\n",
+        ] {
+            assert!(c.contains(want), "{want:?} missing from:\n{c}");
+        }
+        let ifu = all(&render(Stack::Ifupdown, &id));
+        for want in [
+            "    up ip -4 route add default via 10.9.1.1 dev rnic0 table 100\n",
+            "    up ip -4 route add 10.50.0.0/16 via 10.9.0.1 dev rnic0 metric 5 table 200\n",
+            "    up ip -6 route add default via fe80::1 dev rnic0 metric 1024 table 400\n",
+            "    up ip -4 rule add priority 1000 from 10.9.1.2/32 table 100\n",
+            "    up ip -6 rule add priority 1000 from 2001:db8:1::/64 table 400\n",
+        ] {
+            assert!(ifu.contains(want), "{want:?} missing from:\n{ifu}");
+        }
+        assert_eq!(ifu.matches(" rule add ").count(), 6, "{ifu}");
     }
 
     /// A tree whose kernel lacks bonding, or has it without a module it depends on (as a

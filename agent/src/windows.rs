@@ -114,6 +114,12 @@ pub fn check_network(id: &NetIdentity) -> Result<()> {
             i.kind.label()
         );
     }
+    if let Some(r) = id.rules.first() {
+        anyhow::bail!(
+            "routing policy rule {}: carrying policy routing into Windows is not supported; reinstall this machine with a Linux target, or remove the rule first",
+            r.describe()
+        );
+    }
     Ok(())
 }
 
@@ -831,5 +837,12 @@ mod tests {
             "{e}"
         );
         assert!(check_network(&crate::netid::fixture("two-nics").unwrap()).is_ok());
+        let e = check_network(&crate::netid::fixture("policy").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rule pref 998 fwmark 0x20 lookup 200") && e.contains("Windows"),
+            "{e}"
+        );
     }
 }

@@ -115,7 +115,8 @@ pub struct SourceSpec<'a> {
     /// this MAC, with VLAN 100 on the bond holding this address.
     pub bond: Option<(&'a str, &'a str)>,
     /// The address on bridge br0 (STP on, forward delay 4 s) of the NIC, and a portless
-    /// docker0 bridge with 172.17.0.1/16 and dummy0 with the anycast address beside it.
+    /// docker0 bridge with 172.17.0.1/16 and dummy0 with the anycast address beside it; the
+    /// anycast address's replies routed by rule 1000 through table 100 (via the gateway).
     pub bridge: bool,
 }
 
@@ -155,9 +156,15 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
                     s.mac
                 ),
             )?;
+            // Replies from the anycast address leave by their own table (source routing).
             w(
                 "etc/systemd/network/10-br0.network",
-                &format!("[Match]\nName=br0\n\n[Network]\n{ip}"),
+                &format!(
+                    "[Match]\nName=br0\n\n[Network]\n{ip}\n[Route]\nGateway={}\nTable=100\n\n\
+                     [RoutingPolicyRule]\nFrom={}\nTable=100\nPriority=1000\n",
+                    s.gateway,
+                    crate::scenario::ANYCAST
+                ),
             )?;
             w(
                 "etc/systemd/network/20-nic0.network",

@@ -369,20 +369,37 @@ impl Env {
     /// With `--bridge`: the address is on br0, a bridge with STP on and a forward delay of
     /// 4 s, wearing the NIC's MAC, with the NIC (known by its MAC) as its port; docker0 is
     /// there in the source only (the agent leaves it behind); dummy0 is a dummy holding
-    /// [`ANYCAST`]. SSH answering at the address shows the bridge passes traffic.
+    /// [`ANYCAST`], whose replies rule 1000 sends through table 100's default route on br0. SSH answering at the address shows the bridge passes traffic.
     fn check_bridge(&self, what: &str, source: bool) -> Result<()> {
         let out = self.vm.ssh(
             "ip -d -j link show dev br0; echo ===; ip -j link show; echo ===; \
              ip -4 -o addr show dev br0; echo ===; ip -o link show dev docker0 2>/dev/null || echo none; \
-             echo ===; ip -d -j addr show dev dummy0 2>&1",
+             echo ===; ip -d -j addr show dev dummy0 2>&1; echo ===; ip -j -N -4 rule show; \
+             echo ===; ip -j -4 route show table 100 2>&1",
         )?;
         let parts: Vec<&str> = out.split("===\n").collect();
-        ensure!(parts.len() == 5, "{what}: br0 is missing:\n{out}");
+        ensure!(parts.len() == 7, "{what}: br0 is missing:\n{out}");
+        let rules: serde_json::Value = serde_json::from_str(parts[5])
+            .with_context(|| format!("{what}: ip -j rule show: {:?}", parts[5]))?;
+        let (addr, _) = ANYCAST.split_once('/').unwrap();
+        ensure!(
+            rules.as_array().is_some_and(|a| a
+                .iter()
+                .any(|r| r["priority"] == 1000 && r["src"] == addr && r["table"] == "100")),
+            "{what}: no rule 1000 from {addr} lookup 100: {rules}"
+        );
+        let table: serde_json::Value = serde_json::from_str(parts[6])
+            .with_context(|| format!("{what}: table 100 is missing: {:?}", parts[6]))?;
+        ensure!(
+            table.as_array().is_some_and(|a| a
+                .iter()
+                .any(|r| r["dst"] == "default" && r["dev"] == "br0" && r["gateway"].is_string())),
+            "{what}: table 100 has no default route through br0: {table}"
+        );
         let dummy: serde_json::Value = serde_json::from_str(parts[4])
             .with_context(|| format!("{what}: dummy0 is missing: {:?}", parts[4]))?;
         let dummy = &dummy[0];
-        let (addr, prefix) = ANYCAST.split_once('/').unwrap();
-        let prefix: u64 = prefix.parse()?;
+        let prefix: u64 = ANYCAST.split_once('/').unwrap().1.parse()?;
         ensure!(
             dummy["linkinfo"]["info_kind"] == "dummy"
                 && dummy["addr_info"].as_array().is_some_and(|a| a
