@@ -764,13 +764,14 @@ fn ifupdown(id: &NetIdentity) -> Vec<File> {
             let _ = writeln!(s, "    up ip link set dev {name} up");
         }
         if i == id.dns_index() {
-            // In the interface's last stanza: rules belong to no family's address.
+            // In the interface's last stanza: rules belong to no family's address. Unlike
+            // routes they outlive the interface going down: removed first, so that bringing
+            // it up again does not fail on "File exists".
             for r in &id.rules {
+                let (f, a) = (if r.v6 { 6 } else { 4 }, ip_rule_args(r));
                 let _ = writeln!(
                     s,
-                    "    up ip -{} rule add {}",
-                    if r.v6 { 6 } else { 4 },
-                    ip_rule_args(r)
+                    "    up ip -{f} rule del {a} 2>/dev/null; ip -{f} rule add {a}"
                 );
             }
         }
@@ -1199,8 +1200,8 @@ mod tests {
             "    up ip -4 route add default via 10.9.1.1 dev rnic0 table 100\n",
             "    up ip -4 route add 10.50.0.0/16 via 10.9.0.1 dev rnic0 metric 5 table 200\n",
             "    up ip -6 route add default via fe80::1 dev rnic0 metric 1024 table 400\n",
-            "    up ip -4 rule add priority 1000 from 10.9.1.2/32 table 100\n",
-            "    up ip -6 rule add priority 1000 from 2001:db8:1::/64 table 400\n",
+            "    up ip -4 rule del priority 1000 from 10.9.1.2/32 table 100 2>/dev/null; ip -4 rule add priority 1000 from 10.9.1.2/32 table 100\n",
+            "    up ip -6 rule del priority 1000 from 2001:db8:1::/64 table 400 2>/dev/null; ip -6 rule add priority 1000 from 2001:db8:1::/64 table 400\n",
         ] {
             assert!(ifu.contains(want), "{want:?} missing from:\n{ifu}");
         }
