@@ -60,9 +60,10 @@ fn curl_creates_a_job_and_fetches_a_blob_over_http1_and_http2() {
         let got = sh(&format!("sha256sum {} | cut -d' ' -f1", out.display()));
         assert_eq!(got.trim(), sha, "{proto}");
     }
+    // Fetching its job's blob is taking the job: the host is running it.
     let (code, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
     assert_eq!(code, 200);
-    assert!(body.contains("\"state\": \"pending\""), "{body}");
+    assert!(body.contains("\"state\": \"running\""), "{body}");
 }
 
 #[test]
@@ -539,4 +540,135 @@ print(round(time.time() - t, 1), len(data))
     );
     let (code, _) = s.curl(Some("alice"), &[], "/healthz");
     assert_eq!(code, 200);
+}
+
+/// A fleet rollout: `--max-in-flight 1 --halt-after-failures 1` over three hosts. One host at
+/// a time takes the job (the others are told there is no work, and may not read its
+/// bundles); a host finishing wakes a waiting host's long poll at once; the first failure
+/// halts the job: the host that had not taken it is cancelled, the job ends failed with the
+/// reason, and `reinstall --wait` says so and exits 1.
+#[test]
+fn a_rollout_takes_hosts_one_at_a_time_and_halts_at_the_first_failure() {
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    s.enroll("web3");
+    s.start();
+    // Limits of 0 are refused by name, by the server and by the command.
+    let (code, body) = s.curl(
+        Some("alice"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"hosts":["web1"],"target":"target","max_in_flight":0}"#,
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("max_in_flight is 0"), "{body}");
+    let err = fails(s.reinstall("alice").args([
+        "--host",
+        "web1",
+        "--target",
+        "target",
+        "--halt-after-failures",
+        "0",
+    ]));
+    assert!(err.contains("--halt-after-failures"), "{err}");
+
+    let mut c = s.reinstall("alice");
+    c.args(["--host", "web1", "--host", "web2", "--host", "web3"])
+        .args(["--target", "target", "--max-in-flight", "1"])
+        .args(["--halt-after-failures", "1", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let follower = c.spawn().unwrap();
+    let work = |host: &str, wait: &str| -> Option<u64> {
+        let (code, body) = s.curl(Some(host), &[], &format!("/v1/agent/work?wait={wait}"));
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["job"]["id"].as_u64()
+    };
+    let id = (0..50)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            work("web1", "0")
+        })
+        .expect("the job never reached web1");
+    assert_eq!(work("web1", "0"), Some(id), "web1 keeps its job");
+    assert_eq!(work("web2", "0"), None, "the only slot is web1's");
+    assert_eq!(work("web3", "0"), None);
+    // A waiting host may not fetch the job's bundles either.
+    let (code, body) = s.curl(
+        Some("web3"),
+        &["-o", "/dev/null"],
+        &format!("/v1/blobs/{}", s.sha_of("target")),
+    );
+    assert_eq!(code, 403, "{body}");
+    let job = |s: &Stager| -> serde_json::Value {
+        let (_, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+        serde_json::from_str(&body).unwrap()
+    };
+    let v = job(&s);
+    assert_eq!(
+        (v["max_in_flight"].as_u64(), v["hosts"][0]["state"].as_str()),
+        (Some(1), Some("running")),
+        "{v}"
+    );
+    assert_eq!(v["hosts"][1]["state"], "pending", "{v}");
+
+    // web2 waits in a long poll; web1 finishing hands it the slot at once.
+    std::thread::scope(|sc| {
+        let polling = sc.spawn(|| {
+            let t = Instant::now();
+            (work("web2", "25"), t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let done = format!(r#"{{"job":{id},"kind":"done","phase":"target-up"}}"#);
+        assert_eq!(post_event(&s, "web1", &done).0, 200);
+        let (got, took) = polling.join().unwrap();
+        assert_eq!(got, Some(id));
+        assert!(took < Duration::from_secs(10), "web2 waited {took:?}");
+    });
+    assert_eq!(work("web3", "0"), None, "web2 holds the slot now");
+    let out = ok(s.reinstall("alice").arg("status"));
+    assert!(
+        out.contains(&format!(
+            "job {id} (target@1 by alice, Active, at most 1 at a time, halt after 1 failure):"
+        )),
+        "{out}"
+    );
+
+    // web2 fails: the job halts, web3 never takes it.
+    let failed = format!(
+        r#"{{"job":{id},"kind":"failed","phase":"stage-rescue","message":"disk 2 is too small"}}"#
+    );
+    assert_eq!(post_event(&s, "web2", &failed).0, 200);
+    assert_eq!(work("web3", "0"), None);
+    let v = job(&s);
+    let states: Vec<&str> = (0..3)
+        .map(|i| v["hosts"][i]["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["done", "failed", "cancelled"], "{v}");
+    assert_eq!(v["state"], "failed", "{v}");
+    let halted = v["halted"].as_str().unwrap_or_default();
+    assert!(
+        halted
+            .contains("1 host failed (halt after 1); 1 host that had not taken the job cancelled"),
+        "{v}"
+    );
+    let out = follower.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("job {id} halted at "))
+            && err.contains(&format!("job {id}: 1 running, 2 pending"))
+            && err.contains(&format!("job {id}: Failed (1 done, 1 failed, 1 cancelled)")),
+        "{err}"
+    );
+    let (_, metrics) = s.curl(Some("alice"), &[], "/metrics");
+    assert!(metrics.contains("\nstager_jobs_halted 1\n"), "{metrics}");
+    // The halt is kept: web3 is free for a new job once the cause is known.
+    let id2 = create_job(&s, "web3");
+    assert_eq!(work("web3", "0"), Some(id2));
 }

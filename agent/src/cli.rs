@@ -60,6 +60,15 @@ pub struct JobOpts {
     /// Stop in the rescue OS; do not install the target.
     #[arg(long)]
     pub hold_in_rescue: bool,
+    /// Roll out to at most N hosts at a time: the others wait (pending) and take the job,
+    /// in the order they ask, as hosts finish. Default: every host at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: Option<u32>,
+    /// Halt the job once K of its hosts failed: hosts that have not taken it yet are
+    /// cancelled (create a new job for them once the cause is known); hosts already in flight
+    /// carry on to their target or their rescue OS. Default: never halt.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
+    pub halt_after_failures: Option<u32>,
     /// Follow the job (phase, bytes, rate per host) until it is done or failed; exit 1 if it
     /// failed or was cancelled.
     #[arg(long)]

@@ -58,6 +58,8 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
         target: o.target.clone().expect("checked by caller"),
         rescue: o.rescue.clone(),
         hold_in_rescue: o.hold_in_rescue,
+        max_in_flight: o.max_in_flight,
+        halt_after_failures: o.halt_after_failures,
     };
     let job: Job = c.post("/v1/jobs", &req)?;
     if !o.wait {
@@ -65,11 +67,12 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&job)?);
         } else {
             println!(
-                "job {} created: {} on {} host(s), rescue {}",
+                "job {} created: {} on {} host(s), rescue {}{}",
                 job.id,
                 ref_id(&job.target),
                 job.hosts.len(),
-                ref_id(&job.rescue)
+                ref_id(&job.rescue),
+                rollout(&job)
             );
         }
         return Ok(ExitCode::SUCCESS);
@@ -87,14 +90,37 @@ fn ref_id(b: &proto::v1::BundleRef) -> String {
     format!("{}@{}", b.name, b.version)
 }
 
+/// The job's rollout limits as words (`", at most 10 at a time, halt after 2 failures"`).
+fn rollout(job: &Job) -> String {
+    let mut s = String::new();
+    if let Some(n) = job.max_in_flight {
+        s += &format!(", at most {n} at a time");
+    }
+    if let Some(k) = job.halt_after_failures {
+        s += &format!(", halt after {k} failure{}", if k == 1 { "" } else { "s" });
+    }
+    s
+}
+
 /// Polls the job until every host finished, showing each change.
 fn follow(c: &Client, id: u64, json: bool) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal() && !json;
     let mut last_lines: Vec<String> = Vec::new();
     let mut drawn = 0usize;
+    let mut halt_shown = false;
     loop {
         let job: Job = c.get(&format!("/v1/jobs/{id}"))?;
-        let lines: Vec<String> = job.hosts.iter().map(host_line).collect();
+        let mut lines: Vec<String> = job.hosts.iter().map(host_line).collect();
+        if job.hosts.len() > 1 {
+            // A fleet's progress in one line: the block's last, printed when it changes.
+            lines.push(format!("job {id}: {}", tally(&job)));
+        }
+        if let Some(h) = job.halted.as_deref().filter(|_| !json && !halt_shown) {
+            // Printed once, under the block; the block is drawn afresh below it.
+            eprintln!("job {id} {h}");
+            halt_shown = true;
+            drawn = 0;
+        }
         if !json {
             if tty {
                 // Redraw the block of host lines in place.
@@ -107,7 +133,12 @@ fn follow(c: &Client, id: u64, json: bool) -> Result<ExitCode> {
                 drawn = lines.len();
             } else {
                 for (i, l) in lines.iter().enumerate() {
-                    if last_lines.get(i).map(|p| same_state(p, l)) != Some(true) {
+                    let seen = match last_lines.get(i) {
+                        Some(p) if i < job.hosts.len() => same_state(p, l),
+                        Some(p) => p == l,
+                        None => false,
+                    };
+                    if !seen {
                         eprintln!("{l}");
                     }
                 }
@@ -118,7 +149,7 @@ fn follow(c: &Client, id: u64, json: bool) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
-                eprintln!("job {id}: {:?}", job.state);
+                eprintln!("job {id}: {:?} ({})", job.state, tally(&job));
             }
             return Ok(if job.state == JobState::Done {
                 ExitCode::SUCCESS
@@ -128,6 +159,24 @@ fn follow(c: &Client, id: u64, json: bool) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// How many of the job's hosts are in each state: `"1 done, 1 failed, 8 pending"`.
+fn tally(job: &Job) -> String {
+    let states = [
+        HostState::Done,
+        HostState::Failed,
+        HostState::Running,
+        HostState::Pending,
+        HostState::Cancelled,
+    ];
+    states
+        .iter()
+        .map(|&st| (st, job.hosts.iter().filter(|h| h.state == st).count()))
+        .filter(|&(_, n)| n > 0)
+        .map(|(st, n)| format!("{n} {}", format!("{st:?}").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Host lines differ in bytes all the time; on a non-terminal only state and phase changes
@@ -236,12 +285,16 @@ pub fn status(g: &Global) -> Result<ExitCode> {
     }
     for j in jobs.iter().filter(|j| j.state == JobState::Active) {
         println!(
-            "\njob {} ({} by {}, {:?}):",
+            "\njob {} ({} by {}, {:?}{}):",
             j.id,
             ref_id(&j.target),
             j.created_by,
-            j.state
+            j.state,
+            rollout(j)
         );
+        if let Some(h) = &j.halted {
+            println!("  {h}");
+        }
         for h in &j.hosts {
             println!("  {}", host_line(h));
         }

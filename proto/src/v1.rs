@@ -17,6 +17,15 @@ pub struct CreateJob {
     /// Stop in the rescue OS after it called home; do not install the target.
     #[serde(default)]
     pub hold_in_rescue: bool,
+    /// At most this many of the job's hosts between taking the job and finishing it; the
+    /// others wait (pending) and take it as slots free up. Absent: all at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// Halt the job once this many of its hosts failed: hosts that have not taken it yet
+    /// are cancelled; hosts already in flight carry on (stopping them midway helps nobody).
+    /// Absent: never halt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_after_failures: Option<u32>,
 }
 
 /// Operator: `POST /v1/hosts/{host}/rescue`.
@@ -52,7 +61,7 @@ pub enum JobState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
-    /// The agent has not picked the job up yet.
+    /// The agent has not taken the job yet (or waits for a slot: `max_in_flight`).
     Pending,
     Running,
     Done,
@@ -77,6 +86,13 @@ pub struct Job {
     pub target: BundleRef,
     pub rescue: BundleRef,
     pub hold_in_rescue: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_after_failures: Option<u32>,
+    /// Why the job was halted (its `halt_after_failures` was reached), when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
     pub state: JobState,
     pub hosts: Vec<HostJob>,
 }
@@ -198,6 +214,18 @@ mod tests {
         assert_eq!(c.hosts, ["web1", "web2"]);
         let j: Job = pinned("job", include_str!("../tests/fixtures/v1/job.json"));
         assert_eq!(j.hosts[0].state, HostState::Running);
+        assert_eq!((j.max_in_flight, j.halted.as_deref()), (None, None));
+        let c: CreateJob = pinned(
+            "create_job_rollout",
+            include_str!("../tests/fixtures/v1/create_job_rollout.json"),
+        );
+        assert_eq!((c.max_in_flight, c.halt_after_failures), (Some(1), Some(1)));
+        let j: Job = pinned(
+            "job_halted",
+            include_str!("../tests/fixtures/v1/job_halted.json"),
+        );
+        assert_eq!(j.hosts[1].state, HostState::Cancelled);
+        assert!(j.halted.unwrap().contains("halt after 1"));
         let w: Work = pinned("work", include_str!("../tests/fixtures/v1/work.json"));
         assert!(w.job.is_some());
         let e: Event = pinned("event", include_str!("../tests/fixtures/v1/event.json"));

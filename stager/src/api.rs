@@ -140,9 +140,13 @@ async fn dispatch(
             let host = agent(&who)?.to_string();
             let ev: Event = http::parse_json(&body)?;
             let addr = conn.addr.clone();
-            state
+            let waiting = state
                 .db(move |db| db.record_event(&host, &addr, &ev).map_err(ApiError::from))
                 .await?;
+            // A host finished: those waiting for a slot of its job may take it now.
+            for h in &waiting {
+                state.wake(h);
+            }
             Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})))
         }
         (["v1", "bundles", name], true, _) => {
@@ -302,6 +306,7 @@ async fn agent_may_read(
     names_it: impl FnOnce(&proto::v1::AgentJob) -> bool,
 ) -> Result<(), ApiError> {
     let h = host.to_string();
+    // Fetching a bundle of its job is taking the job, as asking for work is.
     let job = state.db(move |db| db.work_for(&h)).await?;
     match job {
         Some(j) if names_it(&j) => Ok(()),
@@ -362,6 +367,16 @@ async fn create_job(
     if body.hosts.is_empty() {
         return Err(ApiError::bad_request("hosts is empty"));
     }
+    for (field, v) in [
+        ("max_in_flight", body.max_in_flight),
+        ("halt_after_failures", body.halt_after_failures),
+    ] {
+        if v == Some(0) {
+            return Err(ApiError::bad_request(format!(
+                "{field} is 0: it must be at least 1 (leave it out for no limit)"
+            )));
+        }
+    }
     let mut hosts = body.hosts.clone();
     hosts.sort();
     hosts.dedup();
@@ -380,7 +395,7 @@ async fn create_job(
     let hs = hosts.clone();
     let id = state
         .db(move |db| {
-            db.create_job(&creator, &hs, &target, &rescue, body.hold_in_rescue)
+            db.create_job(&creator, &hs, &target, &rescue, &body)
                 .map_err(ApiError::from)
         })
         .await?;

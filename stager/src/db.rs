@@ -6,8 +6,8 @@
 //! records how far a database has come.
 
 use proto::v1::{
-    AgentJob, BundleRef, Event, EventKind, EventRecord, Host, HostJob, HostState, Job, JobState,
-    RescueRequest,
+    AgentJob, BundleRef, CreateJob, Event, EventKind, EventRecord, Host, HostJob, HostState, Job,
+    JobState, RescueRequest,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -15,7 +15,8 @@ use std::sync::Mutex;
 
 pub const FILE: &str = "state.db";
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE certs (
     fingerprint TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -66,7 +67,13 @@ CREATE TABLE events (
     address TEXT,
     body TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE jobs ADD COLUMN max_in_flight INTEGER;
+ALTER TABLE jobs ADD COLUMN halt_after_failures INTEGER;
+ALTER TABLE jobs ADD COLUMN halted TEXT;
+"#,
+];
 
 pub struct Db {
     conn: Mutex<Connection>,
@@ -220,15 +227,15 @@ impl Db {
         rows.collect()
     }
 
-    /// Creates a job for `hosts`. Refuses unknown hosts and hosts that already have an
-    /// unfinished job, naming them.
+    /// Creates a job for `hosts` (hold in rescue and rollout limits as `req` asks). Refuses
+    /// unknown hosts and hosts that already have an unfinished job, naming them.
     pub fn create_job(
         &self,
         creator: &str,
         hosts: &[String],
         target: &BundleRef,
         rescue: &BundleRef,
-        hold: bool,
+        req: &CreateJob,
     ) -> Result<u64, Refusal> {
         let mut c = self.c();
         let tx = c.transaction()?;
@@ -257,13 +264,17 @@ impl Db {
             }
         }
         tx.execute(
-            "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue,
+                               max_in_flight, halt_after_failures)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 now(),
                 creator,
                 serde_json::to_string(target).expect("json"),
                 serde_json::to_string(rescue).expect("json"),
-                hold
+                req.hold_in_rescue,
+                req.max_in_flight,
+                req.halt_after_failures
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -328,29 +339,57 @@ impl Db {
         Ok(hosts)
     }
 
-    /// The unfinished job of `host`, as the agent sees it.
+    /// The unfinished job of `host`, as the agent sees it. A host that has not taken its
+    /// job yet takes it here when its job's `max_in_flight` leaves a slot (it becomes
+    /// running, and counts against the limit until it finishes); without a slot it has no
+    /// work.
     pub fn work_for(&self, host: &str) -> rusqlite::Result<Option<AgentJob>> {
-        let c = self.c();
-        c.query_row(
-            "SELECT j.id, j.target, j.rescue, j.hold_in_rescue, j.cancelled FROM job_hosts jh
-             JOIN jobs j ON j.id = jh.job
-             WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0
-             ORDER BY j.id DESC LIMIT 1",
-            [host],
-            |r| {
-                let t: String = r.get(1)?;
-                let s: String = r.get(2)?;
-                Ok(AgentJob {
-                    id: r.get::<_, i64>(0)? as u64,
-                    host: host.to_string(),
-                    target: serde_json::from_str(&t).expect("stored json"),
-                    rescue: serde_json::from_str(&s).expect("stored json"),
-                    hold_in_rescue: r.get(3)?,
-                    cancelled: r.get(4)?,
-                })
-            },
-        )
-        .optional()
+        let mut c = self.c();
+        let tx = c.transaction()?;
+        let row = tx
+            .query_row(
+                "SELECT j.id, j.target, j.rescue, j.hold_in_rescue, j.cancelled, jh.state,
+                        j.max_in_flight
+                 FROM job_hosts jh JOIN jobs j ON j.id = jh.job
+                 WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0
+                 ORDER BY j.id DESC LIMIT 1",
+                [host],
+                |r| {
+                    let t: String = r.get(1)?;
+                    let s: String = r.get(2)?;
+                    let job = AgentJob {
+                        id: r.get::<_, i64>(0)? as u64,
+                        host: host.to_string(),
+                        target: serde_json::from_str(&t).expect("stored json"),
+                        rescue: serde_json::from_str(&s).expect("stored json"),
+                        hold_in_rescue: r.get(3)?,
+                        cancelled: r.get(4)?,
+                    };
+                    Ok((job, r.get::<_, String>(5)?, r.get::<_, Option<i64>>(6)?))
+                },
+            )
+            .optional()?;
+        let Some((job, state, max_in_flight)) = row else {
+            return Ok(None);
+        };
+        if state == "pending" {
+            if let Some(max) = max_in_flight {
+                let running: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM job_hosts WHERE job = ?1 AND state = 'running'",
+                    [job.id as i64],
+                    |r| r.get(0),
+                )?;
+                if running >= max {
+                    return Ok(None);
+                }
+            }
+            tx.execute(
+                "UPDATE job_hosts SET state = 'running', updated = ?3 WHERE job = ?1 AND host = ?2",
+                params![job.id as i64, host, now()],
+            )?;
+            tx.commit()?;
+        }
+        Ok(Some(job))
     }
 
     pub fn rescue_request(&self, host: &str) -> rusqlite::Result<Option<RescueRequest>> {
@@ -376,8 +415,16 @@ impl Db {
         Ok(())
     }
 
-    /// Records an agent's event against its job, and updates the host's progress.
-    pub fn record_event(&self, host: &str, address: &str, ev: &Event) -> Result<(), Refusal> {
+    /// Records an agent's event against its job, and updates the host's progress. When the
+    /// event finishes the host, applies the job's rollout: halts the job (cancelling the
+    /// hosts that have not taken it) once `halt_after_failures` hosts failed; returns the
+    /// job's hosts still waiting for a slot (`max_in_flight`), to be woken.
+    pub fn record_event(
+        &self,
+        host: &str,
+        address: &str,
+        ev: &Event,
+    ) -> Result<Vec<String>, Refusal> {
         let mut c = self.c();
         let tx = c.transaction()?;
         let row: Option<(String, bool, u64, Option<i64>)> = tx
@@ -457,8 +504,28 @@ impl Db {
                 [host],
             )?;
         }
+        let mut waiting = Vec::new();
+        if new_state != state && matches!(new_state, "done" | "failed") {
+            halt_if_due(&tx, ev.job as i64, &time)?;
+            waiting = tx
+                .prepare(
+                    "SELECT jh.host FROM job_hosts jh JOIN jobs j ON j.id = jh.job
+                     WHERE jh.job = ?1 AND jh.state = 'pending' AND j.max_in_flight IS NOT NULL",
+                )?
+                .query_map([ev.job as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+        }
         tx.commit()?;
-        Ok(())
+        Ok(waiting)
+    }
+
+    /// How many jobs a rollout limit halted, for `/metrics`.
+    pub fn halted_jobs(&self) -> rusqlite::Result<u64> {
+        self.c().query_row(
+            "SELECT COUNT(*) FROM jobs WHERE halted IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n as u64),
+        )
     }
 
     /// Host-job counts by state and phase, for `/metrics`.
@@ -474,24 +541,73 @@ impl Db {
     }
 }
 
+/// Halts job `id` if its `halt_after_failures` is reached and it is not halted yet: the
+/// hosts that have not taken it are cancelled, and the reason is kept on the job.
+fn halt_if_due(c: &Connection, id: i64, time: &str) -> rusqlite::Result<()> {
+    let (limit, halted): (Option<i64>, Option<String>) = c.query_row(
+        "SELECT halt_after_failures, halted FROM jobs WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let Some(limit) = limit.filter(|_| halted.is_none()) else {
+        return Ok(());
+    };
+    let failed: i64 = c.query_row(
+        "SELECT COUNT(*) FROM job_hosts WHERE job = ?1 AND state = 'failed'",
+        [id],
+        |r| r.get(0),
+    )?;
+    if failed < limit {
+        return Ok(());
+    }
+    let cancelled = c.execute(
+        "UPDATE job_hosts SET state = 'cancelled', updated = ?2 WHERE job = ?1 AND state = 'pending'",
+        params![id, time],
+    )?;
+    let hosts = |n: i64| if n == 1 { "host" } else { "hosts" };
+    let reason = format!(
+        "halted at {time}: {failed} {} failed (halt after {limit}); {cancelled} {} that had not taken the job cancelled",
+        hosts(failed),
+        hosts(cancelled as i64)
+    );
+    c.execute(
+        "UPDATE jobs SET halted = ?2 WHERE id = ?1",
+        params![id, reason],
+    )?;
+    Ok(())
+}
+
 fn job_in(c: &Connection, id: i64) -> rusqlite::Result<Option<Job>> {
     let head = c
         .query_row(
-            "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled FROM jobs WHERE id = ?1",
+            "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled,
+                    max_in_flight, halt_after_failures, halted
+             FROM jobs WHERE id = ?1",
             [id],
             |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, bool>(4)?,
-                    r.get::<_, bool>(5)?,
+                    (
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, bool>(4)?,
+                        r.get::<_, bool>(5)?,
+                    ),
+                    (
+                        r.get::<_, Option<u32>>(6)?,
+                        r.get::<_, Option<u32>>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                    ),
                 ))
             },
         )
         .optional()?;
-    let Some((created, created_by, target, rescue, hold, cancelled)) = head else {
+    let Some((
+        (created, created_by, target, rescue, hold, cancelled),
+        (max_in_flight, halt_after_failures, halted),
+    )) = head
+    else {
         return Ok(None);
     };
     let mut st = c.prepare(
@@ -539,6 +655,9 @@ fn job_in(c: &Connection, id: i64) -> rusqlite::Result<Option<Job>> {
         target: serde_json::from_str(&target).expect("stored json"),
         rescue: serde_json::from_str(&rescue).expect("stored json"),
         hold_in_rescue: hold,
+        max_in_flight,
+        halt_after_failures,
+        halted,
         state,
         hosts,
     }))
@@ -551,5 +670,41 @@ fn parse_state(s: &str) -> HostState {
         "done" => HostState::Done,
         "failed" => HostState::Failed,
         _ => HostState::Cancelled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state database written by a stager from before rollout limits (schema 1, with a
+    /// job in it) opens, is brought to the current schema, and its job reads with no limits.
+    #[test]
+    fn a_database_from_before_rollouts_upgrades_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            let b = r#"{"name":"t","version":"1","sha256":"00","size":1}"#;
+            c.execute(
+                "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue)
+                 VALUES ('2026-01-01T00:00:00Z', 'alice', ?1, ?1, 0)",
+                [b],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let job = db.job(1).unwrap().unwrap();
+        assert_eq!(
+            (job.max_in_flight, job.halt_after_failures, job.halted),
+            (None, None, None)
+        );
+        let v: i64 = db
+            .c()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
     }
 }

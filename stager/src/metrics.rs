@@ -37,6 +37,7 @@ fn esc(s: &str) -> String {
 pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let m = &state.metrics;
     let counts = state.db(|db| db.phase_counts()).await?;
+    let halted = state.db(|db| db.halted_jobs()).await?;
     let mut s = String::new();
     let counter = |s: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -69,6 +70,10 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
         s,
         "# HELP stager_connections Open client connections.\n# TYPE stager_connections gauge\nstager_connections {}",
         m.connections.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP stager_jobs_halted Jobs halted by their halt_after_failures.\n# TYPE stager_jobs_halted gauge\nstager_jobs_halted {halted}"
     );
     let _ = writeln!(s, "# HELP stager_requests_total Requests by route and status.\n# TYPE stager_requests_total counter");
     for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
