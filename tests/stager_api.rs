@@ -672,3 +672,46 @@ fn a_rollout_takes_hosts_one_at_a_time_and_halts_at_the_first_failure() {
     let id2 = create_job(&s, "web3");
     assert_eq!(work("web3", "0"), Some(id2));
 }
+
+/// A host that took its job and then says nothing for `silent_after_secs` is shown as silent
+/// in the job (`silent_s`), by `reinstall status`, and in `/metrics`, until its next event.
+#[test]
+fn a_running_host_that_goes_quiet_is_shown_silent_until_it_reports_again() {
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    s.set_config("silent_after_secs", "2");
+    s.start();
+    let id = create_job(&s, "web1");
+    let (_, body) = s.curl(Some("web1"), &[], "/v1/agent/work");
+    assert!(body.contains(&format!("\"id\": {id}")), "{body}");
+    let silent = |s: &Stager| -> (Option<u64>, String, String) {
+        let (_, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let status = ok(s.reinstall("alice").arg("status"));
+        let (_, metrics) = s.curl(Some("alice"), &[], "/metrics");
+        let gauge = metrics
+            .lines()
+            .find(|l| l.starts_with("stager_host_jobs_silent "))
+            .unwrap_or_default()
+            .to_string();
+        (v["hosts"][0]["silent_s"].as_u64(), status, gauge)
+    };
+    let (q, status, gauge) = silent(&s);
+    assert_eq!(q, None, "just taken");
+    assert!(!status.contains("SILENT"), "{status}");
+    assert_eq!(gauge, "stager_host_jobs_silent 0");
+    std::thread::sleep(Duration::from_millis(3000));
+    let (q, status, gauge) = silent(&s);
+    assert!(q.is_some_and(|q| q >= 2), "{q:?}");
+    assert!(
+        status.contains("web1") && status.contains("SILENT for "),
+        "{status}"
+    );
+    assert_eq!(gauge, "stager_host_jobs_silent 1");
+    let ev = format!(r#"{{"job":{id},"kind":"phase_entered","phase":"stage-rescue"}}"#);
+    assert_eq!(post_event(&s, "web1", &ev).0, 200);
+    let (q, status, gauge) = silent(&s);
+    assert_eq!(q, None);
+    assert!(!status.contains("SILENT"), "{status}");
+    assert_eq!(gauge, "stager_host_jobs_silent 0");
+}

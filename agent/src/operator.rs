@@ -179,10 +179,16 @@ fn tally(job: &Job) -> String {
         .join(", ")
 }
 
-/// Host lines differ in bytes all the time; on a non-terminal only state and phase changes
-/// are printed.
+/// Host lines differ in bytes all the time; on a non-terminal only changes of state or phase,
+/// and a host falling silent, are printed.
 fn same_state(a: &str, b: &str) -> bool {
-    let key = |s: &str| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let key = |s: &str| {
+        let mut k = s.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+        if s.contains(SILENT) {
+            k += SILENT;
+        }
+        k
+    };
     key(a) == key(b)
 }
 
@@ -210,8 +216,17 @@ fn host_line(h: &proto::v1::HostJob) -> String {
     {
         s += &format!("  {m}");
     }
+    if let Some(q) = h.silent_s {
+        s += &format!(
+            "  {SILENT} for {}",
+            humantime::format_duration(Duration::from_secs(q))
+        );
+    }
     s
 }
+
+/// How a host line says the host has not been heard from for a while.
+const SILENT: &str = "SILENT";
 
 pub fn status(g: &Global) -> Result<ExitCode> {
     let c = client(g)?;

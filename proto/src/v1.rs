@@ -109,6 +109,11 @@ pub struct HostJob {
     pub rate: Option<f64>,
     pub updated: Option<String>,
     pub last_event: Option<EventRecord>,
+    /// Seconds without a word from the host (no event since it took the job or since its
+    /// last event) while it runs the job, once that is the stager's `silent_after_secs` or
+    /// more: a machine that may not be coming back. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub silent_s: Option<u64>,
 }
 
 /// Operator: `GET /v1/hosts`.

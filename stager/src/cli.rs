@@ -206,15 +206,8 @@ pub fn init(o: InitOpts) -> Result<()> {
         }
     }
     pki::init(dir, &o.name, &sans)?;
-    let config = Config {
-        name: o.name,
-        url: o.url.unwrap_or_else(|| format!("https://{}", o.listen)),
-        listen: o.listen,
-        default_rescue: o.default_rescue,
-        max_connections: 10_000,
-        handshake_timeout_secs: 10,
-        request_timeout_secs: 30,
-    };
+    let url = o.url.unwrap_or_else(|| format!("https://{}", o.listen));
+    let config = Config::new(o.name, o.listen, url, o.default_rescue);
     config.save(dir)?;
     Db::open(&dir.join(stager::db::FILE))?;
     println!("initialized stager home {}", s.dir.display());

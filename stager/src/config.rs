@@ -25,6 +25,10 @@ pub struct Config {
     /// Seconds a client has to send a request's headers, and again its body.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Seconds without an event from a host running a job after which the job shows it as
+    /// silent (`silent_s`) and `/metrics` counts it. Longer than the slowest reboot.
+    #[serde(default = "default_silent_after")]
+    pub silent_after_secs: u64,
 }
 
 fn default_max_connections() -> usize {
@@ -36,8 +40,30 @@ fn default_handshake_timeout() -> u64 {
 fn default_request_timeout() -> u64 {
     30
 }
+fn default_silent_after() -> u64 {
+    900
+}
 
 impl Config {
+    /// A configuration with every limit at its default.
+    pub fn new(
+        name: String,
+        listen: String,
+        url: String,
+        default_rescue: Option<String>,
+    ) -> Config {
+        Config {
+            name,
+            listen,
+            url,
+            default_rescue,
+            max_connections: default_max_connections(),
+            handshake_timeout_secs: default_handshake_timeout(),
+            request_timeout_secs: default_request_timeout(),
+            silent_after_secs: default_silent_after(),
+        }
+    }
+
     pub fn path(dir: &Path) -> std::path::PathBuf {
         dir.join("stager.toml")
     }

@@ -77,6 +77,8 @@ ALTER TABLE jobs ADD COLUMN halted TEXT;
 
 pub struct Db {
     conn: Mutex<Connection>,
+    /// A running host with no event for this long is shown as silent (`silent_s`).
+    pub silent_after_ms: i64,
 }
 
 /// Who a verified client certificate belongs to.
@@ -132,6 +134,7 @@ impl Db {
         }
         Ok(Db {
             conn: Mutex::new(conn),
+            silent_after_ms: 900_000,
         })
     }
 
@@ -290,7 +293,7 @@ impl Db {
 
     pub fn job(&self, id: u64) -> rusqlite::Result<Option<Job>> {
         let c = self.c();
-        job_in(&c, id as i64)
+        job_in(&c, id as i64, self.silent_after_ms)
     }
 
     pub fn jobs(&self) -> rusqlite::Result<Vec<Job>> {
@@ -301,7 +304,7 @@ impl Db {
             .collect::<rusqlite::Result<_>>()?;
         let mut out = Vec::new();
         for id in ids {
-            out.extend(job_in(&c, id)?);
+            out.extend(job_in(&c, id, self.silent_after_ms)?);
         }
         Ok(out)
     }
@@ -384,8 +387,9 @@ impl Db {
                 }
             }
             tx.execute(
-                "UPDATE job_hosts SET state = 'running', updated = ?3 WHERE job = ?1 AND host = ?2",
-                params![job.id as i64, host, now()],
+                "UPDATE job_hosts SET state = 'running', updated = ?3, updated_ms = ?4
+                 WHERE job = ?1 AND host = ?2",
+                params![job.id as i64, host, now(), now_ms()],
             )?;
             tx.commit()?;
         }
@@ -528,6 +532,16 @@ impl Db {
         )
     }
 
+    /// How many hosts run a job without a word for `silent_after_ms`, for `/metrics`.
+    pub fn silent_hosts(&self) -> rusqlite::Result<u64> {
+        self.c().query_row(
+            "SELECT COUNT(*) FROM job_hosts jh JOIN jobs j ON j.id = jh.job
+             WHERE jh.state = 'running' AND j.cancelled = 0 AND jh.updated_ms <= ?1",
+            [now_ms() - self.silent_after_ms],
+            |r| r.get::<_, i64>(0).map(|n| n as u64),
+        )
+    }
+
     /// Host-job counts by state and phase, for `/metrics`.
     pub fn phase_counts(&self) -> rusqlite::Result<Vec<(String, String, u64)>> {
         let c = self.c();
@@ -577,7 +591,7 @@ fn halt_if_due(c: &Connection, id: i64, time: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn job_in(c: &Connection, id: i64) -> rusqlite::Result<Option<Job>> {
+fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Option<Job>> {
     let head = c
         .query_row(
             "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled,
@@ -612,14 +626,19 @@ fn job_in(c: &Connection, id: i64) -> rusqlite::Result<Option<Job>> {
     };
     let mut st = c.prepare(
         "SELECT jh.host, jh.state, jh.phase, jh.bytes_done, jh.bytes_total, jh.rate, jh.updated,
-                e.time, e.address, e.body
+                e.time, e.address, e.body, jh.updated_ms
          FROM job_hosts jh LEFT JOIN events e ON e.id = jh.last_event
          WHERE jh.job = ?1 ORDER BY jh.host",
     )?;
+    let now = now_ms();
     let hosts: Vec<HostJob> = st
         .query_map([id], |r| {
             let state: String = r.get(1)?;
             let body: Option<String> = r.get(9)?;
+            let quiet = r
+                .get::<_, Option<i64>>(10)?
+                .map(|u| now.saturating_sub(u))
+                .filter(|&q| state == "running" && q >= silent_after_ms);
             Ok(HostJob {
                 host: r.get(0)?,
                 state: parse_state(&state),
@@ -636,6 +655,7 @@ fn job_in(c: &Connection, id: i64) -> rusqlite::Result<Option<Job>> {
                     }),
                     _ => None,
                 },
+                silent_s: quiet.map(|q| q as u64 / 1000),
             })
         })?
         .collect::<rusqlite::Result<_>>()?;

@@ -38,6 +38,7 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let m = &state.metrics;
     let counts = state.db(|db| db.phase_counts()).await?;
     let halted = state.db(|db| db.halted_jobs()).await?;
+    let silent = state.db(|db| db.silent_hosts()).await?;
     let mut s = String::new();
     let counter = |s: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -74,6 +75,10 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let _ = writeln!(
         s,
         "# HELP stager_jobs_halted Jobs halted by their halt_after_failures.\n# TYPE stager_jobs_halted gauge\nstager_jobs_halted {halted}"
+    );
+    let _ = writeln!(
+        s,
+        "# HELP stager_host_jobs_silent Hosts running a job with no event for silent_after_secs.\n# TYPE stager_host_jobs_silent gauge\nstager_host_jobs_silent {silent}"
     );
     let _ = writeln!(s, "# HELP stager_requests_total Requests by route and status.\n# TYPE stager_requests_total counter");
     for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {

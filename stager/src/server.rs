@@ -36,10 +36,13 @@ pub struct Conn {
 
 impl State {
     pub fn open(dir: &Path) -> Result<State> {
+        let config = Config::load(dir)?;
+        let mut db = Db::open(&dir.join(crate::db::FILE))?;
+        db.silent_after_ms = config.silent_after_secs.saturating_mul(1000) as i64;
         Ok(State {
             dir: dir.to_path_buf(),
-            config: Config::load(dir)?,
-            db: Arc::new(Db::open(&dir.join(crate::db::FILE))?),
+            config,
+            db: Arc::new(db),
             store: Store::open(dir)?,
             waiters: Mutex::new(HashMap::new()),
             metrics: Default::default(),
