@@ -207,10 +207,11 @@ fn bad_input_gets_a_json_4xx_naming_the_problem_and_the_server_keeps_serving() {
         ),
         (json(&big), "/v1/jobs", 413, "over 65536 bytes"),
         (
-            json(r#"{"hosts":["nosuch"],"target":"target"}"#),
+            json(r#"{"hosts":["nosuch","web1","other"],"target":"target"}"#),
             "/v1/jobs",
             404,
-            "\"nosuch\" is not enrolled",
+            // Every unknown host named at once.
+            "hosts are not enrolled (stager enroll HOST): \"nosuch\", \"other\"",
         ),
         (
             json(r#"{"hosts":["web1"],"target":"nosuch"}"#),
@@ -278,7 +279,11 @@ fn bad_input_gets_a_json_4xx_naming_the_problem_and_the_server_keeps_serving() {
         "/v1/jobs",
     );
     assert_eq!(code, 409, "{body}");
-    assert!(body.contains("unfinished job 1"), "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        err["error"],
+        "host already has an unfinished job; cancel it first: \"web1\" (job 1)"
+    );
     let (code, _) = s.curl(Some("alice"), &[], "/healthz");
     assert_eq!(code, 200, "the server stopped serving after bad input");
 }

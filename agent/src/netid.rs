@@ -388,10 +388,14 @@ fn rule_of(r: &IpRule, v6: bool) -> Result<RuleOf> {
                 .with_context(|| format!("rule {}: fwmark {m:?}", r.priority))?,
         ),
     };
-    let plain = from.is_none()
-        && to.is_none()
-        && fwmark.is_none()
-        && r.rest.keys().all(|k| k == "protocol");
+    // Who made the rule (`proto static` for networkd's and NetworkManager's) changes nothing.
+    let mut rest: Vec<&str> = r
+        .rest
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "protocol")
+        .collect();
+    let plain = from.is_none() && to.is_none() && fwmark.is_none() && rest.is_empty();
     if plain
         && matches!(
             (r.priority, table),
@@ -400,14 +404,11 @@ fn rule_of(r: &IpRule, v6: bool) -> Result<RuleOf> {
     {
         return Ok(RuleOf::Kernels);
     }
-    // Who made the rule (`proto static` for networkd's and NetworkManager's) changes nothing.
-    let rest: Vec<&String> = r.rest.keys().filter(|k| *k != "protocol").collect();
     if !rest.is_empty() {
-        let mut keys: Vec<&str> = rest.iter().map(|k| k.as_str()).collect();
-        keys.sort();
+        rest.sort();
         return Ok(RuleOf::NotCarried(format!(
             "a routing policy rule with {} (only from, to, an unmasked fwmark and lookup are carried)",
-            keys.join(", ")
+            rest.join(", ")
         )));
     }
     let Some(table) = table.filter(|&t| t != TABLE_LOCAL && t != TABLE_DEFAULT) else {

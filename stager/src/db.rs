@@ -242,17 +242,19 @@ impl Db {
     ) -> Result<u64, Refusal> {
         let mut c = self.c();
         let tx = c.transaction()?;
+        // Every host that cannot take the job is named at once: a fleet's hosts file is
+        // fixed in one pass, not one error at a time.
+        let (mut unknown, mut busy) = (Vec::new(), Vec::new());
         for h in hosts {
             let known = tx
                 .query_row("SELECT 1 FROM hosts WHERE name = ?1", [h], |_| Ok(()))
                 .optional()?
                 .is_some();
             if !known {
-                return Err(Refusal::NotFound(format!(
-                    "host {h:?} is not enrolled (stager enroll {h})"
-                )));
+                unknown.push(format!("{h:?}"));
+                continue;
             }
-            let busy: Option<i64> = tx
+            let job: Option<i64> = tx
                 .query_row(
                     "SELECT jh.job FROM job_hosts jh JOIN jobs j ON j.id = jh.job
                      WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0",
@@ -260,11 +262,31 @@ impl Db {
                     |r| r.get(0),
                 )
                 .optional()?;
-            if let Some(j) = busy {
-                return Err(Refusal::Conflict(format!(
-                    "host {h:?} already has unfinished job {j}; cancel it first"
-                )));
+            if let Some(j) = job {
+                busy.push(format!("{h:?} (job {j})"));
             }
+        }
+        if !unknown.is_empty() {
+            return Err(Refusal::NotFound(format!(
+                "{} not enrolled (stager enroll HOST): {}",
+                if unknown.len() == 1 {
+                    "host is"
+                } else {
+                    "hosts are"
+                },
+                listed(&unknown)
+            )));
+        }
+        if !busy.is_empty() {
+            return Err(Refusal::Conflict(format!(
+                "{} an unfinished job; cancel it first: {}",
+                if busy.len() == 1 {
+                    "host already has"
+                } else {
+                    "hosts already have"
+                },
+                listed(&busy)
+            )));
         }
         tx.execute(
             "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue,
@@ -553,6 +575,16 @@ impl Db {
         })?;
         rows.collect()
     }
+}
+
+/// The first 20 of `items`, comma-separated, and how many more there are.
+fn listed(items: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut s = items[..items.len().min(SHOWN)].join(", ");
+    if items.len() > SHOWN {
+        s += &format!(" and {} more", items.len() - SHOWN);
+    }
+    s
 }
 
 /// Halts job `id` if its `halt_after_failures` is reached and it is not halted yet: the
