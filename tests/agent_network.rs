@@ -475,3 +475,49 @@ fn netplan_generate_saved(saved: &Path, dir: &Path) -> Generated {
         all,
     }
 }
+
+/// On a machine whose `ip` is too old (it refuses `-N`, or prints rules as text despite
+/// `-j`), `reinstall network` and so `plan` stop with the command and the reason, before
+/// anything is written. The old `ip` is a wrapper first in PATH around this machine's own.
+#[test]
+fn an_iproute2_too_old_for_the_capture_is_named_as_the_reason() {
+    let w = scratch();
+    let real = sh("command -v ip");
+    for (name, rule) in [
+        (
+            "no-numeric",
+            "echo 'Option \"-N\" is unknown, try \"ip -help\".' >&2; exit 255",
+        ),
+        (
+            "text-rules",
+            "printf '0:\\tfrom all lookup local\\n32766:\\tfrom all lookup main\\n'; exit 0",
+        ),
+    ] {
+        let dir = w.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!(
+            "#!/bin/sh\ncase \" $* \" in *' rule '*) {rule};; esac\nexec {} \"$@\"\n",
+            real.trim()
+        );
+        let ip = dir.join("ip");
+        std::fs::write(&ip, script).unwrap();
+        sh(&format!("chmod +x {}", ip.display()));
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap());
+        let err = fails(
+            std::process::Command::new(bin("reinstall"))
+                .arg("network")
+                .env("PATH", path),
+        );
+        assert!(
+            err.contains("ip -j -N -4 rule show")
+                && err.contains("this machine's iproute2 is too old to capture its network"),
+            "{name}: {err}"
+        );
+        let detail = if name == "no-numeric" {
+            "Option \"-N\" is unknown"
+        } else {
+            "printed text, not JSON (\"0:\\tfrom all lookup local\")"
+        };
+        assert!(err.contains(detail), "{name}: {err}");
+    }
+}

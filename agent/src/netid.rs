@@ -1023,8 +1023,28 @@ pub fn capture() -> Result<NetIdentity> {
         if !out.status.success() && empty_if_missing && err.contains("does not exist") {
             return Ok("[]".into());
         }
-        anyhow::ensure!(out.status.success(), "ip {} failed: {err}", args.join(" "));
-        Ok(String::from_utf8(out.stdout)?)
+        // An iproute2 too old for the capture refuses an option (`-j`, `-N`), or takes `-j`
+        // but prints text for an object it has no JSON for (rules, before about 2018).
+        const OLD: &str = "this machine's iproute2 is too old to capture its network (the capture reads `ip -j` JSON, with tables by number: `-N`)";
+        anyhow::ensure!(
+            out.status.success(),
+            "ip {} failed: {}{}",
+            args.join(" "),
+            err.trim(),
+            if err.contains("is unknown") {
+                format!(": {OLD}")
+            } else {
+                String::new()
+            }
+        );
+        let text = String::from_utf8(out.stdout)?;
+        let first = text.trim_start().lines().next().unwrap_or("");
+        anyhow::ensure!(
+            first.is_empty() || first.starts_with('[') || first.starts_with('{'),
+            "ip {} printed text, not JSON ({first:?}): {OLD}",
+            args.join(" ")
+        );
+        Ok(text)
     };
     let ip = |args: &[&str]| ip_or(args, false);
     let resolv = ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"]
