@@ -673,9 +673,41 @@ fn a_rollout_takes_hosts_one_at_a_time_and_halts_at_the_first_failure() {
     );
     let (_, metrics) = s.curl(Some("alice"), &[], "/metrics");
     assert!(metrics.contains("\nstager_jobs_halted 1\n"), "{metrics}");
-    // The halt is kept: web3 is free for a new job once the cause is known.
-    let id2 = create_job(&s, "web3");
+    // The same command again with --skip-done: the hosts not done with target@1 (web2
+    // failed, web3 cancelled by the halt) get a new job; web1 is left out. Once more: both
+    // are under way, nothing is left to do, and that is success.
+    let again = |s: &Stager| {
+        s.reinstall("alice")
+            .args(["--host", "web1", "--host", "web2", "--host", "web3"])
+            .args(["--target", "target", "--skip-done", "--json"])
+            .output()
+            .unwrap()
+    };
+    let out = again(&s);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("skipped, target@1 already 1 done (web1)"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hosts: Vec<&str> = v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["web2", "web3"], "{v}");
+    let id2 = v["id"].as_u64().unwrap();
     assert_eq!(work("web3", "0"), Some(id2));
+    let out = again(&s);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "null", "{err}");
+    assert!(
+        err.contains("1 done (web1); 2 under way (web2, web3)"),
+        "{err}"
+    );
 }
 
 /// A host that took its job and then says nothing for `silent_after_secs` is shown as silent

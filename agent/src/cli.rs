@@ -69,6 +69,12 @@ pub struct JobOpts {
     /// carry on to their target or their rescue OS. Default: never halt.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     pub halt_after_failures: Option<u32>,
+    /// Leave out the hosts whose latest job is for this same target version and is done or
+    /// still under way, so that the same command run again (after a halt, a cancel, a
+    /// failure fixed) gives a job to the rest only. With nothing left: says so, exits 0
+    /// (`--json` prints `null`).
+    #[arg(long)]
+    pub skip_done: bool,
     /// Follow the job (phase, bytes, rate per host) until it is done or failed; exit 1 if it
     /// failed or was cancelled.
     #[arg(long)]

@@ -53,9 +53,27 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
         bail!("no hosts: name them with --host HOST or --hosts-file FILE");
     }
     let c = client(g)?;
+    let target = o.target.clone().expect("checked by caller");
+    let hosts = if o.skip_done {
+        let (left, note) = skip_done(&c, &hosts, &target)?;
+        if let Some(n) = note {
+            eprintln!("{n}");
+        }
+        if left.is_empty() {
+            if g.json {
+                println!("null");
+            } else {
+                eprintln!("nothing to do: no host is left without {target} done or under way");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        left
+    } else {
+        hosts
+    };
     let req = CreateJob {
         hosts,
-        target: o.target.clone().expect("checked by caller"),
+        target,
         rescue: o.rescue.clone(),
         hold_in_rescue: o.hold_in_rescue,
         max_in_flight: o.max_in_flight,
@@ -84,6 +102,53 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
         );
     }
     follow(&c, job.id, g.json)
+}
+
+/// `hosts` without those whose latest job is for `target` (`NAME` is its newest version) and
+/// is done or still under way, and a note naming what was left out.
+fn skip_done(c: &Client, hosts: &[String], target: &str) -> Result<(Vec<String>, Option<String>)> {
+    let (name, version) = bundle::name::parse_ref(target)?;
+    let version = match version {
+        Some(v) => v.as_str().to_string(),
+        None => {
+            let all: Vec<bundle::Manifest> = c.get(&format!("/v1/bundles/{name}"))?;
+            all.last()
+                .map(|m| m.version.clone())
+                .with_context(|| format!("no bundle named {name}"))?
+        }
+    };
+    let jobs: Vec<Job> = c.get("/v1/jobs")?;
+    let (mut left, mut done, mut under_way) = (Vec::new(), Vec::new(), Vec::new());
+    for h in hosts {
+        // Job ids grow: the last job naming the host is its latest.
+        let latest = jobs
+            .iter()
+            .filter_map(|j| j.hosts.iter().find(|x| &x.host == h).map(|x| (j, x.state)))
+            .max_by_key(|(j, _)| j.id);
+        match latest {
+            Some((j, st)) if j.target.name == name.as_str() && j.target.version == version => {
+                match st {
+                    HostState::Done => done.push(h.clone()),
+                    HostState::Pending | HostState::Running => under_way.push(h.clone()),
+                    _ => left.push(h.clone()),
+                }
+            }
+            _ => left.push(h.clone()),
+        }
+    }
+    let mut skipped = Vec::new();
+    for (what, v) in [("done", &done), ("under way", &under_way)] {
+        if !v.is_empty() {
+            let mut names = v[..v.len().min(20)].join(", ");
+            if v.len() > 20 {
+                names += &format!(" and {} more", v.len() - 20);
+            }
+            skipped.push(format!("{} {what} ({names})", v.len()));
+        }
+    }
+    let note = (!skipped.is_empty())
+        .then(|| format!("skipped, {name}@{version} already {}", skipped.join("; ")));
+    Ok((left, note))
 }
 
 fn ref_id(b: &proto::v1::BundleRef) -> String {
