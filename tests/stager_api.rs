@@ -752,3 +752,64 @@ fn a_running_host_that_goes_quiet_is_shown_silent_until_it_reports_again() {
     assert!(!status.contains("SILENT"), "{status}");
     assert_eq!(gauge, "stager_host_jobs_silent 0");
 }
+
+/// `--max-in-flight-per-site 1`: web1 and web2 in site a, web3 in site b (`stager enroll
+/// --site`). web1 and web3 take the job at once; web2 waits until web1, of its own site,
+/// is done.
+#[test]
+fn a_rollout_takes_one_host_per_site_at_a_time() {
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    for (host, site) in [("web1", "a"), ("web2", "a"), ("web3", "b")] {
+        // web1 and web2 are enrolled already: enrolled again, they move into their site.
+        let mut out = s.identity(host);
+        if out.exists() {
+            out = w.path().join(format!("{host}-again.toml"));
+        }
+        let out = ok(stager()
+            .args(["enroll", "--dir"])
+            .arg(&s.home)
+            .args([host, "--site", site, "--out"])
+            .arg(out));
+        assert!(
+            out.contains(&format!("{host:?} is in site {site:?}")),
+            "{out}"
+        );
+    }
+    let err = fails(
+        stager()
+            .args(["enroll", "--dir"])
+            .arg(&s.home)
+            .args(["web4", "--site", "a b", "--out"])
+            .arg(w.path().join("web4.toml")),
+    );
+    assert!(err.contains("--site"), "{err}");
+    s.start();
+    let out = ok(s.reinstall("alice").args([
+        "--host",
+        "web1",
+        "--host",
+        "web2",
+        "--host",
+        "web3",
+        "--target",
+        "target",
+        "--max-in-flight-per-site",
+        "1",
+    ]));
+    assert!(out.contains("at most 1 per site"), "{out}");
+    let work = |host: &str| -> Option<u64> {
+        let (_, body) = s.curl(Some(host), &[], "/v1/agent/work");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["job"]["id"].as_u64()
+    };
+    let id = work("web1").expect("web1 takes the job");
+    assert_eq!(work("web2"), None, "site a has its one host in flight");
+    assert_eq!(work("web3"), Some(id), "site b has none");
+    let done = format!(r#"{{"job":{id},"kind":"done"}}"#);
+    assert_eq!(post_event(&s, "web1", &done).0, 200);
+    assert_eq!(work("web2"), Some(id), "web1 is done: site a has a slot");
+    let (_, body) = s.curl(Some("alice"), &[], "/v1/hosts");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[2]["site"], "b", "{v}");
+}

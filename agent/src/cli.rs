@@ -69,6 +69,11 @@ pub struct JobOpts {
     /// carry on to their target or their rescue OS. Default: never halt.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     pub halt_after_failures: Option<u32>,
+    /// At most N hosts of one site (`stager enroll --site`) at a time, so that no point of
+    /// presence has all its machines down at once; hosts without a site count as one site.
+    /// Works with or without --max-in-flight.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_per_site: Option<u32>,
     /// Leave out the hosts whose latest job is for this same target version and is done or
     /// still under way, so that the same command run again (after a halt, a cancel, a
     /// failure fixed) gives a job to the rest only. With nothing left: says so, exits 0

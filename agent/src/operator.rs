@@ -78,6 +78,7 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
         hold_in_rescue: o.hold_in_rescue,
         max_in_flight: o.max_in_flight,
         halt_after_failures: o.halt_after_failures,
+        max_in_flight_per_site: o.max_in_flight_per_site,
     };
     let job: Job = c.post("/v1/jobs", &req)?;
     if !o.wait {
@@ -160,6 +161,9 @@ fn rollout(job: &Job) -> String {
     let mut s = String::new();
     if let Some(n) = job.max_in_flight {
         s += &format!(", at most {n} at a time");
+    }
+    if let Some(n) = job.max_in_flight_per_site {
+        s += &format!(", at most {n} per site");
     }
     if let Some(k) = job.halt_after_failures {
         s += &format!(", halt after {k} failure{}", if k == 1 { "" } else { "s" });

@@ -26,6 +26,11 @@ pub struct CreateJob {
     /// Absent: never halt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halt_after_failures: Option<u32>,
+    /// At most this many of the job's hosts of one site (`stager enroll --site`) at a time,
+    /// so that a point of presence never has all its machines down at once. Hosts enrolled
+    /// without a site count as one site. Absent: no limit per site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_site: Option<u32>,
 }
 
 /// Operator: `POST /v1/hosts/{host}/rescue`.
@@ -90,6 +95,8 @@ pub struct Job {
     pub max_in_flight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halt_after_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_site: Option<u32>,
     /// Why the job was halted (its `halt_after_failures` was reached), when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted: Option<String>,
@@ -129,6 +136,9 @@ pub struct Host {
     pub rescue_requested: Option<RescueRequest>,
     /// The network identity the agent last reported (free-form JSON from the agent).
     pub network: Option<serde_json::Value>,
+    /// Where the host is (`stager enroll --site`), for per-site rollout limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// Agent: `GET /v1/agent/work?wait=SECONDS` (long poll).
@@ -224,7 +234,14 @@ mod tests {
             "create_job_rollout",
             include_str!("../tests/fixtures/v1/create_job_rollout.json"),
         );
-        assert_eq!((c.max_in_flight, c.halt_after_failures), (Some(1), Some(1)));
+        assert_eq!(
+            (
+                c.max_in_flight,
+                c.halt_after_failures,
+                c.max_in_flight_per_site
+            ),
+            (Some(1), Some(1), Some(1))
+        );
         let j: Job = pinned(
             "job_halted",
             include_str!("../tests/fixtures/v1/job_halted.json"),
@@ -237,6 +254,10 @@ mod tests {
         assert_eq!(e.kind, EventKind::Progress);
         let h: Vec<Host> = pinned("hosts", include_str!("../tests/fixtures/v1/hosts.json"));
         assert_eq!(h[0].name, "web1");
+        assert_eq!(
+            (h[0].site.as_deref(), h[1].site.as_deref()),
+            (None, Some("pop-fra1"))
+        );
     }
 
     #[test]

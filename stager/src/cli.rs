@@ -95,6 +95,11 @@ pub struct EnrollOpts {
     /// Days the certificate is valid.
     #[arg(long, default_value_t = 825, allow_negative_numbers = true)]
     pub days: i64,
+    /// The host's site (a point of presence, a rack): jobs with --max-in-flight-per-site
+    /// take at most that many of a site's hosts at a time. Enrolling a host again with
+    /// another --site moves it.
+    #[arg(long)]
+    pub site: Option<String>,
 }
 
 #[derive(Args)]
@@ -285,7 +290,15 @@ pub fn enroll(o: EnrollOpts) -> Result<()> {
     let out = o
         .out
         .unwrap_or_else(|| PathBuf::from(format!("{}.identity.toml", o.host)));
-    issue(&o.home.dir, &o.host, Role::Agent, o.days, &out)
+    if let Some(s) = &o.site {
+        validate_name("--site", s)?;
+    }
+    issue(&o.home.dir, &o.host, Role::Agent, o.days, &out)?;
+    if let Some(s) = &o.site {
+        Db::open(&o.home.dir.join(stager::db::FILE))?.set_site(&o.host, Some(s))?;
+        println!("{:?} is in site {s:?}", o.host);
+    }
+    Ok(())
 }
 
 pub fn operator(o: OperatorOpts) -> Result<()> {

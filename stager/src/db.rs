@@ -73,6 +73,10 @@ ALTER TABLE jobs ADD COLUMN max_in_flight INTEGER;
 ALTER TABLE jobs ADD COLUMN halt_after_failures INTEGER;
 ALTER TABLE jobs ADD COLUMN halted TEXT;
 "#,
+    r#"
+ALTER TABLE hosts ADD COLUMN site TEXT;
+ALTER TABLE jobs ADD COLUMN max_in_flight_per_site INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -187,6 +191,16 @@ impl Db {
         )
     }
 
+    /// Puts `host` in `site` (`None`: no site).
+    pub fn set_site(&self, host: &str, site: Option<&str>) -> rusqlite::Result<()> {
+        self.c()
+            .execute(
+                "UPDATE hosts SET site = ?2 WHERE name = ?1",
+                params![host, site],
+            )
+            .map(|_| ())
+    }
+
     pub fn host_exists(&self, name: &str) -> rusqlite::Result<bool> {
         self.c()
             .query_row("SELECT 1 FROM hosts WHERE name = ?1", [name], |_| Ok(()))
@@ -209,7 +223,7 @@ impl Db {
         let mut st = c.prepare(
             "SELECT h.name, h.enrolled, h.last_seen, h.address, h.phase, h.network,
                     h.rescue_requested, h.rescue_permanent,
-                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name)
+                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name), h.site
              FROM hosts h ORDER BY h.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -225,6 +239,7 @@ impl Db {
                     permanent: r.get(7).unwrap_or(false),
                 }),
                 job: r.get::<_, Option<i64>>(8)?.map(|j| j as u64),
+                site: r.get(9)?,
             })
         })?;
         rows.collect()
@@ -290,8 +305,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue,
-                               max_in_flight, halt_after_failures)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                               max_in_flight, halt_after_failures, max_in_flight_per_site)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 now(),
                 creator,
@@ -299,7 +314,8 @@ impl Db {
                 serde_json::to_string(rescue).expect("json"),
                 req.hold_in_rescue,
                 req.max_in_flight,
-                req.halt_after_failures
+                req.halt_after_failures,
+                req.max_in_flight_per_site
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -365,16 +381,16 @@ impl Db {
     }
 
     /// The unfinished job of `host`, as the agent sees it. A host that has not taken its
-    /// job yet takes it here when its job's `max_in_flight` leaves a slot (it becomes
-    /// running, and counts against the limit until it finishes); without a slot it has no
-    /// work.
+    /// job yet takes it here when its job's `max_in_flight` and `max_in_flight_per_site`
+    /// leave a slot (it becomes running, and counts against the limits until it finishes);
+    /// without a slot it has no work.
     pub fn work_for(&self, host: &str) -> rusqlite::Result<Option<AgentJob>> {
         let mut c = self.c();
         let tx = c.transaction()?;
         let row = tx
             .query_row(
                 "SELECT j.id, j.target, j.rescue, j.hold_in_rescue, j.cancelled, jh.state,
-                        j.max_in_flight
+                        j.max_in_flight, j.max_in_flight_per_site
                  FROM job_hosts jh JOIN jobs j ON j.id = jh.job
                  WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0
                  ORDER BY j.id DESC LIMIT 1",
@@ -390,11 +406,12 @@ impl Db {
                         hold_in_rescue: r.get(3)?,
                         cancelled: r.get(4)?,
                     };
-                    Ok((job, r.get::<_, String>(5)?, r.get::<_, Option<i64>>(6)?))
+                    let limits: (Option<i64>, Option<i64>) = (r.get(6)?, r.get(7)?);
+                    Ok((job, r.get::<_, String>(5)?, limits))
                 },
             )
             .optional()?;
-        let Some((job, state, max_in_flight)) = row else {
+        let Some((job, state, (max_in_flight, per_site))) = row else {
             return Ok(None);
         };
         if state == "pending" {
@@ -402,6 +419,19 @@ impl Db {
                 let running: i64 = tx.query_row(
                     "SELECT COUNT(*) FROM job_hosts WHERE job = ?1 AND state = 'running'",
                     [job.id as i64],
+                    |r| r.get(0),
+                )?;
+                if running >= max {
+                    return Ok(None);
+                }
+            }
+            if let Some(max) = per_site {
+                // Hosts without a site are one site (`IS` matches NULL with NULL).
+                let running: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM job_hosts jh JOIN hosts h ON h.name = jh.host
+                     WHERE jh.job = ?1 AND jh.state = 'running'
+                       AND h.site IS (SELECT site FROM hosts WHERE name = ?2)",
+                    params![job.id as i64, host],
                     |r| r.get(0),
                 )?;
                 if running >= max {
@@ -536,7 +566,8 @@ impl Db {
             waiting = tx
                 .prepare(
                     "SELECT jh.host FROM job_hosts jh JOIN jobs j ON j.id = jh.job
-                     WHERE jh.job = ?1 AND jh.state = 'pending' AND j.max_in_flight IS NOT NULL",
+                     WHERE jh.job = ?1 AND jh.state = 'pending'
+                       AND (j.max_in_flight IS NOT NULL OR j.max_in_flight_per_site IS NOT NULL)",
                 )?
                 .query_map([ev.job as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
@@ -627,7 +658,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
     let head = c
         .query_row(
             "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled,
-                    max_in_flight, halt_after_failures, halted
+                    max_in_flight, halt_after_failures, halted, max_in_flight_per_site
              FROM jobs WHERE id = ?1",
             [id],
             |r| {
@@ -644,6 +675,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
                         r.get::<_, Option<u32>>(6)?,
                         r.get::<_, Option<u32>>(7)?,
                         r.get::<_, Option<String>>(8)?,
+                        r.get::<_, Option<u32>>(9)?,
                     ),
                 ))
             },
@@ -651,7 +683,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
         .optional()?;
     let Some((
         (created, created_by, target, rescue, hold, cancelled),
-        (max_in_flight, halt_after_failures, halted),
+        (max_in_flight, halt_after_failures, halted, max_in_flight_per_site),
     )) = head
     else {
         return Ok(None);
@@ -709,6 +741,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
         hold_in_rescue: hold,
         max_in_flight,
         halt_after_failures,
+        max_in_flight_per_site,
         halted,
         state,
         hosts,
