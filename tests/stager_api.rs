@@ -813,3 +813,61 @@ fn a_rollout_takes_one_host_per_site_at_a_time() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v[2]["site"], "b", "{v}");
 }
+
+/// `--canary 1`: the first host to take the job runs it alone, however many could run; once
+/// it is done the others take it together. In a second job the canary fails: the job halts
+/// at once (no --halt-after-failures given) and the waiting hosts are cancelled.
+#[test]
+fn a_canary_runs_alone_first_and_its_failure_halts_the_job() {
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    s.enroll("web3");
+    s.start();
+    let work = |host: &str| -> Option<u64> {
+        let (_, body) = s.curl(Some(host), &[], "/v1/agent/work");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["job"]["id"].as_u64()
+    };
+    let create = || -> String {
+        ok(s.reinstall("alice").args([
+            "--host", "web1", "--host", "web2", "--host", "web3", "--target", "target", "--canary",
+            "1",
+        ]))
+    };
+    let out = create();
+    assert!(out.contains("1 canary first"), "{out}");
+    let id = work("web2").expect("the first to ask is the canary");
+    assert_eq!(
+        (work("web1"), work("web3")),
+        (None, None),
+        "the canary runs alone"
+    );
+    let ev = |kind: &str| format!(r#"{{"job":{id},"kind":"{kind}"}}"#);
+    assert_eq!(post_event(&s, "web2", &ev("progress")).0, 200);
+    assert_eq!(work("web1"), None, "the canary is not done yet");
+    assert_eq!(post_event(&s, "web2", &ev("done")).0, 200);
+    assert_eq!(
+        (work("web1"), work("web3")),
+        (Some(id), Some(id)),
+        "no other limit"
+    );
+    for h in ["web1", "web3"] {
+        assert_eq!(post_event(&s, h, &ev("done")).0, 200);
+    }
+
+    create();
+    let id = work("web3").expect("the canary of the second job");
+    let failed = format!(r#"{{"job":{id},"kind":"failed","message":"no network after boot"}}"#);
+    assert_eq!(post_event(&s, "web3", &failed).0, 200);
+    assert_eq!((work("web1"), work("web2")), (None, None));
+    let (_, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(
+        v["halted"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 host failed (the canary); 2 hosts that had not taken the job cancelled"),
+        "{v}"
+    );
+}

@@ -74,6 +74,11 @@ pub struct JobOpts {
     /// Works with or without --max-in-flight.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight_per_site: Option<u32>,
+    /// The first N hosts to take the job run it alone; the rest wait until all N are done.
+    /// A failure among them halts the job (the waiting hosts are cancelled), whatever
+    /// --halt-after-failures says.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub canary: Option<u32>,
     /// Leave out the hosts whose latest job is for this same target version and is done or
     /// still under way, so that the same command run again (after a halt, a cancel, a
     /// failure fixed) gives a job to the rest only. With nothing left: says so, exits 0

@@ -79,6 +79,7 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
         max_in_flight: o.max_in_flight,
         halt_after_failures: o.halt_after_failures,
         max_in_flight_per_site: o.max_in_flight_per_site,
+        canary: o.canary,
     };
     let job: Job = c.post("/v1/jobs", &req)?;
     if !o.wait {
@@ -159,6 +160,9 @@ fn ref_id(b: &proto::v1::BundleRef) -> String {
 /// The job's rollout limits as words (`", at most 10 at a time, halt after 2 failures"`).
 fn rollout(job: &Job) -> String {
     let mut s = String::new();
+    if let Some(n) = job.canary {
+        s += &format!(", {n} {} first", if n == 1 { "canary" } else { "canaries" });
+    }
     if let Some(n) = job.max_in_flight {
         s += &format!(", at most {n} at a time");
     }

@@ -31,6 +31,10 @@ pub struct CreateJob {
     /// without a site count as one site. Absent: no limit per site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight_per_site: Option<u32>,
+    /// The first this many hosts to take the job run it alone: the others wait until every
+    /// one of them is done, and a failure among them halts the job. Absent: no canaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
 }
 
 /// Operator: `POST /v1/hosts/{host}/rescue`.
@@ -97,6 +101,8 @@ pub struct Job {
     pub halt_after_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight_per_site: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
     /// Why the job was halted (its `halt_after_failures` was reached), when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted: Option<String>,
@@ -238,9 +244,10 @@ mod tests {
             (
                 c.max_in_flight,
                 c.halt_after_failures,
-                c.max_in_flight_per_site
+                c.max_in_flight_per_site,
+                c.canary
             ),
-            (Some(1), Some(1), Some(1))
+            (Some(1), Some(1), Some(1), Some(1))
         );
         let j: Job = pinned(
             "job_halted",

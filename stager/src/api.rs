@@ -371,6 +371,7 @@ async fn create_job(
         ("max_in_flight", body.max_in_flight),
         ("halt_after_failures", body.halt_after_failures),
         ("max_in_flight_per_site", body.max_in_flight_per_site),
+        ("canary", body.canary),
     ] {
         if v == Some(0) {
             return Err(ApiError::bad_request(format!(

@@ -77,6 +77,9 @@ ALTER TABLE jobs ADD COLUMN halted TEXT;
 ALTER TABLE hosts ADD COLUMN site TEXT;
 ALTER TABLE jobs ADD COLUMN max_in_flight_per_site INTEGER;
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN canary INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -305,8 +308,9 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue,
-                               max_in_flight, halt_after_failures, max_in_flight_per_site)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                               max_in_flight, halt_after_failures, max_in_flight_per_site,
+                               canary)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 now(),
                 creator,
@@ -315,7 +319,8 @@ impl Db {
                 req.hold_in_rescue,
                 req.max_in_flight,
                 req.halt_after_failures,
-                req.max_in_flight_per_site
+                req.max_in_flight_per_site,
+                req.canary
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -381,16 +386,16 @@ impl Db {
     }
 
     /// The unfinished job of `host`, as the agent sees it. A host that has not taken its
-    /// job yet takes it here when its job's `max_in_flight` and `max_in_flight_per_site`
-    /// leave a slot (it becomes running, and counts against the limits until it finishes);
-    /// without a slot it has no work.
+    /// job yet takes it here when its job's `canary`, `max_in_flight` and
+    /// `max_in_flight_per_site` leave a slot (it becomes running, and counts against the
+    /// limits until it finishes); without a slot it has no work.
     pub fn work_for(&self, host: &str) -> rusqlite::Result<Option<AgentJob>> {
         let mut c = self.c();
         let tx = c.transaction()?;
         let row = tx
             .query_row(
                 "SELECT j.id, j.target, j.rescue, j.hold_in_rescue, j.cancelled, jh.state,
-                        j.max_in_flight, j.max_in_flight_per_site
+                        j.max_in_flight, j.max_in_flight_per_site, j.canary
                  FROM job_hosts jh JOIN jobs j ON j.id = jh.job
                  WHERE jh.host = ?1 AND jh.state IN ('pending', 'running') AND j.cancelled = 0
                  ORDER BY j.id DESC LIMIT 1",
@@ -406,15 +411,30 @@ impl Db {
                         hold_in_rescue: r.get(3)?,
                         cancelled: r.get(4)?,
                     };
-                    let limits: (Option<i64>, Option<i64>) = (r.get(6)?, r.get(7)?);
+                    let limits: (Option<i64>, Option<i64>, Option<i64>) =
+                        (r.get(6)?, r.get(7)?, r.get(8)?);
                     Ok((job, r.get::<_, String>(5)?, limits))
                 },
             )
             .optional()?;
-        let Some((job, state, (max_in_flight, per_site))) = row else {
+        let Some((job, state, (max_in_flight, per_site, canary))) = row else {
             return Ok(None);
         };
         if state == "pending" {
+            if let Some(n) = canary {
+                // The first n to take the job are its canaries; the rest wait for all n
+                // to be done.
+                let (taken, done): (i64, i64) = tx.query_row(
+                    "SELECT COUNT(*) FILTER (WHERE state IN ('running', 'done', 'failed')),
+                            COUNT(*) FILTER (WHERE state = 'done')
+                     FROM job_hosts WHERE job = ?1",
+                    [job.id as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                if taken >= n && done < n {
+                    return Ok(None);
+                }
+            }
             if let Some(max) = max_in_flight {
                 let running: i64 = tx.query_row(
                     "SELECT COUNT(*) FROM job_hosts WHERE job = ?1 AND state = 'running'",
@@ -567,7 +587,8 @@ impl Db {
                 .prepare(
                     "SELECT jh.host FROM job_hosts jh JOIN jobs j ON j.id = jh.job
                      WHERE jh.job = ?1 AND jh.state = 'pending'
-                       AND (j.max_in_flight IS NOT NULL OR j.max_in_flight_per_site IS NOT NULL)",
+                       AND (j.max_in_flight IS NOT NULL OR j.max_in_flight_per_site IS NOT NULL
+                            OR j.canary IS NOT NULL)",
                 )?
                 .query_map([ev.job as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
@@ -621,29 +642,34 @@ fn listed(items: &[String]) -> String {
 /// Halts job `id` if its `halt_after_failures` is reached and it is not halted yet: the
 /// hosts that have not taken it are cancelled, and the reason is kept on the job.
 fn halt_if_due(c: &Connection, id: i64, time: &str) -> rusqlite::Result<()> {
-    let (limit, halted): (Option<i64>, Option<String>) = c.query_row(
-        "SELECT halt_after_failures, halted FROM jobs WHERE id = ?1",
+    let (limit, canary, halted): (Option<i64>, Option<i64>, Option<String>) = c.query_row(
+        "SELECT halt_after_failures, canary, halted FROM jobs WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    if halted.is_some() {
+        return Ok(());
+    }
+    let (failed, done): (i64, i64) = c.query_row(
+        "SELECT COUNT(*) FILTER (WHERE state = 'failed'), COUNT(*) FILTER (WHERE state = 'done')
+         FROM job_hosts WHERE job = ?1",
         [id],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let Some(limit) = limit.filter(|_| halted.is_none()) else {
-        return Ok(());
+    // While fewer than `canary` hosts are done only canaries run: any failure is theirs.
+    let why = match (canary, limit) {
+        (Some(1), _) if failed > 0 && done < 1 => "the canary".to_string(),
+        (Some(n), _) if failed > 0 && done < n => format!("among the {n} canaries"),
+        (_, Some(k)) if failed >= k => format!("halt after {k}"),
+        _ => return Ok(()),
     };
-    let failed: i64 = c.query_row(
-        "SELECT COUNT(*) FROM job_hosts WHERE job = ?1 AND state = 'failed'",
-        [id],
-        |r| r.get(0),
-    )?;
-    if failed < limit {
-        return Ok(());
-    }
     let cancelled = c.execute(
         "UPDATE job_hosts SET state = 'cancelled', updated = ?2 WHERE job = ?1 AND state = 'pending'",
         params![id, time],
     )?;
     let hosts = |n: i64| if n == 1 { "host" } else { "hosts" };
     let reason = format!(
-        "halted at {time}: {failed} {} failed (halt after {limit}); {cancelled} {} that had not taken the job cancelled",
+        "halted at {time}: {failed} {} failed ({why}); {cancelled} {} that had not taken the job cancelled",
         hosts(failed),
         hosts(cancelled as i64)
     );
@@ -658,7 +684,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
     let head = c
         .query_row(
             "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled,
-                    max_in_flight, halt_after_failures, halted, max_in_flight_per_site
+                    max_in_flight, halt_after_failures, halted, max_in_flight_per_site, canary
              FROM jobs WHERE id = ?1",
             [id],
             |r| {
@@ -676,6 +702,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
                         r.get::<_, Option<u32>>(7)?,
                         r.get::<_, Option<String>>(8)?,
                         r.get::<_, Option<u32>>(9)?,
+                        r.get::<_, Option<u32>>(10)?,
                     ),
                 ))
             },
@@ -683,7 +710,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
         .optional()?;
     let Some((
         (created, created_by, target, rescue, hold, cancelled),
-        (max_in_flight, halt_after_failures, halted, max_in_flight_per_site),
+        (max_in_flight, halt_after_failures, halted, max_in_flight_per_site, canary),
     )) = head
     else {
         return Ok(None);
@@ -742,6 +769,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
         max_in_flight,
         halt_after_failures,
         max_in_flight_per_site,
+        canary,
         halted,
         state,
         hosts,
