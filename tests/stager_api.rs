@@ -639,7 +639,7 @@ fn a_rollout_takes_hosts_one_at_a_time_and_halts_at_the_first_failure() {
     let out = ok(s.reinstall("alice").arg("status"));
     assert!(
         out.contains(&format!(
-            "job {id} (target@1 by alice, Active, at most 1 at a time, halt after 1 failure):"
+            "job {id} (target@1 by alice, Active, at most 1 at a time, halt after 1 failure): 1 done, 1 running, 1 pending"
         )),
         "{out}"
     );

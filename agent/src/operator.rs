@@ -373,12 +373,13 @@ pub fn status(g: &Global) -> Result<ExitCode> {
     }
     for j in jobs.iter().filter(|j| j.state == JobState::Active) {
         println!(
-            "\njob {} ({} by {}, {:?}{}):",
+            "\njob {} ({} by {}, {:?}{}): {}",
             j.id,
             ref_id(&j.target),
             j.created_by,
             j.state,
-            rollout(j)
+            rollout(j),
+            tally(j)
         );
         if let Some(h) = &j.halted {
             println!("  {h}");
