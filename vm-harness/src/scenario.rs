@@ -537,10 +537,14 @@ impl Env {
         )
     }
 
+    /// The operator's job for the VM, created as a fleet's would be: with every rollout
+    /// limit (the one host is its own canary and takes the only slot, of the job and of its
+    /// site), so that every scenario runs a real agent through them.
     pub fn create_job(&self, target: &str) -> Result<Child> {
         let log = std::fs::File::create(self.dir.join("operator.log"))?;
         self.operator()
             .args(["--host", HOST, "--target", target, "--wait"])
+            .args(ROLLOUT)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -697,6 +701,18 @@ fn interop(e: &Env) -> Result<usize> {
 }
 
 /// The first half every scenario shares: the VM started, the source OS up and checked, the
+/// Rollout limits every job of the harness carries (see [`Env::create_job`]).
+const ROLLOUT: [&str; 8] = [
+    "--canary",
+    "1",
+    "--max-in-flight",
+    "1",
+    "--max-in-flight-per-site",
+    "1",
+    "--halt-after-failures",
+    "1",
+];
+
 /// operator's `reinstall --target TARGET --wait` started, and the rescue OS up and checked.
 /// Returns the rescue's facts and the operator's process.
 fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
@@ -705,7 +721,10 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
     e.check_boot(&f, "source OS", 1, 2)?;
     e.row("source OS up: SSH, same address and host key, root on disk 1");
     let op = e.create_job(target)?;
-    e.row(&format!("operator: reinstall --target {target} --wait"));
+    e.row(&format!(
+        "operator: reinstall --target {target} --wait {}",
+        ROLLOUT.join(" ")
+    ));
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS", 2, 2)?;
     let v = e
