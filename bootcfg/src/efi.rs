@@ -416,6 +416,59 @@ mod tests {
         assert_eq!(LoadOption::decode(RESCUE_ENTRY).unwrap(), rescue());
     }
 
+    /// Load options captured from OVMF's own variable store (its `vars.fd` after a
+    /// `vm-harness power-cut --points rescue-up` run: OVMF's entries and the agent's, as the
+    /// firmware stored them): each decodes and encodes back byte for byte.
+    #[test]
+    fn load_options_captured_from_ovmf_round_trip_byte_identical() {
+        let fixtures: [(&str, &[u8]); 6] = [
+            ("UiApp", include_bytes!("../tests/fixtures/ovmf/Boot0000")),
+            (
+                "UEFI Misc Device",
+                include_bytes!("../tests/fixtures/ovmf/Boot0001"),
+            ),
+            (
+                "UEFI Misc Device 2",
+                include_bytes!("../tests/fixtures/ovmf/Boot0002"),
+            ),
+            (
+                "EFI Internal Shell",
+                include_bytes!("../tests/fixtures/ovmf/Boot0003"),
+            ),
+            (
+                "reinstall-rescue",
+                include_bytes!("../tests/fixtures/ovmf/Boot0004"),
+            ),
+            (
+                "reinstall-target",
+                include_bytes!("../tests/fixtures/ovmf/Boot0005"),
+            ),
+        ];
+        for (desc, bytes) in fixtures {
+            let o = LoadOption::decode(bytes).unwrap_or_else(|e| panic!("{desc}: {e}"));
+            assert_eq!(o.description, desc);
+            assert_eq!(o.encode().unwrap(), bytes, "{desc}: not byte-identical");
+            if desc.starts_with("reinstall-") {
+                let p = path_text(&o.path);
+                assert!(
+                    p.starts_with("HD(")
+                        && p.contains(",GPT,")
+                        && p.contains(")/File(\\EFI\\")
+                        && p.to_ascii_lowercase().ends_with(".efi)"),
+                    "{desc}: {p}"
+                );
+            }
+        }
+        let order = decode_u16_list(include_bytes!("../tests/fixtures/ovmf/BootOrder")).unwrap();
+        // The job done: the target first, the rescue kept second.
+        assert_eq!(order[..2], [5, 4]);
+        assert_eq!(order.len(), 6);
+        assert_eq!(
+            encode_u16_list(&order),
+            include_bytes!("../tests/fixtures/ovmf/BootOrder")
+        );
+    }
+
     #[test]
     fn device_paths_print_as_efibootmgr_prints_them() {
         // The form efibootmgr -v (efivar) prints for the same entry; the VM harness compares
