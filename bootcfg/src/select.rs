@@ -298,6 +298,42 @@ mod tests {
         }
     }
 
+    /// The errors issue 5 names, from real file systems standing in for efivarfs (root:
+    /// mounts): a read-only one, and one with no room left (what a full NVRAM returns).
+    #[test]
+    fn a_read_only_or_full_variable_store_is_named_in_the_error() {
+        let base = std::env::temp_dir().join(format!("efivars-err-{}", std::process::id()));
+        for (opts, want) in [
+            ("ro,size=64k", "efivarfs is read-only"),
+            ("size=4k", "variable store (NVRAM) is full"),
+        ] {
+            let d = base.join(opts.replace([',', '='], "-"));
+            std::fs::create_dir_all(&d).unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+                .arg(&d)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount -o {opts} (needs root)");
+            if !opts.starts_with("ro") {
+                // Fill it: one page is all it has.
+                let _ = std::fs::write(d.join("filler"), vec![0u8; 8192]);
+            }
+            let v = Efivarfs { dir: d.clone() };
+            let e = v
+                .write("BootNext", &[1, 0])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            let _ = std::process::Command::new("umount").arg(&d).status();
+            assert!(
+                e.contains(&format!("BootNext-{}", efi::GLOBAL_VARIABLE)) && e.contains(want),
+                "{opts}: {e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
     #[test]
     fn entries_boot_next_and_order_are_written_as_efivarfs_files() {
         let d = std::env::temp_dir().join(format!("efivars-{}", std::process::id()));
