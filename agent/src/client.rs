@@ -122,6 +122,19 @@ impl Client {
         self.decode(path, r)
     }
 
+    /// The stager's listing of bundle `spec` (`NAME@VERSION`, or `NAME`: its newest version,
+    /// the last of `GET /v1/bundles/NAME`, which lists oldest first as the stager resolves a
+    /// job's `NAME`). Unsigned: check the signed manifest before trusting its contents.
+    pub fn listed_bundle(&self, spec: &str) -> Result<bundle::Manifest> {
+        let (name, version) = bundle::name::parse_ref(spec)?;
+        let versions: Vec<bundle::Manifest> = self.get(&format!("/v1/bundles/{name}"))?;
+        match &version {
+            Some(v) => versions.into_iter().find(|m| m.version == v.as_str()),
+            None => versions.into_iter().last(),
+        }
+        .ok_or_else(|| anyhow!("no bundle {spec} on the stager"))
+    }
+
     /// The agent's work (`GET /v1/agent/work`), long-polling up to `wait`; the request has a
     /// deadline of `wait` + 30 s instead of the 60 s read timeout.
     pub fn poll_work(&self, wait: Duration) -> Result<proto::v1::Work> {

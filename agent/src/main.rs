@@ -166,13 +166,7 @@ fn target_manifest(
     );
     let key = bundle::release::ReleasePublicKey::from_text(&id.release_pub, &path)?;
     let client = agent::client::Client::new(id)?;
-    let (name, version) = bundle::name::parse_ref(spec)?;
-    let versions: Vec<bundle::Manifest> = client.get(&format!("/v1/bundles/{name}"))?;
-    let chosen = match &version {
-        Some(v) => versions.iter().find(|m| m.version == v.as_str()),
-        None => versions.last(),
-    }
-    .ok_or_else(|| anyhow::anyhow!("no bundle {spec} on the stager"))?;
+    let chosen = client.listed_bundle(spec)?;
     let base = format!("/v1/bundles/{}/{}", chosen.name, chosen.version);
     let bytes = client.get_bytes(&format!("{base}/manifest"))?;
     let sig = String::from_utf8(client.get_bytes(&format!("{base}/signature"))?)?;

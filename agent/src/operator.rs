@@ -109,16 +109,7 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
 /// `hosts` without those whose latest job is for `target` (`NAME` is its newest version) and
 /// is done or still under way, and a note naming what was left out.
 fn skip_done(c: &Client, hosts: &[String], target: &str) -> Result<(Vec<String>, Option<String>)> {
-    let (name, version) = bundle::name::parse_ref(target)?;
-    let version = match version {
-        Some(v) => v.as_str().to_string(),
-        None => {
-            let all: Vec<bundle::Manifest> = c.get(&format!("/v1/bundles/{name}"))?;
-            all.last()
-                .map(|m| m.version.clone())
-                .with_context(|| format!("no bundle named {name}"))?
-        }
-    };
+    let bundle::Manifest { name, version, .. } = c.listed_bundle(target)?;
     let jobs: Vec<Job> = c.get("/v1/jobs")?;
     let (mut left, mut done, mut under_way) = (Vec::new(), Vec::new(), Vec::new());
     for h in hosts {
@@ -128,13 +119,11 @@ fn skip_done(c: &Client, hosts: &[String], target: &str) -> Result<(Vec<String>,
             .filter_map(|j| j.hosts.iter().find(|x| &x.host == h).map(|x| (j, x.state)))
             .max_by_key(|(j, _)| j.id);
         match latest {
-            Some((j, st)) if j.target.name == name.as_str() && j.target.version == version => {
-                match st {
-                    HostState::Done => done.push(h.clone()),
-                    HostState::Pending | HostState::Running => under_way.push(h.clone()),
-                    _ => left.push(h.clone()),
-                }
-            }
+            Some((j, st)) if j.target.name == name && j.target.version == version => match st {
+                HostState::Done => done.push(h.clone()),
+                HostState::Pending | HostState::Running => under_way.push(h.clone()),
+                _ => left.push(h.clone()),
+            },
             _ => left.push(h.clone()),
         }
     }
