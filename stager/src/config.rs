@@ -40,7 +40,7 @@ fn default_handshake_timeout() -> u64 {
 fn default_request_timeout() -> u64 {
     30
 }
-fn default_silent_after() -> u64 {
+pub(crate) fn default_silent_after() -> u64 {
     900
 }
 

@@ -141,7 +141,7 @@ impl Db {
         }
         Ok(Db {
             conn: Mutex::new(conn),
-            silent_after_ms: 900_000,
+            silent_after_ms: crate::config::default_silent_after() as i64 * 1000,
         })
     }
 
