@@ -814,6 +814,103 @@ fn a_rollout_takes_one_host_per_site_at_a_time() {
     assert_eq!(v[2]["site"], "b", "{v}");
 }
 
+/// The stager's own cap (`max_in_flight_per_site` in `stager.toml`) holds across jobs: four
+/// one-host jobs with no limits of their own, three hosts in site a and one in b. One host of
+/// a runs at a time, b's alongside; a host finishing, or its job being cancelled, hands the
+/// slot to a host of another job at once (its long poll is woken); `/metrics` counts hosts in
+/// flight by site. A cap of 0 in `stager.toml` stops `stager serve` naming the file and key.
+#[test]
+fn the_stagers_cap_per_site_holds_across_jobs() {
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    for (host, site) in [("web1", "a"), ("web2", "a"), ("web3", "b"), ("web4", "a")] {
+        let mut out = s.identity(host);
+        if out.exists() {
+            out = w.path().join(format!("{host}-again.toml"));
+        }
+        ok(stager()
+            .args(["enroll", "--dir"])
+            .arg(&s.home)
+            .args([host, "--site", site, "--out"])
+            .arg(out));
+    }
+    s.set_config("max_in_flight_per_site", "0");
+    let err = fails(stager().args(["serve", "--dir"]).arg(&s.home));
+    assert!(
+        err.contains("stager.toml") && err.contains("max_in_flight_per_site"),
+        "{err}"
+    );
+    s.set_config("max_in_flight_per_site", "1");
+    s.start();
+    let jobs: Vec<u64> = ["web1", "web2", "web3", "web4"]
+        .iter()
+        .map(|h| create_job(&s, h))
+        .collect();
+    let work = |host: &str, wait: &str| -> Option<u64> {
+        let (_, body) = s.curl(Some(host), &[], &format!("/v1/agent/work?wait={wait}"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["job"]["id"].as_u64()
+    };
+    assert_eq!(work("web1", "0"), Some(jobs[0]));
+    assert_eq!(work("web2", "0"), None, "site a has its one host in flight");
+    assert_eq!(work("web4", "0"), None);
+    assert_eq!(work("web3", "0"), Some(jobs[2]), "site b has none");
+    let (code, body) = s.curl(
+        Some("web2"),
+        &["-o", "/dev/null"],
+        &format!("/v1/blobs/{}", s.sha_of("target")),
+    );
+    assert_eq!(code, 403, "a host waiting for a slot may not fetch: {body}");
+    let (_, metrics) = s.curl(Some("alice"), &[], "/metrics");
+    for want in [
+        "stager_hosts_in_flight{site=\"a\"} 1",
+        "stager_hosts_in_flight{site=\"b\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == want), "{want}\n{metrics}");
+    }
+    // web1 finishes its job: one of web2 and web4, both long-polling, takes the slot.
+    let taken = std::thread::scope(|sc| {
+        let polls = ["web2", "web4"].map(|h| {
+            let work = &work;
+            (h, sc.spawn(move || (work(h, "25"), Instant::now())))
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let t = Instant::now();
+        let done = format!(r#"{{"job":{},"kind":"done"}}"#, jobs[0]);
+        assert_eq!(post_event(&s, "web1", &done).0, 200);
+        let got: Vec<(&str, Option<u64>, Duration)> = polls
+            .into_iter()
+            .map(|(h, p)| {
+                let (job, at) = p.join().unwrap();
+                (h, job, at.saturating_duration_since(t))
+            })
+            .collect();
+        let first: Vec<_> = got.iter().filter(|g| g.1.is_some()).collect();
+        assert_eq!(first.len(), 1, "exactly one takes the slot: {got:?}");
+        assert!(first[0].2 < Duration::from_secs(10), "{got:?}");
+        first[0].0
+    });
+    let (other, other_job) = if taken == "web2" {
+        ("web4", jobs[3])
+    } else {
+        ("web2", jobs[1])
+    };
+    let taken_job = if taken == "web2" { jobs[1] } else { jobs[3] };
+    assert_eq!(work(other, "0"), None, "{taken} holds site a's slot");
+    // The job holding the slot is cancelled: the other host's long poll is woken with its job.
+    std::thread::scope(|sc| {
+        let poll = sc.spawn(|| (work(other, "25"), Instant::now()));
+        std::thread::sleep(Duration::from_millis(1500));
+        let t = Instant::now();
+        ok(s.reinstall("alice")
+            .args(["cancel", &taken_job.to_string()]));
+        let (got, at) = poll.join().unwrap();
+        assert_eq!(got, Some(other_job));
+        let took = at.saturating_duration_since(t);
+        assert!(took < Duration::from_secs(10), "{other} waited {took:?}");
+    });
+}
+
 /// `--canary 1`: the first host to take the job runs it alone, however many could run; once
 /// it is done the others take it together. In a second job the canary fails: the job halts
 /// at once (no --halt-after-failures given) and the waiting hosts are cancelled.

@@ -38,6 +38,17 @@ pub enum Command {
     /// them from their next request on.
     Revoke(RevokeOpts),
     /// Serve the API over HTTPS with client certificates required (TLS 1.3, HTTP/1.1 and 2).
+    #[command(
+        after_help = "Settings in DIR/stager.toml, read at start (restart to change):
+  listen, url, default_rescue     as `stager init` wrote them
+  max_connections = 10000         TLS connections served at once
+  handshake_timeout_secs = 10     to finish the TLS handshake
+  request_timeout_secs = 30       to send a request's headers, and again its body
+  silent_after_secs = 900         a running host with no event for this long is shown SILENT
+  max_in_flight_per_site = N      at most N hosts of one site run a job at once, across
+                                  every job (unset: only each job's own limits)
+  max_in_flight = N               at most N hosts run a job at once, across every job"
+    )]
     Serve(ServeOpts),
     /// Build, list and export bundles.
     #[command(subcommand)]

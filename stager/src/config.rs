@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::num::NonZeroU32;
 use std::path::Path;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +30,14 @@ pub struct Config {
     /// silent (`silent_s`) and `/metrics` counts it. Longer than the slowest reboot.
     #[serde(default = "default_silent_after")]
     pub silent_after_secs: u64,
+    /// At most this many hosts of one site (`stager enroll --site`) run a job at once, across
+    /// every job on this stager; hosts without a site count as one site. Unset: only each
+    /// job's own limits apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_site: Option<NonZeroU32>,
+    /// At most this many hosts run a job at once, across every job and site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<NonZeroU32>,
 }
 
 fn default_max_connections() -> usize {
@@ -61,6 +70,8 @@ impl Config {
             handshake_timeout_secs: default_handshake_timeout(),
             request_timeout_secs: default_request_timeout(),
             silent_after_secs: default_silent_after(),
+            max_in_flight_per_site: None,
+            max_in_flight: None,
         }
     }
 

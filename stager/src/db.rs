@@ -86,6 +86,10 @@ pub struct Db {
     conn: Mutex<Connection>,
     /// A running host with no event for this long is shown as silent (`silent_s`).
     pub silent_after_ms: i64,
+    /// The stager's own caps (`stager.toml`), across every job: hosts running a job at
+    /// once, in all and per site.
+    pub max_in_flight: Option<i64>,
+    pub max_in_flight_per_site: Option<i64>,
 }
 
 /// Who a verified client certificate belongs to.
@@ -142,6 +146,8 @@ impl Db {
         Ok(Db {
             conn: Mutex::new(conn),
             silent_after_ms: crate::config::default_silent_after() as i64 * 1000,
+            max_in_flight: None,
+            max_in_flight_per_site: None,
         })
     }
 
@@ -365,7 +371,7 @@ impl Db {
         if !known {
             return Err(Refusal::NotFound(format!("no job {id}")));
         }
-        let hosts: Vec<String> = tx
+        let mut hosts: Vec<String> = tx
             .prepare(
                 "SELECT host FROM job_hosts WHERE job = ?1 AND state IN ('pending', 'running')",
             )?
@@ -381,14 +387,16 @@ impl Db {
             "UPDATE job_hosts SET state = 'cancelled', updated = ?2 WHERE job = ?1 AND state IN ('pending', 'running')",
             params![id as i64, now()],
         )?;
+        hosts.extend(self.slot_waiters(&tx, id as i64, None)?);
         tx.commit()?;
         Ok(hosts)
     }
 
     /// The unfinished job of `host`, as the agent sees it. A host that has not taken its
     /// job yet takes it here when its job's `canary`, `max_in_flight` and
-    /// `max_in_flight_per_site` leave a slot (it becomes running, and counts against the
-    /// limits until it finishes); without a slot it has no work.
+    /// `max_in_flight_per_site`, and the stager's own caps across jobs, leave a slot (it
+    /// becomes running, and counts against the limits until it finishes); without a slot it
+    /// has no work.
     pub fn work_for(&self, host: &str) -> rusqlite::Result<Option<AgentJob>> {
         let mut c = self.c();
         let tx = c.transaction()?;
@@ -435,27 +443,18 @@ impl Db {
                     return Ok(None);
                 }
             }
-            if let Some(max) = max_in_flight {
-                let running: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM job_hosts WHERE job = ?1 AND state = 'running'",
-                    [job.id as i64],
-                    |r| r.get(0),
-                )?;
-                if running >= max {
-                    return Ok(None);
-                }
-            }
-            if let Some(max) = per_site {
-                // Hosts without a site are one site (`IS` matches NULL with NULL).
-                let running: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM job_hosts jh JOIN hosts h ON h.name = jh.host
-                     WHERE jh.job = ?1 AND jh.state = 'running'
-                       AND h.site IS (SELECT site FROM hosts WHERE name = ?2)",
-                    params![job.id as i64, host],
-                    |r| r.get(0),
-                )?;
-                if running >= max {
-                    return Ok(None);
+            // The job's own caps, then the stager's across every job.
+            let job_id = Some(job.id as i64);
+            for (max, of_job, at_site) in [
+                (max_in_flight, job_id, false),
+                (per_site, job_id, true),
+                (self.max_in_flight, None, false),
+                (self.max_in_flight_per_site, None, true),
+            ] {
+                if let Some(max) = max {
+                    if in_flight(&tx, of_job, at_site.then_some(host))? >= max {
+                        return Ok(None);
+                    }
                 }
             }
             tx.execute(
@@ -583,18 +582,48 @@ impl Db {
         let mut waiting = Vec::new();
         if new_state != state && matches!(new_state, "done" | "failed") {
             halt_if_due(&tx, ev.job as i64, &time)?;
-            waiting = tx
-                .prepare(
-                    "SELECT jh.host FROM job_hosts jh JOIN jobs j ON j.id = jh.job
-                     WHERE jh.job = ?1 AND jh.state = 'pending'
-                       AND (j.max_in_flight IS NOT NULL OR j.max_in_flight_per_site IS NOT NULL
-                            OR j.canary IS NOT NULL)",
-                )?
-                .query_map([ev.job as i64], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            waiting = self.slot_waiters(&tx, ev.job as i64, Some(host))?;
         }
         tx.commit()?;
         Ok(waiting)
+    }
+
+    /// The pending hosts a slot freed in `job` (by `freed` finishing, or by a cancel when
+    /// `None`) may let take their job now: those of `job` if it has rollout limits, and under
+    /// the stager's own caps those of every job (all of them, or of `freed`'s site). Woken,
+    /// each asks `work_for` again.
+    fn slot_waiters(
+        &self,
+        tx: &Connection,
+        job: i64,
+        freed: Option<&str>,
+    ) -> rusqlite::Result<Vec<String>> {
+        let everyone = self.max_in_flight.is_some()
+            || (self.max_in_flight_per_site.is_some() && freed.is_none());
+        let site_of = freed.filter(|_| self.max_in_flight_per_site.is_some());
+        tx.prepare(
+            "SELECT DISTINCT jh.host FROM job_hosts jh JOIN jobs j ON j.id = jh.job
+               JOIN hosts h ON h.name = jh.host
+             WHERE jh.state = 'pending' AND j.cancelled = 0
+               AND ((jh.job = ?1 AND (j.max_in_flight IS NOT NULL
+                                      OR j.max_in_flight_per_site IS NOT NULL
+                                      OR j.canary IS NOT NULL))
+                    OR ?2
+                    OR (?3 IS NOT NULL AND h.site IS (SELECT site FROM hosts WHERE name = ?3)))",
+        )?
+        .query_map(params![job, everyone, site_of], |r| r.get(0))?
+        .collect()
+    }
+
+    /// Hosts running a job now, per site (`""` for hosts without one), for `/metrics`.
+    pub fn in_flight_by_site(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let c = self.c();
+        let mut st = c.prepare(
+            "SELECT COALESCE(h.site, ''), COUNT(*) FROM job_hosts jh JOIN hosts h ON h.name = jh.host
+             WHERE jh.state = 'running' GROUP BY 1 ORDER BY 1",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
     }
 
     /// How many jobs a rollout limit halted, for `/metrics`.
@@ -630,6 +659,18 @@ impl Db {
 }
 
 /// The first 20 of `items`, comma-separated, and how many more there are.
+/// Hosts running a job now: of one job or of all, and of one host's site (hosts without a
+/// site are one site: `IS` matches NULL with NULL) or of every site.
+fn in_flight(tx: &Connection, job: Option<i64>, site_of: Option<&str>) -> rusqlite::Result<i64> {
+    tx.query_row(
+        "SELECT COUNT(*) FROM job_hosts jh JOIN hosts h ON h.name = jh.host
+         WHERE jh.state = 'running' AND (?1 IS NULL OR jh.job = ?1)
+           AND (?2 IS NULL OR h.site IS (SELECT site FROM hosts WHERE name = ?2))",
+        params![job, site_of],
+        |r| r.get(0),
+    )
+}
+
 fn listed(items: &[String]) -> String {
     const SHOWN: usize = 20;
     let mut s = items[..items.len().min(SHOWN)].join(", ");
@@ -819,5 +860,34 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
+    }
+
+    /// The stager's cap in all (`max_in_flight` in `stager.toml`) across three one-host jobs
+    /// with no limits of their own: two run, the third waits; the first finishing names the
+    /// third as the one to wake, which then takes its job.
+    #[test]
+    fn the_stagers_cap_in_all_holds_across_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join(FILE)).unwrap();
+        db.max_in_flight = Some(2);
+        let b: BundleRef =
+            serde_json::from_str(r#"{"name":"t","version":"1","sha256":"00","size":1}"#).unwrap();
+        let mut jobs = Vec::new();
+        for h in ["h1", "h2", "h3"] {
+            db.add_cert(h, h, "agent", "2099-01-01T00:00:00Z").unwrap();
+            let req: CreateJob =
+                serde_json::from_str(&format!(r#"{{"hosts":["{h}"],"target":"t"}}"#)).unwrap();
+            jobs.push(
+                db.create_job("alice", &[h.to_string()], &b, &b, &req)
+                    .unwrap(),
+            );
+        }
+        let id = |h: &str| db.work_for(h).unwrap().map(|j| j.id);
+        assert_eq!((id("h1"), id("h2")), (Some(jobs[0]), Some(jobs[1])));
+        assert_eq!(id("h3"), None, "two in flight already");
+        let done: Event =
+            serde_json::from_str(&format!(r#"{{"job":{},"kind":"done"}}"#, jobs[0])).unwrap();
+        assert_eq!(db.record_event("h1", "127.0.0.1", &done).unwrap(), ["h3"]);
+        assert_eq!(id("h3"), Some(jobs[2]));
     }
 }

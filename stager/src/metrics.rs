@@ -39,6 +39,7 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let counts = state.db(|db| db.phase_counts()).await?;
     let halted = state.db(|db| db.halted_jobs()).await?;
     let silent = state.db(|db| db.silent_hosts()).await?;
+    let by_site = state.db(|db| db.in_flight_by_site()).await?;
     let mut s = String::new();
     let counter = |s: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -80,6 +81,13 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
         s,
         "# HELP stager_host_jobs_silent Hosts running a job with no event for silent_after_secs.\n# TYPE stager_host_jobs_silent gauge\nstager_host_jobs_silent {silent}"
     );
+    let _ = writeln!(
+        s,
+        "# HELP stager_hosts_in_flight Hosts running a job, by site (\"\" for hosts without one).\n# TYPE stager_hosts_in_flight gauge"
+    );
+    for (site, n) in &by_site {
+        let _ = writeln!(s, "stager_hosts_in_flight{{site=\"{}\"}} {n}", esc(site));
+    }
     let _ = writeln!(s, "# HELP stager_requests_total Requests by route and status.\n# TYPE stager_requests_total counter");
     for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(

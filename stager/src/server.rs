@@ -39,6 +39,8 @@ impl State {
         let config = Config::load(dir)?;
         let mut db = Db::open(&dir.join(crate::db::FILE))?;
         db.silent_after_ms = config.silent_after_secs.saturating_mul(1000) as i64;
+        db.max_in_flight = config.max_in_flight.map(|n| n.get() as i64);
+        db.max_in_flight_per_site = config.max_in_flight_per_site.map(|n| n.get() as i64);
         Ok(State {
             dir: dir.to_path_buf(),
             config,
@@ -135,7 +137,20 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
-    println!("stager: listening on https://{}", listener.local_addr()?);
+    // One line (scripts read the first): where, and the stager's own caps across jobs.
+    let caps: String = [
+        (state.config.max_in_flight, "in all"),
+        (state.config.max_in_flight_per_site, "per site"),
+    ]
+    .iter()
+    .filter_map(|(n, what)| {
+        n.map(|n| format!("; at most {n} host(s) in flight {what} across jobs"))
+    })
+    .collect();
+    println!(
+        "stager: listening on https://{}{caps}",
+        listener.local_addr()?
+    );
     let cap = Arc::new(Semaphore::new(state.config.max_connections));
     loop {
         let permit = cap.clone().acquire_owned().await.expect("semaphore open");
