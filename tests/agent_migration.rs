@@ -1253,6 +1253,58 @@ fn the_agent_waits_out_a_stager_outage() {
     assert_eq!(job_state(&env.stager)["state"], "done");
 }
 
+/// The machine reaches its stager through a site relay (its identity names the relay, as
+/// `stager enroll --via` writes it): the whole migration runs through the relay, and each
+/// bundle's blob crosses from the stager to the relay once.
+#[test]
+fn a_machine_migrates_through_a_site_relay() {
+    let env = Env::new();
+    let mut relay = integration_tests::stager::Relay::init(&env.stager, "pop-a");
+    relay.start();
+    // The identity on the source disk (and the copy the carry is checked against) names the
+    // relay instead of the stager.
+    let src = env.w.path().join("mnt-source");
+    {
+        let _m = mount(&env.root_part("source"), &src, false);
+        for f in [
+            src.join("etc/reinstall/identity.toml"),
+            env.w
+                .path()
+                .join("carry-expect/etc/reinstall/identity.toml"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let direct = format!("stager = \"{}\"", env.stager.url(""));
+            assert!(text.contains(&direct), "{text}");
+            let via = text.replace(&direct, &format!("stager = \"{}\"", relay.url("")));
+            std::fs::write(&f, via).unwrap();
+        }
+    }
+    create_job(&env.stager);
+    env.migrate(None, false);
+    let job = job_state(&env.stager);
+    assert_eq!(job["state"], "done", "{job}");
+    let (code, health) = env
+        .stager
+        .curl_at(&relay.url("/healthz"), Some("web1"), &[]);
+    assert_eq!(code, 200, "{health}");
+    let h: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let blob = |b: &str| {
+        std::fs::metadata(
+            env.stager
+                .home
+                .join("blobs/sha256")
+                .join(env.stager.sha_of(b)),
+        )
+        .unwrap()
+        .len()
+    };
+    assert_eq!(
+        h["bytes_from_upstream"].as_u64(),
+        Some(blob("rescue") + blob("target")),
+        "{h}"
+    );
+}
+
 #[test]
 fn killed_at_any_failpoint_the_agent_resumes_and_completes() {
     let points = [

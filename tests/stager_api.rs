@@ -968,3 +968,168 @@ fn a_canary_runs_alone_first_and_its_failure_halts_the_job() {
         "{v}"
     );
 }
+
+/// A site relay (`stager relay init`, `stager relay serve`) between the agents and the
+/// stager: every request is forwarded as the agent that made it (its job, its events,
+/// refusals for a host with no job, for a revoked host); a blob two hosts fetch at once
+/// crosses to the relay once and reaches both whole; `Range` works through it; the relay's
+/// certificate alone gets nothing from the stager; an `--via` identity names the relay; and
+/// with the stager gone the relay answers 502 naming it (an agent retries 5xx).
+#[test]
+fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
+    use integration_tests::stager::Relay;
+    let w = scratch();
+    let target = small_target(w.path());
+    // Random bytes (they do not compress): a blob of ~24 MiB, many frames to relay.
+    ok(std::process::Command::new("head")
+        .args(["-c", "25165824", "/dev/urandom"])
+        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
+    let mut s = Stager::new(w.path(), &target);
+    s.start();
+    let mut relay = Relay::init(&s, "pop-a");
+    let err = fails(
+        stager()
+            .args(["relay", "init", "--dir"])
+            .arg(&s.home)
+            .args(["--name", "pop-a", "--san", "127.0.0.1", "--out"])
+            .arg(&relay.dir),
+    );
+    assert!(err.contains("already exists"), "{err}");
+    relay.start();
+    let via = relay.url("");
+    let id3 = ok(stager()
+        .args(["enroll", "--dir"])
+        .arg(&s.home)
+        .args(["web3", "--via", &via, "--out"])
+        .arg(s.identity("web3")));
+    assert!(id3.contains("web3"), "{id3}");
+    let text = std::fs::read_to_string(s.identity("web3")).unwrap();
+    assert!(text.contains(&format!("stager = \"{via}\"")), "{text}");
+    let err = fails(
+        stager()
+            .args(["enroll", "--dir"])
+            .arg(&s.home)
+            .args(["web4", "--via", "http://plain", "--out"])
+            .arg(w.path().join("web4.toml")),
+    );
+    assert!(err.contains("--via"), "{err}");
+
+    let at = |name: &str, args: &[&str], path: &str| s.curl_at(&relay.url(path), Some(name), args);
+    let (code, body) = at("web1", &[], "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = s.curl(
+        Some("alice"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"hosts":["web1","web2"],"target":"target"}"#,
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let (code, body) = at("web1", &[], "/v1/agent/work");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("\"id\": {id}")), "{body}");
+    let ev = format!(r#"{{"job":{id},"kind":"phase_entered","phase":"stage-rescue"}}"#);
+    let (code, body) = at(
+        "web1",
+        &["-H", "content-type: application/json", "-d", &ev],
+        "/v1/agent/events",
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, job) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+    assert!(
+        job.contains("stage-rescue"),
+        "the event reached the stager: {job}"
+    );
+
+    // web1 and web2 fetch the target blob at the same time, through the relay.
+    let sha = s.sha_of("target");
+    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
+        .unwrap()
+        .len();
+    let served_before = stager_metric(&s, "stager_bytes_served_total");
+    std::thread::scope(|sc| {
+        let fetches: Vec<_> = ["web1", "web2"]
+            .map(|h| {
+                let out = w.path().join(format!("{h}.blob"));
+                let at = &at;
+                let sha = &sha;
+                sc.spawn(move || {
+                    let (code, body) = at(
+                        h,
+                        &["-o", out.to_str().unwrap()],
+                        &format!("/v1/blobs/{sha}"),
+                    );
+                    (code, body, out)
+                })
+            })
+            .into_iter()
+            .collect();
+        for f in fetches {
+            let (code, body, out) = f.join().unwrap();
+            assert_eq!(code, 200, "{body}");
+            let got = sh(&format!("sha256sum {} | cut -d' ' -f1", out.display()));
+            assert_eq!(got.trim(), sha, "{}", out.display());
+        }
+    });
+    let (_, health) = at("web1", &[], "/healthz");
+    let h: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(h["bytes_from_upstream"].as_u64(), Some(size), "{h}");
+    assert_eq!(h["bytes_served"].as_u64(), Some(2 * size), "{h}");
+    let upstream = stager_metric(&s, "stager_bytes_served_total") - served_before;
+    assert!(
+        upstream >= size && upstream < size + 16,
+        "the stager sent {upstream} bytes for a {size}-byte blob fetched twice"
+    );
+    assert!(relay.dir.join("cache").join(&sha).exists());
+    // Range through the relay, from its cache.
+    let tail = w.path().join("tail");
+    let (code, _) = at(
+        "web2",
+        &["-r", "1000-", "-o", tail.to_str().unwrap()],
+        &format!("/v1/blobs/{sha}"),
+    );
+    assert_eq!(code, 206);
+    assert_eq!(std::fs::metadata(&tail).unwrap().len(), size - 1000);
+
+    // Refusals come from the stager, as if the agent had asked it.
+    let (code, body) = at("web3", &["-o", "-"], &format!("/v1/blobs/{sha}"));
+    assert_eq!(code, 403, "web3 has no job: {body}");
+    assert!(body.contains("web3"), "{body}");
+    ok(stager().args(["revoke", "--dir"]).arg(&s.home).arg("web2"));
+    let (code, body) = at("web2", &[], "/v1/agent/work");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    // The relay's own certificate, straight to the stager, acts for nobody.
+    let r = &relay.dir;
+    let out = sh(&format!(
+        "curl -sS -w '\\n%{{http_code}}' --cacert {ca} --cert {cert} --key {key} {url}",
+        ca = r.join("ca.pem").display(),
+        cert = r.join("relay.pem").display(),
+        key = r.join("relay.key").display(),
+        url = s.url("/v1/agent/work")
+    ));
+    assert!(
+        out.ends_with("403") && out.contains("may only forward agents"),
+        "{out}"
+    );
+    // The stager gone: 502, naming it.
+    let url = relay.url("/v1/agent/work");
+    s.kill();
+    let (code, body) = s.curl_at(&url, Some("web1"), &[]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains(&s.url("")), "{body}");
+}
+
+fn stager_metric(s: &Stager, name: &str) -> u64 {
+    let (_, m) = s.curl(Some("alice"), &[], "/metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+}

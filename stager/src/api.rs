@@ -74,7 +74,14 @@ async fn dispatch(
     if segs == ["healthz"] && method == Method::GET {
         return Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})));
     }
-    let who = principal(state, conn).await?;
+    let mut who = principal(state, conn.fingerprint.clone()).await?;
+    let relayed;
+    let conn = if who.role == RELAY {
+        (who, relayed) = relayed_agent(state, &who, &req.headers, conn).await?;
+        &relayed
+    } else {
+        conn
+    };
     let get = method == Method::GET || method == Method::HEAD;
     match (segs.as_slice(), get, method == Method::POST) {
         (["metrics"], true, _) => {
@@ -223,8 +230,49 @@ async fn dispatch(
     }
 }
 
-async fn principal(state: &Arc<State>, conn: &Arc<Conn>) -> Result<Principal, ApiError> {
-    let Some(fp) = conn.fingerprint.clone() else {
+/// The role of a site relay's certificate (`stager relay init`).
+pub const RELAY: &str = "relay";
+/// Headers a site relay sets on what it forwards: the SHA-256 fingerprint of the certificate
+/// the agent presented to the relay, and the agent's address as the relay saw it.
+pub const RELAYED_FOR: &str = "x-reinstall-relayed-for";
+pub const RELAYED_ADDR: &str = "x-reinstall-relayed-addr";
+
+/// Who a relay's request is for: the agent whose certificate the relay verified, looked up
+/// here exactly as if it had connected itself (unknown and revoked refused), so that every
+/// authorization rule holds through a relay. A relay acts for agents only, never for itself
+/// or an operator.
+async fn relayed_agent(
+    state: &Arc<State>,
+    relay: &Principal,
+    headers: &hyper::HeaderMap,
+    conn: &Arc<Conn>,
+) -> Result<(Principal, Arc<Conn>), ApiError> {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let Some(fp) = header(RELAYED_FOR) else {
+        return Err(ApiError::forbidden(format!(
+            "relay {:?} may only forward agents' requests ({RELAYED_FOR} missing)",
+            relay.name
+        )));
+    };
+    let who = principal(state, Some(fp.to_string())).await?;
+    if who.role != "agent" {
+        return Err(ApiError::forbidden(format!(
+            "relay {:?} may act for agents only, not for {} {:?}",
+            relay.name, who.role, who.name
+        )));
+    }
+    let addr = header(RELAYED_ADDR)
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+        .map_or_else(|| conn.addr.clone(), str::to_string);
+    let conn = Arc::new(Conn {
+        fingerprint: Some(fp.to_string()),
+        addr,
+    });
+    Ok((who, conn))
+}
+
+async fn principal(state: &Arc<State>, fingerprint: Option<String>) -> Result<Principal, ApiError> {
+    let Some(fp) = fingerprint else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "a client certificate is required",

@@ -53,6 +53,51 @@ pub enum Command {
     /// Build, list and export bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Site relays: a stand-in for this stager at a site, so that a bundle crosses the WAN
+    /// once per site, not once per machine.
+    #[command(subcommand)]
+    Relay(RelayCommand),
+}
+
+#[derive(Subcommand)]
+pub enum RelayCommand {
+    /// On this (upstream) stager: issue a relay's certificate and write its directory (copy
+    /// it to the relay machine). Then enroll the site's hosts with `--via`.
+    Init(RelayInitOpts),
+    /// On the relay machine: verify the site's agents, forward their requests upstream, and
+    /// serve blobs from its cache (each fetched from upstream once).
+    Serve(RelayServeOpts),
+}
+
+#[derive(Args)]
+pub struct RelayInitOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// The relay's name (its certificate's CN; `stager revoke NAME` revokes it).
+    #[arg(long)]
+    pub name: String,
+    /// DNS name or IP address agents reach the relay by (repeatable; at least one).
+    #[arg(long = "san", required = true)]
+    pub sans: Vec<String>,
+    /// Address `stager relay serve` listens on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// Directory to create for the relay (relay.toml, ca.pem, relay.pem, relay.key).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Days the relay's certificate is valid.
+    #[arg(long, default_value_t = 825)]
+    pub days: i64,
+}
+
+#[derive(Args)]
+pub struct RelayServeOpts {
+    /// The relay's directory (written by `stager relay init`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Address to listen on (default: `listen` in relay.toml).
+    #[arg(long)]
+    pub listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -111,6 +156,10 @@ pub struct EnrollOpts {
     /// another --site moves it.
     #[arg(long)]
     pub site: Option<String>,
+    /// The URL of the site relay this host reaches the stager through (`stager relay init`),
+    /// written into the identity file instead of this stager's own URL.
+    #[arg(long, value_name = "URL")]
+    pub via: Option<String>,
 }
 
 #[derive(Args)]
@@ -257,6 +306,7 @@ fn issue(
     role: Role,
     days: i64,
     out: &std::path::Path,
+    via: Option<&str>,
 ) -> Result<()> {
     validate_name(if role == Role::Agent { "HOST" } else { "NAME" }, name)?;
     let config = Config::load(dir)?;
@@ -276,7 +326,7 @@ fn issue(
         format: proto::identity::FORMAT,
         name: name.to_string(),
         role,
-        stager: config.url.clone(),
+        stager: via.unwrap_or(&config.url).to_string(),
         ca: read(pki::CA_CERT)?,
         cert: issued.cert_pem,
         key: issued.key_pem,
@@ -304,7 +354,20 @@ pub fn enroll(o: EnrollOpts) -> Result<()> {
     if let Some(s) = &o.site {
         validate_name("--site", s)?;
     }
-    issue(&o.home.dir, &o.host, Role::Agent, o.days, &out)?;
+    if let Some(v) = &o.via {
+        anyhow::ensure!(
+            v.starts_with("https://") && v.len() > "https://".len(),
+            "--via {v:?} is not an https:// URL"
+        );
+    }
+    issue(
+        &o.home.dir,
+        &o.host,
+        Role::Agent,
+        o.days,
+        &out,
+        o.via.as_deref(),
+    )?;
     if let Some(s) = &o.site {
         Db::open(&o.home.dir.join(stager::db::FILE))?.set_site(&o.host, Some(s))?;
         println!("{:?} is in site {s:?}", o.host);
@@ -313,7 +376,7 @@ pub fn enroll(o: EnrollOpts) -> Result<()> {
 }
 
 pub fn operator(o: OperatorOpts) -> Result<()> {
-    issue(&o.home.dir, &o.name, Role::Operator, o.days, &o.out)
+    issue(&o.home.dir, &o.name, Role::Operator, o.days, &o.out, None)
 }
 
 pub fn revoke(o: RevokeOpts) -> Result<()> {
@@ -323,6 +386,54 @@ pub fn revoke(o: RevokeOpts) -> Result<()> {
     anyhow::ensure!(n > 0, "no unrevoked certificate issued to {:?}", o.name);
     println!("revoked {n} certificate(s) of {:?}", o.name);
     Ok(())
+}
+
+pub fn relay_init(o: RelayInitOpts) -> Result<()> {
+    let dir = &o.home.dir;
+    validate_name("--name", &o.name)?;
+    let config = Config::load(dir)?;
+    Store::open(dir)?;
+    if o.out.exists() {
+        anyhow::bail!(
+            "{} already exists; not overwriting a relay",
+            o.out.display()
+        );
+    }
+    let issued = pki::issue_relay(dir, &config.name, &o.name, &o.sans, o.days)?;
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    std::fs::copy(dir.join(pki::CA_CERT), o.out.join(pki::CA_CERT))
+        .with_context(|| format!("copying {}", pki::CA_CERT))?;
+    pki::write_private(&o.out.join(stager::relay::KEY), &issued.key_pem)?;
+    std::fs::write(o.out.join(stager::relay::CERT), &issued.cert_pem)?;
+    stager::relay::RelayConfig::new(o.name.clone(), o.listen, config.url).save(&o.out)?;
+    let not_after =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
+            .to_string();
+    Db::open(&dir.join(stager::db::FILE))?.add_cert(
+        &issued.fingerprint,
+        &o.name,
+        stager::api::RELAY,
+        &not_after,
+    )?;
+    println!(
+        "relay {:?} written to {} (certificate sha256 {}, for {}, valid until {not_after}); \
+         copy it to the relay, run `stager relay serve --dir DIR` there, and enroll its \
+         site's hosts with --via https://{}:PORT",
+        o.name,
+        o.out.display(),
+        issued.fingerprint,
+        o.sans.join(", "),
+        o.sans[0]
+    );
+    Ok(())
+}
+
+pub fn relay_serve(o: RelayServeOpts) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(stager::relay::serve(&o.dir, o.listen))
 }
 
 pub fn serve(o: ServeOpts) -> Result<()> {

@@ -80,6 +80,22 @@ ALTER TABLE jobs ADD COLUMN max_in_flight_per_site INTEGER;
     r#"
 ALTER TABLE jobs ADD COLUMN canary INTEGER;
 "#,
+    // Site relays hold certificates too. SQLite cannot change a CHECK: the table is rebuilt
+    // (nothing references it).
+    r#"
+CREATE TABLE certs_new (
+    fingerprint TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('agent', 'operator', 'relay')),
+    issued TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    revoked TEXT
+);
+INSERT INTO certs_new SELECT fingerprint, name, role, issued, not_after, revoked FROM certs;
+DROP TABLE certs;
+ALTER TABLE certs_new RENAME TO certs;
+CREATE INDEX certs_name ON certs (name);
+"#,
 ];
 
 pub struct Db {
@@ -848,8 +864,23 @@ mod tests {
                 [b],
             )
             .unwrap();
+            c.execute(
+                "INSERT INTO certs (fingerprint, name, role, issued, not_after, revoked)
+                 VALUES ('ab', 'web1', 'agent', 't', 't', NULL),
+                        ('cd', 'bob', 'operator', 't', 't', 't')",
+                [],
+            )
+            .unwrap();
         }
         let db = Db::open(&path).unwrap();
+        // The certificates survive the rebuild of their table (schema 5, relays).
+        let p = db.principal("ab").unwrap().unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.role.as_str(), p.revoked),
+            ("web1", "agent", false)
+        );
+        assert!(db.principal("cd").unwrap().unwrap().revoked);
+        db.add_cert("ef", "pop-a", "relay", "t").unwrap();
         let job = db.job(1).unwrap().unwrap();
         assert_eq!(
             (job.max_in_flight, job.halt_after_failures, job.halted),

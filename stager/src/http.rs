@@ -203,51 +203,79 @@ pub async fn serve_file(
         .await
         .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?
         .len();
-    let quoted = format!("\"{etag}\"");
-    let header_str = |n: header::HeaderName| req.headers.get(n).and_then(|v| v.to_str().ok());
-    let mut range = parse_range(header_str(header::RANGE), len)
-        .map_err(|m| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, m))?;
-    if header_str(header::IF_RANGE).is_some_and(|t| t != quoted) {
-        range = None;
-    }
-    let (status, start, count) = match range {
-        Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end - r.start + 1),
-        None => (StatusCode::OK, 0, len),
-    };
-    if start > 0 {
-        file.seek(io::SeekFrom::Start(start))
+    let head = BlobHead::of(req, len, etag)?;
+    if head.start > 0 {
+        file.seek(io::SeekFrom::Start(head.start))
             .await
             .map_err(|e| ApiError::internal(format!("seeking {}: {e}", path.display())))?;
     }
-    let mut b = Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, count)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::ETAG, &quoted)
-        .header(
-            header::CACHE_CONTROL,
-            "private, max-age=31536000, immutable",
-        );
-    if let Some(r) = range {
-        b = b.header(
-            header::CONTENT_RANGE,
-            format!("bytes {}-{}/{len}", r.start, r.end),
-        );
+    let body = FileBody {
+        file,
+        left: head.count,
+        counter,
     }
-    let body: ResBody = if req.method == hyper::Method::HEAD {
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed()
-    } else {
-        FileBody {
-            file,
-            left: count,
-            counter,
+    .boxed();
+    Ok(head.respond(req, body))
+}
+
+/// What part of a blob of `len` bytes a request asks for, and the response's head for it.
+pub struct BlobHead {
+    pub start: u64,
+    pub count: u64,
+    builder: hyper::http::response::Builder,
+}
+
+impl BlobHead {
+    pub fn of(
+        req: &hyper::http::request::Parts,
+        len: u64,
+        etag: &str,
+    ) -> Result<BlobHead, ApiError> {
+        let quoted = format!("\"{etag}\"");
+        let header_str = |n: header::HeaderName| req.headers.get(n).and_then(|v| v.to_str().ok());
+        let mut range = parse_range(header_str(header::RANGE), len)
+            .map_err(|m| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, m))?;
+        if header_str(header::IF_RANGE).is_some_and(|t| t != quoted) {
+            range = None;
         }
-        .boxed()
-    };
-    Ok(b.body(body).expect("valid response"))
+        let (status, start, count) = match range {
+            Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end - r.start + 1),
+            None => (StatusCode::OK, 0, len),
+        };
+        let mut b = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_LENGTH, count)
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(header::ETAG, &quoted)
+            .header(
+                header::CACHE_CONTROL,
+                "private, max-age=31536000, immutable",
+            );
+        if let Some(r) = range {
+            b = b.header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{len}", r.start, r.end),
+            );
+        }
+        Ok(BlobHead {
+            start,
+            count,
+            builder: b,
+        })
+    }
+
+    /// The response: `body` (which yields `count` bytes from `start`), none for HEAD.
+    pub fn respond(self, req: &hyper::http::request::Parts, body: ResBody) -> Response<ResBody> {
+        let body = if req.method == hyper::Method::HEAD {
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed()
+        } else {
+            body
+        };
+        self.builder.body(body).expect("valid response")
+    }
 }
 
 /// Streams `left` bytes of a file in 256 KiB frames.

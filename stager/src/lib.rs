@@ -8,6 +8,7 @@ pub mod db;
 pub mod http;
 pub mod metrics;
 pub mod pki;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod windows;

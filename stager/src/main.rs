@@ -28,5 +28,7 @@ fn run(args: cli::Cli) -> Result<()> {
         cli::Command::Bundle(cli::BundleCommand::Build(o)) => cli::build(o),
         cli::Command::Bundle(cli::BundleCommand::List(o)) => cli::list(o),
         cli::Command::Bundle(cli::BundleCommand::Export(o)) => cli::export(o),
+        cli::Command::Relay(cli::RelayCommand::Init(o)) => cli::relay_init(o),
+        cli::Command::Relay(cli::RelayCommand::Serve(o)) => cli::relay_serve(o),
     }
 }

@@ -81,15 +81,7 @@ pub fn init(dir: &Path, stager_name: &str, sans: &[String]) -> Result<()> {
     write_public(&dir.join(CA_CERT), &ca.pem())?;
 
     let mut p = CertificateParams::new(Vec::<String>::new())?;
-    for s in sans {
-        p.subject_alt_names
-            .push(match s.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => {
-                    SanType::DnsName(s.clone().try_into().with_context(|| format!("SAN {s:?}"))?)
-                }
-            });
-    }
+    p.subject_alt_names = san_list(sans)?;
     let mut dn = DistinguishedName::new();
     dn.push(
         DnType::CommonName,
@@ -109,6 +101,20 @@ pub fn init(dir: &Path, stager_name: &str, sans: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// DNS names and IP addresses as subject alternative names.
+fn san_list(sans: &[String]) -> Result<Vec<SanType>> {
+    sans.iter()
+        .map(|s| {
+            Ok(match s.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => {
+                    SanType::DnsName(s.clone().try_into().with_context(|| format!("SAN {s:?}"))?)
+                }
+            })
+        })
+        .collect()
+}
+
 /// Issues a client certificate: CN = `name`, OU = `role`, client-auth only, valid from an hour
 /// ago for `days` days (negative: already expired, for tests of expiry handling).
 pub fn issue_client(
@@ -118,6 +124,29 @@ pub fn issue_client(
     role: &str,
     days: i64,
 ) -> Result<Issued> {
+    issue(dir, stager_name, name, role, &[], days)
+}
+
+/// Issues a site relay's certificate: CN = `name`, OU = `relay`, for both ends of the relay
+/// (the server agents reach, by `sans`; the client this stager verifies).
+pub fn issue_relay(
+    dir: &Path,
+    stager_name: &str,
+    name: &str,
+    sans: &[String],
+    days: i64,
+) -> Result<Issued> {
+    issue(dir, stager_name, name, "relay", sans, days)
+}
+
+fn issue(
+    dir: &Path,
+    stager_name: &str,
+    name: &str,
+    role: &str,
+    sans: &[String],
+    days: i64,
+) -> Result<Issued> {
     let (ca, ca_key) = issuer(dir, stager_name)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
@@ -125,6 +154,11 @@ pub fn issue_client(
     dn.push(DnType::OrganizationalUnitName, role);
     p.distinguished_name = dn;
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if !sans.is_empty() {
+        p.subject_alt_names = san_list(sans)?;
+        p.extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.serial_number = Some(serial());
     let now = OffsetDateTime::now_utc();

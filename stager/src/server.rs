@@ -11,7 +11,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,11 +87,24 @@ impl State {
     }
 }
 
+/// The stager's server TLS configuration, from its home.
 pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
+    server_tls(
+        &dir.join(crate::pki::CA_CERT),
+        &dir.join(crate::pki::SERVER_CERT),
+        &dir.join(crate::pki::SERVER_KEY),
+    )
+}
+
+/// TLS 1.3, a client certificate from the CA in `ca_path` required, HTTP/2 and HTTP/1.1.
+pub fn server_tls(
+    ca_path: &Path,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let ca_path = dir.join(crate::pki::CA_CERT);
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca_path)
+    for c in CertificateDer::pem_file_iter(ca_path)
         .with_context(|| format!("reading {}", ca_path.display()))?
     {
         roots.add(c.with_context(|| format!("parsing {}", ca_path.display()))?)?;
@@ -100,13 +115,11 @@ pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
     )
     .build()
     .context("building the client certificate verifier")?;
-    let cert_path = dir.join(crate::pki::SERVER_CERT);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .with_context(|| format!("reading {}", cert_path.display()))?
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing {}", cert_path.display()))?;
-    let key_path = dir.join(crate::pki::SERVER_KEY);
-    let key = PrivateKeyDer::from_pem_file(&key_path)
+    let key = PrivateKeyDer::from_pem_file(key_path)
         .with_context(|| format!("reading {}", key_path.display()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -119,7 +132,7 @@ pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
 
 /// Thousands of agents long-poll at once: one descriptor each. Raise the soft limit to the
 /// hard one (the default soft limit of 1024 would refuse the 1025th agent).
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
@@ -151,7 +164,50 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
         "stager: listening on https://{}{caps}",
         listener.local_addr()?
     );
-    let cap = Arc::new(Semaphore::new(state.config.max_connections));
+    accept_loop(state, listener, acceptor).await
+}
+
+/// What the accept loop serves: the stager's API, or a site relay.
+pub trait Served: Send + Sync + 'static {
+    fn metrics(&self) -> &crate::metrics::Metrics;
+    /// Most connections at once, the TLS handshake's timeout, a request header's timeout.
+    fn limits(&self) -> (usize, Duration, Duration);
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Pin<Box<dyn Future<Output = hyper::Response<crate::http::ResBody>> + Send>>;
+}
+
+impl Served for State {
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+    fn limits(&self) -> (usize, Duration, Duration) {
+        (
+            self.config.max_connections,
+            Duration::from_secs(self.config.handshake_timeout_secs),
+            Duration::from_secs(self.config.request_timeout_secs),
+        )
+    }
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Pin<Box<dyn Future<Output = hyper::Response<crate::http::ResBody>> + Send>> {
+        Box::pin(crate::api::handle(self, conn, req))
+    }
+}
+
+/// Accepts TLS connections for ever, one task each, at most `limits().0` at once; counts
+/// connections, refused handshakes and requests by route in `metrics()`.
+pub async fn accept_loop<S: Served>(
+    state: Arc<S>,
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Result<()> {
+    let (max_connections, handshake, request_timeout) = state.limits();
+    let cap = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = cap.clone().acquire_owned().await.expect("semaphore open");
         let (tcp, peer) = match listener.accept().await {
@@ -168,8 +224,7 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            state.metrics.connections.fetch_add(1, Ordering::Relaxed);
-            let handshake = Duration::from_secs(state.config.handshake_timeout_secs);
+            state.metrics().connections.fetch_add(1, Ordering::Relaxed);
             let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => Some(s),
                 _ => None,
@@ -190,15 +245,15 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
                     let (st, conn) = (st.clone(), conn.clone());
                     async move {
                         let route = crate::api::route_name(req.method(), req.uri().path());
-                        let resp = crate::api::handle(st.clone(), conn, req).await;
-                        st.metrics.request(&route, resp.status().as_u16());
+                        let resp = st.clone().handle(conn, req).await;
+                        st.metrics().request(&route, resp.status().as_u16());
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
                 let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 b.http1()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(state.config.request_timeout_secs));
+                    .header_read_timeout(request_timeout);
                 b.http2()
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(64)
@@ -206,11 +261,11 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
                 let _ = b.serve_connection(TokioIo::new(tls), svc).await;
             } else {
                 state
-                    .metrics
+                    .metrics()
                     .handshakes_refused
                     .fetch_add(1, Ordering::Relaxed);
             }
-            state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            state.metrics().connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -21,7 +21,7 @@ pub struct Pems {
     pub ca: PathBuf,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -161,6 +161,11 @@ impl Stager {
     /// curl as `name` (`None`: without a client certificate). Returns (HTTP status, body);
     /// status 0 if the TLS handshake or connection failed.
     pub fn curl(&self, name: Option<&str>, args: &[&str], path: &str) -> (u16, String) {
+        self.curl_at(&self.url(path), name, args)
+    }
+
+    /// As [`curl`](Self::curl), to any URL (a site relay's) with this stager's identities.
+    pub fn curl_at(&self, url: &str, name: Option<&str>, args: &[&str]) -> (u16, String) {
         let pems = self.pems(name.unwrap_or("alice"));
         let mut c = Command::new("curl");
         c.args([
@@ -178,11 +183,7 @@ impl Stager {
         if name.is_some() {
             c.arg("--cert").arg(&pems.cert).arg("--key").arg(&pems.key);
         }
-        let out = c
-            .args(args)
-            .arg(self.url(path))
-            .output()
-            .expect("running curl");
+        let out = c.args(args).arg(url).output().expect("running curl");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
         (code.trim().parse().unwrap_or(0), body.to_string())
@@ -223,5 +224,69 @@ impl Stager {
         // Top-level keys go before any table.
         lines.insert(1, format!("{key} = {value}"));
         std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    }
+}
+
+/// A site relay of a test stager (`stager relay init` + `stager relay serve`) on a free port
+/// of 127.0.0.1; killed on drop.
+pub struct Relay {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Relay {
+    pub fn init(s: &Stager, name: &str) -> Relay {
+        let dir = s.dir.join(format!("relay-{name}"));
+        let port = free_port();
+        ok(stager()
+            .args(["relay", "init", "--dir"])
+            .arg(&s.home)
+            .args(["--name", name, "--san", "127.0.0.1"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
+            .arg(&dir));
+        Relay {
+            dir,
+            port,
+            child: None,
+        }
+    }
+
+    /// Starts `stager relay serve` and waits until it listens.
+    pub fn start(&mut self) {
+        let mut child = stager()
+            .args(["relay", "serve", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting stager relay serve");
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        assert!(
+            line.contains("listening"),
+            "stager relay serve said {line:?}"
+        );
+        // Keep reading what it says (its progress lines) so that it never writes to a
+        // closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

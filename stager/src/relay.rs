@@ -1,0 +1,646 @@
+//! A site relay (`stager relay serve`): a stager's stand-in at a site, so that a bundle
+//! crosses the WAN once per site, not once per machine (DESIGN.md §1, §5).
+//!
+//! Agents of the site reach the relay (their identity file names it); it verifies their
+//! certificates against the fleet's CA and forwards every request to the upstream stager
+//! over its own mutual-TLS connection, naming the agent by its certificate's fingerprint
+//! ([`crate::api::RELAYED_FOR`]). The upstream stager looks that agent up exactly as if it
+//! had connected itself, so every rule (its own job only, revoked certificates refused, a
+//! rollout's waiting hosts kept off their bundles) holds through the relay, which decides
+//! nothing.
+//!
+//! Blobs are the exception: the relay asks upstream whether the agent may read the blob
+//! (a one-byte `Range` request as the agent), and then serves it from its cache. The first
+//! request for a blob starts one download from upstream into `cache/SHA.part` (resumed with
+//! `Range` when the WAN cuts it); every agent asking meanwhile is served from that file as
+//! it grows, so bytes flow at once and the blob crosses the WAN once. A complete download is
+//! checked against its SHA-256 and renamed to `cache/SHA`; one that is not is deleted (the
+//! agents check every byte themselves too: hash, age's authentication, the signed manifest).
+//!
+//! Files in the relay's directory (written by `stager relay init` on the upstream stager):
+//! `relay.toml`, `ca.pem`, `relay.pem` and `relay.key` (0600): one certificate, for both the
+//! server agents reach and the client upstream verifies), `cache/`.
+
+use crate::http::{self, ApiError, BlobHead, ResBody};
+use crate::metrics::Metrics;
+use crate::server::{Conn, Served};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+pub const CONFIG: &str = "relay.toml";
+pub const CERT: &str = "relay.pem";
+pub const KEY: &str = "relay.key";
+pub const CACHE: &str = "cache";
+
+/// Longest wait for upstream's answer to a forwarded request (a long poll is ≤ 300 s).
+const UPSTREAM_ANSWER: Duration = Duration::from_secs(330);
+/// Connecting to upstream, TCP and TLS.
+const UPSTREAM_CONNECT: Duration = Duration::from_secs(10);
+/// A download from upstream cut this many times in a row is given up (the next agent's
+/// request starts it again).
+const FILL_ATTEMPTS: u32 = 8;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The relay's name: its certificate's CN, recorded by the upstream stager.
+    pub name: String,
+    /// Where `stager relay serve` listens.
+    pub listen: String,
+    /// `https://HOST:PORT` of the upstream stager.
+    pub upstream: String,
+    /// Most agent connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl RelayConfig {
+    pub fn new(name: String, listen: String, upstream: String) -> RelayConfig {
+        RelayConfig {
+            name,
+            listen,
+            upstream,
+            max_connections: default_max_connections(),
+        }
+    }
+
+    pub fn load(dir: &Path) -> Result<RelayConfig> {
+        let p = dir.join(CONFIG);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let p = dir.join(CONFIG);
+        let text = format!(
+            "# site relay configuration (see README: Site relays)\n{}",
+            toml::to_string(self).expect("config serializes")
+        );
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+    }
+}
+
+/// How far a download from upstream has come.
+#[derive(Debug, Clone, PartialEq)]
+enum Filled {
+    Running(u64),
+    Done,
+    Failed(String),
+}
+
+pub struct Relay {
+    dir: PathBuf,
+    config: RelayConfig,
+    tls: tokio_rustls::TlsConnector,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    fills: Mutex<HashMap<String, watch::Receiver<Filled>>>,
+    metrics: Metrics,
+    /// Blob bytes received from upstream (cache fills), shown by `/healthz`.
+    bytes_from_upstream: AtomicU64,
+}
+
+impl Relay {
+    pub fn open(dir: &Path) -> Result<Relay> {
+        let config = RelayConfig::load(dir)?;
+        let uri: hyper::Uri = config
+            .upstream
+            .parse()
+            .with_context(|| format!("{}: upstream {:?}", CONFIG, config.upstream))?;
+        anyhow::ensure!(
+            uri.scheme_str() == Some("https"),
+            "{}: upstream {:?} is not an https:// URL",
+            dir.join(CONFIG).display(),
+            config.upstream
+        );
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.to_string())
+            .with_context(|| format!("upstream host {host:?}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = dir.join(crate::pki::CA_CERT);
+        for c in CertificateDer::pem_file_iter(&ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            roots.add(c.with_context(|| format!("parsing {}", ca.display()))?)?;
+        }
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(CERT))
+            .with_context(|| format!("reading {}", dir.join(CERT).display()))?
+            .collect::<Result<_, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(dir.join(KEY))
+            .with_context(|| format!("reading {}", dir.join(KEY).display()))?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .context("relay certificate and key do not match")?;
+        std::fs::create_dir_all(dir.join(CACHE))?;
+        Ok(Relay {
+            dir: dir.to_path_buf(),
+            host: host.to_string(),
+            port,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            config,
+            fills: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            bytes_from_upstream: AtomicU64::new(0),
+        })
+    }
+
+    /// One request to upstream, on its own connection, as the agent `conn`.
+    async fn upstream(
+        &self,
+        conn: &Conn,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(header::HeaderName, String)],
+        body: Bytes,
+    ) -> Result<Response<Incoming>, ApiError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "relay {:?}: {what} upstream stager {}: {e}",
+                    self.config.name, self.config.upstream
+                ),
+            )
+        };
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| bad("connecting to", &e))?;
+            let _ = tcp.set_nodelay(true);
+            self.tls
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| bad("TLS with", &e))
+        };
+        let tls = tokio::time::timeout(UPSTREAM_CONNECT, connect)
+            .await
+            .map_err(|_| bad("timed out connecting to", &"10 s"))??;
+        let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| bad("HTTP with", &e))?;
+        tokio::spawn(connection);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(header::HOST, format!("{}:{}", self.host, self.port))
+            .header(crate::api::RELAYED_ADDR, &conn.addr);
+        if let Some(fp) = &conn.fingerprint {
+            req = req.header(crate::api::RELAYED_FOR, fp);
+        }
+        for (n, v) in headers {
+            req = req.header(n, v);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| bad("building a request for", &e))?;
+        tokio::time::timeout(UPSTREAM_ANSWER, send.send_request(req))
+            .await
+            .map_err(|_| bad("no answer in 330 s from", &"timeout"))?
+            .map_err(|e| bad("request to", &e))
+    }
+
+    async fn handle_request(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResBody>, ApiError> {
+        let (parts, body) = req.into_parts();
+        let body = if parts.method == Method::POST {
+            http::read_body(body, Duration::from_secs(30)).await?
+        } else {
+            Bytes::new()
+        };
+        let path = parts.uri.path().to_string();
+        if path == "/healthz" && parts.method == Method::GET {
+            return Ok(http::json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "ok": true,
+                    "relay": self.config.name,
+                    "bytes_from_upstream": self.bytes_from_upstream.load(Ordering::Relaxed),
+                    "bytes_served": self.metrics.bytes_served.load(Ordering::Relaxed),
+                }),
+            ));
+        }
+        if conn.fingerprint.is_none() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a client certificate is required",
+            ));
+        }
+        let blob = path
+            .strip_prefix("/v1/blobs/")
+            .filter(|_| parts.method == Method::GET || parts.method == Method::HEAD)
+            .map(str::to_string);
+        if let Some(sha) = blob {
+            return self.blob(&conn, &parts, &sha).await;
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or(path.as_str(), |p| p.as_str())
+            .to_string();
+        let mut fwd = Vec::new();
+        for n in [header::CONTENT_TYPE, header::ACCEPT] {
+            if let Some(v) = parts.headers.get(&n).and_then(|v| v.to_str().ok()) {
+                fwd.push((n, v.to_string()));
+            }
+        }
+        let resp = self
+            .upstream(&conn, parts.method.clone(), &pq, &fwd, body)
+            .await?;
+        Ok(passed_on(resp))
+    }
+
+    /// A blob: may this agent read it (upstream decides), then from the cache.
+    async fn blob(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        parts: &hyper::http::request::Parts,
+        sha: &str,
+    ) -> Result<Response<ResBody>, ApiError> {
+        if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(ApiError::bad_request(format!(
+                "{sha:?} is not a SHA-256 (64 lower-case hex digits)"
+            )));
+        }
+        let probe = self
+            .upstream(
+                conn,
+                Method::GET,
+                &format!("/v1/blobs/{sha}"),
+                &[(header::RANGE, "bytes=0-0".to_string())],
+                Bytes::new(),
+            )
+            .await?;
+        if !probe.status().is_success() {
+            return Ok(passed_on(probe));
+        }
+        let len = blob_len(&probe).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream gave blob {sha} without its length"),
+            )
+        })?;
+        drop(probe);
+        let done = self.dir.join(CACHE).join(sha);
+        if done.exists() {
+            return http::serve_file(parts, &done, sha, self.metrics.bytes_served.clone()).await;
+        }
+        let progress = self.fill(conn, sha, len);
+        let head = BlobHead::of(parts, len, sha)?;
+        let (tx, rx) = mpsc::channel(4);
+        let counter = self.metrics.bytes_served.clone();
+        let part = self.dir.join(CACHE).join(format!("{sha}.part"));
+        tokio::spawn(follow(
+            part, done, head.start, head.count, progress, tx, counter,
+        ));
+        let left = head.count;
+        Ok(head.respond(parts, ChannelBody { rx, left }.boxed()))
+    }
+
+    /// The download of blob `sha` into the cache: the one under way, or a new one (as the
+    /// agent `conn`, whose right to read it upstream has just confirmed).
+    fn fill(self: &Arc<Self>, conn: &Arc<Conn>, sha: &str, len: u64) -> watch::Receiver<Filled> {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = fills.get(sha) {
+            if !matches!(*rx.borrow(), Filled::Failed(_)) {
+                return rx.clone();
+            }
+        }
+        let (tx, rx) = watch::channel(Filled::Running(0));
+        // Finished since the caller looked (its download just ended): nothing to fetch.
+        if self.dir.join(CACHE).join(sha).exists() {
+            let _ = tx.send(Filled::Done);
+            return rx;
+        }
+        let part = self.dir.join(CACHE).join(format!("{sha}.part"));
+        // Created before anyone reads it; a leftover from a stopped relay starts over.
+        if let Err(e) = std::fs::File::create(&part) {
+            let _ = tx.send(Filled::Failed(format!("creating {}: {e}", part.display())));
+            return rx;
+        }
+        fills.insert(sha.to_string(), rx.clone());
+        let (relay, conn, sha) = (self.clone(), conn.clone(), sha.to_string());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let end = match relay.download(&conn, &sha, len, &part, &tx).await {
+                Ok(()) => {
+                    println!(
+                        "relay: cached blob {sha} ({len} bytes) from upstream in {:.1} s",
+                        t.elapsed().as_secs_f64()
+                    );
+                    Filled::Done
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&part);
+                    eprintln!("relay: blob {sha}: {e:#}");
+                    Filled::Failed(format!("{e:#}"))
+                }
+            };
+            let _ = tx.send(end);
+            relay
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&sha);
+        });
+        rx
+    }
+
+    async fn download(
+        &self,
+        conn: &Conn,
+        sha: &str,
+        len: u64,
+        part: &Path,
+        tx: &watch::Sender<Filled>,
+    ) -> Result<()> {
+        let mut file = tokio::fs::OpenOptions::new().write(true).open(part).await?;
+        let mut hash = Sha256::new();
+        let mut have = 0u64;
+        let mut failures = 0u32;
+        let mut said = Instant::now();
+        while have < len {
+            let range = [(header::RANGE, format!("bytes={have}-"))];
+            let got = async {
+                let resp = self
+                    .upstream(
+                        conn,
+                        Method::GET,
+                        &format!("/v1/blobs/{sha}"),
+                        if have > 0 { &range } else { &[] },
+                        Bytes::new(),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                let want = if have > 0 {
+                    StatusCode::PARTIAL_CONTENT
+                } else {
+                    StatusCode::OK
+                };
+                anyhow::ensure!(
+                    resp.status() == want,
+                    "upstream answered {} for bytes {have}-",
+                    resp.status()
+                );
+                let mut body = resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    let Ok(data) = frame?.into_data() else {
+                        continue;
+                    };
+                    anyhow::ensure!(
+                        have + data.len() as u64 <= len,
+                        "upstream sent more than the blob's {len} bytes"
+                    );
+                    // tokio's write returns once the data is handed to its blocking task;
+                    // flush waits until it is in the file, where readers look.
+                    file.write_all(&data).await?;
+                    file.flush().await?;
+                    hash.update(&data);
+                    have += data.len() as u64;
+                    self.bytes_from_upstream
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    tx.send_replace(Filled::Running(have));
+                    failures = 0;
+                    if said.elapsed() > Duration::from_secs(5) {
+                        said = Instant::now();
+                        println!(
+                            "relay: filling blob {sha}: {} of {} MiB",
+                            have >> 20,
+                            len >> 20
+                        );
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = got {
+                failures += 1;
+                if failures >= FILL_ATTEMPTS {
+                    return Err(e.context(format!("gave up after {FILL_ATTEMPTS} attempts")));
+                }
+                eprintln!("relay: blob {sha} at byte {have}: {e:#}; resuming");
+                tokio::time::sleep(Duration::from_millis(500 << failures.min(5))).await;
+            }
+        }
+        file.sync_all().await?;
+        let got = bundle::pipe::hex(&hash.finalize());
+        anyhow::ensure!(
+            got == sha,
+            "arrived with SHA-256 {got}; deleted, the next request fetches it again"
+        );
+        tokio::fs::rename(part, self.dir.join(CACHE).join(sha)).await?;
+        Ok(())
+    }
+}
+
+impl Served for Relay {
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn limits(&self) -> (usize, Duration, Duration) {
+        (
+            self.config.max_connections,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+    }
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        req: Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Response<ResBody>> + Send>> {
+        Box::pin(async move {
+            match self.handle_request(conn, req).await {
+                Ok(r) => r,
+                Err(e) => http::error(&e),
+            }
+        })
+    }
+}
+
+/// Upstream's answer, passed on: status, the headers a client reads, the body streamed.
+fn passed_on(resp: Response<Incoming>) -> Response<ResBody> {
+    let (parts, body) = resp.into_parts();
+    let mut b = Response::builder().status(parts.status);
+    for n in [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::CACHE_CONTROL,
+        header::ETAG,
+        header::CONTENT_RANGE,
+        header::ACCEPT_RANGES,
+    ] {
+        if let Some(v) = parts.headers.get(&n) {
+            b = b.header(n, v);
+        }
+    }
+    b.body(body.map_err(io::Error::other).boxed())
+        .expect("valid response")
+}
+
+/// The blob's length from the answer to `Range: bytes=0-0` (`Content-Range: bytes 0-0/LEN`),
+/// or from `Content-Length` if upstream sent it whole.
+fn blob_len(resp: &Response<Incoming>) -> Option<u64> {
+    let h = |n| resp.headers().get(n).and_then(|v| v.to_str().ok());
+    match resp.status() {
+        StatusCode::PARTIAL_CONTENT => h(header::CONTENT_RANGE)?.rsplit('/').next()?.parse().ok(),
+        _ => h(header::CONTENT_LENGTH)?.parse().ok(),
+    }
+}
+
+/// Sends `count` bytes from `start` of a blob being filled (or filled since), waiting for
+/// the download as it catches up; stops with an error if the download fails.
+async fn follow(
+    part: PathBuf,
+    done: PathBuf,
+    start: u64,
+    count: u64,
+    mut progress: watch::Receiver<Filled>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    counter: Arc<AtomicU64>,
+) {
+    let fail = |m: String| io::Error::other(m);
+    // Open before the rename (an open file survives it); after it, the finished file.
+    let file = match tokio::fs::File::open(&part).await {
+        Ok(f) => Ok(f),
+        Err(_) => tokio::fs::File::open(&done).await,
+    };
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx
+                .send(Err(fail(format!("opening the cached blob: {e}"))))
+                .await;
+            return;
+        }
+    };
+    if let Err(e) = file.seek(io::SeekFrom::Start(start)).await {
+        let _ = tx.send(Err(e)).await;
+        return;
+    }
+    let (mut pos, end) = (start, start + count);
+    while pos < end {
+        let now = progress.borrow_and_update().clone();
+        let avail = match now {
+            Filled::Running(n) => n,
+            Filled::Done => end,
+            Filled::Failed(m) => {
+                let _ = tx
+                    .send(Err(fail(format!("relay's download failed: {m}"))))
+                    .await;
+                return;
+            }
+        };
+        if avail <= pos {
+            let gone = progress.changed().await.is_err();
+            if gone && !matches!(*progress.borrow(), Filled::Done) {
+                let _ = tx
+                    .send(Err(fail("relay's download stopped".to_string())))
+                    .await;
+                return;
+            }
+            continue;
+        }
+        let n = (avail.min(end) - pos).min(256 * 1024) as usize;
+        let mut buf = vec![0u8; n];
+        if let Err(e) = file.read_exact(&mut buf).await {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+        pos += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+            return; // the agent went away
+        }
+    }
+}
+
+/// A response body fed by a task through a channel.
+struct ChannelBody {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    left: u64,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "relay stopped sending the blob",
+            )))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Ok(b))) => {
+                self.left = self.left.saturating_sub(b.len() as u64);
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// `stager relay serve`: serves the site's agents until stopped.
+pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
+    crate::server::raise_fd_limit();
+    let relay = Arc::new(Relay::open(dir)?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(crate::server::server_tls(
+        &dir.join(crate::pki::CA_CERT),
+        &dir.join(CERT),
+        &dir.join(KEY),
+    )?));
+    let addr = listen.unwrap_or_else(|| relay.config.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    println!(
+        "relay {}: listening on https://{}; upstream {}",
+        relay.config.name,
+        listener.local_addr()?,
+        relay.config.upstream
+    );
+    crate::server::accept_loop(relay, listener, acceptor).await
+}
