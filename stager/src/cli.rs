@@ -85,6 +85,9 @@ pub struct RelayInitOpts {
     /// Directory to create for the relay (relay.toml, ca.pem, relay.pem, relay.key).
     #[arg(long)]
     pub out: PathBuf,
+    /// How the relay reaches this stager (default: `url` in stager.toml, as agents do).
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
     /// Days the relay's certificate is valid.
     #[arg(long, default_value_t = 825)]
     pub days: i64,
@@ -289,6 +292,14 @@ pub fn init(o: InitOpts) -> Result<()> {
     Ok(())
 }
 
+fn https_url(flag: &str, u: &str) -> Result<()> {
+    let ok = u
+        .strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty() && u.parse::<hyper::Uri>().is_ok());
+    anyhow::ensure!(ok, "{flag} {u:?} is not an https://HOST[:PORT] URL");
+    Ok(())
+}
+
 /// Host and operator names: 1-253 of A-Z a-z 0-9 . _ -, not starting with . or -.
 fn validate_name(field: &str, n: &str) -> Result<()> {
     let ok = !n.is_empty()
@@ -355,10 +366,7 @@ pub fn enroll(o: EnrollOpts) -> Result<()> {
         validate_name("--site", s)?;
     }
     if let Some(v) = &o.via {
-        anyhow::ensure!(
-            v.starts_with("https://") && v.len() > "https://".len(),
-            "--via {v:?} is not an https:// URL"
-        );
+        https_url("--via", v)?;
     }
     issue(
         &o.home.dir,
@@ -399,13 +407,17 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
             o.out.display()
         );
     }
+    if let Some(u) = &o.upstream {
+        https_url("--upstream", u)?;
+    }
     let issued = pki::issue_relay(dir, &config.name, &o.name, &o.sans, o.days)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     std::fs::copy(dir.join(pki::CA_CERT), o.out.join(pki::CA_CERT))
         .with_context(|| format!("copying {}", pki::CA_CERT))?;
     pki::write_private(&o.out.join(stager::relay::KEY), &issued.key_pem)?;
     std::fs::write(o.out.join(stager::relay::CERT), &issued.cert_pem)?;
-    stager::relay::RelayConfig::new(o.name.clone(), o.listen, config.url).save(&o.out)?;
+    let upstream = o.upstream.unwrap_or(config.url);
+    stager::relay::RelayConfig::new(o.name.clone(), o.listen, upstream).save(&o.out)?;
     let not_after =
         humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
             .to_string();

@@ -39,6 +39,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///               cannot start, so the machine must come back to rescue with the job failed.
 ///   all         full, bad-target, windows-layout (UEFI), power-cut.
 ///
+/// --relay: every scenario through a site relay between the VM and the stager.
+///
 /// --bios: SeaBIOS instead of OVMF; the source disk boots through its own Debian GRUB for
 /// BIOS. `full --bios` checks the migration, the default boot, the rescue on request and
 /// back, the target that stops coming up, and a second job (not: efibootmgr, which has
@@ -73,6 +75,12 @@ struct Cli {
     /// agent (it is Docker's to make), so only the source has it.
     #[arg(long, global = true, conflicts_with = "bond")]
     bridge: bool,
+    /// The VM reaches the stager through a site relay (`stager relay serve` on 127.0.0.1,
+    /// its certificate for the stager's address as the guest knows it): every request of the
+    /// agent goes through it. A passed scenario also requires, from the relay's log, that
+    /// each blob crossed from the stager to the relay at most once.
+    #[arg(long, global = true)]
+    relay: bool,
     /// Working directory (disk images, serial logs, the stager's home and log).
     #[arg(long, global = true, default_value = "/var/tmp/reinstall-vm")]
     work: PathBuf,
@@ -181,6 +189,7 @@ fn main() -> ExitCode {
         hang: cli.hang,
         bond: cli.bond,
         bridge: cli.bridge,
+        relay: cli.relay,
     };
     let r = match &cli.cmd {
         Cmd::Full => scenario::full(&opts),

@@ -22,6 +22,8 @@ pub struct Opts {
     /// The VM's address is on a bridge of its NIC, beside a dummy with [`ANYCAST`]; the
     /// source also has a portless docker0.
     pub bridge: bool,
+    /// The VM reaches the stager through a site relay.
+    pub relay: bool,
 }
 
 /// With `--bond`: VLAN 100 on bond0 holds this address (QEMU's user network carries no
@@ -58,6 +60,8 @@ pub struct Env {
     pub op: PathBuf,
     pub release_pub: String,
     stager: Child,
+    /// The site relay between the VM and the stager, and its log (`--relay`).
+    relay: Option<(Child, PathBuf)>,
     pub vm: Vm,
     t0: Instant,
     last: Instant,
@@ -70,7 +74,73 @@ impl Drop for Env {
         self.vm.kill();
         let _ = self.stager.kill();
         let _ = self.stager.wait();
+        if let Some((relay, _)) = &mut self.relay {
+            let _ = relay.kill();
+            let _ = relay.wait();
+        }
     }
+}
+
+/// Starts `bin ARGS` with its output in `log`, and waits until it listens on `port`.
+fn listening(
+    bin: &Path,
+    args: &[&str],
+    env: (&str, &Path),
+    log: &Path,
+    port: u16,
+) -> Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let child = Command::new(bin)
+        .args(args)
+        .env(env.0, env.1)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {} {}", bin.display(), args.join(" ")))?;
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(
+            up.elapsed() < Duration::from_secs(30),
+            "{} {} did not listen on 127.0.0.1:{port}; see {}",
+            bin.display(),
+            args.join(" "),
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
+}
+
+/// From a relay's log ("relay: cached blob SHA (N bytes) from upstream"): how many blobs it
+/// fetched from the stager and their bytes; an error if any was fetched twice, or none was.
+fn relay_fills(log: &Path) -> Result<(usize, u64)> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut seen = std::collections::BTreeMap::new();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix("relay: cached blob ") else {
+            continue;
+        };
+        let mut w = rest.split_whitespace();
+        let sha = w.next().unwrap_or_default().to_string();
+        let bytes: u64 = w
+            .next()
+            .and_then(|b| b.strip_prefix('('))
+            .and_then(|b| b.parse().ok())
+            .with_context(|| format!("{}: unreadable line {l:?}", log.display()))?;
+        ensure!(
+            seen.insert(sha.clone(), bytes).is_none(),
+            "the relay fetched blob {sha} from the stager twice; see {}",
+            log.display()
+        );
+    }
+    ensure!(
+        !seen.is_empty(),
+        "the relay fetched no blob: the VM did not go through it; see {}",
+        log.display()
+    );
+    Ok((seen.len(), seen.values().sum()))
 }
 
 /// Builds `reinstall` and `stager` (same profile as this binary) and returns their paths.
@@ -174,24 +244,44 @@ impl Env {
             &op,
             text.replace(&from, &format!("https://127.0.0.1:{port}")),
         )?;
-        let log = std::fs::File::create(dir.join("stager.log"))?;
-        let stager_child = Command::new(&stager)
-            .args(["serve"])
-            .env("STAGER_DIR", &home)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting stager serve")?;
-        let up = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(
-                up.elapsed() < Duration::from_secs(30),
-                "the stager did not listen on 127.0.0.1:{port}; see {}",
-                dir.join("stager.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let stager_child = listening(
+            &stager,
+            &["serve"],
+            ("STAGER_DIR", &home),
+            &dir.join("stager.log"),
+            port,
+        )?;
+        // With --relay the guest's stager address leads to the relay, whose certificate is
+        // for that address; the relay reaches the stager on 127.0.0.1.
+        let (relay, vm_port) = if o.relay {
+            let relay_port = vm::free_port()?;
+            let relay_dir = dir.join("relay");
+            st(&[
+                "relay",
+                "init",
+                "--name",
+                "site-relay",
+                "--san",
+                vm::STAGER_IP,
+                "--listen",
+                &format!("127.0.0.1:{relay_port}"),
+                "--upstream",
+                &format!("https://127.0.0.1:{port}"),
+                "--out",
+                &relay_dir.to_string_lossy(),
+            ])?;
+            let log = dir.join("relay.log");
+            let child = listening(
+                &stager,
+                &["relay", "serve", "--dir", &relay_dir.to_string_lossy()],
+                ("STAGER_DIR", &home),
+                &log,
+                relay_port,
+            )?;
+            (Some((child, log)), relay_port)
+        } else {
+            (None, port)
+        };
         // The machine: source disk from the source tree, an empty disk 2.
         let key = dir.join("id_ed25519");
         run(Command::new("ssh-keygen")
@@ -230,7 +320,7 @@ impl Env {
             disk2,
             !o.bios,
             o.nvme,
-            port,
+            vm_port,
             key,
             known.clone(),
         )?;
@@ -254,6 +344,7 @@ impl Env {
             op,
             release_pub,
             stager: stager_child,
+            relay,
             vm,
             t0: now,
             last: now,
@@ -276,9 +367,17 @@ impl Env {
 
     /// A passed scenario: prints its table and removes its disk images (gigabytes each;
     /// a failed run keeps them, with the logs, for inspection).
-    pub fn passed(&mut self, title: &str) {
+    pub fn passed(&mut self, title: &str) -> Result<()> {
+        if let Some((_, log)) = &self.relay {
+            let (blobs, bytes) = relay_fills(log)?;
+            self.row(&format!(
+                "site relay: {blobs} blob(s), {} MiB, each crossed from the stager once",
+                bytes >> 20
+            ));
+        }
         self.print_table(title);
         self.discard_disks();
+        Ok(())
     }
 
     fn discard_disks(&mut self) {
@@ -854,7 +953,7 @@ pub fn full(o: &Opts) -> Result<bool> {
     target_done(&mut e, &mut op, "target OS (second job)")?;
     if o.bios {
         e.row("second job done: target up through the new rescue OS");
-        e.passed("scenario full (BIOS): passed");
+        e.passed("scenario full (BIOS): passed")?;
         return Ok(true);
     }
     let (order, raw) = boot_order(&e)?;
@@ -872,7 +971,7 @@ pub fn full(o: &Opts) -> Result<bool> {
         "second job done: target up, one entry per label (BootOrder {})",
         order.join(", ")
     ));
-    e.passed("scenario full (UEFI): passed");
+    e.passed("scenario full (UEFI): passed")?;
     Ok(true)
 }
 
@@ -1067,7 +1166,7 @@ pub fn bad_target(o: &Opts) -> Result<bool> {
         "scenario bad-target (UEFI): passed"
     } else {
         "scenario bad-target (BIOS): passed"
-    });
+    })?;
     Ok(true)
 }
 
@@ -1121,7 +1220,7 @@ pub fn windows_layout(o: &Opts) -> Result<bool> {
     e.vm.kill();
     check_windows_disk(&e)?;
     e.row("disk 1 from the host: ESP/MSR/NTFS, geometry, image, unattend.xml, ESP files");
-    e.passed("scenario windows-layout (UEFI): passed");
+    e.passed("scenario windows-layout (UEFI): passed")?;
     Ok(true)
 }
 
