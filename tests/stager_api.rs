@@ -1118,6 +1118,14 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
         out.ends_with("403") && out.contains("may only forward agents"),
         "{out}"
     );
+    // Every forwarded request had its own connection to the stager, closed once answered.
+    let open = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            stager_metric(&s, "stager_connections")
+        })
+        .find(|&n| n == 1);
+    assert_eq!(open, Some(1), "connections the relay left open to the stager");
     // The stager gone: 502, naming it.
     let url = relay.url("/v1/agent/work");
     s.kill();
