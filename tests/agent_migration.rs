@@ -1305,6 +1305,51 @@ fn a_machine_migrates_through_a_site_relay() {
     );
 }
 
+/// Through a site relay that is down: the identity names the relay first and the stager as
+/// its fallback (as `stager enroll --via` writes it); the agent goes to the stager directly
+/// and the job completes.
+#[test]
+fn with_its_site_relay_down_the_agent_falls_back_to_the_stager() {
+    let env = Env::new();
+    // A relay that was set up but is not running: its port refuses connections.
+    let relay = integration_tests::stager::Relay::init(&env.stager, "pop-a");
+    let src = env.w.path().join("mnt-source");
+    {
+        let _m = mount(&env.root_part("source"), &src, false);
+        for f in [
+            src.join("etc/reinstall/identity.toml"),
+            env.w
+                .path()
+                .join("carry-expect/etc/reinstall/identity.toml"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let direct = format!("stager = \"{}\"", env.stager.url(""));
+            let via = text.replace(&direct, &format!("stager = \"{}\"", relay.url("")))
+                + &format!("fallback = [\"{}\"]\n", env.stager.url(""));
+            std::fs::write(&f, via).unwrap();
+        }
+    }
+    create_job(&env.stager);
+    let root = env.w.path().join("mnt-source");
+    let out = {
+        let _m = mount(&env.root_part("source"), &root, false);
+        env.agent(&root, None)
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the stager at {} is unreachable; trying {}",
+            relay.url(""),
+            env.stager.url("")
+        )),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(100), "{err}");
+    env.power_cycle();
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
+}
+
 #[test]
 fn killed_at_any_failpoint_the_agent_resumes_and_completes() {
     let points = [

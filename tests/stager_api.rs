@@ -1005,6 +1005,10 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
     assert!(id3.contains("web3"), "{id3}");
     let text = std::fs::read_to_string(s.identity("web3")).unwrap();
     assert!(text.contains(&format!("stager = \"{via}\"")), "{text}");
+    assert!(
+        text.contains(&format!("fallback = [\"{}\"]", s.url(""))),
+        "the stager itself, for when the relay is down: {text}"
+    );
     let err = fails(
         stager()
             .args(["enroll", "--dir"])
@@ -1125,7 +1129,11 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
             stager_metric(&s, "stager_connections")
         })
         .find(|&n| n == 1);
-    assert_eq!(open, Some(1), "connections the relay left open to the stager");
+    assert_eq!(
+        open,
+        Some(1),
+        "connections the relay left open to the stager"
+    );
     // The stager gone: 502, naming it.
     let url = relay.url("/v1/agent/work");
     s.kill();

@@ -24,7 +24,14 @@ pub struct Client {
     /// Keep retrying an unreachable (or failing, 5xx) stager this long; `None` fails at once
     /// (the operator's commands).
     retry_for: Option<Duration>,
+    /// Which of the identity's URLs (`stager`, then each `fallback`) requests go to, and
+    /// since when: a fallback taken because the first could not be reached is kept for
+    /// [`BACK_TO_FIRST`], then the first is tried again.
+    using: Arc<std::sync::Mutex<(usize, std::time::Instant)>>,
 }
+
+/// How long requests stay on a fallback URL before the identity's `stager` is tried again.
+pub const BACK_TO_FIRST: Duration = Duration::from_secs(300);
 
 impl Client {
     pub fn new(identity: IdentityFile) -> Result<Client> {
@@ -57,6 +64,7 @@ impl Client {
             agent,
             identity,
             retry_for: None,
+            using: Arc::new(std::sync::Mutex::new((0, std::time::Instant::now()))),
         })
     }
 
@@ -66,31 +74,70 @@ impl Client {
         self
     }
 
-    /// Runs a request, repeating it while the stager is unreachable or failing (5xx), for as
-    /// long as this client retries.
+    /// The identity's URLs: `stager`, then each `fallback`.
+    fn bases(&self) -> Vec<&str> {
+        std::iter::once(self.identity.stager.as_str())
+            .chain(self.identity.fallback.iter().map(String::as_str))
+            .map(|u| u.trim_end_matches('/'))
+            .collect()
+    }
+
+    fn using(&self) -> std::sync::MutexGuard<'_, (usize, std::time::Instant)> {
+        self.using.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a request against the URL in use (`f` gets it, without a trailing `/`), repeating
+    /// it while the stager is unreachable or failing (5xx), for as long as this client
+    /// retries. An unreachable URL passes the request to the identity's next one (once each
+    /// even without retries).
     fn call(
         &self,
-        mut f: impl FnMut() -> Result<ureq::Response, ureq::Error>,
+        mut f: impl FnMut(&str) -> Result<ureq::Response, ureq::Error>,
     ) -> Result<ureq::Response, ureq::Error> {
+        let bases = self.bases();
         let start = std::time::Instant::now();
         let mut attempt = 0u32;
+        let mut tried = 0usize;
+        {
+            let mut u = self.using();
+            if u.0 != 0 && u.1.elapsed() >= BACK_TO_FIRST {
+                *u = (0, std::time::Instant::now());
+            }
+        }
         loop {
-            let r = f();
+            let i = self.using().0 % bases.len();
+            let r = f(bases[i]);
+            let unreachable = matches!(&r, Err(ureq::Error::Transport(_)));
             let retryable = match &r {
                 Err(ureq::Error::Transport(_)) => true,
                 Err(ureq::Error::Status(code, _)) => *code >= 500,
                 Ok(_) => false,
             };
+            if unreachable && bases.len() > 1 {
+                let next = (i + 1) % bases.len();
+                if attempt == 0 {
+                    eprintln!(
+                        "reinstall: the stager at {} is unreachable; trying {}",
+                        bases[i], bases[next]
+                    );
+                }
+                *self.using() = (next, std::time::Instant::now());
+                tried += 1;
+                if tried < bases.len() {
+                    continue;
+                }
+            }
             match self.retry_for {
                 Some(limit) if retryable && start.elapsed() < limit => {
                     if attempt == 0 {
                         eprintln!(
                             "reinstall: the stager at {} is unreachable; retrying",
-                            self.identity.stager
+                            bases[i]
                         );
                     }
                     std::thread::sleep(backoff(attempt));
                     attempt += 1;
+                    tried = 0;
                 }
                 _ => return r,
             }
@@ -108,17 +155,15 @@ impl Client {
                     .unwrap_or_else(|_| "(no error message)".into());
                 anyhow!("stager refused {path} ({code}): {msg}")
             }
-            e => anyhow!("cannot reach the stager at {}: {e}", self.identity.stager),
+            e => anyhow!(
+                "cannot reach the stager at {}: {e}",
+                self.bases().join(" or ")
+            ),
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.identity.stager.trim_end_matches('/'))
-    }
-
     pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let url = self.url(path);
-        let r = self.call(|| self.agent.get(&url).call());
+        let r = self.call(|base| self.agent.get(&format!("{base}{path}")).call());
         self.decode(path, r)
     }
 
@@ -139,10 +184,9 @@ impl Client {
     /// deadline of `wait` + 30 s instead of the 60 s read timeout.
     pub fn poll_work(&self, wait: Duration) -> Result<proto::v1::Work> {
         let path = format!("/v1/agent/work?wait={}", wait.as_secs());
-        let url = self.url(&path);
-        let r = self.call(|| {
+        let r = self.call(|base| {
             self.agent
-                .get(&url)
+                .get(&format!("{base}{path}"))
                 .timeout(wait + Duration::from_secs(30))
                 .call()
         });
@@ -154,16 +198,14 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T> {
-        let url = self.url(path);
-        let r = self.call(|| self.agent.post(&url).send_json(body));
+        let r = self.call(|base| self.agent.post(&format!("{base}{path}")).send_json(body));
         self.decode(path, r)
     }
 
     /// GET `path` from byte `offset` on (`Range`); the body as a stream.
     pub fn get_range(&self, path: &str, offset: u64) -> Result<Box<dyn std::io::Read + Send>> {
-        let url = self.url(path);
-        let r = self.call(|| {
-            let mut req = self.agent.get(&url);
+        let r = self.call(|base| {
+            let mut req = self.agent.get(&format!("{base}{path}"));
             if offset > 0 {
                 req = req.set("Range", &format!("bytes={offset}-"));
             }

@@ -46,6 +46,10 @@ pub struct IdentityFile {
     pub key: String,
     /// minisign public key that every bundle manifest must be signed with.
     pub release_pub: String,
+    /// Other `https://` URLs of the same stager, tried in order while `stager` cannot be
+    /// reached: a host enrolled through a site relay names the stager itself here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,11 +76,12 @@ impl IdentityFile {
                 f.format
             )));
         }
-        if !f.stager.starts_with("https://") {
-            return Err(invalid(format!(
-                "stager {:?} is not an https:// URL",
-                f.stager
-            )));
+        for (field, url) in
+            std::iter::once(("stager", &f.stager)).chain(f.fallback.iter().map(|u| ("fallback", u)))
+        {
+            if !url.starts_with("https://") {
+                return Err(invalid(format!("{field} {url:?} is not an https:// URL")));
+            }
         }
         Ok(f)
     }
@@ -121,5 +126,18 @@ mod tests {
         assert!(e.to_string().contains("/etc/x.toml") && e.to_string().contains("format 2"));
         let http = FIXTURE.replace("https://", "http://");
         assert!(IdentityFile::parse(Path::new("x"), &http).is_err());
+        let fallback = format!("{FIXTURE}fallback = [\"http://stager:8443\"]\n");
+        let e = IdentityFile::parse(Path::new("x"), &fallback).unwrap_err();
+        assert!(e.to_string().contains("fallback"), "{e}");
+    }
+
+    /// An identity through a relay names the stager as its fallback, and keeps it.
+    #[test]
+    fn a_fallback_url_round_trips() {
+        let mut f = IdentityFile::parse(Path::new("fixture"), FIXTURE).unwrap();
+        assert!(f.fallback.is_empty());
+        f.fallback = vec!["https://stager.example:8443".into()];
+        let again = IdentityFile::parse(Path::new("again"), &f.to_toml()).unwrap();
+        assert_eq!(again, f);
     }
 }

@@ -160,7 +160,8 @@ pub struct EnrollOpts {
     #[arg(long)]
     pub site: Option<String>,
     /// The URL of the site relay this host reaches the stager through (`stager relay init`),
-    /// written into the identity file instead of this stager's own URL.
+    /// written into the identity file instead of this stager's own URL, which the agent
+    /// falls back to while the relay cannot be reached.
     #[arg(long, value_name = "URL")]
     pub via: Option<String>,
 }
@@ -338,6 +339,8 @@ fn issue(
         name: name.to_string(),
         role,
         stager: via.unwrap_or(&config.url).to_string(),
+        // Through a relay: the stager itself while the relay cannot be reached.
+        fallback: via.map(|_| config.url.clone()).into_iter().collect(),
         ca: read(pki::CA_CERT)?,
         cert: issued.cert_pem,
         key: issued.key_pem,
