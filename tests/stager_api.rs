@@ -1149,3 +1149,81 @@ fn stager_metric(s: &Stager, name: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {m}"))
 }
+
+/// A site relay whose cache disk is full (a 1 MiB tmpfs under `cache/`) still serves every
+/// blob: the failed fill sends it, and every request for the next 10 minutes, straight
+/// through from the stager (with `Range`), and `/healthz` says why.
+#[test]
+fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
+    use integration_tests::stager::Relay;
+    let w = scratch();
+    let target = small_target(w.path());
+    ok(std::process::Command::new("head")
+        .args(["-c", "8388608", "/dev/urandom"])
+        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
+    let mut s = Stager::new(w.path(), &target);
+    s.start();
+    let mut relay = Relay::init(&s, "pop-a");
+    let cache = relay.dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    ok(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&cache));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            umount(&self.0);
+        }
+    }
+    let _unmount = Unmount(cache.clone());
+    relay.start();
+    let (code, body) = s.curl(
+        Some("alice"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"hosts":["web1"],"target":"target"}"#,
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 201, "{body}");
+    let sha = s.sha_of("target");
+    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
+        .unwrap()
+        .len();
+    let at = |args: &[&str], path: &str| s.curl_at(&relay.url(path), Some("web1"), args);
+    let out = w.path().join("blob");
+    // The first request's fill runs out of space after 1 MiB: that request is cut (the
+    // agent would resume it), and the relay turns to passing blobs through.
+    let _ = at(&["-o", out.to_str().unwrap()], &format!("/v1/blobs/{sha}"));
+    let (code, health) = at(&[], "/healthz");
+    assert_eq!(code, 200, "{health}");
+    let h: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let why = h["cache_broken"].as_str().unwrap_or_default();
+    assert!(why.contains("writing") && why.contains("cache"), "{h}");
+    // Resumed where it stopped, and again from scratch: whole, through the relay.
+    let got = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let (code, body) = at(
+        &["-C", "-", "-o", out.to_str().unwrap()],
+        &format!("/v1/blobs/{sha}"),
+    );
+    assert!(code == 200 || code == 206, "{code} {body} (had {got})");
+    let hash = |f: &std::path::Path| sh(&format!("sha256sum {} | cut -d' ' -f1", f.display()));
+    assert_eq!(hash(&out).trim(), sha);
+    let again = w.path().join("again");
+    let (code, _) = at(
+        &["-o", again.to_str().unwrap()],
+        &format!("/v1/blobs/{sha}"),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(hash(&again).trim(), sha);
+    assert_eq!(std::fs::metadata(&again).unwrap().len(), size);
+    // Refusals still come from the stager.
+    let (code, body) = s.curl_at(
+        &relay.url(&format!("/v1/blobs/{sha}")),
+        Some("web2"),
+        &["-o", "-"],
+    );
+    assert_eq!(code, 403, "{body}");
+}

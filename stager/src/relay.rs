@@ -123,6 +123,29 @@ pub struct Relay {
     metrics: Metrics,
     /// Blob bytes received from upstream (cache fills), shown by `/healthz`.
     bytes_from_upstream: AtomicU64,
+    /// When and why the cache last failed on this machine's side (disk full, read-only):
+    /// for [`PASS_THROUGH_FOR`] after it, blobs are passed through from upstream uncached.
+    cache_broken: Mutex<Option<(Instant, String)>>,
+}
+
+/// How long blobs bypass a cache that failed on the relay's side before it is tried again.
+const PASS_THROUGH_FOR: Duration = Duration::from_secs(600);
+
+/// A failure of the relay's own cache (its disk), not of upstream: not retried, and it sends
+/// blobs around the cache for a while.
+#[derive(Debug)]
+struct CacheDisk(String);
+
+impl std::fmt::Display for CacheDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the relay's cache: {}", self.0)
+    }
+}
+
+impl std::error::Error for CacheDisk {}
+
+fn cache_disk(what: &str, path: &Path, e: io::Error) -> anyhow::Error {
+    anyhow::Error::new(CacheDisk(format!("{what} {}: {e}", path.display())))
 }
 
 impl Relay {
@@ -171,6 +194,7 @@ impl Relay {
             fills: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             bytes_from_upstream: AtomicU64::new(0),
+            cache_broken: Mutex::new(None),
         })
     }
 
@@ -249,6 +273,7 @@ impl Relay {
                     "relay": self.config.name,
                     "bytes_from_upstream": self.bytes_from_upstream.load(Ordering::Relaxed),
                     "bytes_served": self.metrics.bytes_served.load(Ordering::Relaxed),
+                    "cache_broken": self.cache_broken().map(|(_, m)| m),
                 }),
             ));
         }
@@ -317,7 +342,59 @@ impl Relay {
         if done.exists() {
             return http::serve_file(parts, &done, sha, self.metrics.bytes_served.clone()).await;
         }
-        let progress = self.fill(conn, sha, len);
+        if self.cache_broken().is_none() {
+            let progress = self.fill(conn, sha, len);
+            let failed = matches!(*progress.borrow(), Filled::Failed(_));
+            if !failed {
+                return self.serve_filling(parts, sha, len, progress);
+            }
+        }
+        // The cache cannot take it: the blob as upstream sends it, `Range` and all.
+        let mut fwd = Vec::new();
+        for n in [header::RANGE, header::IF_RANGE] {
+            if let Some(v) = parts.headers.get(&n).and_then(|v| v.to_str().ok()) {
+                fwd.push((n, v.to_string()));
+            }
+        }
+        let resp = self
+            .upstream(
+                conn,
+                parts.method.clone(),
+                &format!("/v1/blobs/{sha}"),
+                &fwd,
+                Bytes::new(),
+            )
+            .await?;
+        Ok(passed_on(resp))
+    }
+
+    /// The cache's trouble, if it had some less than [`PASS_THROUGH_FOR`] ago.
+    fn cache_broken(&self) -> Option<(Instant, String)> {
+        self.cache_broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|(at, _)| at.elapsed() < PASS_THROUGH_FOR)
+    }
+
+    fn cache_failed(&self, why: &str) {
+        eprintln!(
+            "relay: {why}; passing blobs through from upstream, uncached, for the next {} min",
+            PASS_THROUGH_FOR.as_secs() / 60
+        );
+        *self.cache_broken.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), why.to_string()));
+    }
+
+    /// Serves blob `sha` from the cache file being filled (or filled since).
+    fn serve_filling(
+        &self,
+        parts: &hyper::http::request::Parts,
+        sha: &str,
+        len: u64,
+        progress: watch::Receiver<Filled>,
+    ) -> Result<Response<ResBody>, ApiError> {
+        let done = self.dir.join(CACHE).join(sha);
         let head = BlobHead::of(parts, len, sha)?;
         let (tx, rx) = mpsc::channel(4);
         let counter = self.metrics.bytes_served.clone();
@@ -347,7 +424,9 @@ impl Relay {
         let part = self.dir.join(CACHE).join(format!("{sha}.part"));
         // Created before anyone reads it; a leftover from a stopped relay starts over.
         if let Err(e) = std::fs::File::create(&part) {
-            let _ = tx.send(Filled::Failed(format!("creating {}: {e}", part.display())));
+            let why = format!("{:#}", cache_disk("creating", &part, e));
+            self.cache_failed(&why);
+            let _ = tx.send(Filled::Failed(why));
             return rx;
         }
         fills.insert(sha.to_string(), rx.clone());
@@ -365,6 +444,9 @@ impl Relay {
                 Err(e) => {
                     let _ = std::fs::remove_file(&part);
                     eprintln!("relay: blob {sha}: {e:#}");
+                    if e.is::<CacheDisk>() {
+                        relay.cache_failed(&format!("{e:#}"));
+                    }
                     Filled::Failed(format!("{e:#}"))
                 }
             };
@@ -386,7 +468,11 @@ impl Relay {
         part: &Path,
         tx: &watch::Sender<Filled>,
     ) -> Result<()> {
-        let mut file = tokio::fs::OpenOptions::new().write(true).open(part).await?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(part)
+            .await
+            .map_err(|e| cache_disk("opening", part, e))?;
         let mut hash = Sha256::new();
         let mut have = 0u64;
         let mut failures = 0u32;
@@ -425,8 +511,11 @@ impl Relay {
                     );
                     // tokio's write returns once the data is handed to its blocking task;
                     // flush waits until it is in the file, where readers look.
-                    file.write_all(&data).await?;
-                    file.flush().await?;
+                    let wrote = async {
+                        file.write_all(&data).await?;
+                        file.flush().await
+                    };
+                    wrote.await.map_err(|e| cache_disk("writing", part, e))?;
                     hash.update(&data);
                     have += data.len() as u64;
                     self.bytes_from_upstream
@@ -446,6 +535,9 @@ impl Relay {
             }
             .await;
             if let Err(e) = got {
+                if e.is::<CacheDisk>() {
+                    return Err(e);
+                }
                 failures += 1;
                 if failures >= FILL_ATTEMPTS {
                     return Err(e.context(format!("gave up after {FILL_ATTEMPTS} attempts")));
@@ -454,13 +546,18 @@ impl Relay {
                 tokio::time::sleep(Duration::from_millis(500 << failures.min(5))).await;
             }
         }
-        file.sync_all().await?;
+        file.sync_all()
+            .await
+            .map_err(|e| cache_disk("flushing", part, e))?;
         let got = bundle::pipe::hex(&hash.finalize());
         anyhow::ensure!(
             got == sha,
             "arrived with SHA-256 {got}; deleted, the next request fetches it again"
         );
-        tokio::fs::rename(part, self.dir.join(CACHE).join(sha)).await?;
+        let done = self.dir.join(CACHE).join(sha);
+        tokio::fs::rename(part, &done)
+            .await
+            .map_err(|e| cache_disk("renaming to", &done, e))?;
         Ok(())
     }
 }
