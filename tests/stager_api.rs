@@ -1227,3 +1227,79 @@ fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
     );
     assert_eq!(code, 403, "{body}");
 }
+
+/// A site relay goes on from what an earlier download left in `cache/SHA.part` (a relay
+/// stopped halfway): only the rest crosses from the stager. A leftover that is not the
+/// blob's (same length, other bytes) is found out by the hash: that reader is cut short, the
+/// file deleted, and the next request gets the blob whole.
+#[test]
+fn a_site_relay_goes_on_from_a_half_downloaded_blob() {
+    use integration_tests::stager::Relay;
+    let w = scratch();
+    let target = small_target(w.path());
+    ok(std::process::Command::new("head")
+        .args(["-c", "8388608", "/dev/urandom"])
+        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
+    let mut s = Stager::new(w.path(), &target);
+    s.start();
+    let (code, body) = s.curl(
+        Some("alice"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"hosts":["web1"],"target":"target"}"#,
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 201, "{body}");
+    let sha = s.sha_of("target");
+    let blob = std::fs::read(s.home.join("blobs/sha256").join(&sha)).unwrap();
+    let half = blob.len() / 2;
+    let mut relay = Relay::init(&s, "pop-a");
+    let cache = relay.dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let part = cache.join(format!("{sha}.part"));
+    let hash = |f: &std::path::Path| sh(&format!("sha256sum {} | cut -d' ' -f1", f.display()));
+    let health = |relay: &Relay| -> serde_json::Value {
+        let (_, h) = s.curl_at(&relay.url("/healthz"), Some("web1"), &[]);
+        serde_json::from_str(&h).unwrap()
+    };
+    let fetch = |relay: &Relay, out: &std::path::Path| {
+        s.curl_at(
+            &relay.url(&format!("/v1/blobs/{sha}")),
+            Some("web1"),
+            &["-o", out.to_str().unwrap()],
+        )
+    };
+
+    // Half of the right bytes: the other half comes from the stager.
+    std::fs::write(&part, &blob[..half]).unwrap();
+    relay.start();
+    let out = w.path().join("blob");
+    assert_eq!(fetch(&relay, &out).0, 200);
+    assert_eq!(hash(&out).trim(), sha);
+    assert_eq!(
+        health(&relay)["bytes_from_upstream"].as_u64(),
+        Some((blob.len() - half) as u64)
+    );
+    assert!(cache.join(&sha).exists() && !part.exists());
+
+    // Half of other bytes: cut short, deleted, then whole.
+    relay.kill();
+    std::fs::remove_file(cache.join(&sha)).unwrap();
+    let mut wrong = blob[..half].to_vec();
+    wrong[100] ^= 1;
+    std::fs::write(&part, &wrong).unwrap();
+    relay.start();
+    let _ = fetch(&relay, &out);
+    assert_ne!(
+        hash(&out).trim(),
+        sha,
+        "a wrong blob reached its reader whole"
+    );
+    assert!(!part.exists() && !cache.join(&sha).exists());
+    assert_eq!(fetch(&relay, &out).0, 200);
+    assert_eq!(hash(&out).trim(), sha);
+    assert!(cache.join(&sha).exists());
+}

@@ -422,8 +422,14 @@ impl Relay {
             return rx;
         }
         let part = self.dir.join(CACHE).join(format!("{sha}.part"));
-        // Created before anyone reads it; a leftover from a stopped relay starts over.
-        if let Err(e) = std::fs::File::create(&part) {
+        // Created before anyone reads it. What an earlier download left (a relay stopped, or
+        // upstream gone too long) is kept: the download goes on from its end.
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&part);
+        if let Err(e) = opened {
             let why = format!("{:#}", cache_disk("creating", &part, e));
             self.cache_failed(&why);
             let _ = tx.send(Filled::Failed(why));
@@ -442,9 +448,10 @@ impl Relay {
                     Filled::Done
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_file(&part);
                     eprintln!("relay: blob {sha}: {e:#}");
                     if e.is::<CacheDisk>() {
+                        // The space it holds is what the disk lacks.
+                        let _ = std::fs::remove_file(&part);
                         relay.cache_failed(&format!("{e:#}"));
                     }
                     Filled::Failed(format!("{e:#}"))
@@ -469,12 +476,22 @@ impl Relay {
         tx: &watch::Sender<Filled>,
     ) -> Result<()> {
         let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .open(part)
             .await
             .map_err(|e| cache_disk("opening", part, e))?;
         let mut hash = Sha256::new();
-        let mut have = 0u64;
+        let mut have = self
+            .resume(&mut file, part, len, &mut hash)
+            .await
+            .map_err(|e| cache_disk("reading", part, e))?;
+        if have > 0 {
+            println!(
+                "relay: blob {sha}: going on from byte {have}, where an earlier download stopped"
+            );
+            tx.send_replace(Filled::Running(have));
+        }
         let mut failures = 0u32;
         let mut said = Instant::now();
         while have < len {
@@ -520,7 +537,9 @@ impl Relay {
                     have += data.len() as u64;
                     self.bytes_from_upstream
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    tx.send_replace(Filled::Running(have));
+                    // The last byte waits for the hash: a blob that turns out wrong reaches
+                    // its readers cut short, not whole.
+                    tx.send_replace(Filled::Running(have.min(len.saturating_sub(1))));
                     failures = 0;
                     if said.elapsed() > Duration::from_secs(5) {
                         said = Instant::now();
@@ -550,15 +569,52 @@ impl Relay {
             .await
             .map_err(|e| cache_disk("flushing", part, e))?;
         let got = bundle::pipe::hex(&hash.finalize());
-        anyhow::ensure!(
-            got == sha,
-            "arrived with SHA-256 {got}; deleted, the next request fetches it again"
-        );
+        if got != sha {
+            let _ = tokio::fs::remove_file(part).await;
+            anyhow::bail!("arrived with SHA-256 {got}; deleted, the next request fetches it again");
+        }
         let done = self.dir.join(CACHE).join(sha);
         tokio::fs::rename(part, &done)
             .await
             .map_err(|e| cache_disk("renaming to", &done, e))?;
         Ok(())
+    }
+}
+
+impl Relay {
+    /// The bytes an earlier download left in `part`, hashed into `hash`; the file positioned
+    /// after them. More than the blob's length: not this blob's, emptied.
+    async fn resume(
+        &self,
+        file: &mut tokio::fs::File,
+        part: &Path,
+        len: u64,
+        hash: &mut Sha256,
+    ) -> io::Result<u64> {
+        let mut have = file.metadata().await?.len();
+        if have > len {
+            eprintln!(
+                "relay: {} is longer than its blob; starting over",
+                part.display()
+            );
+            file.set_len(0).await?;
+            have = 0;
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = have;
+        while left > 0 {
+            let n = file.read(&mut buf[..left.min(1 << 20) as usize]).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "shrank while read",
+                ));
+            }
+            hash.update(&buf[..n]);
+            left -= n as u64;
+        }
+        file.seek(io::SeekFrom::Start(have)).await?;
+        Ok(have)
     }
 }
 
