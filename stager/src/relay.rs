@@ -490,7 +490,7 @@ impl Relay {
             println!(
                 "relay: blob {sha}: going on from byte {have}, where an earlier download stopped"
             );
-            tx.send_replace(Filled::Running(have));
+            tx.send_replace(Filled::Running(have.min(len.saturating_sub(1))));
         }
         let mut failures = 0u32;
         let mut said = Instant::now();
