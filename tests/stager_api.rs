@@ -995,6 +995,14 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
             .arg(&relay.dir),
     );
     assert!(err.contains("already exists"), "{err}");
+    let err = fails(
+        stager()
+            .args(["relay", "init", "--dir"])
+            .arg(&s.home)
+            .args(["--name", "web1", "--san", "127.0.0.1", "--out"])
+            .arg(w.path().join("relay-web1")),
+    );
+    assert!(err.contains("already an agent's name"), "{err}");
     relay.start();
     let via = relay.url("");
     let id3 = ok(stager()

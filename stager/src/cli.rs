@@ -413,6 +413,13 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     if let Some(u) = &o.upstream {
         https_url("--upstream", u)?;
     }
+    let db = Db::open(&dir.join(stager::db::FILE))?;
+    if let Some(role) = db.role_of(&o.name)?.filter(|r| r != stager::api::RELAY) {
+        anyhow::bail!(
+            "--name {:?} is already an {role}'s name; a relay needs its own (revoke acts on names)",
+            o.name
+        );
+    }
     let issued = pki::issue_relay(dir, &config.name, &o.name, &o.sans, o.days)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     std::fs::copy(dir.join(pki::CA_CERT), o.out.join(pki::CA_CERT))
@@ -420,20 +427,16 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     pki::write_private(&o.out.join(stager::relay::KEY), &issued.key_pem)?;
     std::fs::write(o.out.join(stager::relay::CERT), &issued.cert_pem)?;
     let upstream = o.upstream.unwrap_or(config.url);
-    stager::relay::RelayConfig::new(o.name.clone(), o.listen, upstream).save(&o.out)?;
+    stager::relay::RelayConfig::new(o.name.clone(), o.listen.clone(), upstream).save(&o.out)?;
     let not_after =
         humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
             .to_string();
-    Db::open(&dir.join(stager::db::FILE))?.add_cert(
-        &issued.fingerprint,
-        &o.name,
-        stager::api::RELAY,
-        &not_after,
-    )?;
+    db.add_cert(&issued.fingerprint, &o.name, stager::api::RELAY, &not_after)?;
+    let port = o.listen.rsplit(':').next().unwrap_or("PORT");
     println!(
         "relay {:?} written to {} (certificate sha256 {}, for {}, valid until {not_after}); \
          copy it to the relay, run `stager relay serve --dir DIR` there, and enroll its \
-         site's hosts with --via https://{}:PORT",
+         site's hosts with --via https://{}:{port}",
         o.name,
         o.out.display(),
         issued.fingerprint,

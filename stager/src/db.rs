@@ -208,6 +208,17 @@ impl Db {
             .optional()
     }
 
+    /// The role of the certificates issued to `name`, if any were.
+    pub fn role_of(&self, name: &str) -> rusqlite::Result<Option<String>> {
+        self.c()
+            .query_row(
+                "SELECT role FROM certs WHERE name = ?1 LIMIT 1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+    }
+
     /// Revokes every certificate issued to `name`; returns how many.
     pub fn revoke(&self, name: &str) -> rusqlite::Result<usize> {
         self.c().execute(
