@@ -1002,7 +1002,7 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
             .args(["--name", "web1", "--san", "127.0.0.1", "--out"])
             .arg(w.path().join("relay-web1")),
     );
-    assert!(err.contains("already an agent's name"), "{err}");
+    assert!(err.contains("already holds agent certificates"), "{err}");
     relay.start();
     let via = relay.url("");
     let id3 = ok(stager()

@@ -329,6 +329,12 @@ fn issue(
             out.display()
         );
     }
+    let db = Db::open(&dir.join(stager::db::FILE))?;
+    if let Some(other) = db.role_of(name)?.filter(|r| r != role.as_str()) {
+        anyhow::bail!(
+            "{name:?} already holds {other} certificates; pick another name (revoke acts on names)"
+        );
+    }
     let issued = pki::issue_client(dir, &config.name, name, role.as_str(), days)?;
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f))
@@ -346,7 +352,6 @@ fn issue(
         key: issued.key_pem,
         release_pub: read("release.pub")?,
     };
-    let db = Db::open(&dir.join(stager::db::FILE))?;
     let not_after =
         humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
             .to_string();
@@ -416,7 +421,7 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     let db = Db::open(&dir.join(stager::db::FILE))?;
     if let Some(role) = db.role_of(&o.name)?.filter(|r| r != stager::api::RELAY) {
         anyhow::bail!(
-            "--name {:?} is already an {role}'s name; a relay needs its own (revoke acts on names)",
+            "--name {:?} already holds {role} certificates; pick another name (revoke acts on names)",
             o.name
         );
     }
