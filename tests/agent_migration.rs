@@ -564,6 +564,29 @@ impl Env {
     /// happened. `failpoint` is `[in-WORLD:]NAME[@N]`: armed in every agent run (or only in
     /// that world's) until it fires once. After it fires, the agent is restarted in the same
     /// OS (as systemd would), or with `power_cut` the machine is power-cycled instead.
+    /// Points the source's identity file (and the copy the carry is checked against) at
+    /// `relay` instead of the stager, as `stager enroll --via` writes it: with the stager as
+    /// its `fallback` when `fallback`.
+    fn identity_via(&self, relay: &integration_tests::stager::Relay, fallback: bool) {
+        let src = self.w.path().join("mnt-source");
+        let _m = mount(&self.root_part("source"), &src, false);
+        for f in [
+            src.join("etc/reinstall/identity.toml"),
+            self.w
+                .path()
+                .join("carry-expect/etc/reinstall/identity.toml"),
+        ] {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let direct = format!("stager = \"{}\"", self.stager.url(""));
+            assert!(text.contains(&direct), "{text}");
+            let mut via = text.replace(&direct, &format!("stager = \"{}\"", relay.url("")));
+            if fallback {
+                via += &format!("fallback = [\"{}\"]\n", self.stager.url(""));
+            }
+            std::fs::write(&f, via).unwrap();
+        }
+    }
+
     fn migrate(&self, failpoint: Option<&str>, power_cut: bool) -> (Vec<String>, Vec<String>) {
         let (only_in, spec) = match failpoint.and_then(|f| f.split_once(':')) {
             Some((w, f)) => (w.strip_prefix("in-"), Some(f)),
@@ -1261,24 +1284,7 @@ fn a_machine_migrates_through_a_site_relay() {
     let env = Env::new();
     let mut relay = integration_tests::stager::Relay::init(&env.stager, "pop-a");
     relay.start();
-    // The identity on the source disk (and the copy the carry is checked against) names the
-    // relay instead of the stager.
-    let src = env.w.path().join("mnt-source");
-    {
-        let _m = mount(&env.root_part("source"), &src, false);
-        for f in [
-            src.join("etc/reinstall/identity.toml"),
-            env.w
-                .path()
-                .join("carry-expect/etc/reinstall/identity.toml"),
-        ] {
-            let text = std::fs::read_to_string(&f).unwrap();
-            let direct = format!("stager = \"{}\"", env.stager.url(""));
-            assert!(text.contains(&direct), "{text}");
-            let via = text.replace(&direct, &format!("stager = \"{}\"", relay.url("")));
-            std::fs::write(&f, via).unwrap();
-        }
-    }
+    env.identity_via(&relay, false);
     create_job(&env.stager);
     env.migrate(None, false);
     let job = job_state(&env.stager);
@@ -1313,22 +1319,7 @@ fn with_its_site_relay_down_the_agent_falls_back_to_the_stager() {
     let env = Env::new();
     // A relay that was set up but is not running: its port refuses connections.
     let relay = integration_tests::stager::Relay::init(&env.stager, "pop-a");
-    let src = env.w.path().join("mnt-source");
-    {
-        let _m = mount(&env.root_part("source"), &src, false);
-        for f in [
-            src.join("etc/reinstall/identity.toml"),
-            env.w
-                .path()
-                .join("carry-expect/etc/reinstall/identity.toml"),
-        ] {
-            let text = std::fs::read_to_string(&f).unwrap();
-            let direct = format!("stager = \"{}\"", env.stager.url(""));
-            let via = text.replace(&direct, &format!("stager = \"{}\"", relay.url("")))
-                + &format!("fallback = [\"{}\"]\n", env.stager.url(""));
-            std::fs::write(&f, via).unwrap();
-        }
-    }
+    env.identity_via(&relay, true);
     create_job(&env.stager);
     let root = env.w.path().join("mnt-source");
     let out = {

@@ -969,6 +969,23 @@ fn a_canary_runs_alone_first_and_its_failure_halts_the_job() {
     );
 }
 
+/// A started stager whose target bundle holds `random` bytes of /dev/urandom (they do not
+/// compress: a blob of about that size, many frames to relay), and a site relay for it,
+/// initialized but not started.
+fn stager_and_relay(
+    w: &tempfile::TempDir,
+    random: u64,
+) -> (Stager, integration_tests::stager::Relay) {
+    let target = small_target(w.path());
+    ok(std::process::Command::new("head")
+        .args(["-c", &random.to_string(), "/dev/urandom"])
+        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
+    let mut s = Stager::new(w.path(), &target);
+    s.start();
+    let relay = integration_tests::stager::Relay::init(&s, "pop-a");
+    (s, relay)
+}
+
 /// A site relay (`stager relay init`, `stager relay serve`) between the agents and the
 /// stager: every request is forwarded as the agent that made it (its job, its events,
 /// refusals for a host with no job, for a revoked host); a blob two hosts fetch at once
@@ -977,16 +994,8 @@ fn a_canary_runs_alone_first_and_its_failure_halts_the_job() {
 /// with the stager gone the relay answers 502 naming it (an agent retries 5xx).
 #[test]
 fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
-    use integration_tests::stager::Relay;
     let w = scratch();
-    let target = small_target(w.path());
-    // Random bytes (they do not compress): a blob of ~24 MiB, many frames to relay.
-    ok(std::process::Command::new("head")
-        .args(["-c", "25165824", "/dev/urandom"])
-        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
-    let mut s = Stager::new(w.path(), &target);
-    s.start();
-    let mut relay = Relay::init(&s, "pop-a");
+    let (mut s, mut relay) = stager_and_relay(&w, 24 << 20);
     let err = fails(
         stager()
             .args(["relay", "init", "--dir"])
@@ -1163,15 +1172,8 @@ fn stager_metric(s: &Stager, name: &str) -> u64 {
 /// through from the stager (with `Range`), and `/healthz` says why.
 #[test]
 fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
-    use integration_tests::stager::Relay;
     let w = scratch();
-    let target = small_target(w.path());
-    ok(std::process::Command::new("head")
-        .args(["-c", "8388608", "/dev/urandom"])
-        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
-    let mut s = Stager::new(w.path(), &target);
-    s.start();
-    let mut relay = Relay::init(&s, "pop-a");
+    let (s, mut relay) = stager_and_relay(&w, 8 << 20);
     let cache = relay.dir.join("cache");
     std::fs::create_dir_all(&cache).unwrap();
     ok(std::process::Command::new("mount")
@@ -1185,17 +1187,7 @@ fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
     }
     let _unmount = Unmount(cache.clone());
     relay.start();
-    let (code, body) = s.curl(
-        Some("alice"),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            r#"{"hosts":["web1"],"target":"target"}"#,
-        ],
-        "/v1/jobs",
-    );
-    assert_eq!(code, 201, "{body}");
+    create_job(&s, "web1");
     let sha = s.sha_of("target");
     let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
         .unwrap()
@@ -1244,27 +1236,11 @@ fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
 fn a_site_relay_goes_on_from_a_half_downloaded_blob() {
     use integration_tests::stager::Relay;
     let w = scratch();
-    let target = small_target(w.path());
-    ok(std::process::Command::new("head")
-        .args(["-c", "8388608", "/dev/urandom"])
-        .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
-    let mut s = Stager::new(w.path(), &target);
-    s.start();
-    let (code, body) = s.curl(
-        Some("alice"),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            r#"{"hosts":["web1"],"target":"target"}"#,
-        ],
-        "/v1/jobs",
-    );
-    assert_eq!(code, 201, "{body}");
+    let (s, mut relay) = stager_and_relay(&w, 8 << 20);
+    create_job(&s, "web1");
     let sha = s.sha_of("target");
     let blob = std::fs::read(s.home.join("blobs/sha256").join(&sha)).unwrap();
     let half = blob.len() / 2;
-    let mut relay = Relay::init(&s, "pop-a");
     let cache = relay.dir.join("cache");
     std::fs::create_dir_all(&cache).unwrap();
     let part = cache.join(format!("{sha}.part"));

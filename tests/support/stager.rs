@@ -115,27 +115,14 @@ impl Stager {
 
     /// Starts `stager serve` and waits until it listens.
     pub fn start(&mut self) {
-        let mut child = stager()
-            .arg("serve")
-            .arg("--dir")
-            .arg(&self.home)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting stager serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening"), "stager serve said {line:?}");
-        self.child = Some(child);
+        self.child = Some(listening(
+            stager().arg("serve").arg("--dir").arg(&self.home),
+        ));
     }
 
     /// SIGKILL, no shutdown.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop(&mut self.child);
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -254,34 +241,40 @@ impl Relay {
 
     /// Starts `stager relay serve` and waits until it listens.
     pub fn start(&mut self) {
-        let mut child = stager()
-            .args(["relay", "serve", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting stager relay serve");
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut line).unwrap();
-        assert!(
-            line.contains("listening"),
-            "stager relay serve said {line:?}"
-        );
-        // Keep reading what it says (its progress lines) so that it never writes to a
-        // closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        self.child = Some(child);
+        self.child = Some(listening(
+            stager().args(["relay", "serve", "--dir"]).arg(&self.dir),
+        ));
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop(&mut self.child);
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Starts a server and waits for its first line, which must say it is listening; what it
+/// says afterwards (progress lines) is read and dropped, so it never writes to a closed pipe.
+fn listening(cmd: &mut Command) -> Child {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "{cmd:?} said {line:?}");
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    child
+}
+
+/// SIGKILL, no shutdown, and reaped.
+fn stop(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
