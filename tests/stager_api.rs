@@ -1102,6 +1102,20 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
     let h: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(h["bytes_from_upstream"].as_u64(), Some(size), "{h}");
     assert_eq!(h["bytes_served"].as_u64(), Some(2 * size), "{h}");
+    let (code, metrics) = at("web1", &[], "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    for want in [
+        format!("relay_bytes_from_upstream_total {size}"),
+        format!("relay_bytes_served_total {}", 2 * size),
+        "relay_cache_broken 0".to_string(),
+        "relay_fills 0".to_string(),
+    ] {
+        assert!(metrics.lines().any(|l| l == want), "{want}\n{metrics}");
+    }
+    assert!(
+        metrics.contains("relay_requests_total{route=\"GET /v1/blobs/:id\",status=\"200\"} 2"),
+        "{metrics}"
+    );
     let upstream = stager_metric(&s, "stager_bytes_served_total") - served_before;
     assert!(
         upstream >= size && upstream < size + 16,

@@ -28,10 +28,54 @@ impl Metrics {
     }
 }
 
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// A counter, with its help line.
+pub fn counter(s: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+}
+
+/// A gauge, with its help line.
+pub fn gauge(s: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+/// What every server here counts (the stager's API, a site relay), named `PREFIX_...`:
+/// blob bytes sent, refused handshakes, open connections, requests by route and status.
+pub fn served(s: &mut String, prefix: &str, m: &Metrics) {
+    counter(
+        s,
+        &format!("{prefix}_bytes_served_total"),
+        "Blob bytes sent to clients.",
+        m.bytes_served.load(Ordering::Relaxed),
+    );
+    counter(
+        s,
+        &format!("{prefix}_handshakes_refused_total"),
+        "TLS handshakes that failed: no client certificate, another CA, expired, or a timeout.",
+        m.handshakes_refused.load(Ordering::Relaxed),
+    );
+    gauge(
+        s,
+        &format!("{prefix}_connections"),
+        "Open client connections.",
+        m.connections.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(
+        s,
+        "# HELP {prefix}_requests_total Requests by route and status.\n# TYPE {prefix}_requests_total counter"
+    );
+    for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            s,
+            "{prefix}_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+            esc(route)
+        );
+    }
 }
 
 pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
@@ -41,21 +85,7 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let silent = state.db(|db| db.silent_hosts()).await?;
     let by_site = state.db(|db| db.in_flight_by_site()).await?;
     let mut s = String::new();
-    let counter = |s: &mut String, name: &str, help: &str, v: u64| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-    };
-    counter(
-        &mut s,
-        "stager_bytes_served_total",
-        "Blob bytes sent to clients.",
-        m.bytes_served.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut s,
-        "stager_handshakes_refused_total",
-        "TLS handshakes that failed: no client certificate, another CA, expired, or a timeout.",
-        m.handshakes_refused.load(Ordering::Relaxed),
-    );
+    served(&mut s, "stager", m);
     counter(
         &mut s,
         "stager_revoked_refused_total",
@@ -68,18 +98,17 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
         "Requests with a certificate this stager has no record of.",
         m.unknown_certs.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        s,
-        "# HELP stager_connections Open client connections.\n# TYPE stager_connections gauge\nstager_connections {}",
-        m.connections.load(Ordering::Relaxed)
+    gauge(
+        &mut s,
+        "stager_jobs_halted",
+        "Jobs halted by their halt_after_failures.",
+        halted,
     );
-    let _ = writeln!(
-        s,
-        "# HELP stager_jobs_halted Jobs halted by their halt_after_failures.\n# TYPE stager_jobs_halted gauge\nstager_jobs_halted {halted}"
-    );
-    let _ = writeln!(
-        s,
-        "# HELP stager_host_jobs_silent Hosts running a job with no event for silent_after_secs.\n# TYPE stager_host_jobs_silent gauge\nstager_host_jobs_silent {silent}"
+    gauge(
+        &mut s,
+        "stager_host_jobs_silent",
+        "Hosts running a job with no event for silent_after_secs.",
+        silent,
     );
     let _ = writeln!(
         s,
@@ -87,14 +116,6 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     );
     for (site, n) in &by_site {
         let _ = writeln!(s, "stager_hosts_in_flight{{site=\"{}\"}} {n}", esc(site));
-    }
-    let _ = writeln!(s, "# HELP stager_requests_total Requests by route and status.\n# TYPE stager_requests_total counter");
-    for ((route, status), n) in m.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        let _ = writeln!(
-            s,
-            "stager_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
-            esc(route)
-        );
     }
     let _ = writeln!(
         s,

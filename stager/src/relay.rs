@@ -283,6 +283,14 @@ impl Relay {
                 "a client certificate is required",
             ));
         }
+        if path == "/metrics" && parts.method == Method::GET {
+            // The relay's own counters, to any certificate of the fleet (no host's data).
+            return Ok(http::full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.render_metrics(),
+            ));
+        }
         let blob = path
             .strip_prefix("/v1/blobs/")
             .filter(|_| parts.method == Method::GET || parts.method == Method::HEAD)
@@ -366,6 +374,33 @@ impl Relay {
             )
             .await?;
         Ok(passed_on(resp))
+    }
+
+    /// `/metrics`: Prometheus text.
+    fn render_metrics(&self) -> String {
+        use crate::metrics::{counter, gauge};
+        let mut s = String::new();
+        crate::metrics::served(&mut s, "relay", &self.metrics);
+        counter(
+            &mut s,
+            "relay_bytes_from_upstream_total",
+            "Blob bytes fetched from the upstream stager into the cache.",
+            self.bytes_from_upstream.load(Ordering::Relaxed),
+        );
+        let fills = self.fills.lock().unwrap_or_else(|p| p.into_inner()).len();
+        gauge(
+            &mut s,
+            "relay_fills",
+            "Blobs being fetched from upstream now.",
+            fills as u64,
+        );
+        gauge(
+            &mut s,
+            "relay_cache_broken",
+            "1 while blobs bypass a cache that failed on the relay's side (disk full, read-only).",
+            u64::from(self.cache_broken().is_some()),
+        );
+        s
     }
 
     /// The cache's trouble, if it had some less than [`PASS_THROUGH_FOR`] ago.
@@ -493,7 +528,7 @@ impl Relay {
             tx.send_replace(Filled::Running(have.min(len.saturating_sub(1))));
         }
         let mut failures = 0u32;
-        let mut said = Instant::now();
+        let (mut said, mut said_at) = (Instant::now(), have);
         while have < len {
             let range = [(header::RANGE, format!("bytes={have}-"))];
             let got = async {
@@ -542,11 +577,14 @@ impl Relay {
                     tx.send_replace(Filled::Running(have.min(len.saturating_sub(1))));
                     failures = 0;
                     if said.elapsed() > Duration::from_secs(5) {
+                        let rate = (have - said_at) as f64 / said.elapsed().as_secs_f64();
                         said = Instant::now();
+                        said_at = have;
                         println!(
-                            "relay: filling blob {sha}: {} of {} MiB",
+                            "relay: filling blob {sha}: {} of {} MiB, {:.1} MiB/s",
                             have >> 20,
-                            len >> 20
+                            len >> 20,
+                            rate / f64::from(1 << 20)
                         );
                     }
                 }
