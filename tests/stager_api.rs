@@ -1301,3 +1301,81 @@ fn a_site_relay_goes_on_from_a_half_downloaded_blob() {
     assert_eq!(hash(&out).trim(), sha);
     assert!(cache.join(&sha).exists());
 }
+
+/// `--halt-at-failure-percent 20` over six hosts: the first failure alone (1 of 1 finished)
+/// does not halt, since one host is not yet a rate; once five have finished, one failure in
+/// five is 20%, and the job halts: the sixth, not yet started, is cancelled. Out-of-range
+/// percentages are refused by the CLI and by the API.
+#[test]
+fn a_rollout_halts_when_its_failure_rate_is_reached() {
+    let w = scratch();
+    let mut s = Stager::new(w.path(), &small_target(w.path()));
+    let hosts = ["web1", "web2", "web3", "web4", "web5", "web6"];
+    for h in &hosts[2..] {
+        s.enroll(h);
+    }
+    s.start();
+    let err = fails(s.reinstall("alice").args([
+        "--host",
+        "web1",
+        "--target",
+        "target",
+        "--halt-at-failure-percent",
+        "101",
+    ]));
+    assert!(err.contains("--halt-at-failure-percent"), "{err}");
+    let (code, body) = s.curl(
+        Some("alice"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"hosts":["web1"],"target":"target","halt_at_failure_percent":101}"#,
+        ],
+        "/v1/jobs",
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("halt_at_failure_percent"), "{body}");
+    let mut args = vec!["--target", "target", "--halt-at-failure-percent", "20"];
+    for h in &hosts {
+        args.extend(["--host", h]);
+    }
+    let out = ok(s.reinstall("alice").args(&args));
+    assert!(out.contains("halt at 20% failed"), "{out}");
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no job number in {out:?}"));
+    let job = |s: &Stager| -> serde_json::Value {
+        let (_, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+        serde_json::from_str(&body).unwrap()
+    };
+    let finish = |h: &str, kind: &str| {
+        let (_, body) = s.curl(Some(h), &[], "/v1/agent/work");
+        assert!(body.contains(&format!("\"id\": {id}")), "{h}: {body}");
+        let ev = format!(r#"{{"job":{id},"kind":"{kind}"}}"#);
+        assert_eq!(post_event(&s, h, &ev).0, 200);
+    };
+    finish("web1", "failed");
+    for h in ["web2", "web3", "web4"] {
+        assert_eq!(job(&s)["halted"], serde_json::Value::Null, "{h}");
+        finish(h, "done");
+    }
+    assert_eq!(
+        job(&s)["halted"],
+        serde_json::Value::Null,
+        "1 of 4 is 25%, but 4 finished are fewer than the 5 a 20% rate needs"
+    );
+    finish("web5", "done");
+    let v = job(&s);
+    let halted = v["halted"].as_str().unwrap_or_default();
+    assert!(
+        halted.contains("1 host failed (20% of 5 finished; halt at 20%)")
+            && halted.contains("1 host that had not taken the job cancelled"),
+        "{v}"
+    );
+    assert_eq!(v["hosts"][5]["state"], "cancelled", "{v}");
+    let (_, body) = s.curl(Some("web6"), &[], "/v1/agent/work");
+    assert!(body.contains("\"job\": null"), "{body}");
+}

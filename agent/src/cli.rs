@@ -79,6 +79,11 @@ pub struct JobOpts {
     /// --halt-after-failures says.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub canary: Option<u32>,
+    /// Halt the job once P percent of its finished hosts failed, counted from when one
+    /// failure is at most that share (10: from 10 finished hosts on), as --halt-after-failures
+    /// halts (either may). Default: no rate.
+    #[arg(long, value_name = "P", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub halt_at_failure_percent: Option<u32>,
     /// Leave out the hosts whose latest job is for this same target version and is done or
     /// still under way, so that the same command run again (after a halt, a cancel, a
     /// failure fixed) gives a job to the rest only. With nothing left: says so, exits 0

@@ -80,6 +80,7 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
         halt_after_failures: o.halt_after_failures,
         max_in_flight_per_site: o.max_in_flight_per_site,
         canary: o.canary,
+        halt_at_failure_percent: o.halt_at_failure_percent,
     };
     let job: Job = c.post("/v1/jobs", &req)?;
     if !o.wait {
@@ -160,6 +161,9 @@ fn rollout(job: &Job) -> String {
     }
     if let Some(k) = job.halt_after_failures {
         s += &format!(", halt after {k} failure{}", if k == 1 { "" } else { "s" });
+    }
+    if let Some(p) = job.halt_at_failure_percent {
+        s += &format!(", halt at {p}% failed");
     }
     s
 }

@@ -35,6 +35,11 @@ pub struct CreateJob {
     /// one of them is done, and a failure among them halts the job. Absent: no canaries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<u32>,
+    /// Halt the job once this percentage (1-100) of its finished hosts failed, counted from
+    /// when enough have finished for one failure to be at most that share (10%: from 10
+    /// finished on). Absent: no rate; `halt_after_failures` may still apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_at_failure_percent: Option<u32>,
 }
 
 /// Operator: `POST /v1/hosts/{host}/rescue`.
@@ -103,6 +108,8 @@ pub struct Job {
     pub max_in_flight_per_site: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_at_failure_percent: Option<u32>,
     /// Why the job was halted (its `halt_after_failures` was reached), when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted: Option<String>,
@@ -245,9 +252,10 @@ mod tests {
                 c.max_in_flight,
                 c.halt_after_failures,
                 c.max_in_flight_per_site,
-                c.canary
+                c.canary,
+                c.halt_at_failure_percent
             ),
-            (Some(1), Some(1), Some(1), Some(1))
+            (Some(1), Some(1), Some(1), Some(1), Some(10))
         );
         let j: Job = pinned(
             "job_halted",

@@ -420,12 +420,18 @@ async fn create_job(
         ("halt_after_failures", body.halt_after_failures),
         ("max_in_flight_per_site", body.max_in_flight_per_site),
         ("canary", body.canary),
+        ("halt_at_failure_percent", body.halt_at_failure_percent),
     ] {
         if v == Some(0) {
             return Err(ApiError::bad_request(format!(
                 "{field} is 0: it must be at least 1 (leave it out for no limit)"
             )));
         }
+    }
+    if let Some(p) = body.halt_at_failure_percent.filter(|&p| p > 100) {
+        return Err(ApiError::bad_request(format!(
+            "halt_at_failure_percent is {p}: a percentage is at most 100"
+        )));
     }
     let mut hosts = body.hosts.clone();
     hosts.sort();

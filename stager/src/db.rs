@@ -96,6 +96,9 @@ DROP TABLE certs;
 ALTER TABLE certs_new RENAME TO certs;
 CREATE INDEX certs_name ON certs (name);
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN halt_at_failure_percent INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -342,8 +345,8 @@ impl Db {
         tx.execute(
             "INSERT INTO jobs (created, created_by, target, rescue, hold_in_rescue,
                                max_in_flight, halt_after_failures, max_in_flight_per_site,
-                               canary)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                               canary, halt_at_failure_percent)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 now(),
                 creator,
@@ -353,7 +356,8 @@ impl Db {
                 req.max_in_flight,
                 req.halt_after_failures,
                 req.max_in_flight_per_site,
-                req.canary
+                req.canary,
+                req.halt_at_failure_percent
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -710,10 +714,12 @@ fn listed(items: &[String]) -> String {
 /// Halts job `id` if its `halt_after_failures` is reached and it is not halted yet: the
 /// hosts that have not taken it are cancelled, and the reason is kept on the job.
 fn halt_if_due(c: &Connection, id: i64, time: &str) -> rusqlite::Result<()> {
-    let (limit, canary, halted): (Option<i64>, Option<i64>, Option<String>) = c.query_row(
-        "SELECT halt_after_failures, canary, halted FROM jobs WHERE id = ?1",
+    let (limit, canary, halted, pct): (Option<i64>, Option<i64>, Option<String>, Option<i64>) = c
+        .query_row(
+        "SELECT halt_after_failures, canary, halted, halt_at_failure_percent
+             FROM jobs WHERE id = ?1",
         [id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     if halted.is_some() {
         return Ok(());
@@ -725,10 +731,17 @@ fn halt_if_due(c: &Connection, id: i64, time: &str) -> rusqlite::Result<()> {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     // While fewer than `canary` hosts are done only canaries run: any failure is theirs.
-    let why = match (canary, limit) {
-        (Some(1), _) if failed > 0 && done < 1 => "the canary".to_string(),
-        (Some(n), _) if failed > 0 && done < n => format!("among the {n} canaries"),
-        (_, Some(k)) if failed >= k => format!("halt after {k}"),
+    // A rate counts once one failure is at most that share of the finished hosts.
+    let finished = failed + done;
+    let rate_reached = |p: i64| failed > 0 && finished * p >= 100 && failed * 100 >= p * finished;
+    let why = match (canary, limit, pct) {
+        (Some(1), _, _) if failed > 0 && done < 1 => "the canary".to_string(),
+        (Some(n), _, _) if failed > 0 && done < n => format!("among the {n} canaries"),
+        (_, Some(k), _) if failed >= k => format!("halt after {k}"),
+        (_, _, Some(p)) if rate_reached(p) => format!(
+            "{}% of {finished} finished; halt at {p}%",
+            failed * 100 / finished
+        ),
         _ => return Ok(()),
     };
     let cancelled = c.execute(
@@ -752,7 +765,8 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
     let head = c
         .query_row(
             "SELECT created, created_by, target, rescue, hold_in_rescue, cancelled,
-                    max_in_flight, halt_after_failures, halted, max_in_flight_per_site, canary
+                    max_in_flight, halt_after_failures, halted, max_in_flight_per_site, canary,
+                    halt_at_failure_percent
              FROM jobs WHERE id = ?1",
             [id],
             |r| {
@@ -771,6 +785,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
                         r.get::<_, Option<String>>(8)?,
                         r.get::<_, Option<u32>>(9)?,
                         r.get::<_, Option<u32>>(10)?,
+                        r.get::<_, Option<u32>>(11)?,
                     ),
                 ))
             },
@@ -778,7 +793,14 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
         .optional()?;
     let Some((
         (created, created_by, target, rescue, hold, cancelled),
-        (max_in_flight, halt_after_failures, halted, max_in_flight_per_site, canary),
+        (
+            max_in_flight,
+            halt_after_failures,
+            halted,
+            max_in_flight_per_site,
+            canary,
+            halt_at_failure_percent,
+        ),
     )) = head
     else {
         return Ok(None);
@@ -838,6 +860,7 @@ fn job_in(c: &Connection, id: i64, silent_after_ms: i64) -> rusqlite::Result<Opt
         halt_after_failures,
         max_in_flight_per_site,
         canary,
+        halt_at_failure_percent,
         halted,
         state,
         hosts,

@@ -101,7 +101,7 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     gauge(
         &mut s,
         "stager_jobs_halted",
-        "Jobs halted by their halt_after_failures.",
+        "Jobs halted by a rollout limit (canaries, halt_after_failures, halt_at_failure_percent).",
         halted,
     );
     gauge(
