@@ -198,6 +198,14 @@ impl Relay {
         })
     }
 
+    /// `HOST:PORT` of upstream, an IPv6 address in brackets.
+    fn authority(&self) -> String {
+        match self.host.contains(':') {
+            true => format!("[{}]:{}", self.host, self.port),
+            false => format!("{}:{}", self.host, self.port),
+        }
+    }
+
     /// One request to upstream, on its own connection, as the agent `conn`.
     async fn upstream(
         &self,
@@ -236,7 +244,7 @@ impl Relay {
         let mut req = Request::builder()
             .method(method)
             .uri(path_and_query)
-            .header(header::HOST, format!("{}:{}", self.host, self.port))
+            .header(header::HOST, self.authority())
             .header(crate::api::RELAYED_ADDR, &conn.addr);
         if let Some(fp) = &conn.fingerprint {
             req = req.header(crate::api::RELAYED_FOR, fp);
