@@ -1140,6 +1140,18 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
     let (code, body) = at("web2", &[], "/v1/agent/work");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
+    // A relay acts for its own site's hosts only (this one: hosts without a site).
+    ok(stager()
+        .args(["enroll", "--dir"])
+        .arg(&s.home)
+        .args(["web4", "--site", "b", "--out"])
+        .arg(s.identity("web4")));
+    let (code, body) = at("web4", &[], "/v1/agent/work");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(r#"relay \"pop-a\" serves no site; host \"web4\" is in site \"b\""#),
+        "{body}"
+    );
     // The relay's own certificate, straight to the stager, acts for nobody.
     let r = &relay.dir;
     let out = sh(&format!(

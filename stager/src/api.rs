@@ -261,6 +261,25 @@ async fn relayed_agent(
             relay.name, who.role, who.name
         )));
     }
+    // A relay is trusted with its own site's hosts (they reach the stager through it), not
+    // with the fleet's.
+    let (relay_fp, host) = (
+        conn.fingerprint.clone().unwrap_or_default(),
+        who.name.clone(),
+    );
+    if let Some((serves, of)) = state
+        .db(move |db| db.relay_site_mismatch(&relay_fp, &host))
+        .await?
+    {
+        let site = |s: Option<String>| s.map_or("no site".into(), |s| format!("site {s:?}"));
+        return Err(ApiError::forbidden(format!(
+            "relay {:?} serves {}; host {:?} is in {}",
+            relay.name,
+            site(serves),
+            who.name,
+            site(of)
+        )));
+    }
     let addr = header(RELAYED_ADDR)
         .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
         .map_or_else(|| conn.addr.clone(), str::to_string);

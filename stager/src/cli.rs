@@ -88,6 +88,10 @@ pub struct RelayInitOpts {
     /// How the relay reaches this stager (default: `url` in stager.toml, as agents do).
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
+    /// The site whose hosts the relay serves (`stager enroll --site`): it may act for those
+    /// hosts only. Without it: for hosts enrolled without a site.
+    #[arg(long)]
+    pub site: Option<String>,
     /// Days the relay's certificate is valid.
     #[arg(long, default_value_t = 825)]
     pub days: i64,
@@ -407,6 +411,9 @@ pub fn revoke(o: RevokeOpts) -> Result<()> {
 pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     let dir = &o.home.dir;
     validate_name("--name", &o.name)?;
+    if let Some(s) = &o.site {
+        validate_name("--site", s)?;
+    }
     let config = Config::load(dir)?;
     Store::open(dir)?;
     if o.out.exists() {
@@ -437,9 +444,16 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
         humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
             .to_string();
     db.add_cert(&issued.fingerprint, &o.name, stager::api::RELAY, &not_after)?;
+    db.set_cert_site(&issued.fingerprint, o.site.as_deref())?;
+    let serves = o
+        .site
+        .as_ref()
+        .map_or("hosts enrolled without a site".into(), |s| {
+            format!("site {s:?}")
+        });
     let port = o.listen.rsplit(':').next().unwrap_or("PORT");
     println!(
-        "relay {:?} written to {} (certificate sha256 {}, for {}, valid until {not_after}); \
+        "relay {:?} for {serves} written to {} (certificate sha256 {}, for {}, valid until {not_after}); \
          copy it to the relay, run `stager relay serve --dir DIR` there, and enroll its \
          site's hosts with --via https://{}:{port}",
         o.name,

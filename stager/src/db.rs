@@ -99,6 +99,10 @@ CREATE INDEX certs_name ON certs (name);
     r#"
 ALTER TABLE jobs ADD COLUMN halt_at_failure_percent INTEGER;
 "#,
+    // The site a relay serves: it may act for that site's hosts only.
+    r#"
+ALTER TABLE certs ADD COLUMN site TEXT;
+"#,
 ];
 
 pub struct Db {
@@ -207,6 +211,33 @@ impl Db {
                         revoked: r.get(2)?,
                     })
                 },
+            )
+            .optional()
+    }
+
+    /// Records the site a relay's certificate serves (`None`: hosts without a site).
+    pub fn set_cert_site(&self, fingerprint: &str, site: Option<&str>) -> rusqlite::Result<()> {
+        self.c()
+            .execute(
+                "UPDATE certs SET site = ?2 WHERE fingerprint = ?1",
+                params![fingerprint, site],
+            )
+            .map(|_| ())
+    }
+
+    /// The site the relay with certificate `relay_fp` serves and the site of `host`, when
+    /// they differ (hosts without a site, and a relay without one, are one site).
+    pub fn relay_site_mismatch(
+        &self,
+        relay_fp: &str,
+        host: &str,
+    ) -> rusqlite::Result<Option<(Option<String>, Option<String>)>> {
+        self.c()
+            .query_row(
+                "SELECT c.site, h.site FROM certs c, hosts h
+                 WHERE c.fingerprint = ?1 AND h.name = ?2 AND c.site IS NOT h.site",
+                params![relay_fp, host],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
     }
@@ -954,5 +985,26 @@ mod tests {
             serde_json::from_str(&format!(r#"{{"job":{},"kind":"done"}}"#, jobs[0])).unwrap();
         assert_eq!(db.record_event("h1", "127.0.0.1", &done).unwrap(), ["h3"]);
         assert_eq!(id("h3"), Some(jobs[2]));
+    }
+
+    /// A relay serves one site: the hosts of that site (or, for a relay without a site, the
+    /// hosts without one), and no other.
+    #[test]
+    fn a_relay_serves_its_own_site_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join(FILE)).unwrap();
+        for (h, site) in [("a1", Some("a")), ("b1", Some("b")), ("n1", None)] {
+            db.add_cert(h, h, "agent", "t").unwrap();
+            db.set_site(h, site).unwrap();
+        }
+        db.add_cert("ra", "relay-a", "relay", "t").unwrap();
+        db.set_cert_site("ra", Some("a")).unwrap();
+        db.add_cert("rn", "relay-n", "relay", "t").unwrap();
+        let m = |r: &str, h: &str| db.relay_site_mismatch(r, h).unwrap();
+        assert_eq!(m("ra", "a1"), None);
+        assert_eq!(m("ra", "b1"), Some((Some("a".into()), Some("b".into()))));
+        assert_eq!(m("ra", "n1"), Some((Some("a".into()), None)));
+        assert_eq!(m("rn", "n1"), None);
+        assert_eq!(m("rn", "a1"), Some((None, Some("a".into()))));
     }
 }
