@@ -20,19 +20,19 @@ fn started(w: &tempfile::TempDir) -> Stager {
 }
 
 fn create_job(s: &Stager, host: &str) -> u64 {
-    let (code, body) = s.curl(
-        Some("alice"),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &format!(r#"{{"hosts":["{host}"],"target":"target"}}"#),
-        ],
-        "/v1/jobs",
-    );
+    let (code, body) = post_job(s, &format!(r#"{{"hosts":["{host}"],"target":"target"}}"#));
     assert_eq!(code, 201, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["id"].as_u64().unwrap()
+}
+
+/// `POST /v1/jobs` as operator alice with a JSON body.
+fn post_job(s: &Stager, body: &str) -> (u16, String) {
+    s.curl(
+        Some("alice"),
+        &["-H", "content-type: application/json", "-d", body],
+        "/v1/jobs",
+    )
 }
 
 fn post_event(s: &Stager, host: &str, body: &str) -> (u16, String) {
@@ -559,15 +559,9 @@ fn a_rollout_takes_hosts_one_at_a_time_and_halts_at_the_first_failure() {
     s.enroll("web3");
     s.start();
     // Limits of 0 are refused by name, by the server and by the command.
-    let (code, body) = s.curl(
-        Some("alice"),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            r#"{"hosts":["web1"],"target":"target","max_in_flight":0}"#,
-        ],
-        "/v1/jobs",
+    let (code, body) = post_job(
+        &s,
+        r#"{"hosts":["web1"],"target":"target","max_in_flight":0}"#,
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("max_in_flight is 0"), "{body}");
@@ -1038,16 +1032,7 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
     let at = |name: &str, args: &[&str], path: &str| s.curl_at(&relay.url(path), Some(name), args);
     let (code, body) = at("web1", &[], "/healthz");
     assert_eq!(code, 200, "{body}");
-    let (code, body) = s.curl(
-        Some("alice"),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            r#"{"hosts":["web1","web2"],"target":"target"}"#,
-        ],
-        "/v1/jobs",
-    );
+    let (code, body) = post_job(&s, r#"{"hosts":["web1","web2"],"target":"target"}"#);
     assert_eq!(code, 201, "{body}");
     let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
         .as_u64()
@@ -1336,15 +1321,9 @@ fn a_rollout_halts_when_its_failure_rate_is_reached() {
         "101",
     ]));
     assert!(err.contains("--halt-at-failure-percent"), "{err}");
-    let (code, body) = s.curl(
-        Some("alice"),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            r#"{"hosts":["web1"],"target":"target","halt_at_failure_percent":101}"#,
-        ],
-        "/v1/jobs",
+    let (code, body) = post_job(
+        &s,
+        r#"{"hosts":["web1"],"target":"target","halt_at_failure_percent":101}"#,
     );
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("halt_at_failure_percent"), "{body}");
