@@ -334,12 +334,9 @@ fn issue(
         );
     }
     let db = Db::open(&dir.join(stager::db::FILE))?;
-    if let Some(other) = db.role_of(name)?.filter(|r| r != role.as_str()) {
-        anyhow::bail!(
-            "{name:?} already holds {other} certificates; pick another name (revoke acts on names)"
-        );
-    }
+    name_is_free(&db, name, role.as_str())?;
     let issued = pki::issue_client(dir, &config.name, name, role.as_str(), days)?;
+    let not_after = not_after(&issued);
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f))
             .with_context(|| format!("reading {}", dir.join(f).display()))
@@ -356,10 +353,7 @@ fn issue(
         key: issued.key_pem,
         release_pub: read("release.pub")?,
     };
-    let not_after =
-        humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
-            .to_string();
-    db.add_cert(&issued.fingerprint, name, role.as_str(), &not_after)?;
+    db.add_cert(&issued.fingerprint, name, role.as_str(), &not_after, None)?;
     pki::write_private(out, &file.to_toml())?;
     println!(
         "issued {} identity for {name:?} to {} (certificate sha256 {}, valid until {not_after})",
@@ -368,6 +362,22 @@ fn issue(
         issued.fingerprint
     );
     Ok(())
+}
+
+/// Refuses `name` for a certificate of `role` when it already holds another role's:
+/// `stager revoke NAME` acts on every certificate of a name.
+fn name_is_free(db: &Db, name: &str, role: &str) -> Result<()> {
+    if let Some(other) = db.role_of(name)?.filter(|r| r != role) {
+        anyhow::bail!(
+            "{name:?} already holds {other} certificates; pick another name (revoke acts on names)"
+        );
+    }
+    Ok(())
+}
+
+/// A certificate's end of validity as RFC 3339, as `state.db` records it.
+fn not_after(issued: &pki::Issued) -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after)).to_string()
 }
 
 pub fn enroll(o: EnrollOpts) -> Result<()> {
@@ -426,12 +436,7 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
         https_url("--upstream", u)?;
     }
     let db = Db::open(&dir.join(stager::db::FILE))?;
-    if let Some(role) = db.role_of(&o.name)?.filter(|r| r != stager::api::RELAY) {
-        anyhow::bail!(
-            "--name {:?} already holds {role} certificates; pick another name (revoke acts on names)",
-            o.name
-        );
-    }
+    name_is_free(&db, &o.name, stager::api::RELAY)?;
     let issued = pki::issue_relay(dir, &config.name, &o.name, &o.sans, o.days)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     std::fs::copy(dir.join(pki::CA_CERT), o.out.join(pki::CA_CERT))
@@ -440,11 +445,14 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     std::fs::write(o.out.join(stager::relay::CERT), &issued.cert_pem)?;
     let upstream = o.upstream.unwrap_or(config.url);
     stager::relay::RelayConfig::new(o.name.clone(), o.listen.clone(), upstream).save(&o.out)?;
-    let not_after =
-        humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after))
-            .to_string();
-    db.add_cert(&issued.fingerprint, &o.name, stager::api::RELAY, &not_after)?;
-    db.set_cert_site(&issued.fingerprint, o.site.as_deref())?;
+    let not_after = not_after(&issued);
+    db.add_cert(
+        &issued.fingerprint,
+        &o.name,
+        stager::api::RELAY,
+        &not_after,
+        o.site.as_deref(),
+    )?;
     let serves = o
         .site
         .as_ref()

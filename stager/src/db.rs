@@ -178,17 +178,21 @@ impl Db {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records a certificate issued to `name`; `site` is the site a relay serves (`None`
+    /// for agents, whose site is the host's, and operators).
     pub fn add_cert(
         &self,
         fp: &str,
         name: &str,
         role: &str,
         not_after: &str,
+        site: Option<&str>,
     ) -> rusqlite::Result<()> {
         let c = self.c();
         c.execute(
-            "INSERT INTO certs (fingerprint, name, role, issued, not_after) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![fp, name, role, now(), not_after],
+            "INSERT INTO certs (fingerprint, name, role, issued, not_after, site)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![fp, name, role, now(), not_after, site],
         )?;
         if role == "agent" {
             c.execute(
@@ -213,16 +217,6 @@ impl Db {
                 },
             )
             .optional()
-    }
-
-    /// Records the site a relay's certificate serves (`None`: hosts without a site).
-    pub fn set_cert_site(&self, fingerprint: &str, site: Option<&str>) -> rusqlite::Result<()> {
-        self.c()
-            .execute(
-                "UPDATE certs SET site = ?2 WHERE fingerprint = ?1",
-                params![fingerprint, site],
-            )
-            .map(|_| ())
     }
 
     /// The site the relay with certificate `relay_fp` serves and the site of `host`, when
@@ -945,7 +939,7 @@ mod tests {
             ("web1", "agent", false)
         );
         assert!(db.principal("cd").unwrap().unwrap().revoked);
-        db.add_cert("ef", "pop-a", "relay", "t").unwrap();
+        db.add_cert("ef", "pop-a", "relay", "t", None).unwrap();
         let job = db.job(1).unwrap().unwrap();
         assert_eq!(
             (job.max_in_flight, job.halt_after_failures, job.halted),
@@ -970,7 +964,8 @@ mod tests {
             serde_json::from_str(r#"{"name":"t","version":"1","sha256":"00","size":1}"#).unwrap();
         let mut jobs = Vec::new();
         for h in ["h1", "h2", "h3"] {
-            db.add_cert(h, h, "agent", "2099-01-01T00:00:00Z").unwrap();
+            db.add_cert(h, h, "agent", "2099-01-01T00:00:00Z", None)
+                .unwrap();
             let req: CreateJob =
                 serde_json::from_str(&format!(r#"{{"hosts":["{h}"],"target":"t"}}"#)).unwrap();
             jobs.push(
@@ -994,12 +989,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join(FILE)).unwrap();
         for (h, site) in [("a1", Some("a")), ("b1", Some("b")), ("n1", None)] {
-            db.add_cert(h, h, "agent", "t").unwrap();
+            db.add_cert(h, h, "agent", "t", None).unwrap();
             db.set_site(h, site).unwrap();
         }
-        db.add_cert("ra", "relay-a", "relay", "t").unwrap();
-        db.set_cert_site("ra", Some("a")).unwrap();
-        db.add_cert("rn", "relay-n", "relay", "t").unwrap();
+        db.add_cert("ra", "relay-a", "relay", "t", Some("a"))
+            .unwrap();
+        db.add_cert("rn", "relay-n", "relay", "t", None).unwrap();
         let m = |r: &str, h: &str| db.relay_site_mismatch(r, h).unwrap();
         assert_eq!(m("ra", "a1"), None);
         assert_eq!(m("ra", "b1"), Some((Some("a".into()), Some("b".into()))));
