@@ -55,6 +55,9 @@ pub const CACHE: &str = "cache";
 const UPSTREAM_ANSWER: Duration = Duration::from_secs(330);
 /// Connecting to upstream, TCP and TLS.
 const UPSTREAM_CONNECT: Duration = Duration::from_secs(10);
+/// An agent's TLS handshake, and its request's headers and body, as the stager allows them.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+const REQUEST: Duration = Duration::from_secs(30);
 /// A download from upstream cut this many times in a row is given up (the next agent's
 /// request starts it again).
 const FILL_ATTEMPTS: u32 = 8;
@@ -268,7 +271,7 @@ impl Relay {
     ) -> Result<Response<ResBody>, ApiError> {
         let (parts, body) = req.into_parts();
         let body = if parts.method == Method::POST {
-            http::read_body(body, Duration::from_secs(30)).await?
+            http::read_body(body, REQUEST).await?
         } else {
             Bytes::new()
         };
@@ -669,11 +672,7 @@ impl Served for Relay {
         &self.metrics
     }
     fn limits(&self) -> (usize, Duration, Duration) {
-        (
-            self.config.max_connections,
-            Duration::from_secs(10),
-            Duration::from_secs(30),
-        )
+        (self.config.max_connections, HANDSHAKE, REQUEST)
     }
     fn handle(
         self: Arc<Self>,
