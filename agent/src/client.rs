@@ -76,10 +76,7 @@ impl Client {
 
     /// The identity's URLs: `stager`, then each `fallback`.
     fn bases(&self) -> Vec<&str> {
-        std::iter::once(self.identity.stager.as_str())
-            .chain(self.identity.fallback.iter().map(String::as_str))
-            .map(|u| u.trim_end_matches('/'))
-            .collect()
+        self.identity.urls()
     }
 
     fn using(&self) -> std::sync::MutexGuard<'_, (usize, std::time::Instant)> {

@@ -360,26 +360,42 @@ pub fn render_firstboot(id: &NetIdentity, call: Option<&CallHome>) -> String {
         // target-up: the stager hears from Windows itself, over mutual TLS with the host's
         // identity; only then does Windows become the default boot (the rescue stays in the
         // order). Never reached: the next boot is the rescue OS, which reports the failure.
+        // Each attempt tries the identity's URLs in order (a site relay, then the stager
+        // itself), as the agent's client does.
+        let urls: Vec<String> = c
+            .urls
+            .iter()
+            .map(|u| ps_quote(&format!("{}/v1/agent/events", u.trim_end_matches('/'))))
+            .collect();
         let _ = write!(
             s,
-            "$up = $false\n\
+            "$urls = @({urls})\n\
+             $up = $false\n\
              for ($i = 0; $i -lt {tries} -and -not $up; $i++) {{\n\
-             \x20 & curl.exe --silent --show-error --fail --max-time 30 --cert-type P12 --cert (Join-Path $r '{P12}') --pass '{pw}' --cacert (Join-Path $r '{CA}') -H 'Content-Type: application/json' --data-binary ('@' + (Join-Path $r '{UP}')) '{url}/v1/agent/events'\n\
-             \x20 if ($LASTEXITCODE -eq 0) {{ $up = $true }} else {{ Start-Sleep -Seconds 10 }}\n\
+             \x20 foreach ($url in $urls) {{\n\
+             \x20   & curl.exe --silent --show-error --fail --max-time 30 --cert-type P12 --cert (Join-Path $r '{P12}') --pass '{pw}' --cacert (Join-Path $r '{CA}') -H 'Content-Type: application/json' --data-binary ('@' + (Join-Path $r '{UP}')) $url\n\
+             \x20   if ($LASTEXITCODE -eq 0) {{ $up = $true; \"reinstall: called home at $url\"; break }}\n\
+             \x20 }}\n\
+             \x20 if (-not $up) {{ Start-Sleep -Seconds 10 }}\n\
              }}\n\
              if ($up) {{\n\
              \x20 bcdedit /set '{{fwbootmgr}}' displayorder '{{bootmgr}}' /addfirst\n\
              \x20 Remove-Item -Force (Join-Path $r '{P12}')\n\
-             \x20 'reinstall: called home; Windows Boot Manager is the default boot now'\n\
+             \x20 'reinstall: Windows Boot Manager is the default boot now'\n\
              }} else {{\n\
              \x20 'reinstall: the stager did not answer: the next boot returns to the rescue OS'\n\
              }}\n",
+            urls = urls.join(", "),
             tries = 60,
             pw = c.password,
-            url = c.url.trim_end_matches('/'),
         );
     }
     s
+}
+
+/// `s` as a PowerShell single-quoted string (a `'` inside is written twice).
+fn ps_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Files under `reinstall\` on the Windows volume for the call home.
@@ -387,10 +403,11 @@ pub const P12: &str = "host.p12";
 pub const CA: &str = "ca.pem";
 pub const UP: &str = "target-up.json";
 
-/// How Windows's first-boot script calls home: the stager's URL and the password of the
-/// PKCS#12 file holding the host's identity.
+/// How Windows's first-boot script calls home: the stager's URLs, tried in order (the
+/// identity's `stager`, then each `fallback`), and the password of the PKCS#12 file holding
+/// the host's identity.
 pub struct CallHome {
-    pub url: String,
+    pub urls: Vec<String>,
     pub password: String,
 }
 
@@ -622,7 +639,7 @@ pub fn write_identity(
     job: u64,
 ) -> Result<Vec<PathBuf>> {
     let call = CallHome {
-        url: host.stager.clone(),
+        urls: host.urls().into_iter().map(String::from).collect(),
         password: random_password()?,
     };
     let up = proto::v1::Event {
@@ -826,6 +843,33 @@ mod tests {
         );
         assert!(computer_name("12345").is_err());
         assert!(computer_name("--").is_err());
+    }
+
+    /// Through a site relay the identity names the relay first and the stager as fallback:
+    /// each attempt of Windows's call home tries both, in that order, and Windows becomes the
+    /// default boot only after one of them answered.
+    #[test]
+    fn the_call_home_tries_each_url_of_the_identity_in_order() {
+        let id = crate::netid::fixture("two-nics").unwrap();
+        let call = CallHome {
+            urls: vec![
+                "https://relay.pop1:8443/".into(),
+                "https://stager.example:8443/x'y".into(),
+            ],
+            password: "pw".into(),
+        };
+        let ps = render_firstboot(&id, Some(&call));
+        assert!(
+            ps.contains(
+                "$urls = @('https://relay.pop1:8443/v1/agent/events', 'https://stager.example:8443/x''y/v1/agent/events')"
+            ),
+            "{ps}"
+        );
+        let each = ps.find("foreach ($url in $urls)").unwrap();
+        let curl = ps.find("& curl.exe").unwrap();
+        let default = ps.find("displayorder '{bootmgr}' /addfirst").unwrap();
+        assert!(each < curl && curl < default, "{ps}");
+        assert!(ps[curl..].starts_with("& curl.exe") && ps[curl..default].contains(" $url\n"));
     }
 
     #[test]

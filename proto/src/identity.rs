@@ -86,6 +86,15 @@ impl IdentityFile {
         Ok(f)
     }
 
+    /// The stager's URLs in the order to try them: `stager`, then each `fallback`, without a
+    /// trailing `/`.
+    pub fn urls(&self) -> Vec<&str> {
+        std::iter::once(self.stager.as_str())
+            .chain(self.fallback.iter().map(String::as_str))
+            .map(|u| u.trim_end_matches('/'))
+            .collect()
+    }
+
     pub fn load(path: &Path) -> Result<IdentityFile, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.display().to_string(),
