@@ -1178,11 +1178,13 @@ fn stager_metric(s: &Stager, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {m}"))
 }
 
-/// A site relay whose cache disk is full (a 1 MiB tmpfs under `cache/`) still serves every
-/// blob: the failed fill sends it, and every request for the next 10 minutes, straight
-/// through from the stager (with `Range`), and `/healthz` says why.
+/// A site relay serves every blob even when its cache cannot hold it. On a 1 MiB tmpfs the
+/// 8 MiB blob cannot fit (`cache_keep_free_percent`): it passes through uncached, whole from
+/// the first request, and nothing is written. On a cache that fails (remounted read-only) the
+/// relay passes every blob through for the next 10 minutes, `Range` and all, and `/healthz`
+/// says why.
 #[test]
-fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
+fn a_site_relay_passes_through_what_its_cache_cannot_hold() {
     let w = scratch();
     let (s, mut relay) = stager_and_relay(&w, 8 << 20);
     let cache = relay.dir.join("cache");
@@ -1204,32 +1206,48 @@ fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
         .unwrap()
         .len();
     let at = |args: &[&str], path: &str| s.curl_at(&relay.url(path), Some("web1"), args);
-    let out = w.path().join("blob");
-    // The first request's fill runs out of space after 1 MiB: that request is cut (the
-    // agent would resume it), and the relay turns to passing blobs through.
-    let _ = at(&["-o", out.to_str().unwrap()], &format!("/v1/blobs/{sha}"));
-    let (code, health) = at(&[], "/healthz");
-    assert_eq!(code, 200, "{health}");
-    let h: serde_json::Value = serde_json::from_str(&health).unwrap();
-    let why = h["cache_broken"].as_str().unwrap_or_default();
-    assert!(why.contains("writing") && why.contains("cache"), "{h}");
-    // Resumed where it stopped, and again from scratch: whole, through the relay.
-    let got = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
-    let (code, body) = at(
-        &["-C", "-", "-o", out.to_str().unwrap()],
-        &format!("/v1/blobs/{sha}"),
-    );
-    assert!(code == 200 || code == 206, "{code} {body} (had {got})");
+    let health = || -> serde_json::Value {
+        let (code, h) = at(&[], "/healthz");
+        assert_eq!(code, 200, "{h}");
+        serde_json::from_str(&h).unwrap()
+    };
     let hash = |f: &std::path::Path| sh(&format!("sha256sum {} | cut -d' ' -f1", f.display()));
-    assert_eq!(hash(&out).trim(), sha);
+    let fetch = |out: &std::path::Path| {
+        let (code, body) = at(&["-o", out.to_str().unwrap()], &format!("/v1/blobs/{sha}"));
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(hash(out).trim(), sha);
+        assert_eq!(std::fs::metadata(out).unwrap().len(), size);
+    };
+
+    let out = w.path().join("blob");
+    fetch(&out);
+    let h = health();
+    assert_eq!(h["not_cached"], 1, "{h}");
+    assert!(h["cache_broken"].is_null(), "{h}");
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "nothing written to a cache the blob cannot fit"
+    );
+
+    // Room enough, but the disk fails: the download cannot start, the blob passes through,
+    // and so does every blob for a while.
+    ok(std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m,ro"])
+        .arg(&cache));
     let again = w.path().join("again");
+    fetch(&again);
+    let h = health();
+    let why = h["cache_broken"].as_str().unwrap_or_default();
+    assert!(why.contains("creating") && why.contains("cache"), "{h}");
+    let range = w.path().join("range");
     let (code, _) = at(
-        &["-o", again.to_str().unwrap()],
+        &["-r", "1000-1999", "-o", range.to_str().unwrap()],
         &format!("/v1/blobs/{sha}"),
     );
-    assert_eq!(code, 200);
-    assert_eq!(hash(&again).trim(), sha);
-    assert_eq!(std::fs::metadata(&again).unwrap().len(), size);
+    assert_eq!(code, 206);
+    let blob = std::fs::read(s.home.join("blobs/sha256").join(&sha)).unwrap();
+    assert_eq!(std::fs::read(&range).unwrap(), &blob[1000..2000]);
     // Refusals still come from the stager.
     let (code, body) = s.curl_at(
         &relay.url(&format!("/v1/blobs/{sha}")),
@@ -1237,6 +1255,136 @@ fn a_site_relay_with_its_cache_disk_full_passes_blobs_through() {
         &["-o", "-"],
     );
     assert_eq!(code, 403, "{body}");
+}
+
+/// A site relay's cache keeps within `cache_max_mib`: three 8 MiB blobs with room for two.
+/// A blob served from the cache counts as used, so the third blob's download deletes the
+/// least recently served one, not the oldest download; a deleted blob asked for again
+/// crosses again. A blob bigger than the cap passes through whole and deletes nothing.
+#[test]
+fn a_site_relays_cache_keeps_within_its_cap_dropping_the_least_recently_served() {
+    let w = scratch();
+    let (s, mut relay) = stager_and_relay(&w, 8 << 20);
+    s.enroll("web3");
+    for (host, bundle) in [("web1", "target"), ("web2", "t2"), ("web3", "t3")] {
+        if bundle != "target" {
+            let tree = w.path().join(bundle);
+            std::fs::create_dir_all(tree.join("etc")).unwrap();
+            ok(std::process::Command::new("head")
+                .args(["-c", &(8u64 << 20).to_string(), "/dev/urandom"])
+                .stdout(std::fs::File::create(tree.join("etc/random")).unwrap()));
+            ok(stager()
+                .args(["bundle", "build", "--dir"])
+                .arg(&s.home)
+                .args(["--name", bundle, "--version", "1", "--kind", "target"])
+                .args(["--os", "linux"])
+                .arg(&tree));
+        }
+        let (code, body) = post_job(
+            &s,
+            &format!(r#"{{"hosts":["{host}"],"target":"{bundle}"}}"#),
+        );
+        assert_eq!(code, 201, "{body}");
+    }
+    let config = relay.dir.join("relay.toml");
+    let set_cap = |mib: u64| {
+        let p = &config;
+        let text = std::fs::read_to_string(p).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("cache_max_mib"))
+            .collect();
+        std::fs::write(p, format!("{}\ncache_max_mib = {mib}\n", kept.join("\n"))).unwrap();
+    };
+    set_cap(20);
+    relay.start();
+    let cache = relay.dir.join("cache");
+    let sha = |b: &str| s.sha_of(b);
+    let (a, b, c) = (sha("target"), sha("t2"), sha("t3"));
+    let health = |relay: &integration_tests::stager::Relay| -> serde_json::Value {
+        let (_, h) = s.curl_at(&relay.url("/healthz"), Some("web1"), &[]);
+        serde_json::from_str(&h).unwrap()
+    };
+    let from_upstream = |relay: &integration_tests::stager::Relay| {
+        health(relay)["bytes_from_upstream"].as_u64().unwrap()
+    };
+    let len = |sha: &str| {
+        std::fs::metadata(s.home.join("blobs/sha256").join(sha))
+            .unwrap()
+            .len()
+    };
+    let fetch = |relay: &integration_tests::stager::Relay, host: &str, sha: &str| {
+        let out = w.path().join(format!("{host}-blob"));
+        let (code, body) = s.curl_at(
+            &relay.url(&format!("/v1/blobs/{sha}")),
+            Some(host),
+            &["-o", out.to_str().unwrap()],
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), len(sha));
+        // mtimes order the blobs' uses: let them differ.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let cached = || {
+        let mut v: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let sorted = |mut v: Vec<&String>| {
+        v.sort();
+        v.into_iter().cloned().collect::<Vec<_>>()
+    };
+
+    fetch(&relay, "web1", &a);
+    fetch(&relay, "web2", &b);
+    assert_eq!(cached(), sorted(vec![&a, &b]));
+    assert_eq!(from_upstream(&relay), len(&a) + len(&b));
+    // a served from the cache (nothing crosses), so b is now the least recently used.
+    fetch(&relay, "web1", &a);
+    assert_eq!(from_upstream(&relay), len(&a) + len(&b));
+    fetch(&relay, "web3", &c);
+    assert_eq!(
+        cached(),
+        sorted(vec![&a, &c]),
+        "b, served longest ago, went"
+    );
+    let h = health(&relay);
+    assert_eq!(h["cache_evicted"], 1, "{h}");
+    assert_eq!(h["cache_bytes"].as_u64(), Some(len(&a) + len(&c)), "{h}");
+    // b again: it crosses again, and a goes (c was served since).
+    fetch(&relay, "web2", &b);
+    assert_eq!(cached(), sorted(vec![&b, &c]));
+    assert_eq!(from_upstream(&relay), 2 * len(&b) + len(&a) + len(&c));
+    let (_, metrics) = s.curl_at(&relay.url("/metrics"), Some("web1"), &[]);
+    for want in [
+        "relay_cache_evicted_total 2".to_string(),
+        format!("relay_cache_bytes {}", len(&b) + len(&c)),
+        "relay_not_cached_total 0".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want} not in {metrics}");
+    }
+
+    // A cap below one blob: a passes through whole, and the cache keeps what it has.
+    relay.kill();
+    set_cap(4);
+    relay.start();
+    let before = from_upstream(&relay);
+    fetch(&relay, "web1", &a);
+    assert_eq!(cached(), sorted(vec![&b, &c]));
+    let h = health(&relay);
+    assert_eq!(
+        (h["not_cached"].as_u64(), h["cache_evicted"].as_u64()),
+        (Some(1), Some(0)),
+        "{h}"
+    );
+    assert_eq!(
+        h["bytes_from_upstream"].as_u64(),
+        Some(0),
+        "passed through, not fetched: {h} (before: {before})"
+    );
 }
 
 /// A site relay goes on from what an earlier download left in `cache/SHA.part` (a relay

@@ -66,6 +66,7 @@ pub enum RelayCommand {
     Init(RelayInitOpts),
     /// On the relay machine: verify the site's agents, forward their requests upstream, and
     /// serve blobs from its cache (each fetched from upstream once).
+    #[command(after_help = stager::relay::SETTINGS)]
     Serve(RelayServeOpts),
 }
 

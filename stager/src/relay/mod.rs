@@ -17,9 +17,15 @@
 //! checked against its SHA-256 and renamed to `cache/SHA`; one that is not is deleted (the
 //! agents check every byte themselves too: hash, age's authentication, the signed manifest).
 //!
+//! The cache is bounded ([`cache`]): before a download starts, the least recently served
+//! blobs are deleted to keep it within `cache_max_mib` and to leave `cache_keep_free_percent`
+//! of its disk free; a blob that cannot fit even so passes through uncached.
+//!
 //! Files in the relay's directory (written by `stager relay init` on the upstream stager):
 //! `relay.toml`, `ca.pem`, `relay.pem` and `relay.key` (0600): one certificate, for both the
 //! server agents reach and the client upstream verifies), `cache/`.
+
+pub mod cache;
 
 use crate::http::{self, ApiError, BlobHead, ResBody};
 use crate::metrics::Metrics;
@@ -74,11 +80,33 @@ pub struct RelayConfig {
     /// Most agent connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most MiB the blob cache holds (downloads under way included); none: no cap but the
+    /// disk's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_max_mib: Option<u64>,
+    /// Share of the cache's filesystem the cache leaves free for everything else.
+    #[serde(default = "default_keep_free")]
+    pub cache_keep_free_percent: u8,
 }
 
 fn default_max_connections() -> usize {
     10_000
 }
+
+fn default_keep_free() -> u8 {
+    10
+}
+
+/// `stager relay serve --help`: the settings `relay.toml` takes.
+pub const SETTINGS: &str = "relay.toml (in --dir; written by `stager relay init`):
+  name = \"NAME\"                  the relay's name, its certificate's CN
+  listen = \"ADDR:PORT\"           where agents reach it
+  upstream = \"https://...\"       the stager it relays for
+  max_connections = N            agent connections served at once (default 10000)
+  cache_max_mib = N              most MiB its blob cache holds (default: no cap but the disk's)
+  cache_keep_free_percent = P    share of the cache's disk left free (default 10)
+Before a blob is fetched, the least recently served blobs are deleted until both limits
+hold; a blob that cannot fit even so passes through uncached.";
 
 impl RelayConfig {
     pub fn new(name: String, listen: String, upstream: String) -> RelayConfig {
@@ -87,6 +115,8 @@ impl RelayConfig {
             listen,
             upstream,
             max_connections: default_max_connections(),
+            cache_max_mib: None,
+            cache_keep_free_percent: default_keep_free(),
         }
     }
 
@@ -94,14 +124,40 @@ impl RelayConfig {
         let p = dir.join(CONFIG);
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        let c: RelayConfig =
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        anyhow::ensure!(
+            c.cache_keep_free_percent <= 90,
+            "{}: cache_keep_free_percent = {} leaves the cache less than 10% of its disk (at most 90)",
+            p.display(),
+            c.cache_keep_free_percent
+        );
+        anyhow::ensure!(
+            c.cache_max_mib != Some(0),
+            "{}: cache_max_mib = 0 would cache nothing (leave it out for no cap)",
+            p.display()
+        );
+        Ok(c)
+    }
+
+    /// The cache's limits in bytes.
+    pub fn cache_limits(&self) -> cache::Limits {
+        cache::Limits {
+            max_bytes: self.cache_max_mib.map(|m| m.saturating_mul(1 << 20)),
+            keep_free_percent: self.cache_keep_free_percent,
+        }
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
         let p = dir.join(CONFIG);
         let text = format!(
-            "# site relay configuration (see README: Site relays)\n{}",
-            toml::to_string(self).expect("config serializes")
+            "# site relay configuration (see README: Site relays; `stager relay serve --help`)\n{}{}",
+            toml::to_string(self).expect("config serializes"),
+            if self.cache_max_mib.is_none() {
+                "# cache_max_mib = 20480   # most MiB the blob cache holds (default: no cap but the disk's)\n"
+            } else {
+                ""
+            }
         );
         std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
     }
@@ -122,10 +178,15 @@ pub struct Relay {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    fills: Mutex<HashMap<String, watch::Receiver<Filled>>>,
+    /// Downloads under way: their progress and the blob's length.
+    fills: Mutex<HashMap<String, (watch::Receiver<Filled>, u64)>>,
     metrics: Metrics,
     /// Blob bytes received from upstream (cache fills), shown by `/healthz`.
     bytes_from_upstream: AtomicU64,
+    /// Blobs deleted from the cache to make room, and blobs passed through because they
+    /// could not fit.
+    evicted: AtomicU64,
+    not_cached: AtomicU64,
     /// When and why the cache last failed on this machine's side (disk full, read-only):
     /// for [`PASS_THROUGH_FOR`] after it, blobs are passed through from upstream uncached.
     cache_broken: Mutex<Option<(Instant, String)>>,
@@ -197,6 +258,8 @@ impl Relay {
             fills: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             bytes_from_upstream: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            not_cached: AtomicU64::new(0),
             cache_broken: Mutex::new(None),
         })
     }
@@ -284,6 +347,9 @@ impl Relay {
                     "relay": self.config.name,
                     "bytes_from_upstream": self.bytes_from_upstream.load(Ordering::Relaxed),
                     "bytes_served": self.metrics.bytes_served.load(Ordering::Relaxed),
+                    "cache_bytes": self.cache_bytes(),
+                    "cache_evicted": self.evicted.load(Ordering::Relaxed),
+                    "not_cached": self.not_cached.load(Ordering::Relaxed),
                     "cache_broken": self.cache_broken().map(|(_, m)| m),
                 }),
             ));
@@ -359,6 +425,10 @@ impl Relay {
         drop(probe);
         let done = self.dir.join(CACHE).join(sha);
         if done.exists() {
+            // Its last use, which decides what goes first when room is needed.
+            if let Ok(f) = std::fs::File::open(&done) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
             return http::serve_file(parts, &done, sha, self.metrics.bytes_served.clone()).await;
         }
         if self.cache_broken().is_none() {
@@ -404,6 +474,24 @@ impl Relay {
             "relay_fills",
             "Blobs being fetched from upstream now.",
             fills as u64,
+        );
+        gauge(
+            &mut s,
+            "relay_cache_bytes",
+            "Bytes in the blob cache, downloads under way included.",
+            self.cache_bytes().unwrap_or(0),
+        );
+        counter(
+            &mut s,
+            "relay_cache_evicted_total",
+            "Blobs deleted from the cache to make room (least recently served first).",
+            self.evicted.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut s,
+            "relay_not_cached_total",
+            "Blob requests passed through uncached because the blob could not fit the cache's limits.",
+            self.not_cached.load(Ordering::Relaxed),
         );
         gauge(
             &mut s,
@@ -456,7 +544,7 @@ impl Relay {
     /// agent `conn`, whose right to read it upstream has just confirmed).
     fn fill(self: &Arc<Self>, conn: &Arc<Conn>, sha: &str, len: u64) -> watch::Receiver<Filled> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = fills.get(sha) {
+        if let Some((rx, _)) = fills.get(sha) {
             if !matches!(*rx.borrow(), Filled::Failed(_)) {
                 return rx.clone();
             }
@@ -468,6 +556,27 @@ impl Relay {
             return rx;
         }
         let part = self.dir.join(CACHE).join(format!("{sha}.part"));
+        let mut running: HashMap<String, u64> = fills
+            .iter()
+            .filter(|(_, (rx, _))| !matches!(*rx.borrow(), Filled::Failed(_)))
+            .map(|(s, (_, len))| (s.clone(), *len))
+            .collect();
+        running.insert(sha.to_string(), len);
+        match self.make_room(sha, len, &running) {
+            Ok(()) => {}
+            Err(e) if e.is::<CacheDisk>() => {
+                let why = format!("{e:#}");
+                self.cache_failed(&why);
+                let _ = tx.send(Filled::Failed(why));
+                return rx;
+            }
+            Err(e) => {
+                self.not_cached.fetch_add(1, Ordering::Relaxed);
+                println!("relay: blob {sha} passes through uncached: {e:#}");
+                let _ = tx.send(Filled::Failed(format!("{e:#}")));
+                return rx;
+            }
+        }
         // Created before anyone reads it. What an earlier download left (a relay stopped, or
         // upstream gone too long) is kept: the download goes on from its end.
         let opened = std::fs::OpenOptions::new()
@@ -481,7 +590,7 @@ impl Relay {
             let _ = tx.send(Filled::Failed(why));
             return rx;
         }
-        fills.insert(sha.to_string(), rx.clone());
+        fills.insert(sha.to_string(), (rx.clone(), len));
         let (relay, conn, sha) = (self.clone(), conn.clone(), sha.to_string());
         tokio::spawn(async move {
             let t = Instant::now();
@@ -631,6 +740,59 @@ impl Relay {
 }
 
 impl Relay {
+    /// Bytes in the cache now, or `None` if it cannot be read.
+    fn cache_bytes(&self) -> Option<u64> {
+        let running: HashMap<String, u64> = self
+            .fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(s, (_, len))| (s.clone(), *len))
+            .collect();
+        cache::scan(&self.dir.join(CACHE), &running)
+            .ok()
+            .map(|s| s.bytes())
+    }
+
+    /// Deletes the least recently served blobs until blob `sha` (`len` bytes) fits the
+    /// cache's limits next to the downloads in `running` (blob → length; `sha` among them).
+    /// A [`CacheDisk`] error if the cache cannot be read; another error, deleting nothing, if
+    /// the blob cannot fit at all.
+    fn make_room(&self, sha: &str, len: u64, running: &HashMap<String, u64>) -> Result<()> {
+        let dir = self.dir.join(CACHE);
+        let disk_err = |e| anyhow::Error::new(CacheDisk(format!("reading {}: {e}", dir.display())));
+        let scan = cache::scan(&dir, running).map_err(disk_err)?;
+        let disk = cache::disk(&dir).map_err(disk_err)?;
+        let size =
+            |s: &str| std::fs::metadata(dir.join(format!("{s}.part"))).map_or(0, |m| m.len());
+        // Still to be written: the rest of each download under way, and of this one.
+        let pending: u64 = running
+            .iter()
+            .filter(|(s, _)| s.as_str() != sha)
+            .map(|(s, l)| l.saturating_sub(size(s)))
+            .sum();
+        let need = len.saturating_sub(size(sha));
+        let gone = cache::make_room(&scan, pending, need, disk, self.config.cache_limits())
+            .map_err(|why| anyhow::anyhow!(why))?;
+        for i in gone {
+            let e = &scan.entries[i];
+            match std::fs::remove_file(&e.path) {
+                Ok(()) => {
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                    let ago = e.used.elapsed().unwrap_or_default().as_secs();
+                    println!(
+                        "relay: deleted {} ({} MiB, last served {ago} s ago) to make room for blob {sha}",
+                        e.path.display(),
+                        e.bytes >> 20
+                    );
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(cache_disk("deleting", &e.path, err)),
+            }
+        }
+        Ok(())
+    }
+
     /// The bytes an earlier download left in `part`, hashed into `hash`; the file positioned
     /// after them. More than the blob's length: not this blob's, emptied.
     async fn resume(
@@ -834,11 +996,64 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;
+    let cap = relay
+        .config
+        .cache_max_mib
+        .map_or("no cap".to_string(), |m| format!("at most {m} MiB"));
     println!(
-        "relay {}: listening on https://{}; upstream {}",
+        "relay {}: listening on https://{}; upstream {}; cache {} MiB, {cap}, keeping {}% of its disk free",
         relay.config.name,
         listener.local_addr()?,
-        relay.config.upstream
+        relay.config.upstream,
+        relay.cache_bytes().unwrap_or(0) >> 20,
+        relay.config.cache_keep_free_percent
     );
     crate::server::accept_loop(relay, listener, acceptor).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// relay.toml as `relay init` writes it reads back with the cache's defaults; limits
+    /// that cannot work are refused naming the file and the key.
+    #[test]
+    fn relay_toml_round_trips_and_refuses_cache_limits_that_cannot_work() {
+        let d = tempfile::tempdir().unwrap();
+        let c = RelayConfig::new(
+            "pop-a".into(),
+            "0.0.0.0:8443".into(),
+            "https://s:8443".into(),
+        );
+        c.save(d.path()).unwrap();
+        let text = std::fs::read_to_string(d.path().join(CONFIG)).unwrap();
+        assert!(text.contains("# cache_max_mib = "), "{text}");
+        let back = RelayConfig::load(d.path()).unwrap();
+        assert_eq!(
+            back.cache_limits(),
+            cache::Limits {
+                max_bytes: None,
+                keep_free_percent: 10
+            }
+        );
+        for (line, want) in [
+            ("cache_max_mib = 0", "cache_max_mib = 0 would cache nothing"),
+            (
+                "cache_keep_free_percent = 95",
+                "cache_keep_free_percent = 95",
+            ),
+        ] {
+            std::fs::write(d.path().join(CONFIG), format!("{text}{line}\n")).unwrap();
+            let e = format!("{:#}", RelayConfig::load(d.path()).unwrap_err());
+            assert!(e.contains(want) && e.contains(CONFIG), "{e}");
+        }
+        std::fs::write(d.path().join(CONFIG), format!("{text}cache_max_mib = 3\n")).unwrap();
+        assert_eq!(
+            RelayConfig::load(d.path())
+                .unwrap()
+                .cache_limits()
+                .max_bytes,
+            Some(3 << 20)
+        );
+    }
 }
