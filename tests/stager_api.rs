@@ -1286,17 +1286,7 @@ fn a_site_relays_cache_keeps_within_its_cap_dropping_the_least_recently_served()
         );
         assert_eq!(code, 201, "{body}");
     }
-    let config = relay.dir.join("relay.toml");
-    let set_cap = |mib: u64| {
-        let p = &config;
-        let text = std::fs::read_to_string(p).unwrap();
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("cache_max_mib"))
-            .collect();
-        std::fs::write(p, format!("{}\ncache_max_mib = {mib}\n", kept.join("\n"))).unwrap();
-    };
-    set_cap(20);
+    relay.set("cache_max_mib", "20");
     relay.start();
     let cache = relay.dir.join("cache");
     let sha = |b: &str| s.sha_of(b);
@@ -1369,7 +1359,7 @@ fn a_site_relays_cache_keeps_within_its_cap_dropping_the_least_recently_served()
 
     // A cap below one blob: a passes through whole, and the cache keeps what it has.
     relay.kill();
-    set_cap(4);
+    relay.set("cache_max_mib", "4");
     relay.start();
     let before = from_upstream(&relay);
     fetch(&relay, "web1", &a);
@@ -1384,6 +1374,54 @@ fn a_site_relays_cache_keeps_within_its_cap_dropping_the_least_recently_served()
         h["bytes_from_upstream"].as_u64(),
         Some(0),
         "passed through, not fetched: {h} (before: {before})"
+    );
+}
+
+/// A WAN cut in the middle of a relay's download (a proxy between the relay and the stager
+/// cuts the connection after 12 MiB of a 24 MiB blob) is resumed with `Range` where it
+/// stopped: the agent reading through the relay never sees the cut and gets the blob whole,
+/// and the stager sends it once: one whole answer (200) and, besides the relay's one-byte
+/// probe, one `Range` answer (206) for the rest.
+#[test]
+fn a_site_relay_resumes_a_download_the_wan_cuts() {
+    let w = scratch();
+    let (s, mut relay) = stager_and_relay(&w, 24 << 20);
+    let wan = integration_tests::stager::CuttingProxy::start(s.port, 12 << 20);
+    relay.set("upstream", &format!("\"https://127.0.0.1:{}\"", wan.port));
+    relay.start();
+    create_job(&s, "web1");
+    let sha = s.sha_of("target");
+    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
+        .unwrap()
+        .len();
+    let out = w.path().join("blob");
+    let (code, body) = s.curl_at(
+        &relay.url(&format!("/v1/blobs/{sha}")),
+        Some("web1"),
+        &["-o", out.to_str().unwrap()],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        sh(&format!("sha256sum {} | cut -d' ' -f1", out.display())).trim(),
+        sha
+    );
+    assert_eq!(wan.cuts(), 1, "the proxy did not cut the download");
+    let (_, h) = s.curl_at(&relay.url("/healthz"), Some("web1"), &[]);
+    let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["bytes_from_upstream"].as_u64(), Some(size), "{h}");
+    assert!(relay.dir.join("cache").join(&sha).exists());
+    let (_, m) = s.curl(Some("alice"), &[], "/metrics");
+    let blob_answers = |status: u16| {
+        let key =
+            format!(r#"stager_requests_total{{route="GET /v1/blobs/:id",status="{status}"}} "#);
+        m.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!(
+        (blob_answers(200), blob_answers(206)),
+        (1, 2),
+        "the stager's blob answers: one whole, the probe and one resumed ({m})"
     );
 }
 

@@ -253,6 +253,81 @@ impl Relay {
     pub fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.port)
     }
+
+    /// Sets `key = value` (TOML) in relay.toml; takes effect at the next start.
+    pub fn set(&self, key: &str, value: &str) {
+        let p = self.dir.join("relay.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .collect();
+        std::fs::write(&p, format!("{}\n{key} = {value}\n", kept.join("\n"))).unwrap();
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 (a WAN link, as a relay sees it) to `127.0.0.1:to`, that cuts
+/// the first connection to carry more than `cut_after` bytes towards the client, once.
+pub struct CuttingProxy {
+    pub port: u16,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl CuttingProxy {
+    pub fn start(to: u16, cut_after: u64) -> CuttingProxy {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicU32::new(0));
+        let counted = cuts.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Towards the server, as it comes.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &c2, &mut &s2);
+                    let _ = s2.shutdown(Shutdown::Write);
+                });
+                let cuts = counted.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut sent = 0u64;
+                    loop {
+                        let n = match std::io::Read::read(&mut &server, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        sent += n as u64;
+                        if sent > cut_after
+                            && cuts
+                                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                                .is_ok()
+                        {
+                            let _ = client.shutdown(Shutdown::Both);
+                            let _ = server.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        if std::io::Write::write_all(&mut &client, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        CuttingProxy { port, cuts }
+    }
+
+    /// Connections cut so far (0 or 1).
+    pub fn cuts(&self) -> u32 {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Starts a server and waits for its first line, which must say it is listening; what it
