@@ -964,18 +964,23 @@ fn a_canary_runs_alone_first_and_its_failure_halts_the_job() {
 }
 
 /// A started stager whose target bundle holds `random` bytes of /dev/urandom (they do not
-/// compress: a blob of about that size, many frames to relay), and a site relay for it,
-/// initialized but not started.
-fn stager_and_relay(
-    w: &tempfile::TempDir,
-    random: u64,
-) -> (Stager, integration_tests::stager::Relay) {
+/// compress: a blob of about that size, many frames to relay).
+fn stager_with_random(w: &tempfile::TempDir, random: u64) -> Stager {
     let target = small_target(w.path());
     ok(std::process::Command::new("head")
         .args(["-c", &random.to_string(), "/dev/urandom"])
         .stdout(std::fs::File::create(target.join("etc/random")).unwrap()));
     let mut s = Stager::new(w.path(), &target);
     s.start();
+    s
+}
+
+/// [`stager_with_random`] and a site relay for it, initialized but not started.
+fn stager_and_relay(
+    w: &tempfile::TempDir,
+    random: u64,
+) -> (Stager, integration_tests::stager::Relay) {
+    let s = stager_with_random(w, random);
     let relay = integration_tests::stager::Relay::init(&s, "pop-a");
     (s, relay)
 }
@@ -1126,11 +1131,7 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
     // A relay acts for its own site's hosts only (this one: hosts without a site).
-    ok(stager()
-        .args(["enroll", "--dir"])
-        .arg(&s.home)
-        .args(["web4", "--site", "b", "--out"])
-        .arg(s.identity("web4")));
+    s.enroll_in("web4", "b");
     let (code, body) = at("web4", &[], "/v1/agent/work");
     assert_eq!(code, 403, "{body}");
     assert!(
@@ -1176,6 +1177,139 @@ fn stager_metric(s: &Stager, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {m}"))
+}
+
+/// Relays chain (tiered site stagers): a site's relay (pop-a) whose upstream is a regional
+/// relay serving sites pop-a and pop-b. A pop-a host works through both: its job, its
+/// events, its blob, which crosses from the stager to the regional relay once and from there
+/// to the site's relay once. Every relay of the chain must serve the host's site (the
+/// stager names the one that does not); a host cannot pass itself off as a relay; revoking
+/// the regional relay cuts off the chain; a relay whose upstream leads back to itself stops
+/// after 4 hops (508).
+#[test]
+fn relays_chain_and_every_relay_of_the_chain_must_serve_the_hosts_site() {
+    use integration_tests::stager::Relay;
+    let w = scratch();
+    let s = stager_with_random(&w, 16 << 20);
+    let mut hub = Relay::init_with(&s, "region-eu", &["--site", "pop-a", "--site", "pop-b"]);
+    let mut pop = Relay::init_with(
+        &s,
+        "pop-a",
+        &["--site", "pop-a", "--upstream", &hub.url("")],
+    );
+    s.enroll("web3");
+    for (h, site) in [("web1", "pop-a"), ("web2", "pop-b"), ("web3", "pop-c")] {
+        s.enroll_in(h, site);
+    }
+    let (code, body) = post_job(&s, r#"{"hosts":["web1","web2","web3"],"target":"target"}"#);
+    assert_eq!(code, 201, "{body}");
+    let job = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    hub.start();
+    pop.start();
+    let at = |r: &Relay, host: &str, args: &[&str], path: &str| {
+        s.curl_at(&r.url(path), Some(host), args)
+    };
+    let sha = s.sha_of("target");
+    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
+        .unwrap()
+        .len();
+
+    // web1 (pop-a) through pop-a's relay and the regional one.
+    let (code, body) = at(&pop, "web1", &[], "/v1/agent/work");
+    assert_eq!(code, 200, "{body}");
+    let work: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(work["job"]["id"].as_u64(), Some(job), "{body}");
+    let ev = format!(
+        r#"{{"job":{job},"kind":"progress","phase":"plan","message":"through two relays"}}"#
+    );
+    let (code, body) = at(
+        &pop,
+        "web1",
+        &["-H", "content-type: application/json", "-d", &ev],
+        "/v1/agent/events",
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{job}"));
+    assert!(body.contains("through two relays"), "{body}");
+    let out = w.path().join("blob");
+    let (code, body) = at(
+        &pop,
+        "web1",
+        &["-o", out.to_str().unwrap()],
+        &format!("/v1/blobs/{sha}"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        sh(&format!("sha256sum {} | cut -d' ' -f1", out.display())).trim(),
+        sha
+    );
+    let crossed = |r: &Relay| {
+        let (_, h) = s.curl_at(&r.url("/healthz"), Some("web1"), &[]);
+        serde_json::from_str::<serde_json::Value>(&h).unwrap()["bytes_from_upstream"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((crossed(&hub), crossed(&pop)), (size, size));
+    let (_, m) = s.curl(Some("alice"), &[], "/metrics");
+    assert!(
+        m.contains(r#"stager_requests_total{route="GET /v1/blobs/:id",status="200"} 1"#),
+        "the stager sent the blob whole once: {m}"
+    );
+
+    // Every relay of the chain serves the host's site, or the stager refuses, naming it.
+    let (code, body) = at(&pop, "web2", &[], "/v1/agent/work");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(
+            r#"relay \"pop-a\" serves site \"pop-a\"; host \"web2\" is in site \"pop-b\""#
+        ),
+        "{body}"
+    );
+    let (code, body) = at(&hub, "web2", &[], "/v1/agent/work");
+    assert_eq!(code, 200, "the regional relay serves pop-b: {body}");
+    let (code, body) = at(&hub, "web3", &[], "/v1/agent/work");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(r#"relay \"region-eu\" serves site \"pop-a\", \"pop-b\"; host \"web3\" is in site \"pop-c\""#),
+        "{body}"
+    );
+
+    // A host that sends the relay header itself is taken for a relay below, and refused.
+    let web2 = s.pems("web2");
+    let fp = sh(&format!(
+        "openssl x509 -in {} -outform der | sha256sum | cut -d' ' -f1",
+        web2.cert.display()
+    ));
+    let (code, body) = at(
+        &hub,
+        "web1",
+        &["-H", &format!("x-reinstall-relayed-for: {}", fp.trim())],
+        "/v1/agent/work",
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(r#"as if through relay \"web1\", which is a agent certificate"#),
+        "{body}"
+    );
+
+    // Revoking the regional relay cuts off everything below it.
+    ok(stager()
+        .args(["revoke", "--dir"])
+        .arg(&s.home)
+        .arg("region-eu"));
+    let (code, body) = at(&pop, "web1", &[], "/v1/agent/work");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+
+    // A relay whose upstream is itself.
+    let mut lp = Relay::init(&s, "loop");
+    lp.set("upstream", &format!("\"{}\"", lp.url("")));
+    lp.start();
+    let (code, body) = at(&lp, "web1", &[], "/v1/agent/work");
+    assert_eq!(code, 508, "{body}");
+    assert!(body.contains("lead back to itself"), "{body}");
 }
 
 /// A site relay serves every blob even when its cache cannot hold it. On a 1 MiB tmpfs the

@@ -233,14 +233,22 @@ async fn dispatch(
 /// The role of a site relay's certificate (`stager relay init`).
 pub const RELAY: &str = "relay";
 /// Headers a site relay sets on what it forwards: the SHA-256 fingerprint of the certificate
-/// the agent presented to the relay, and the agent's address as the relay saw it.
+/// the agent presented to the relay, and the agent's address as the relay saw it. A relay
+/// whose client is itself a relay (relays chained: a site's relay under a regional one)
+/// passes both on and adds that relay's fingerprint to [`RELAYED_VIA`].
 pub const RELAYED_FOR: &str = "x-reinstall-relayed-for";
 pub const RELAYED_ADDR: &str = "x-reinstall-relayed-addr";
+/// The fingerprints of the relays a request came through before the one that connected,
+/// comma-separated, the agent's own relay first.
+pub const RELAYED_VIA: &str = "x-reinstall-relayed-via";
+/// Most relays between an agent and the stager.
+pub const MAX_RELAYS: usize = 4;
 
-/// Who a relay's request is for: the agent whose certificate the relay verified, looked up
-/// here exactly as if it had connected itself (unknown and revoked refused), so that every
-/// authorization rule holds through a relay. A relay acts for agents only, never for itself
-/// or an operator.
+/// Who a relay's request is for: the agent whose certificate the first relay verified,
+/// looked up here exactly as if it had connected itself (unknown and revoked refused), so
+/// that every authorization rule holds through relays. A relay acts for agents only, never
+/// for itself or an operator; every relay of the chain must be a relay this stager issued,
+/// not revoked, that serves the agent's site.
 async fn relayed_agent(
     state: &Arc<State>,
     relay: &Principal,
@@ -261,24 +269,48 @@ async fn relayed_agent(
             relay.name, who.role, who.name
         )));
     }
-    // A relay is trusted with its own site's hosts (they reach the stager through it), not
-    // with the fleet's.
-    let (relay_fp, host) = (
-        conn.fingerprint.clone().unwrap_or_default(),
-        who.name.clone(),
-    );
-    if let Some((serves, of)) = state
-        .db(move |db| db.relay_site_mismatch(&relay_fp, &host))
-        .await?
-    {
-        let site = |s: Option<String>| s.map_or("no site".into(), |s| format!("site {s:?}"));
+    // The relays below the one that connected, each checked as that one is.
+    let below: Vec<&str> = header(RELAYED_VIA)
+        .map(|v| v.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    if below.len() >= MAX_RELAYS {
         return Err(ApiError::forbidden(format!(
-            "relay {:?} serves {}; host {:?} is in {}",
-            relay.name,
-            site(serves),
-            who.name,
-            site(of)
+            "host {:?} came through more than {MAX_RELAYS} relays (a relay whose upstream leads back to itself?)",
+            who.name
         )));
+    }
+    let mut chain = vec![(
+        relay.name.clone(),
+        conn.fingerprint.clone().unwrap_or_default(),
+    )];
+    for fp in below {
+        let r = principal(state, Some(fp.to_string())).await?;
+        if r.role != RELAY {
+            return Err(ApiError::forbidden(format!(
+                "relay {:?} forwarded host {:?} as if through relay {:?}, which is a {} certificate",
+                relay.name, who.name, r.name, r.role
+            )));
+        }
+        chain.push((r.name, fp.to_string()));
+    }
+    // A relay is trusted with its own sites' hosts (they reach the stager through it), not
+    // with the fleet's.
+    for (name, relay_fp) in chain {
+        let host = who.name.clone();
+        if let Some((serves, of)) = state
+            .db(move |db| db.relay_site_mismatch(&relay_fp, &host))
+            .await?
+        {
+            let serves = serves.map_or("no site".into(), |s| {
+                let list: Vec<String> = s.split(',').map(|x| format!("{x:?}")).collect();
+                format!("site {}", list.join(", "))
+            });
+            let of = of.map_or("no site".into(), |s| format!("site {s:?}"));
+            return Err(ApiError::forbidden(format!(
+                "relay {name:?} serves {serves}; host {:?} is in {of}",
+                who.name
+            )));
+        }
     }
     let addr = header(RELAYED_ADDR)
         .filter(|a| a.parse::<std::net::IpAddr>().is_ok())

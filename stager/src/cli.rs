@@ -86,13 +86,15 @@ pub struct RelayInitOpts {
     /// Directory to create for the relay (relay.toml, ca.pem, relay.pem, relay.key).
     #[arg(long)]
     pub out: PathBuf,
-    /// How the relay reaches this stager (default: `url` in stager.toml, as agents do).
+    /// How the relay reaches this stager (default: `url` in stager.toml, as agents do), or
+    /// a regional relay's URL to sit under it (relays chain).
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
-    /// The site whose hosts the relay serves (`stager enroll --site`): it may act for those
-    /// hosts only. Without it: for hosts enrolled without a site.
-    #[arg(long)]
-    pub site: Option<String>,
+    /// A site whose hosts the relay serves (`stager enroll --site`): it may act for those
+    /// hosts only. Repeatable: a regional relay, upstream of several sites' relays, serves
+    /// each of their sites. Without it: hosts enrolled without a site.
+    #[arg(long = "site", value_name = "SITE")]
+    pub sites: Vec<String>,
     /// Days the relay's certificate is valid.
     #[arg(long, default_value_t = 825)]
     pub days: i64,
@@ -422,9 +424,13 @@ pub fn revoke(o: RevokeOpts) -> Result<()> {
 pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     let dir = &o.home.dir;
     validate_name("--name", &o.name)?;
-    if let Some(s) = &o.site {
+    for s in &o.sites {
         validate_name("--site", s)?;
     }
+    let mut sites = o.sites.clone();
+    sites.sort();
+    sites.dedup();
+    let sites = (!sites.is_empty()).then(|| sites.join(","));
     let config = Config::load(dir)?;
     Store::open(dir)?;
     if o.out.exists() {
@@ -452,14 +458,19 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
         &o.name,
         stager::api::RELAY,
         &not_after,
-        o.site.as_deref(),
+        sites.as_deref(),
     )?;
-    let serves = o
-        .site
-        .as_ref()
-        .map_or("hosts enrolled without a site".into(), |s| {
-            format!("site {s:?}")
-        });
+    let serves = match o.sites.as_slice() {
+        [] => "hosts enrolled without a site".to_string(),
+        [s] => format!("site {s:?}"),
+        many => format!(
+            "sites {}",
+            many.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let port = o.listen.rsplit(':').next().unwrap_or("PORT");
     println!(
         "relay {:?} for {serves} written to {} (certificate sha256 {}, for {}, valid until {not_after}); \

@@ -99,7 +99,8 @@ CREATE INDEX certs_name ON certs (name);
     r#"
 ALTER TABLE jobs ADD COLUMN halt_at_failure_percent INTEGER;
 "#,
-    // The site a relay serves: it may act for that site's hosts only.
+    // The sites a relay serves, comma-separated (site names hold no comma): it may act for
+    // those sites' hosts only.
     r#"
 ALTER TABLE certs ADD COLUMN site TEXT;
 "#,
@@ -219,21 +220,24 @@ impl Db {
             .optional()
     }
 
-    /// The site the relay with certificate `relay_fp` serves and the site of `host`, when
-    /// they differ (hosts without a site, and a relay without one, are one site).
+    /// The sites the relay with certificate `relay_fp` serves (comma-separated) and the site
+    /// of `host`, when the relay does not serve that site (hosts without a site, and a relay
+    /// without one, are one site).
     pub fn relay_site_mismatch(
         &self,
         relay_fp: &str,
         host: &str,
     ) -> rusqlite::Result<Option<(Option<String>, Option<String>)>> {
-        self.c()
+        let row: Option<(Option<String>, Option<String>)> = self
+            .c()
             .query_row(
                 "SELECT c.site, h.site FROM certs c, hosts h
-                 WHERE c.fingerprint = ?1 AND h.name = ?2 AND c.site IS NOT h.site",
+                 WHERE c.fingerprint = ?1 AND h.name = ?2",
                 params![relay_fp, host],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()
+            .optional()?;
+        Ok(row.filter(|(serves, of)| !serves_site(serves.as_deref(), of.as_deref())))
     }
 
     /// The role of the certificates issued to `name`, if any were.
@@ -902,6 +906,16 @@ fn parse_state(s: &str) -> HostState {
     }
 }
 
+/// Whether a relay recorded with `sites` (comma-separated; `None`: hosts without a site)
+/// serves a host of `site`.
+pub fn serves_site(sites: Option<&str>, site: Option<&str>) -> bool {
+    match (sites, site) {
+        (None, None) => true,
+        (Some(list), Some(s)) => list.split(',').any(|x| x == s),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -982,8 +996,8 @@ mod tests {
         assert_eq!(id("h3"), Some(jobs[2]));
     }
 
-    /// A relay serves one site: the hosts of that site (or, for a relay without a site, the
-    /// hosts without one), and no other.
+    /// A relay serves its sites: the hosts of those sites (or, for a relay without a site,
+    /// the hosts without one), and no other.
     #[test]
     fn a_relay_serves_its_own_site_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -995,7 +1009,11 @@ mod tests {
         db.add_cert("ra", "relay-a", "relay", "t", Some("a"))
             .unwrap();
         db.add_cert("rn", "relay-n", "relay", "t", None).unwrap();
+        db.add_cert("rab", "hub", "relay", "t", Some("a,b"))
+            .unwrap();
         let m = |r: &str, h: &str| db.relay_site_mismatch(r, h).unwrap();
+        assert_eq!((m("rab", "a1"), m("rab", "b1")), (None, None));
+        assert_eq!(m("rab", "n1"), Some((Some("a,b".into()), None)));
         assert_eq!(m("ra", "a1"), None);
         assert_eq!(m("ra", "b1"), Some((Some("a".into()), Some("b".into()))));
         assert_eq!(m("ra", "n1"), Some((Some("a".into()), None)));

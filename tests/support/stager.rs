@@ -96,6 +96,19 @@ impl Stager {
         out
     }
 
+    /// Enrolls `host` in `site` (a host enrolled already moves there, and its identity file
+    /// is replaced by the new one).
+    pub fn enroll_in(&self, host: &str, site: &str) -> PathBuf {
+        let out = self.identity(host);
+        let _ = std::fs::remove_file(&out);
+        ok(stager()
+            .args(["enroll", "--dir"])
+            .arg(&self.home)
+            .args([host, "--site", site, "--out"])
+            .arg(&out));
+        out
+    }
+
     pub fn operator(&self, name: &str, days: i64) -> PathBuf {
         let out = self.identity(name);
         ok(stager()
@@ -224,6 +237,12 @@ pub struct Relay {
 
 impl Relay {
     pub fn init(s: &Stager, name: &str) -> Relay {
+        Self::init_with(s, name, &[])
+    }
+
+    /// As [`init`](Self::init), with more `stager relay init` arguments (`--site`,
+    /// `--upstream`).
+    pub fn init_with(s: &Stager, name: &str, args: &[&str]) -> Relay {
         let dir = s.dir.join(format!("relay-{name}"));
         let port = free_port();
         ok(stager()
@@ -231,7 +250,8 @@ impl Relay {
             .arg(&s.home)
             .args(["--name", name, "--san", "127.0.0.1"])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--out"])
-            .arg(&dir));
+            .arg(&dir)
+            .args(args));
         Relay {
             dir,
             port,

@@ -9,6 +9,11 @@
 //! rollout's waiting hosts kept off their bundles) holds through the relay, which decides
 //! nothing.
 //!
+//! Relays chain (a site's relay under a regional one): a relay whose client forwards an
+//! agent's request ([`crate::api::RELAYED_FOR`] set: a relay below this one) passes the agent
+//! on and adds its client to [`crate::api::RELAYED_VIA`]; the stager checks every relay of
+//! the chain.
+//!
 //! Blobs are the exception: the relay asks upstream whether the agent may read the blob
 //! (a one-byte `Range` request as the agent), and then serves it from its cache. The first
 //! request for a blob starts one download from upstream into `cache/SHA.part` (resumed with
@@ -272,10 +277,10 @@ impl Relay {
         }
     }
 
-    /// One request to upstream, on its own connection, as the agent `conn`.
+    /// One request to upstream, on its own connection, for `who`.
     async fn upstream(
         &self,
-        conn: &Conn,
+        who: &Forwarded,
         method: Method,
         path_and_query: &str,
         headers: &[(header::HeaderName, String)],
@@ -311,9 +316,10 @@ impl Relay {
             .method(method)
             .uri(path_and_query)
             .header(header::HOST, self.authority())
-            .header(crate::api::RELAYED_ADDR, &conn.addr);
-        if let Some(fp) = &conn.fingerprint {
-            req = req.header(crate::api::RELAYED_FOR, fp);
+            .header(crate::api::RELAYED_FOR, &who.agent)
+            .header(crate::api::RELAYED_ADDR, &who.addr);
+        if !who.via.is_empty() {
+            req = req.header(crate::api::RELAYED_VIA, who.via.join(","));
         }
         for (n, v) in headers {
             req = req.header(n, v);
@@ -354,12 +360,13 @@ impl Relay {
                 }),
             ));
         }
-        if conn.fingerprint.is_none() {
+        let Some(who) = Forwarded::of(&conn, &parts.headers)? else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "a client certificate is required",
             ));
-        }
+        };
+        let who = Arc::new(who);
         if path == "/metrics" && parts.method == Method::GET {
             // The relay's own counters, to any certificate of the fleet (no host's data).
             return Ok(http::full(
@@ -373,7 +380,7 @@ impl Relay {
             .filter(|_| parts.method == Method::GET || parts.method == Method::HEAD)
             .map(str::to_string);
         if let Some(sha) = blob {
-            return self.blob(&conn, &parts, &sha).await;
+            return self.blob(&who, &parts, &sha).await;
         }
         let pq = parts
             .uri
@@ -387,7 +394,7 @@ impl Relay {
             }
         }
         let resp = self
-            .upstream(&conn, parts.method.clone(), &pq, &fwd, body)
+            .upstream(&who, parts.method.clone(), &pq, &fwd, body)
             .await?;
         Ok(passed_on(resp))
     }
@@ -395,7 +402,7 @@ impl Relay {
     /// A blob: may this agent read it (upstream decides), then from the cache.
     async fn blob(
         self: &Arc<Self>,
-        conn: &Arc<Conn>,
+        who: &Arc<Forwarded>,
         parts: &hyper::http::request::Parts,
         sha: &str,
     ) -> Result<Response<ResBody>, ApiError> {
@@ -406,7 +413,7 @@ impl Relay {
         }
         let probe = self
             .upstream(
-                conn,
+                who,
                 Method::GET,
                 &format!("/v1/blobs/{sha}"),
                 &[(header::RANGE, "bytes=0-0".to_string())],
@@ -432,7 +439,7 @@ impl Relay {
             return http::serve_file(parts, &done, sha, self.metrics.bytes_served.clone()).await;
         }
         if self.cache_broken().is_none() {
-            let progress = self.fill(conn, sha, len);
+            let progress = self.fill(who, sha, len);
             let failed = matches!(*progress.borrow(), Filled::Failed(_));
             if !failed {
                 return self.serve_filling(parts, sha, len, progress);
@@ -447,7 +454,7 @@ impl Relay {
         }
         let resp = self
             .upstream(
-                conn,
+                who,
                 parts.method.clone(),
                 &format!("/v1/blobs/{sha}"),
                 &fwd,
@@ -540,9 +547,14 @@ impl Relay {
         Ok(head.respond(parts, ChannelBody { rx, left }.boxed()))
     }
 
-    /// The download of blob `sha` into the cache: the one under way, or a new one (as the
-    /// agent `conn`, whose right to read it upstream has just confirmed).
-    fn fill(self: &Arc<Self>, conn: &Arc<Conn>, sha: &str, len: u64) -> watch::Receiver<Filled> {
+    /// The download of blob `sha` into the cache: the one under way, or a new one (for
+    /// `who`, whose right to read it upstream has just confirmed).
+    fn fill(
+        self: &Arc<Self>,
+        who: &Arc<Forwarded>,
+        sha: &str,
+        len: u64,
+    ) -> watch::Receiver<Filled> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((rx, _)) = fills.get(sha) {
             if !matches!(*rx.borrow(), Filled::Failed(_)) {
@@ -591,10 +603,10 @@ impl Relay {
             return rx;
         }
         fills.insert(sha.to_string(), (rx.clone(), len));
-        let (relay, conn, sha) = (self.clone(), conn.clone(), sha.to_string());
+        let (relay, who, sha) = (self.clone(), who.clone(), sha.to_string());
         tokio::spawn(async move {
             let t = Instant::now();
-            let end = match relay.download(&conn, &sha, len, &part, &tx).await {
+            let end = match relay.download(&who, &sha, len, &part, &tx).await {
                 Ok(()) => {
                     println!(
                         "relay: cached blob {sha} ({len} bytes) from upstream in {:.1} s",
@@ -624,7 +636,7 @@ impl Relay {
 
     async fn download(
         &self,
-        conn: &Conn,
+        who: &Forwarded,
         sha: &str,
         len: u64,
         part: &Path,
@@ -654,7 +666,7 @@ impl Relay {
             let got = async {
                 let resp = self
                     .upstream(
-                        conn,
+                        who,
                         Method::GET,
                         &format!("/v1/blobs/{sha}"),
                         if have > 0 { &range } else { &[] },
@@ -847,6 +859,55 @@ impl Served for Relay {
                 Err(e) => http::error(&e),
             }
         })
+    }
+}
+
+/// Whom a request is forwarded for ([`crate::api::RELAYED_FOR`]): the agent's certificate
+/// fingerprint and address, and the relays below this one that the request came through
+/// (agent's own relay first). The upstream stager checks all of it; the relay only says it.
+#[derive(Debug, PartialEq)]
+struct Forwarded {
+    agent: String,
+    addr: String,
+    via: Vec<String>,
+}
+
+impl Forwarded {
+    /// For the client `conn`: itself (an agent), or, if it forwards an agent's request (it
+    /// sent [`crate::api::RELAYED_FOR`]: a relay below this one), that agent, with the
+    /// client added to the relays it came through. `None` without a client certificate.
+    fn of(conn: &Conn, headers: &hyper::HeaderMap) -> Result<Option<Forwarded>, ApiError> {
+        let Some(fp) = conn.fingerprint.clone() else {
+            return Ok(None);
+        };
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let Some(agent) = header(crate::api::RELAYED_FOR) else {
+            return Ok(Some(Forwarded {
+                agent: fp,
+                addr: conn.addr.clone(),
+                via: Vec::new(),
+            }));
+        };
+        let mut via: Vec<String> = header(crate::api::RELAYED_VIA)
+            .map(|v| v.split(',').map(|x| x.trim().to_string()).collect())
+            .unwrap_or_default();
+        via.push(fp);
+        if via.len() >= crate::api::MAX_RELAYS {
+            return Err(ApiError::new(
+                StatusCode::LOOP_DETECTED,
+                format!(
+                    "this request came through {} relays already (at most {}): does a relay's upstream lead back to itself?",
+                    via.len(),
+                    crate::api::MAX_RELAYS
+                ),
+            ));
+        }
+        Ok(Some(Forwarded {
+            agent: agent.to_string(),
+            addr: header(crate::api::RELAYED_ADDR)
+                .map_or_else(|| conn.addr.clone(), str::to_string),
+            via,
+        }))
     }
 }
 
