@@ -1172,11 +1172,16 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
 }
 
 fn stager_metric(s: &Stager, name: &str) -> u64 {
+    stager_metric_labelled(s, name)
+}
+
+/// A sample of the stager's `/metrics`: a name, with its labels if it has any.
+fn stager_metric_labelled(s: &Stager, sample: &str) -> u64 {
     let (_, m) = s.curl(Some("alice"), &[], "/metrics");
     m.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .find_map(|l| l.strip_prefix(&format!("{sample} ")))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {m}"))
+        .unwrap_or_else(|| panic!("no {sample} in {m}"))
 }
 
 /// Relays chain (tiered site stagers): a site's relay (pop-a) whose upstream is a regional
@@ -1689,4 +1694,160 @@ fn a_rollout_halts_when_its_failure_rate_is_reached() {
     assert_eq!(v["hosts"][5]["state"], "cancelled", "{v}");
     let (_, body) = s.curl(Some("web6"), &[], "/v1/agent/work");
     assert!(body.contains("\"job\": null"), "{body}");
+}
+
+/// A host's certificate renews itself before it expires: the stager tells an agent whose
+/// certificate has less than a third of `agent_cert_days` left (`renew_identity` in its
+/// work), and the agent fetches a new certificate and key and replaces its identity file
+/// (0600). Where the file cannot be written the agent says so and keeps its certificate,
+/// which still works; the stager mints only for certificates that are due; the old
+/// certificate stays valid until it expires; `stager revoke` revokes the renewed one too.
+#[test]
+fn an_agent_renews_its_certificate_before_it_expires() {
+    let w = scratch();
+    let s = started(&w);
+    let root = w.path().join("root");
+    let etc = root.join("etc/reinstall");
+    std::fs::create_dir_all(&etc).unwrap();
+    let id_file = etc.join("identity.toml");
+    ok(stager()
+        .args(["enroll", "--dir"])
+        .arg(&s.home)
+        .args(["web3", "--days", "10", "--out"])
+        .arg(&id_file));
+    let agent = || {
+        run(reinstall()
+            .args(["agent", "--root"])
+            .arg(&root)
+            .arg("--fake-firmware")
+            .arg(w.path().join("fw.json"))
+            .arg("--work")
+            .arg(w.path().join("work"))
+            .args(["--wait", "0", "--once"]))
+    };
+    let id = |p: &std::path::Path| {
+        proto::identity::IdentityFile::load(p).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let old = id(&id_file);
+    // curl as an identity file's certificate.
+    let as_id = |f: &proto::identity::IdentityFile, tag: &str, args: &[&str], path: &str| {
+        let (cert, key) = (
+            w.path().join(format!("{tag}.crt")),
+            w.path().join(format!("{tag}.key")),
+        );
+        std::fs::write(&cert, &f.cert).unwrap();
+        std::fs::write(&key, &f.key).unwrap();
+        let out = sh(&format!(
+            "curl -sS -w '\n%{{http_code}}' --cacert {ca} --cert {cert} --key {key} {args} {url}",
+            ca = s.pems("alice").ca.display(),
+            cert = cert.display(),
+            key = key.display(),
+            args = args.join(" "),
+            url = s.url(path)
+        ));
+        let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    let (code, body) = as_id(&old, "old", &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""renew_identity": true"#), "{body}");
+    // What the operator sees: web3 runs out within 30 days (and no one else does).
+    let certs = |args: &[&str]| -> serde_json::Value {
+        let out = ok(stager()
+            .args(["certs", "--json", "--dir"])
+            .arg(&s.home)
+            .args(args));
+        serde_json::from_str(&out).unwrap()
+    };
+    let soon = certs(&["--expiring-within", "30"]);
+    assert_eq!(soon.as_array().unwrap().len(), 1, "{soon}");
+    assert_eq!(
+        (&soon[0]["name"], &soon[0]["standing"]),
+        (&"web3".into(), &"current".into())
+    );
+    assert!(soon[0]["days_left"].as_i64().unwrap() <= 10, "{soon}");
+    let expiring = || stager_metric_labelled(&s, r#"stager_identities_expiring{role="agent"}"#);
+    assert_eq!(expiring(), 1);
+
+    // The identity file cannot be written: reported, nothing changes, the old one works.
+    ok(std::process::Command::new("mount")
+        .args(["--bind"])
+        .arg(&etc)
+        .arg(&etc));
+    ok(std::process::Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&etc));
+    let out = agent();
+    umount(&etc);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("renewing this host's certificate failed, the current one stays in use")
+            && stderr.contains("Read-only file system"),
+        "{stderr}"
+    );
+    assert_eq!(id(&id_file), old);
+
+    let out = agent();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("this host's certificate was renewed (valid until"),
+        "{stderr}"
+    );
+    let new = id(&id_file);
+    assert!(new.cert != old.cert && new.key != old.key);
+    assert_eq!(
+        (&new.stager, &new.ca, &new.release_pub),
+        (&old.stager, &old.ca, &old.release_pub)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&id_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (code, body) = as_id(&new, "new", &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !body.contains("renew_identity"),
+        "a new certificate is not due: {body}"
+    );
+    assert_eq!(certs(&["--expiring-within", "30"]), serde_json::json!([]));
+    assert_eq!(expiring(), 0);
+    // Renewed twice (the read-only attempt minted one the agent could not keep): the
+    // latest is current, the others replaced but valid.
+    let all = certs(&[]);
+    let web3: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "web3")
+        .map(|c| c["standing"].as_str().unwrap())
+        .collect();
+    assert_eq!(web3, ["replaced", "replaced", "current"], "{all}");
+    let text = ok(stager().args(["certs", "--dir"]).arg(&s.home));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web3") && l.contains("current")),
+        "{text}"
+    );
+    let out = agent();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("renewed"));
+    assert_eq!(id(&id_file), new, "renewed once");
+    let (code, body) = as_id(
+        &new,
+        "new",
+        &["-X", "POST", "-d", "'{}'"],
+        "/v1/agent/identity",
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("not due for renewal"), "{body}");
+    let (code, _) = as_id(&old, "old", &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200, "the old certificate works until it expires");
+
+    ok(stager().args(["revoke", "--dir"]).arg(&s.home).arg("web3"));
+    for (f, tag) in [(&old, "old"), (&new, "new")] {
+        let (code, body) = as_id(f, tag, &[], "/v1/agent/work?wait=0");
+        assert_eq!(code, 403, "{tag}: {body}");
+    }
 }

@@ -74,6 +74,23 @@ impl Client {
         self
     }
 
+    /// Fetches a new certificate and key for this host (`POST /v1/agent/identity`, when the
+    /// stager said the current one is due), checks that they make a working client, writes
+    /// them into the identity file at `path` (atomically, 0600), and returns that client and
+    /// the new certificate's end. On any error the identity file is as it was.
+    pub fn renew_identity(&self, path: &std::path::Path) -> Result<(Client, String)> {
+        let r: proto::v1::RenewedIdentity =
+            self.post("/v1/agent/identity", &serde_json::json!({}))?;
+        let mut id = self.identity.clone();
+        id.cert = r.cert;
+        id.key = r.key;
+        let mut next = Client::new(id).context("the renewed certificate")?;
+        next.retry_for = self.retry_for;
+        next.using = self.using.clone();
+        crate::journal::replace_file(path, next.identity.to_toml().as_bytes(), 0o600)?;
+        Ok((next, r.not_after))
+    }
+
     /// The identity's URLs: `stager`, then each `fallback`.
     fn bases(&self) -> Vec<&str> {
         self.identity.urls()

@@ -92,6 +92,9 @@ pub struct Agent {
     pub grub_chooses: bool,
     /// See [`CALL_HOME_FOR`].
     pub call_home_for: Duration,
+    /// The identity file the client's certificate came from: renewed certificates are
+    /// written there (`None`: not renewed).
+    pub identity_path: Option<PathBuf>,
     journal: journal::Locked,
 }
 
@@ -113,6 +116,7 @@ impl Agent {
             work: work.to_path_buf(),
             grub_chooses: false,
             call_home_for: CALL_HOME_FOR,
+            identity_path: None,
             journal,
         };
         a.clear_stale_mounts();
@@ -121,6 +125,27 @@ impl Agent {
 
     fn dir(&self) -> PathBuf {
         self.root.join(JOURNAL_DIR)
+    }
+
+    /// Renews this host's certificate, as the stager asked. A failure changes nothing (the
+    /// current certificate stays in use, still valid) and is only reported: the stager asks
+    /// again at the next poll.
+    fn renew_identity(&mut self) {
+        let Some(path) = self.identity_path.clone() else {
+            return;
+        };
+        match self.client.renew_identity(&path) {
+            Ok((client, until)) => {
+                self.client = client;
+                eprintln!(
+                    "reinstall: this host's certificate was renewed (valid until {until}); {} updated",
+                    path.display()
+                );
+            }
+            Err(e) => eprintln!(
+                "reinstall: renewing this host's certificate failed, the current one stays in use: {e:#}"
+            ),
+        }
     }
 
     /// A killed run can leave its work mounts behind (a reboot would not); they would make the
@@ -378,6 +403,9 @@ impl Agent {
     pub fn idle(&mut self, wait: Duration) -> Result<Outcome> {
         let t = Instant::now();
         let w: Work = self.client.poll_work(wait)?;
+        if w.renew_identity {
+            self.renew_identity();
+        }
         let j = self.journal.load()?;
         if let (Some(job), Some(old), World::Rescue) = (&w.job, &j, self.world) {
             if job.id != old.job {

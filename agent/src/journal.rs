@@ -282,22 +282,38 @@ impl Locked {
 
     /// Writes the journal atomically and durably.
     pub fn save(&self, j: &Journal) -> Result<()> {
-        let p = self.path();
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
         let mut bytes = serde_json::to_vec_pretty(j).expect("journal serializes");
         bytes.push(b'\n');
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        drop(f);
-        std::fs::rename(&tmp, &p).with_context(|| format!("replacing {}", p.display()))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("flushing {}", self.dir.display()))?;
+        replace_file(&self.path(), &bytes, 0o644)?;
         bundle::failpoint::hit("journal-saved");
         Ok(())
     }
+}
+
+/// Replaces the file `p` with `bytes` (mode `mode`) atomically and durably: a temp file
+/// beside it, fsync, rename over it, fsync of the directory. A crash leaves the old file or
+/// the new one, never a part.
+pub fn replace_file(p: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, p).with_context(|| format!("replacing {}", p.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("flushing {}", dir.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]

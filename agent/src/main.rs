@@ -280,6 +280,7 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
     a.grub_chooses = grub_chooses;
     a.call_home_for = std::time::Duration::from_secs(o.call_home_for);
+    a.identity_path = Some(id_path);
     a.boot_checks();
     loop {
         match a.run(std::time::Duration::from_secs(o.wait))? {

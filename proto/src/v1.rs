@@ -160,6 +160,22 @@ pub struct Work {
     pub job: Option<AgentJob>,
     /// An operator asked this host to boot its rescue OS.
     pub rescue: Option<RescueRequest>,
+    /// The certificate the host presented is in the last third of a certificate's lifetime:
+    /// it should fetch a new one (`POST /v1/agent/identity`) while this one still works.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renew_identity: bool,
+}
+
+/// Agent: `POST /v1/agent/identity`: a new certificate and key for the host that asks, for
+/// its identity file. The certificate it asked with stays valid until it expires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewedIdentity {
+    /// PEM.
+    pub cert: String,
+    /// PEM (PKCS#8).
+    pub key: String,
+    /// RFC 3339.
+    pub not_after: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,7 +280,17 @@ mod tests {
         assert_eq!(j.hosts[1].state, HostState::Cancelled);
         assert!(j.halted.unwrap().contains("halt after 1"));
         let w: Work = pinned("work", include_str!("../tests/fixtures/v1/work.json"));
-        assert!(w.job.is_some());
+        assert!(w.job.is_some() && !w.renew_identity);
+        let w: Work = pinned(
+            "work_renew",
+            include_str!("../tests/fixtures/v1/work_renew.json"),
+        );
+        assert!(w.job.is_none() && w.renew_identity);
+        let r: RenewedIdentity = pinned(
+            "renewed_identity",
+            include_str!("../tests/fixtures/v1/renewed_identity.json"),
+        );
+        assert_eq!(r.not_after, "2029-02-26T09:46:35Z");
         let e: Event = pinned("event", include_str!("../tests/fixtures/v1/event.json"));
         assert_eq!(e.kind, EventKind::Progress);
         let h: Vec<Host> = pinned("hosts", include_str!("../tests/fixtures/v1/hosts.json"));

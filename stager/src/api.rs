@@ -143,6 +143,10 @@ async fn dispatch(
             let wait = query_wait(req.uri.query())?;
             agent_work(state, conn, host, wait).await
         }
+        (["v1", "agent", "identity"], _, true) => {
+            let host = agent(&who)?.to_string();
+            renew_identity(state, conn, host).await
+        }
         (["v1", "agent", "events"], _, true) => {
             let host = agent(&who)?.to_string();
             let ev: Event = http::parse_json(&body)?;
@@ -524,6 +528,7 @@ async fn agent_work(
     let notify = state.notifier(host);
     let (h, addr) = (host.to_string(), conn.addr.clone());
     state.db(move |db| db.seen(&h, &addr)).await?;
+    let renew_identity = renewal_due(state, conn).await?;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -534,6 +539,7 @@ async fn agent_work(
                 Ok(Work {
                     job: db.work_for(&h)?,
                     rescue: db.rescue_request(&h)?,
+                    renew_identity,
                 })
             })
             .await?;
@@ -545,4 +551,55 @@ async fn agent_work(
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+/// Whether the certificate of `conn` is due for renewal: less than a third of a new
+/// certificate's lifetime (`agent_cert_days`) left.
+async fn renewal_due(state: &Arc<State>, conn: &Arc<Conn>) -> Result<bool, ApiError> {
+    let window = Duration::from_secs(u64::from(state.config.agent_cert_days.get()) * 86_400 / 3);
+    let by = crate::pki::rfc3339(std::time::SystemTime::now() + window);
+    let fp = conn.fingerprint.clone().unwrap_or_default();
+    state.db(move |db| db.cert_ends_before(&fp, &by)).await
+}
+
+/// `POST /v1/agent/identity`: a new certificate and key for `host`, valid for
+/// `agent_cert_days`, recorded as the host's; the one it asked with stays valid until it
+/// expires (an agent that fails to store the new one keeps working, and asks again). Only
+/// for a certificate due for renewal: a host's key cannot mint certificates at will (and
+/// `stager revoke HOST` revokes the renewed ones too).
+async fn renew_identity(
+    state: &Arc<State>,
+    conn: &Arc<Conn>,
+    host: String,
+) -> Result<Response<ResBody>, ApiError> {
+    if !renewal_due(state, conn).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the certificate of host {host:?} is not due for renewal (more than a third of {} days left)",
+                state.config.agent_cert_days
+            ),
+        ));
+    }
+    let (dir, stager) = (state.dir.clone(), state.config.name.clone());
+    let days = i64::from(state.config.agent_cert_days.get());
+    let old = conn.fingerprint.clone().unwrap_or_default();
+    let renewed = state
+        .db(move |db| -> Result<proto::v1::RenewedIdentity, ApiError> {
+            let issued = crate::pki::issue_client(&dir, &stager, &host, "agent", days)
+                .map_err(ApiError::internal)?;
+            let not_after = issued.not_after_text();
+            db.add_cert(&issued.fingerprint, &host, "agent", &not_after, None)?;
+            println!(
+                "renewed the certificate of host {host:?} (was sha256 {old}, now {}, valid until {not_after})",
+                issued.fingerprint
+            );
+            Ok(proto::v1::RenewedIdentity {
+                cert: issued.cert_pem,
+                key: issued.key_pem,
+                not_after,
+            })
+        })
+        .await?;
+    Ok(http::json(StatusCode::OK, &renewed))
 }

@@ -37,6 +37,11 @@ pub enum Command {
     /// Revoke every certificate issued to NAME (agent or operator); a running server refuses
     /// them from their next request on.
     Revoke(RevokeOpts),
+    /// List the certificates this stager issued (hosts, operators, relays): the one each
+    /// name uses now, those a renewal replaced, expired and revoked ones, and days left.
+    /// Agents renew their own certificates (see `agent_cert_days` in `stager serve --help`);
+    /// operators' and relays' are reissued by hand.
+    Certs(CertsOpts),
     /// Serve the API over HTTPS with client certificates required (TLS 1.3, HTTP/1.1 and 2).
     #[command(
         after_help = "Settings in DIR/stager.toml, read at start (restart to change):
@@ -47,7 +52,10 @@ pub enum Command {
   silent_after_secs = 900         a running host with no event for this long is shown SILENT
   max_in_flight_per_site = N      at most N hosts of one site run a job at once, across
                                   every job (unset: only each job's own limits)
-  max_in_flight = N               at most N hosts run a job at once, across every job"
+  max_in_flight = N               at most N hosts run a job at once, across every job
+  agent_cert_days = 825           days a certificate an agent renews is valid; an agent
+                                  whose certificate has less than a third of it left is
+                                  told to renew it (and renews it itself)"
     )]
     Serve(ServeOpts),
     /// Build, list and export bundles.
@@ -189,6 +197,19 @@ pub struct RevokeOpts {
     #[command(flatten)]
     pub home: HomeOpt,
     pub name: String,
+}
+
+#[derive(Args)]
+pub struct CertsOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// Only names that run out within DAYS: their current certificate ends by then, or all
+    /// of theirs have expired (for a daily check: non-empty output means act).
+    #[arg(long, value_name = "DAYS")]
+    pub expiring_within: Option<i64>,
+    /// One JSON array, for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -339,7 +360,7 @@ fn issue(
     let db = Db::open(&dir.join(stager::db::FILE))?;
     name_is_free(&db, name, role.as_str())?;
     let issued = pki::issue_client(dir, &config.name, name, role.as_str(), days)?;
-    let not_after = not_after(&issued);
+    let not_after = issued.not_after_text();
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f))
             .with_context(|| format!("reading {}", dir.join(f).display()))
@@ -379,10 +400,6 @@ fn name_is_free(db: &Db, name: &str, role: &str) -> Result<()> {
 }
 
 /// A certificate's end of validity as RFC 3339, as `state.db` records it.
-fn not_after(issued: &pki::Issued) -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::from(issued.not_after)).to_string()
-}
-
 pub fn enroll(o: EnrollOpts) -> Result<()> {
     let out = o
         .out
@@ -410,6 +427,50 @@ pub fn enroll(o: EnrollOpts) -> Result<()> {
 
 pub fn operator(o: OperatorOpts) -> Result<()> {
     issue(&o.home.dir, &o.name, Role::Operator, o.days, &o.out, None)
+}
+
+pub fn certs(o: CertsOpts) -> Result<()> {
+    use stager::certs::{expiring, standings, Listed, Standing};
+    Store::open(&o.home.dir)?;
+    let db = Db::open(&o.home.dir.join(stager::db::FILE))?;
+    let all = standings(db.certs()?, std::time::SystemTime::now());
+    let shown: Vec<&Listed> = match o.expiring_within {
+        Some(d) => expiring(&all, d),
+        None => all.iter().collect(),
+    };
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<8} {:<9} {:>9}  {:<20}  {:<16}  SITES",
+        "NAME", "ROLE", "STANDING", "DAYS LEFT", "NOT AFTER", "SHA256"
+    );
+    for l in &shown {
+        let standing = match l.standing {
+            Standing::Current => "current",
+            Standing::Replaced => "replaced",
+            Standing::Expired => "expired",
+            Standing::Revoked => "revoked",
+        };
+        println!(
+            "{:<24} {:<8} {:<9} {:>9}  {:<20}  {:<16}  {}",
+            l.cert.name,
+            l.cert.role,
+            standing,
+            l.days_left,
+            l.cert.not_after,
+            &l.cert.fingerprint[..16.min(l.cert.fingerprint.len())],
+            l.cert.sites.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(d) = o.expiring_within {
+        eprintln!(
+            "{} name(s) run out of certificates within {d} days",
+            shown.len()
+        );
+    }
+    Ok(())
 }
 
 pub fn revoke(o: RevokeOpts) -> Result<()> {
@@ -452,7 +513,7 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     std::fs::write(o.out.join(stager::relay::CERT), &issued.cert_pem)?;
     let upstream = o.upstream.unwrap_or(config.url);
     stager::relay::RelayConfig::new(o.name.clone(), o.listen.clone(), upstream).save(&o.out)?;
-    let not_after = not_after(&issued);
+    let not_after = issued.not_after_text();
     db.add_cert(
         &issued.fingerprint,
         &o.name,

@@ -38,6 +38,14 @@ pub struct Config {
     /// At most this many hosts run a job at once, across every job and site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<NonZeroU32>,
+    /// Days a host certificate renewed by its agent is valid. An agent presenting a
+    /// certificate with less than a third of this left is told to renew it.
+    #[serde(default = "default_agent_cert_days")]
+    pub agent_cert_days: NonZeroU32,
+}
+
+fn default_agent_cert_days() -> NonZeroU32 {
+    NonZeroU32::new(825).expect("not zero")
 }
 
 fn default_max_connections() -> usize {
@@ -72,6 +80,7 @@ impl Config {
             silent_after_secs: default_silent_after(),
             max_in_flight_per_site: None,
             max_in_flight: None,
+            agent_cert_days: default_agent_cert_days(),
         }
     }
 

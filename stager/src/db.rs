@@ -220,6 +220,41 @@ impl Db {
             .optional()
     }
 
+    /// Every certificate issued, by name, then in the order issued.
+    pub fn certs(&self) -> rusqlite::Result<Vec<crate::certs::Cert>> {
+        let c = self.c();
+        let mut st = c.prepare(
+            "SELECT name, role, site, fingerprint, issued, not_after, revoked FROM certs
+             ORDER BY name, rowid",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(crate::certs::Cert {
+                name: r.get(0)?,
+                role: r.get(1)?,
+                sites: r.get(2)?,
+                fingerprint: r.get(3)?,
+                issued: r.get(4)?,
+                not_after: r.get(5)?,
+                revoked: r.get(6)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Whether the certificate `fp` ends before `by` (RFC 3339 as [`crate::pki::rfc3339`]
+    /// writes it); false for a certificate not on record.
+    pub fn cert_ends_before(&self, fp: &str, by: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .c()
+            .query_row(
+                "SELECT not_after < ?2 FROM certs WHERE fingerprint = ?1",
+                params![fp, by],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
     /// The sites the relay with certificate `relay_fp` serves (comma-separated) and the site
     /// of `host`, when the relay does not serve that site (hosts without a site, and a relay
     /// without one, are one site).

@@ -31,6 +31,19 @@ pub struct Issued {
     pub not_after: OffsetDateTime,
 }
 
+impl Issued {
+    /// Its end as `state.db` records it (RFC 3339, seconds, UTC).
+    pub fn not_after_text(&self) -> String {
+        rfc3339(std::time::SystemTime::from(self.not_after))
+    }
+}
+
+/// A time as `state.db` records certificates' ends: RFC 3339, seconds, UTC, so that the
+/// text sorts as the time.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 fn ca_params(stager_name: &str) -> Result<CertificateParams> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();

@@ -1,0 +1,186 @@
+//! The certificates this stager issued, as an operator needs to see them: which one each
+//! name uses now, which a renewal replaced, which expired or were revoked, and which names
+//! run out soon (`stager certs`, `stager_identities_expiring` in `/metrics`). An agent
+//! renews its own certificate ([`crate::api`]'s `POST /v1/agent/identity`); operators' and
+//! relays' certificates are reissued by hand.
+
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+/// A certificate as `state.db` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cert {
+    pub name: String,
+    pub role: String,
+    /// A relay's sites, comma-separated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sites: Option<String>,
+    pub fingerprint: String,
+    pub issued: String,
+    pub not_after: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// The certificate its name uses: not revoked, not expired, the latest to end.
+    Current,
+    /// Still valid, but a later certificate of the same name (a renewal) ends later.
+    Replaced,
+    Expired,
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub cert: Cert,
+    pub standing: Standing,
+    /// Whole days until `not_after` (negative once expired).
+    pub days_left: i64,
+}
+
+fn secs(rfc3339: &str) -> i64 {
+    humantime::parse_rfc3339(rfc3339)
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Each certificate with its standing at `now`, in the order given (each name's in the
+/// order they were issued).
+pub fn standings(certs: Vec<Cert>, now: SystemTime) -> Vec<Listed> {
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    // Per name, the certificate neither revoked nor expired that ends last (of two ending
+    // the same second, the one issued later: later in `certs`).
+    let mut latest: HashMap<&str, (i64, usize)> = HashMap::new();
+    for (i, c) in certs
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.revoked.is_none())
+    {
+        let end = secs(&c.not_after);
+        if end > now {
+            let e = latest.entry(c.name.as_str()).or_insert((end, i));
+            *e = (*e).max((end, i));
+        }
+    }
+    let current: Vec<usize> = latest.values().map(|&(_, i)| i).collect();
+    certs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let end = secs(&c.not_after);
+            let standing = if c.revoked.is_some() {
+                Standing::Revoked
+            } else if end <= now {
+                Standing::Expired
+            } else if current.contains(&i) {
+                Standing::Current
+            } else {
+                Standing::Replaced
+            };
+            Listed {
+                cert: c.clone(),
+                standing,
+                days_left: (end - now).div_euclid(86_400),
+            }
+        })
+        .collect()
+}
+
+/// The names that run out of certificates within `days`: their current certificate ends
+/// by then, or every certificate of theirs that is not revoked has expired already. One
+/// entry per name: its current certificate, or the last of its expired ones.
+pub fn expiring(listed: &[Listed], days: i64) -> Vec<&Listed> {
+    let mut best: HashMap<&str, &Listed> = HashMap::new();
+    for l in listed.iter().filter(|l| l.standing != Standing::Revoked) {
+        let e = best.entry(l.cert.name.as_str()).or_insert(l);
+        // The name's current certificate if it has one, else the last to have expired.
+        if l.standing == Standing::Current
+            || (e.standing != Standing::Current && l.days_left > e.days_left)
+        {
+            *e = l;
+        }
+    }
+    let mut out: Vec<&Listed> = best
+        .into_values()
+        .filter(|l| {
+            matches!(l.standing, Standing::Current | Standing::Expired) && l.days_left < days
+        })
+        .collect();
+    out.sort_by(|a, b| (a.days_left, &a.cert.name).cmp(&(b.days_left, &b.cert.name)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(days: i64) -> String {
+        let t =
+            SystemTime::UNIX_EPOCH + Duration::from_secs((1_000 * 86_400 + days * 86_400) as u64);
+        crate::pki::rfc3339(t)
+    }
+
+    fn cert(name: &str, fp: &str, ends_in: i64, revoked: bool) -> Cert {
+        Cert {
+            name: name.into(),
+            role: "agent".into(),
+            sites: None,
+            fingerprint: fp.into(),
+            issued: at(-1),
+            not_after: at(ends_in),
+            revoked: revoked.then(|| at(-1)),
+        }
+    }
+
+    #[test]
+    fn a_renewal_replaces_and_expiring_names_are_found_once() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 * 86_400 + 3600);
+        let l = standings(
+            vec![
+                cert("web1", "a", 20, false),  // renewed: replaced by b
+                cert("web1", "b", 800, false), // replaced by g, which ends the same second
+                cert("web1", "g", 800, false), // current
+                cert("web2", "c", 10, false),  // current, ends soon
+                cert("web3", "d", -5, false),  // expired, nothing else
+                cert("web4", "e", 5, true),    // revoked
+                cert("web4", "f", 400, false), // current
+            ],
+            now,
+        );
+        let s: Vec<(&str, Standing, i64)> = l
+            .iter()
+            .map(|l| (l.cert.fingerprint.as_str(), l.standing, l.days_left))
+            .collect();
+        assert_eq!(
+            s,
+            [
+                ("a", Standing::Replaced, 19),
+                ("b", Standing::Replaced, 799),
+                ("g", Standing::Current, 799),
+                ("c", Standing::Current, 9),
+                ("d", Standing::Expired, -6),
+                ("e", Standing::Revoked, 4),
+                ("f", Standing::Current, 399),
+            ]
+        );
+        let names = |d| -> Vec<String> {
+            expiring(&l, d)
+                .iter()
+                .map(|l| format!("{}:{}", l.cert.name, l.cert.fingerprint))
+                .collect()
+        };
+        assert_eq!(names(30), ["web3:d", "web2:c"]);
+        assert_eq!(names(0), ["web3:d"]);
+        assert_eq!(names(500), ["web3:d", "web2:c", "web4:f"]);
+        assert_eq!(names(900), ["web3:d", "web2:c", "web4:f", "web1:g"]);
+    }
+}
