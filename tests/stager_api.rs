@@ -1851,3 +1851,97 @@ fn an_agent_renews_its_certificate_before_it_expires() {
         assert_eq!(code, 403, "{tag}: {body}");
     }
 }
+
+/// The stager's own server certificate, whose end would cut every agent off at once: `stager
+/// certs` and `/metrics` show it with the rest; `stager server-cert --renew` replaces it for
+/// the same names (and new ones), and after a restart the stager serves the new one and
+/// agents reach it as before (they trust the CA, not the certificate).
+#[test]
+fn the_server_certificate_is_listed_and_renewed_without_touching_the_agents() {
+    let w = scratch();
+    let mut s = started(&w);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = ok(stager().args(args).arg("--dir").arg(&s.home).arg("--json"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let now = json(&["server-cert"]);
+    assert!(
+        now["sans"]
+            .as_array()
+            .unwrap()
+            .contains(&"127.0.0.1".into()),
+        "{now}"
+    );
+    assert!(now["days_left"].as_i64().unwrap() >= 824, "{now}");
+    let all = json(&["certs"]);
+    let server: Vec<&serde_json::Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["role"] == "server")
+        .collect();
+    assert_eq!(server.len(), 1, "{all}");
+    assert_eq!(
+        (&server[0]["standing"], &server[0]["fingerprint"]),
+        (&"current".into(), &now["fingerprint"])
+    );
+    assert_eq!(
+        json(&["certs", "--expiring-within", "30"]),
+        serde_json::json!([])
+    );
+
+    let new = json(&[
+        "server-cert",
+        "--renew",
+        "--days",
+        "20",
+        "--san",
+        "stager.example",
+    ]);
+    assert_eq!(new["renewed"], true);
+    assert!(
+        (19..=20).contains(&new["days_left"].as_i64().unwrap()),
+        "{new}"
+    );
+    let sans = new["sans"].as_array().unwrap();
+    for want in ["127.0.0.1", "localhost", "stager.example"] {
+        assert!(sans.contains(&want.into()), "{want} not in {new}");
+    }
+    assert_ne!(new["fingerprint"], now["fingerprint"]);
+    let soon = json(&["certs", "--expiring-within", "30"]);
+    assert_eq!(
+        (soon.as_array().unwrap().len(), &soon[0]["role"]),
+        (1, &"server".into()),
+        "{soon}"
+    );
+    assert_eq!(
+        stager_metric_labelled(&s, r#"stager_identities_expiring{role="server"}"#),
+        1
+    );
+
+    s.kill();
+    s.start();
+    let (code, body) = s.curl(Some("web1"), &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200, "{body}");
+    let p = s.pems("web1");
+    let served = sh(&format!(
+        "openssl s_client -connect 127.0.0.1:{} -CAfile {} -cert {} -key {} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256",
+        s.port,
+        p.ca.display(),
+        p.cert.display(),
+        p.key.display()
+    ));
+    let want = new["fingerprint"].as_str().unwrap().to_uppercase();
+    assert_eq!(
+        served.trim().rsplit('=').next().unwrap().replace(':', ""),
+        want,
+        "{served}"
+    );
+    assert!(s.home.join("server.pem.old").exists() && s.home.join("server.key.old").exists());
+    let e = fails(
+        stager()
+            .args(["server-cert", "--days", "3", "--dir"])
+            .arg(&s.home),
+    );
+    assert!(e.contains("--renew"), "{e}");
+}

@@ -1,12 +1,35 @@
 //! The certificates this stager issued, as an operator needs to see them: which one each
 //! name uses now, which a renewal replaced, which expired or were revoked, and which names
 //! run out soon (`stager certs`, `stager_identities_expiring` in `/metrics`). An agent
-//! renews its own certificate ([`crate::api`]'s `POST /v1/agent/identity`); operators' and
-//! relays' certificates are reissued by hand.
+//! renews its own certificate ([`crate::api`]'s `POST /v1/agent/identity`); the server
+//! certificate is renewed by `stager server-cert --renew`; operators' and relays' are
+//! reissued by hand.
 
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::SystemTime;
+
+/// Every certificate of this stager that can run out: those `state.db` records, and the
+/// stager's own server certificate (role `server`, named after the stager), read from
+/// `server.pem`, whose end cuts every agent off.
+pub fn all(
+    dir: &std::path::Path,
+    stager_name: &str,
+    db: &crate::db::Db,
+) -> anyhow::Result<Vec<Cert>> {
+    let mut certs = db.certs()?;
+    let server = crate::pki::cert_info(&dir.join(crate::pki::SERVER_CERT))?;
+    certs.push(Cert {
+        name: stager_name.to_string(),
+        role: "server".into(),
+        sites: None,
+        fingerprint: server.fingerprint,
+        issued: String::new(),
+        not_after: crate::pki::rfc3339(server.not_after),
+        revoked: None,
+    });
+    Ok(certs)
+}
 
 /// A certificate as `state.db` records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -17,6 +40,8 @@ pub struct Cert {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sites: Option<String>,
     pub fingerprint: String,
+    /// When `state.db` recorded it (empty for the server certificate, which it does not).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub issued: String,
     pub not_after: String,
     #[serde(skip_serializing_if = "Option::is_none")]

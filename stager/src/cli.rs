@@ -42,6 +42,11 @@ pub enum Command {
     /// Agents renew their own certificates (see `agent_cert_days` in `stager serve --help`);
     /// operators' and relays' are reissued by hand.
     Certs(CertsOpts),
+    /// Show the stager's own server certificate (its names, its end), or with --renew
+    /// replace it: a new key and certificate for the same names (and any --san), signed by
+    /// the CA, the old pair kept as server.key.old / server.pem.old. Agents trust the CA, so
+    /// nothing changes for them; restart `stager serve` to serve it.
+    ServerCert(ServerCertOpts),
     /// Serve the API over HTTPS with client certificates required (TLS 1.3, HTTP/1.1 and 2).
     #[command(
         after_help = "Settings in DIR/stager.toml, read at start (restart to change):
@@ -197,6 +202,23 @@ pub struct RevokeOpts {
     #[command(flatten)]
     pub home: HomeOpt,
     pub name: String,
+}
+
+#[derive(Args)]
+pub struct ServerCertOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// Replace the server key and certificate.
+    #[arg(long)]
+    pub renew: bool,
+    /// With --renew: days the new certificate is valid.
+    #[arg(long, default_value_t = stager::pki::SERVER_DAYS, requires = "renew")]
+    pub days: i64,
+    /// With --renew: a DNS name or IP address to add to the certificate's (repeatable).
+    #[arg(long = "san", requires = "renew")]
+    pub sans: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -429,11 +451,59 @@ pub fn operator(o: OperatorOpts) -> Result<()> {
     issue(&o.home.dir, &o.name, Role::Operator, o.days, &o.out, None)
 }
 
+pub fn server_cert(o: ServerCertOpts) -> Result<()> {
+    let dir = &o.home.dir;
+    let config = Config::load(dir)?;
+    anyhow::ensure!(
+        o.days > 0,
+        "--days {}: a certificate must be valid for at least a day",
+        o.days
+    );
+    let info = if o.renew {
+        pki::renew_server(dir, &config.name, &o.sans, o.days)?
+    } else {
+        pki::cert_info(&dir.join(pki::SERVER_CERT))?
+    };
+    let not_after = pki::rfc3339(info.not_after);
+    let days_left = info
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .map_or(-1, |d| (d.as_secs() / 86_400) as i64);
+    if o.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "fingerprint": info.fingerprint,
+                "not_after": not_after,
+                "days_left": days_left,
+                "sans": info.sans,
+                "renewed": o.renew,
+            }))?
+        );
+    } else {
+        println!(
+            "{} {} (sha256 {}): for {}; valid until {not_after} ({days_left} days left)",
+            dir.join(pki::SERVER_CERT).display(),
+            if o.renew { "renewed" } else { "is" },
+            info.fingerprint,
+            info.sans.join(", ")
+        );
+        if o.renew {
+            println!("restart `stager serve` to serve it; the old pair is kept as server.key.old and server.pem.old");
+        }
+    }
+    Ok(())
+}
+
 pub fn certs(o: CertsOpts) -> Result<()> {
     use stager::certs::{expiring, standings, Listed, Standing};
     Store::open(&o.home.dir)?;
     let db = Db::open(&o.home.dir.join(stager::db::FILE))?;
-    let all = standings(db.certs()?, std::time::SystemTime::now());
+    let config = Config::load(&o.home.dir)?;
+    let all = standings(
+        stager::certs::all(&o.home.dir, &config.name, &db)?,
+        std::time::SystemTime::now(),
+    );
     let shown: Vec<&Listed> = match o.expiring_within {
         Some(d) => expiring(&all, d),
         None => all.iter().collect(),

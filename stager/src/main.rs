@@ -25,6 +25,7 @@ fn run(args: cli::Cli) -> Result<()> {
         cli::Command::Operator(o) => cli::operator(o),
         cli::Command::Revoke(o) => cli::revoke(o),
         cli::Command::Certs(o) => cli::certs(o),
+        cli::Command::ServerCert(o) => cli::server_cert(o),
         cli::Command::Serve(o) => cli::serve(o),
         cli::Command::Bundle(cli::BundleCommand::Build(o)) => cli::build(o),
         cli::Command::Bundle(cli::BundleCommand::List(o)) => cli::list(o),

@@ -110,16 +110,20 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
         "Hosts running a job with no event for silent_after_secs.",
         silent,
     );
-    let certs = state.db(|db| db.certs()).await?;
+    let (dir, name) = (state.dir.clone(), state.config.name.clone());
+    let certs = state
+        .db(move |db| crate::certs::all(&dir, &name, db).map_err(ApiError::internal))
+        .await?;
     let listed = crate::certs::standings(certs, std::time::SystemTime::now());
     let _ = writeln!(
         s,
-        "# HELP stager_identities_expiring Names (hosts, operators, relays) whose current certificate ends within 30 days, or whose certificates have all expired, by role.\n# TYPE stager_identities_expiring gauge"
+        "# HELP stager_identities_expiring Names (hosts, operators, relays, the stager's server certificate) whose current certificate ends within 30 days, or whose certificates have all expired, by role.\n# TYPE stager_identities_expiring gauge"
     );
-    let mut by_role: std::collections::BTreeMap<&str, u64> = ["agent", "operator", "relay"]
-        .iter()
-        .map(|r| (*r, 0))
-        .collect();
+    let mut by_role: std::collections::BTreeMap<&str, u64> =
+        ["agent", "operator", "relay", "server"]
+            .iter()
+            .map(|r| (*r, 0))
+            .collect();
     for l in crate::certs::expiring(&listed, 30) {
         *by_role.entry(l.cert.role.as_str()).or_default() += 1;
     }

@@ -6,7 +6,8 @@
 //! revocation. So a revoked certificate is refused on its next request, without a restart, and
 //! a certificate this stager never issued is refused even if it chains to the CA.
 //!
-//! Files in the stager home: `ca.key` (0600), `ca.pem`, `server.key` (0600), `server.pem`.
+//! Files in the stager home: `ca.key` (0600), `ca.pem`, `server.key` (0600), `server.pem`
+//! (renewed by `stager server-cert --renew`, which keeps the old pair as `*.old`).
 //! Keys are ECDSA P-256.
 
 use anyhow::{bail, Context, Result};
@@ -93,6 +94,23 @@ pub fn init(dir: &Path, stager_name: &str, sans: &[String]) -> Result<()> {
     write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
     write_public(&dir.join(CA_CERT), &ca.pem())?;
 
+    let (key, cert) = server_cert(stager_name, sans, SERVER_DAYS, &ca, &ca_key)?;
+    write_private(&dir.join(SERVER_KEY), &key)?;
+    write_public(&dir.join(SERVER_CERT), &cert)?;
+    Ok(())
+}
+
+/// Days the stager's server certificate is valid.
+pub const SERVER_DAYS: i64 = 825;
+
+/// A new server key and certificate (PEM) for `sans`, signed by the CA.
+fn server_cert(
+    stager_name: &str,
+    sans: &[String],
+    days: i64,
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+) -> Result<(String, String)> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.subject_alt_names = san_list(sans)?;
     let mut dn = DistinguishedName::new();
@@ -106,12 +124,147 @@ pub fn init(dir: &Path, stager_name: &str, sans: &[String]) -> Result<()> {
     p.serial_number = Some(serial());
     let now = OffsetDateTime::now_utc();
     p.not_before = now - Duration::hours(1);
-    p.not_after = now + Duration::days(825);
+    p.not_after = now + Duration::days(days);
     let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &ca, &ca_key)?;
-    write_private(&dir.join(SERVER_KEY), &key.serialize_pem())?;
-    write_public(&dir.join(SERVER_CERT), &cert.pem())?;
-    Ok(())
+    let cert = p.signed_by(&key, ca, ca_key)?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
+/// What the stager reads back from a certificate of its own: its SHA-256, its end, and the
+/// DNS names and IP addresses it is for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertInfo {
+    pub fingerprint: String,
+    pub not_after: std::time::SystemTime,
+    pub sans: Vec<String>,
+}
+
+/// Reads the (first) certificate of the PEM file `path`.
+pub fn cert_info(path: &Path) -> Result<CertInfo> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let (not_after, sans) = parse_cert(&der).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a certificate this stager can read: {e}",
+            path.display()
+        )
+    })?;
+    Ok(CertInfo {
+        fingerprint: fingerprint(der.as_ref()),
+        not_after: not_after.into(),
+        sans,
+    })
+}
+
+/// The end and the subject alternative names (DNS names, IP addresses) of a DER X.509
+/// certificate (RFC 5280 §4.1), read with yasna.
+fn parse_cert(der: &[u8]) -> yasna::ASN1Result<(OffsetDateTime, Vec<String>)> {
+    use yasna::{tags, Tag};
+    fn time(r: yasna::BERReader) -> yasna::ASN1Result<OffsetDateTime> {
+        if r.lookahead_tag()? == tags::TAG_UTCTIME {
+            Ok(*r.read_utctime()?.datetime())
+        } else {
+            Ok(*r.read_generalized_time()?.datetime())
+        }
+    }
+    fn general_names(der: &[u8]) -> yasna::ASN1Result<Vec<String>> {
+        let names = yasna::parse_der(der, |r| {
+            r.collect_sequence_of(|r| {
+                let tag = r.lookahead_tag()?;
+                if tag == Tag::context(2) {
+                    return Ok(Some(r.read_tagged_implicit(tag, |r| r.read_ia5_string())?));
+                }
+                if tag == Tag::context(7) {
+                    let b = r.read_tagged_implicit(tag, |r| r.read_bytes())?;
+                    return Ok(match <[u8; 4]>::try_from(b.as_slice()) {
+                        Ok(v4) => Some(std::net::IpAddr::from(v4).to_string()),
+                        Err(_) => <[u8; 16]>::try_from(b.as_slice())
+                            .ok()
+                            .map(|v6| std::net::IpAddr::from(v6).to_string()),
+                    });
+                }
+                r.read_der()?;
+                Ok(None)
+            })
+        })?;
+        Ok(names.into_iter().flatten().collect())
+    }
+    yasna::parse_der(der, |r| {
+        r.read_sequence(|r| {
+            let tbs = r.next().read_sequence(|r| {
+                r.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_i64()))?;
+                for _ in 0..3 {
+                    r.next().read_der()?; // serial, signature algorithm, issuer
+                }
+                let not_after = r.next().read_sequence(|r| {
+                    time(r.next())?;
+                    time(r.next())
+                })?;
+                r.next().read_der()?; // subject
+                r.next().read_der()?; // public key
+                let mut sans = Vec::new();
+                r.read_optional(|r| {
+                    r.read_tagged(Tag::context(3), |r| {
+                        r.read_sequence_of(|r| {
+                            r.read_sequence(|r| {
+                                let oid = r.next().read_oid()?;
+                                r.read_optional(|r| r.read_bool())?;
+                                let value = r.next().read_bytes()?;
+                                if oid.components().as_slice() == [2, 5, 29, 17] {
+                                    sans = general_names(&value)?;
+                                }
+                                Ok(())
+                            })
+                        })
+                    })
+                })?;
+                Ok((not_after, sans))
+            })?;
+            r.next().read_der()?; // signature algorithm
+            r.next().read_der()?; // signature
+            Ok(tbs)
+        })
+    })
+}
+
+/// Replaces the stager's server key and certificate with new ones for the same names (and
+/// `more_sans`), valid for `days`, signed by the CA; the old ones stay beside them as
+/// `server.key.old` and `server.pem.old`. Returns what the new certificate is. A running
+/// `stager serve` keeps the old one until it is restarted.
+pub fn renew_server(
+    dir: &Path,
+    stager_name: &str,
+    more_sans: &[String],
+    days: i64,
+) -> Result<CertInfo> {
+    let old = cert_info(&dir.join(SERVER_CERT))?;
+    let mut sans = old.sans.clone();
+    for s in more_sans {
+        if !sans.contains(s) {
+            sans.push(s.clone());
+        }
+    }
+    let (ca, ca_key) = issuer(dir, stager_name)?;
+    let (key, cert) = server_cert(stager_name, &sans, days, &ca, &ca_key)?;
+    // Key first: a crash between the two renames leaves a pair that does not match, which
+    // `serve` refuses to start with; the .old pair is whole.
+    for (f, text, private) in [(SERVER_KEY, &key, true), (SERVER_CERT, &cert, false)] {
+        let (at, old, new) = (
+            dir.join(f),
+            dir.join(format!("{f}.old")),
+            dir.join(format!("{f}.new")),
+        );
+        std::fs::copy(&at, &old)
+            .with_context(|| format!("keeping {} as {}", at.display(), old.display()))?;
+        let _ = std::fs::remove_file(&new);
+        match private {
+            true => write_private(&new, text)?,
+            false => write_public(&new, text)?,
+        }
+        std::fs::rename(&new, &at).with_context(|| format!("replacing {}", at.display()))?;
+    }
+    cert_info(&dir.join(SERVER_CERT))
 }
 
 /// DNS names and IP addresses as subject alternative names.
@@ -200,4 +353,74 @@ pub fn write_private(p: &Path, text: &str) -> Result<()> {
 
 fn write_public(p: &Path, text: &str) -> Result<()> {
     bundle::release::write_new(p, text.as_bytes(), 0o644).map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn days_from_now(t: SystemTime) -> f64 {
+        t.duration_since(SystemTime::now()).unwrap().as_secs_f64() / 86_400.0
+    }
+
+    /// The server certificate reads back with its end and its names (DNS and IP, v4 and
+    /// v6); a renewal keeps those names, adds new ones, ends when asked, keeps the old pair
+    /// as `.old`, and its key matches its certificate.
+    #[test]
+    fn the_server_certificate_reads_back_and_renews_with_its_names() {
+        let d = tempfile::tempdir().unwrap();
+        let sans = ["stager.example".to_string(), "2001:db8::5".to_string()];
+        init(
+            d.path(),
+            "s1",
+            &[
+                &["localhost".to_string(), "127.0.0.1".to_string()][..],
+                &sans,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let before = cert_info(&d.path().join(SERVER_CERT)).unwrap();
+        assert_eq!(
+            before.sans,
+            ["localhost", "127.0.0.1", "stager.example", "2001:db8::5"]
+        );
+        let left = days_from_now(before.not_after);
+        assert!((824.9..825.1).contains(&left), "{left}");
+        let after = renew_server(
+            d.path(),
+            "s1",
+            &["stager2.example".into(), "localhost".into()],
+            20,
+        )
+        .unwrap();
+        assert_eq!(
+            after.sans,
+            [
+                "localhost",
+                "127.0.0.1",
+                "stager.example",
+                "2001:db8::5",
+                "stager2.example"
+            ]
+        );
+        let left = days_from_now(after.not_after);
+        assert!((19.9..20.1).contains(&left), "{left}");
+        assert_ne!(after.fingerprint, before.fingerprint);
+        assert_eq!(cert_info(&d.path().join("server.pem.old")).unwrap(), before);
+        crate::server::server_tls(
+            &d.path().join(CA_CERT),
+            &d.path().join(SERVER_CERT),
+            &d.path().join(SERVER_KEY),
+        )
+        .expect("the renewed key and certificate make a server");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.path().join(SERVER_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(cert_info(&d.path().join(CA_KEY)).is_err());
+    }
 }
