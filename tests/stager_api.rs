@@ -359,9 +359,7 @@ fn a_range_download_cut_midway_resumes_to_the_right_hash() {
     cut.kill().unwrap();
     cut.wait().unwrap();
     let got = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-    let total = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
-        .unwrap()
-        .len();
+    let total = s.blob_len(&sha);
     assert!(got > 0 && got < total, "cut at {got} of {total}");
     // Resume where it stopped (curl sends Range: bytes=GOT-).
     ok(&mut curl(&["-C", "-"]));
@@ -1060,9 +1058,7 @@ fn a_site_relay_forwards_agents_and_fetches_each_blob_once() {
 
     // web1 and web2 fetch the target blob at the same time, through the relay.
     let sha = s.sha_of("target");
-    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
-        .unwrap()
-        .len();
+    let size = s.blob_len(&sha);
     let served_before = stager_metric(&s, "stager_bytes_served_total");
     std::thread::scope(|sc| {
         let fetches: Vec<_> = ["web1", "web2"]
@@ -1217,9 +1213,7 @@ fn relays_chain_and_every_relay_of_the_chain_must_serve_the_hosts_site() {
         s.curl_at(&r.url(path), Some(host), args)
     };
     let sha = s.sha_of("target");
-    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
-        .unwrap()
-        .len();
+    let size = s.blob_len(&sha);
 
     // web1 (pop-a) through pop-a's relay and the regional one.
     let (code, body) = at(&pop, "web1", &[], "/v1/agent/work");
@@ -1341,9 +1335,7 @@ fn a_site_relay_passes_through_what_its_cache_cannot_hold() {
     relay.start();
     create_job(&s, "web1");
     let sha = s.sha_of("target");
-    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
-        .unwrap()
-        .len();
+    let size = s.blob_len(&sha);
     let at = |args: &[&str], path: &str| s.curl_at(&relay.url(path), Some("web1"), args);
     let health = || -> serde_json::Value {
         let (code, h) = at(&[], "/healthz");
@@ -1385,7 +1377,7 @@ fn a_site_relay_passes_through_what_its_cache_cannot_hold() {
         &format!("/v1/blobs/{sha}"),
     );
     assert_eq!(code, 206);
-    let blob = std::fs::read(s.home.join("blobs/sha256").join(&sha)).unwrap();
+    let blob = std::fs::read(s.blob_path(&sha)).unwrap();
     assert_eq!(std::fs::read(&range).unwrap(), &blob[1000..2000]);
     // Refusals still come from the stager.
     let (code, body) = s.curl_at(
@@ -1437,11 +1429,7 @@ fn a_site_relays_cache_keeps_within_its_cap_dropping_the_least_recently_served()
     let from_upstream = |relay: &integration_tests::stager::Relay| {
         health(relay)["bytes_from_upstream"].as_u64().unwrap()
     };
-    let len = |sha: &str| {
-        std::fs::metadata(s.home.join("blobs/sha256").join(sha))
-            .unwrap()
-            .len()
-    };
+    let len = |sha: &str| s.blob_len(sha);
     let fetch = |relay: &integration_tests::stager::Relay, host: &str, sha: &str| {
         let out = w.path().join(format!("{host}-blob"));
         let (code, body) = s.curl_at(
@@ -1530,9 +1518,7 @@ fn a_site_relay_resumes_a_download_the_wan_cuts() {
     relay.start();
     create_job(&s, "web1");
     let sha = s.sha_of("target");
-    let size = std::fs::metadata(s.home.join("blobs/sha256").join(&sha))
-        .unwrap()
-        .len();
+    let size = s.blob_len(&sha);
     let out = w.path().join("blob");
     let (code, body) = s.curl_at(
         &relay.url(&format!("/v1/blobs/{sha}")),
@@ -1575,7 +1561,7 @@ fn a_site_relay_goes_on_from_a_half_downloaded_blob() {
     let (s, mut relay) = stager_and_relay(&w, 8 << 20);
     create_job(&s, "web1");
     let sha = s.sha_of("target");
-    let blob = std::fs::read(s.home.join("blobs/sha256").join(&sha)).unwrap();
+    let blob = std::fs::read(s.blob_path(&sha)).unwrap();
     let half = blob.len() / 2;
     let cache = relay.dir.join("cache");
     std::fs::create_dir_all(&cache).unwrap();

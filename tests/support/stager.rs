@@ -196,6 +196,15 @@ impl Stager {
         c
     }
 
+    /// Where the stager stores blob `sha`.
+    pub fn blob_path(&self, sha: &str) -> PathBuf {
+        self.home.join("blobs/sha256").join(sha)
+    }
+
+    pub fn blob_len(&self, sha: &str) -> u64 {
+        std::fs::metadata(self.blob_path(sha)).unwrap().len()
+    }
+
     pub fn sha_of(&self, bundle: &str) -> String {
         let m: serde_json::Value = serde_json::from_slice(
             &std::fs::read(self.home.join(format!("bundles/{bundle}/1/manifest.json"))).unwrap(),
