@@ -940,6 +940,43 @@ fn a_rescue_on_request_boots_the_rescue_once_and_the_target_says_when_it_is_back
     assert_eq!(job_state(&env.stager)["state"], "done");
 }
 
+/// The target renews its certificate (here every certificate of 825 days is due: the
+/// stager's `agent_cert_days` is 3000) and gives the renewed identity file to the rescue OS
+/// on disk 2, so that a rescue boot long after the migration does not come up with an
+/// expired certificate: the rescue OS answers a rescue request with the renewed one.
+#[test]
+fn a_target_that_renews_its_certificate_gives_it_to_the_rescue_os_too() {
+    let mut env = Env::new();
+    env.stager.set_config("agent_cert_days", "3000");
+    env.stager.kill();
+    env.stager.start();
+    create_job(&env.stager);
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
+    let p = env.w.path();
+    let (t, r) = (p.join("check-target"), p.join("check-rescue"));
+    let read =
+        |tree: &Path| std::fs::read_to_string(tree.join("etc/reinstall/identity.toml")).unwrap();
+    let (target, rescue) = {
+        let _a = mount(&part_named(&env.disk1.0, "root"), &t, true);
+        let _b = mount(&format!("{}p2", env.disk2.0), &r, true);
+        (read(&t), read(&r))
+    };
+    let original = std::fs::read_to_string(env.stager.identity("web1")).unwrap();
+    assert_ne!(target, original, "the target did not renew its certificate");
+    assert_eq!(
+        rescue, target,
+        "the rescue OS did not get the renewed identity"
+    );
+    let id = proto::identity::IdentityFile::parse(Path::new("rescue"), &rescue).unwrap();
+    assert_eq!(id.name, "web1");
+    // The rescue OS works with it: it answers a rescue request (reporting with the renewed
+    // certificate, the only one it has).
+    let (code, err) = env.rescue_on_request();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("in the rescue OS, as requested"), "{err}");
+}
+
 /// A job taken in the rescue OS keeps disk 2's partitions as they are: a target whose payload
 /// would not fit the stash there is refused in plan, before anything is written, and the
 /// refusal says how to do it instead.

@@ -127,6 +127,42 @@ impl Agent {
         self.root.join(JOURNAL_DIR)
     }
 
+    /// After a renewal outside the rescue OS (a target, or the source of a later job): the
+    /// rescue OS kept on disk 2 gets the same identity file, or a rescue boot years from now
+    /// would come up with a certificate that has expired, unable to reach the stager. Disk 2
+    /// is the one in this machine's journal (the current job's, else the last archived), and
+    /// its rescue root must hold an identity file of this same host. `None`: no rescue OS to
+    /// update (no job yet, or this is the rescue OS, whose file is the one just renewed).
+    fn give_rescue_identity(&self, path: &Path) -> Result<Option<PathBuf>> {
+        if self.world == World::Rescue {
+            return Ok(None);
+        }
+        let j = match self.journal.load()? {
+            Some(j) => Some(j),
+            None => self.journal.last_archived()?,
+        };
+        let Some(d2) = j.and_then(|j| j.disk2) else {
+            return Ok(None);
+        };
+        let now = journal_disk_now(Some(&d2))?;
+        let dev = now.partition_path(now.find_partition(PartKind::LinuxRoot)?.number);
+        let m = Mounted::ext4(&dev, &self.work.join("rescue-identity"), false)?;
+        let theirs = m.path.join("etc/reinstall/identity.toml");
+        let old = proto::identity::IdentityFile::load(&theirs)?;
+        let new = proto::identity::IdentityFile::load(path)?;
+        anyhow::ensure!(
+            old.name == new.name,
+            "{} holds the identity of {:?}, not of this host ({:?}); left as it is",
+            dev.display(),
+            old.name,
+            new.name
+        );
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        journal::replace_file(&theirs, &bytes, 0o600)?;
+        drop(m);
+        Ok(Some(dev))
+    }
+
     /// Renews this host's certificate, as the stager asked. A failure changes nothing (the
     /// current certificate stays in use, still valid) and is only reported: the stager asks
     /// again at the next poll.
@@ -141,6 +177,16 @@ impl Agent {
                     "reinstall: this host's certificate was renewed (valid until {until}); {} updated",
                     path.display()
                 );
+                match self.give_rescue_identity(&path) {
+                    Ok(Some(dev)) => eprintln!(
+                        "reinstall: the rescue OS on {} has the renewed certificate too",
+                        dev.display()
+                    ),
+                    Ok(None) => {}
+                    Err(e) => eprintln!(
+                        "reinstall: the rescue OS on disk 2 keeps its old certificate (it may expire before the rescue OS is next booted): {e:#}"
+                    ),
+                }
             }
             Err(e) => eprintln!(
                 "reinstall: renewing this host's certificate failed, the current one stays in use: {e:#}"
