@@ -228,6 +228,39 @@ fn parse_cert(der: &[u8]) -> yasna::ASN1Result<(OffsetDateTime, Vec<String>)> {
     })
 }
 
+/// On stderr, when the certificate in `path` ends within 30 days (or has ended): who loses
+/// what then, and `fix`. Says nothing otherwise, or if the file cannot be read (serving it
+/// has just worked).
+pub fn warn_if_ending(path: &Path, loses: &str, fix: &str) {
+    if let Ok(info) = cert_info(path) {
+        if let Some(w) = ending_warning(path, &info, std::time::SystemTime::now(), loses, fix) {
+            eprintln!("{w}");
+        }
+    }
+}
+
+fn ending_warning(
+    path: &Path,
+    info: &CertInfo,
+    now: std::time::SystemTime,
+    loses: &str,
+    fix: &str,
+) -> Option<String> {
+    let end = rfc3339(info.not_after);
+    match info.not_after.duration_since(now) {
+        Ok(left) if left.as_secs() < 30 * 86_400 => Some(format!(
+            "warning: {} ends {end} ({} days from now): {loses}; {fix}",
+            path.display(),
+            left.as_secs() / 86_400
+        )),
+        Ok(_) => None,
+        Err(_) => Some(format!(
+            "warning: {} ended {end}: {loses}; {fix}",
+            path.display()
+        )),
+    }
+}
+
 /// Replaces the stager's server key and certificate with new ones for the same names (and
 /// `more_sans`), valid for `days`, signed by the CA; the old ones stay beside them as
 /// `server.key.old` and `server.pem.old`. Returns what the new certificate is. A running
@@ -422,5 +455,17 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(cert_info(&d.path().join(CA_KEY)).is_err());
+        // Serving it warns: 20 days left is within 30; 825 is not; past its end, ended.
+        let p = d.path().join(SERVER_CERT);
+        let now = SystemTime::now();
+        let w = ending_warning(&p, &after, now, "agents lose it", "renew it").unwrap();
+        assert!(
+            w.contains("days from now): agents lose it; renew it"),
+            "{w}"
+        );
+        assert_eq!(ending_warning(&p, &before, now, "x", "y"), None);
+        let later = now + std::time::Duration::from_secs(21 * 86_400);
+        let w = ending_warning(&p, &after, later, "x", "y").unwrap();
+        assert!(w.contains("ended "), "{w}");
     }
 }

@@ -164,6 +164,11 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
         "stager: listening on https://{}{caps}",
         listener.local_addr()?
     );
+    crate::pki::warn_if_ending(
+        &dir.join(crate::pki::SERVER_CERT),
+        "agents cannot reach this stager after that",
+        "renew it: stager server-cert --renew, then restart serve",
+    );
     accept_loop(state, listener, acceptor).await
 }
 

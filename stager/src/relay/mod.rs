@@ -1069,6 +1069,11 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
         relay.cache_bytes().unwrap_or(0) >> 20,
         relay.config.cache_keep_free_percent
     );
+    crate::pki::warn_if_ending(
+        &dir.join(CERT),
+        "the site's agents cannot reach it, nor it the stager, after that",
+        "reissue it on the stager: stager relay init --name SAME --out NEWDIR, and copy relay.pem and relay.key here",
+    );
     crate::server::accept_loop(relay, listener, acceptor).await
 }
 
