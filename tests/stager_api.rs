@@ -1737,6 +1737,33 @@ fn an_agent_renews_its_certificate_before_it_expires() {
     let (code, body) = as_id(&old, "old", &[], "/v1/agent/work?wait=0");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(r#""renew_identity": true"#), "{body}");
+    // The stager certifies a public key the host made, nothing else: an RSA key or no key is
+    // refused, naming the field (and mints nothing).
+    let request = |pem: &str, name: &str| {
+        let f = w.path().join(name);
+        let body = serde_json::json!({ "public_key": pem }).to_string();
+        std::fs::write(&f, body).unwrap();
+        f
+    };
+    let pubkey = |genkey: &str| sh(&format!("{genkey} 2>/dev/null | openssl pkey -pubout"));
+    let rsa = request(&pubkey("openssl genrsa 2048"), "rsa.json");
+    let ec_key = request(
+        &pubkey("openssl ecparam -genkey -name prime256v1"),
+        "ec.json",
+    );
+    for (f, want) in [
+        (&rsa, "P-256"),
+        (&request("x", "x.json"), "not a PEM public key"),
+    ] {
+        let (code, body) = as_id(
+            &old,
+            "old",
+            &["-X", "POST", "--data-binary", &format!("@{}", f.display())],
+            "/v1/agent/identity",
+        );
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("public_key") && body.contains(want), "{body}");
+    }
     // What the operator sees: web3 runs out within 30 days (and no one else does).
     let certs = |args: &[&str]| -> serde_json::Value {
         let out = ok(stager()
@@ -1823,7 +1850,12 @@ fn an_agent_renews_its_certificate_before_it_expires() {
     let (code, body) = as_id(
         &new,
         "new",
-        &["-X", "POST", "-d", "'{}'"],
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", ec_key.display()),
+        ],
         "/v1/agent/identity",
     );
     assert_eq!(code, 409, "{body}");

@@ -74,16 +74,22 @@ impl Client {
         self
     }
 
-    /// Fetches a new certificate and key for this host (`POST /v1/agent/identity`, when the
-    /// stager said the current one is due), checks that they make a working client, writes
-    /// them into the identity file at `path` (atomically, 0600), and returns that client and
-    /// the new certificate's end. On any error the identity file is as it was.
+    /// Makes a new key and has the stager certify it (`POST /v1/agent/identity`, when the
+    /// stager said the current certificate is due; the private key never leaves this host),
+    /// checks that they make a working client, writes them into the identity file at `path`
+    /// (atomically, 0600), and returns that client and the new certificate's end. On any
+    /// error the identity file is as it was.
     pub fn renew_identity(&self, path: &std::path::Path) -> Result<(Client, String)> {
-        let r: proto::v1::RenewedIdentity =
-            self.post("/v1/agent/identity", &serde_json::json!({}))?;
+        let key = rcgen::KeyPair::generate().context("making a new key")?;
+        let r: proto::v1::RenewedIdentity = self.post(
+            "/v1/agent/identity",
+            &proto::v1::RenewIdentity {
+                public_key: key.public_key_pem(),
+            },
+        )?;
         let mut id = self.identity.clone();
         id.cert = r.cert;
-        id.key = r.key;
+        id.key = key.serialize_pem();
         let mut next = Client::new(id).context("the renewed certificate")?;
         next.retry_for = self.retry_for;
         next.using = self.using.clone();

@@ -166,14 +166,21 @@ pub struct Work {
     pub renew_identity: bool,
 }
 
-/// Agent: `POST /v1/agent/identity`: a new certificate and key for the host that asks, for
-/// its identity file. The certificate it asked with stays valid until it expires.
+/// Agent: `POST /v1/agent/identity`: a new certificate for a key the host made itself (its
+/// private key never leaves the host: not through a relay, not to the stager).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewIdentity {
+    /// PEM SubjectPublicKeyInfo of a new ECDSA P-256 key.
+    pub public_key: String,
+}
+
+/// The answer to [`RenewIdentity`]. The certificate the host asked with stays valid until
+/// it expires.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RenewedIdentity {
     /// PEM.
     pub cert: String,
-    /// PEM (PKCS#8).
-    pub key: String,
     /// RFC 3339.
     pub not_after: String,
 }
@@ -291,6 +298,11 @@ mod tests {
             include_str!("../tests/fixtures/v1/renewed_identity.json"),
         );
         assert_eq!(r.not_after, "2029-02-26T09:46:35Z");
+        let r: RenewIdentity = pinned(
+            "renew_identity",
+            include_str!("../tests/fixtures/v1/renew_identity.json"),
+        );
+        assert!(r.public_key.contains("PUBLIC KEY"));
         let e: Event = pinned("event", include_str!("../tests/fixtures/v1/event.json"));
         assert_eq!(e.kind, EventKind::Progress);
         let h: Vec<Host> = pinned("hosts", include_str!("../tests/fixtures/v1/hosts.json"));

@@ -145,7 +145,8 @@ async fn dispatch(
         }
         (["v1", "agent", "identity"], _, true) => {
             let host = agent(&who)?.to_string();
-            renew_identity(state, conn, host).await
+            let body: proto::v1::RenewIdentity = http::parse_json(&body)?;
+            renew_identity(state, conn, host, body.public_key).await
         }
         (["v1", "agent", "events"], _, true) => {
             let host = agent(&who)?.to_string();
@@ -562,7 +563,7 @@ async fn renewal_due(state: &Arc<State>, conn: &Arc<Conn>) -> Result<bool, ApiEr
     state.db(move |db| db.cert_ends_before(&fp, &by)).await
 }
 
-/// `POST /v1/agent/identity`: a new certificate and key for `host`, valid for
+/// `POST /v1/agent/identity`: a new certificate for `host` and the public key it made, valid for
 /// `agent_cert_days`, recorded as the host's; the one it asked with stays valid until it
 /// expires (an agent that fails to store the new one keeps working, and asks again). Only
 /// for a certificate due for renewal: a host's key cannot mint certificates at will (and
@@ -571,6 +572,7 @@ async fn renew_identity(
     state: &Arc<State>,
     conn: &Arc<Conn>,
     host: String,
+    public_key: String,
 ) -> Result<Response<ResBody>, ApiError> {
     if !renewal_due(state, conn).await? {
         return Err(ApiError::new(
@@ -586,8 +588,9 @@ async fn renew_identity(
     let old = conn.fingerprint.clone().unwrap_or_default();
     let renewed = state
         .db(move |db| -> Result<proto::v1::RenewedIdentity, ApiError> {
-            let issued = crate::pki::issue_client(&dir, &stager, &host, "agent", days)
-                .map_err(ApiError::internal)?;
+            let issued =
+                crate::pki::issue_client_for(&dir, &stager, &host, "agent", days, &public_key)
+                    .map_err(|e| ApiError::bad_request(format!("public_key: {e:#}")))?;
             let not_after = issued.not_after_text();
             db.add_cert(&issued.fingerprint, &host, "agent", &not_after, None)?;
             println!(
@@ -596,7 +599,6 @@ async fn renew_identity(
             );
             Ok(proto::v1::RenewedIdentity {
                 cert: issued.cert_pem,
-                key: issued.key_pem,
                 not_after,
             })
         })

@@ -346,6 +346,26 @@ fn issue(
     sans: &[String],
     days: i64,
 ) -> Result<Issued> {
+    let key = KeyPair::generate()?;
+    let (cert, not_after) = sign_client(dir, stager_name, name, role, sans, days, &key)?;
+    Ok(Issued {
+        fingerprint: fingerprint(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_after,
+    })
+}
+
+/// A client certificate for `key` (see [`issue_client`]), and its end.
+fn sign_client(
+    dir: &Path,
+    stager_name: &str,
+    name: &str,
+    role: &str,
+    sans: &[String],
+    days: i64,
+    key: &impl rcgen::PublicKeyData,
+) -> Result<(rcgen::Certificate, OffsetDateTime)> {
     let (ca, ca_key) = issuer(dir, stager_name)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
@@ -365,12 +385,60 @@ fn issue(
     p.not_before = now - Duration::hours(2) + Duration::days(days.min(0));
     p.not_after = now + Duration::days(days);
     let not_after = p.not_after;
-    let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &ca, &ca_key)?;
+    Ok((p.signed_by(key, &ca, &ca_key)?, not_after))
+}
+
+/// An ECDSA P-256 public key as a client sent it (SubjectPublicKeyInfo).
+struct P256Public(Vec<u8>);
+
+impl rcgen::PublicKeyData for P256Public {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// The SubjectPublicKeyInfo of an ECDSA P-256 key (RFC 5480), read with yasna: the point,
+/// or why it is not one.
+fn p256_public(pem: &str) -> Result<P256Public> {
+    use rustls::pki_types::pem::PemObject;
+    // AlgorithmIdentifier { id-ecPublicKey, prime256v1 }.
+    const ALG: &[u8] = &[
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
+        0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ];
+    let der = rustls::pki_types::SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
+        .context("not a PEM public key (SubjectPublicKeyInfo)")?;
+    let (alg, (point, bits)) = yasna::parse_der(der.as_ref(), |r| {
+        r.read_sequence(|r| Ok((r.next().read_der()?, r.next().read_bitvec_bytes()?)))
+    })
+    .map_err(|e| anyhow::anyhow!("not a public key: {e}"))?;
+    anyhow::ensure!(
+        alg == ALG && bits == 65 * 8 && point.first() == Some(&4),
+        "not an uncompressed ECDSA P-256 public key (the only kind this stager issues for)"
+    );
+    Ok(P256Public(point))
+}
+
+/// Issues a client certificate (as [`issue_client`]) for a public key the client made
+/// itself (PEM SubjectPublicKeyInfo, ECDSA P-256): its private key never leaves it. The
+/// returned [`Issued`] has no `key_pem`.
+pub fn issue_client_for(
+    dir: &Path,
+    stager_name: &str,
+    name: &str,
+    role: &str,
+    days: i64,
+    public_pem: &str,
+) -> Result<Issued> {
+    let key = p256_public(public_pem)?;
+    let (cert, not_after) = sign_client(dir, stager_name, name, role, &[], days, &key)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        key_pem: String::new(),
         not_after,
     })
 }
