@@ -149,7 +149,9 @@ impl Agent {
         let m = Mounted::ext4(&dev, &self.work.join("rescue-identity"), false)?;
         let theirs = m.path.join("etc/reinstall/identity.toml");
         let old = proto::identity::IdentityFile::load(&theirs)?;
-        let new = proto::identity::IdentityFile::load(path)?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let new = proto::identity::IdentityFile::parse(path, &text)?;
         anyhow::ensure!(
             old.name == new.name,
             "{} holds the identity of {:?}, not of this host ({:?}); left as it is",
@@ -157,8 +159,7 @@ impl Agent {
             old.name,
             new.name
         );
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        journal::replace_file(&theirs, &bytes, 0o600)?;
+        journal::replace_file(&theirs, text.as_bytes(), 0o600)?;
         drop(m);
         Ok(Some(dev))
     }

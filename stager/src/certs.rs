@@ -68,19 +68,24 @@ pub struct Listed {
     pub days_left: i64,
 }
 
-fn secs(rfc3339: &str) -> i64 {
-    humantime::parse_rfc3339(rfc3339)
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+fn secs(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn parsed(rfc3339: &str) -> SystemTime {
+    humantime::parse_rfc3339(rfc3339).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Whole days from `now` until `end` (negative, rounded down, once it has passed).
+pub fn days_left(end: SystemTime, now: SystemTime) -> i64 {
+    (secs(end) - secs(now)).div_euclid(86_400)
 }
 
 /// Each certificate with its standing at `now`, in the order given (each name's in the
 /// order they were issued).
 pub fn standings(certs: Vec<Cert>, now: SystemTime) -> Vec<Listed> {
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now_s = secs(now);
     // Per name, the certificate neither revoked nor expired that ends last (of two ending
     // the same second, the one issued later: later in `certs`).
     let mut latest: HashMap<&str, (i64, usize)> = HashMap::new();
@@ -89,8 +94,8 @@ pub fn standings(certs: Vec<Cert>, now: SystemTime) -> Vec<Listed> {
         .enumerate()
         .filter(|(_, c)| c.revoked.is_none())
     {
-        let end = secs(&c.not_after);
-        if end > now {
+        let end = secs(parsed(&c.not_after));
+        if end > now_s {
             let e = latest.entry(c.name.as_str()).or_insert((end, i));
             *e = (*e).max((end, i));
         }
@@ -100,10 +105,10 @@ pub fn standings(certs: Vec<Cert>, now: SystemTime) -> Vec<Listed> {
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let end = secs(&c.not_after);
+            let end = parsed(&c.not_after);
             let standing = if c.revoked.is_some() {
                 Standing::Revoked
-            } else if end <= now {
+            } else if secs(end) <= now_s {
                 Standing::Expired
             } else if current.contains(&i) {
                 Standing::Current
@@ -113,7 +118,7 @@ pub fn standings(certs: Vec<Cert>, now: SystemTime) -> Vec<Listed> {
             Listed {
                 cert: c.clone(),
                 standing,
-                days_left: (end - now).div_euclid(86_400),
+                days_left: days_left(end, now),
             }
         })
         .collect()

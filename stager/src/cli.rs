@@ -421,7 +421,6 @@ fn name_is_free(db: &Db, name: &str, role: &str) -> Result<()> {
     Ok(())
 }
 
-/// A certificate's end of validity as RFC 3339, as `state.db` records it.
 pub fn enroll(o: EnrollOpts) -> Result<()> {
     let out = o
         .out
@@ -465,10 +464,7 @@ pub fn server_cert(o: ServerCertOpts) -> Result<()> {
         pki::cert_info(&dir.join(pki::SERVER_CERT))?
     };
     let not_after = pki::rfc3339(info.not_after);
-    let days_left = info
-        .not_after
-        .duration_since(std::time::SystemTime::now())
-        .map_or(-1, |d| (d.as_secs() / 86_400) as i64);
+    let days_left = stager::certs::days_left(info.not_after, std::time::SystemTime::now());
     if o.json {
         println!(
             "{}",
@@ -561,7 +557,6 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     let mut sites = o.sites.clone();
     sites.sort();
     sites.dedup();
-    let sites = (!sites.is_empty()).then(|| sites.join(","));
     let config = Config::load(dir)?;
     Store::open(dir)?;
     if o.out.exists() {
@@ -589,9 +584,9 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
         &o.name,
         stager::api::RELAY,
         &not_after,
-        sites.as_deref(),
+        (!sites.is_empty()).then(|| sites.join(",")).as_deref(),
     )?;
-    let serves = match o.sites.as_slice() {
+    let serves = match sites.as_slice() {
         [] => "hosts enrolled without a site".to_string(),
         [s] => format!("site {s:?}"),
         many => format!(

@@ -135,7 +135,7 @@ pub enum Refusal {
 }
 
 pub fn now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    crate::pki::rfc3339(std::time::SystemTime::now())
 }
 
 fn now_ms() -> i64 {

@@ -247,17 +247,16 @@ fn ending_warning(
     fix: &str,
 ) -> Option<String> {
     let end = rfc3339(info.not_after);
-    match info.not_after.duration_since(now) {
-        Ok(left) if left.as_secs() < 30 * 86_400 => Some(format!(
-            "warning: {} ends {end} ({} days from now): {loses}; {fix}",
-            path.display(),
-            left.as_secs() / 86_400
-        )),
-        Ok(_) => None,
-        Err(_) => Some(format!(
+    match crate::certs::days_left(info.not_after, now) {
+        days if days < 0 => Some(format!(
             "warning: {} ended {end}: {loses}; {fix}",
             path.display()
         )),
+        days if days < 30 => Some(format!(
+            "warning: {} ends {end} ({days} days from now): {loses}; {fix}",
+            path.display()
+        )),
+        _ => None,
     }
 }
 

@@ -223,16 +223,7 @@ impl Drop for Stager {
 impl Stager {
     /// Sets `key = value` (TOML) in stager.toml; takes effect at the next start.
     pub fn set_config(&self, key: &str, value: &str) {
-        let p = self.home.join("stager.toml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        let mut lines: Vec<String> = text
-            .lines()
-            .filter(|l| !l.starts_with(&format!("{key} =")))
-            .map(String::from)
-            .collect();
-        // Top-level keys go before any table.
-        lines.insert(1, format!("{key} = {value}"));
-        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        set_toml(&self.home.join("stager.toml"), key, value);
     }
 }
 
@@ -285,14 +276,21 @@ impl Relay {
 
     /// Sets `key = value` (TOML) in relay.toml; takes effect at the next start.
     pub fn set(&self, key: &str, value: &str) {
-        let p = self.dir.join("relay.toml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with(&format!("{key} =")))
-            .collect();
-        std::fs::write(&p, format!("{}\n{key} = {value}\n", kept.join("\n"))).unwrap();
+        set_toml(&self.dir.join("relay.toml"), key, value);
     }
+}
+
+/// Sets the top-level `key = value` in the TOML file `p` (after its first line, a comment,
+/// before any table), replacing the key's line if it has one.
+fn set_toml(p: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{key} =")))
+        .map(String::from)
+        .collect();
+    lines.insert(1, format!("{key} = {value}"));
+    std::fs::write(p, lines.join("\n") + "\n").unwrap();
 }
 
 /// A TCP proxy on 127.0.0.1 (a WAN link, as a relay sees it) to `127.0.0.1:to`, that cuts

@@ -48,14 +48,21 @@ pub fn disk(dir: &Path) -> io::Result<Disk> {
 pub struct Scan {
     /// Files that may go: complete blobs, and `.part` files no download is writing.
     pub entries: Vec<Entry>,
-    /// Bytes in files that stay: the `.part` files of `keep` (downloads under way, and
-    /// the one about to start or resume).
-    pub kept: u64,
+    /// Files that stay, blob → bytes on disk: the `.part` files of `keep` (downloads under
+    /// way, and the one about to start or resume).
+    pub kept: HashMap<String, u64>,
 }
 
 impl Scan {
     pub fn bytes(&self) -> u64 {
-        self.kept + self.entries.iter().map(|e| e.bytes).sum::<u64>()
+        self.kept.values().sum::<u64>() + self.entries.iter().map(|e| e.bytes).sum::<u64>()
+    }
+
+    /// Bytes the downloads of `keep` (blob → length) still have to write.
+    pub fn to_come(&self, keep: &HashMap<String, u64>) -> u64 {
+        keep.iter()
+            .map(|(sha, len)| len.saturating_sub(self.kept.get(sha).copied().unwrap_or(0)))
+            .sum()
     }
 }
 
@@ -71,11 +78,11 @@ pub fn scan(dir: &Path, keep: &HashMap<String, u64>) -> io::Result<Scan> {
             Err(err) => return Err(err),
         };
         let name = e.file_name().to_string_lossy().into_owned();
-        if name
+        if let Some(sha) = name
             .strip_suffix(".part")
-            .is_some_and(|sha| keep.contains_key(sha))
+            .filter(|sha| keep.contains_key(*sha))
         {
-            s.kept += m.len();
+            s.kept.insert(sha.to_string(), m.len());
             continue;
         }
         s.entries.push(Entry {
@@ -180,7 +187,7 @@ mod tests {
                 entry("old", 10, 300),
                 entry("middle", 10, 20),
             ],
-            kept: 0,
+            kept: HashMap::new(),
         };
         let cap = |max| Limits {
             max_bytes: Some(max * MIB),
@@ -224,7 +231,7 @@ mod tests {
     fn a_blob_that_cannot_fit_deletes_nothing_and_says_which_limit() {
         let s = Scan {
             entries: vec![entry("a", 10, 5)],
-            kept: 4 * MIB,
+            kept: HashMap::from([("x".to_string(), 4 * MIB)]),
         };
         let e = make_room(
             &s,
@@ -276,7 +283,9 @@ mod tests {
             .collect();
         got.sort();
         assert_eq!(got, [("aa", 100), ("bb.part", 10)]);
-        assert_eq!((s.kept, s.bytes()), (7, 117));
+        assert_eq!(s.kept, HashMap::from([("cc".to_string(), 7)]));
+        assert_eq!(s.bytes(), 117);
+        assert_eq!(s.to_come(&keep), 43);
         assert!(disk(d.path()).unwrap().total > 0);
     }
 }

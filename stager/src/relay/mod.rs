@@ -568,13 +568,7 @@ impl Relay {
             return rx;
         }
         let part = self.dir.join(CACHE).join(format!("{sha}.part"));
-        let mut running: HashMap<String, u64> = fills
-            .iter()
-            .filter(|(_, (rx, _))| !matches!(*rx.borrow(), Filled::Failed(_)))
-            .map(|(s, (_, len))| (s.clone(), *len))
-            .collect();
-        running.insert(sha.to_string(), len);
-        match self.make_room(sha, len, &running) {
+        match self.make_room(sha, len, &running(&fills)) {
             Ok(()) => {}
             Err(e) if e.is::<CacheDisk>() => {
                 let why = format!("{e:#}");
@@ -754,36 +748,27 @@ impl Relay {
 impl Relay {
     /// Bytes in the cache now, or `None` if it cannot be read.
     fn cache_bytes(&self) -> Option<u64> {
-        let running: HashMap<String, u64> = self
-            .fills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(s, (_, len))| (s.clone(), *len))
-            .collect();
+        let running = running(&self.fills.lock().unwrap_or_else(|p| p.into_inner()));
         cache::scan(&self.dir.join(CACHE), &running)
             .ok()
             .map(|s| s.bytes())
     }
 
     /// Deletes the least recently served blobs until blob `sha` (`len` bytes) fits the
-    /// cache's limits next to the downloads in `running` (blob → length; `sha` among them).
-    /// A [`CacheDisk`] error if the cache cannot be read; another error, deleting nothing, if
-    /// the blob cannot fit at all.
+    /// cache's limits next to the downloads in `running` (blob → length). A [`CacheDisk`]
+    /// error if the cache cannot be read; another error, deleting nothing, if the blob
+    /// cannot fit at all.
     fn make_room(&self, sha: &str, len: u64, running: &HashMap<String, u64>) -> Result<()> {
         let dir = self.dir.join(CACHE);
         let disk_err = |e| anyhow::Error::new(CacheDisk(format!("reading {}: {e}", dir.display())));
-        let scan = cache::scan(&dir, running).map_err(disk_err)?;
+        // This blob's `.part` (what an earlier download left) stays too.
+        let mut keep = running.clone();
+        keep.insert(sha.to_string(), len);
+        let scan = cache::scan(&dir, &keep).map_err(disk_err)?;
         let disk = cache::disk(&dir).map_err(disk_err)?;
-        let size =
-            |s: &str| std::fs::metadata(dir.join(format!("{s}.part"))).map_or(0, |m| m.len());
         // Still to be written: the rest of each download under way, and of this one.
-        let pending: u64 = running
-            .iter()
-            .filter(|(s, _)| s.as_str() != sha)
-            .map(|(s, l)| l.saturating_sub(size(s)))
-            .sum();
-        let need = len.saturating_sub(size(sha));
+        let need = scan.to_come(&HashMap::from([(sha.to_string(), len)]));
+        let pending = scan.to_come(&keep) - need;
         let gone = cache::make_room(&scan, pending, need, disk, self.config.cache_limits())
             .map_err(|why| anyhow::anyhow!(why))?;
         for i in gone {
@@ -860,6 +845,15 @@ impl Served for Relay {
             }
         })
     }
+}
+
+/// The downloads under way in `fills`: blob → length.
+fn running(fills: &HashMap<String, (watch::Receiver<Filled>, u64)>) -> HashMap<String, u64> {
+    fills
+        .iter()
+        .filter(|(_, (rx, _))| !matches!(*rx.borrow(), Filled::Failed(_)))
+        .map(|(s, (_, len))| (s.clone(), *len))
+        .collect()
 }
 
 /// Whom a request is forwarded for ([`crate::api::RELAYED_FOR`]): the agent's certificate
