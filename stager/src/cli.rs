@@ -45,7 +45,7 @@ pub enum Command {
     /// Show the stager's own server certificate (its names, its end), or with --renew
     /// replace it: a new key and certificate for the same names (and any --san), signed by
     /// the CA, the old pair kept as server.key.old / server.pem.old. Agents trust the CA, so
-    /// nothing changes for them; restart `stager serve` to serve it.
+    /// nothing changes for them; a running `stager serve` serves it within seconds.
     ServerCert(ServerCertOpts),
     /// Serve the API over HTTPS with client certificates required (TLS 1.3, HTTP/1.1 and 2).
     #[command(
@@ -485,7 +485,7 @@ pub fn server_cert(o: ServerCertOpts) -> Result<()> {
             info.sans.join(", ")
         );
         if o.renew {
-            println!("restart `stager serve` to serve it; the old pair is kept as server.key.old and server.pem.old");
+            println!("a running `stager serve` serves it within seconds; the old pair is kept as server.key.old and server.pem.old");
         }
     }
     Ok(())

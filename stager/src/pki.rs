@@ -144,14 +144,15 @@ pub fn cert_info(path: &Path) -> Result<CertInfo> {
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::CertificateDer::from_pem_file(path)
         .with_context(|| format!("reading {}", path.display()))?;
-    let (not_after, sans) = parse_cert(&der).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not a certificate this stager can read: {e}",
-            path.display()
-        )
-    })?;
+    cert_info_der(&der).with_context(|| path.display().to_string())
+}
+
+/// What a DER certificate is (see [`cert_info`]).
+pub fn cert_info_der(der: &[u8]) -> Result<CertInfo> {
+    let (not_after, sans) = parse_cert(der)
+        .map_err(|e| anyhow::anyhow!("not a certificate this stager can read: {e}"))?;
     Ok(CertInfo {
-        fingerprint: fingerprint(der.as_ref()),
+        fingerprint: fingerprint(der),
         not_after: not_after.into(),
         sans,
     })
@@ -263,7 +264,7 @@ fn ending_warning(
 /// Replaces the stager's server key and certificate with new ones for the same names (and
 /// `more_sans`), valid for `days`, signed by the CA; the old ones stay beside them as
 /// `server.key.old` and `server.pem.old`. Returns what the new certificate is. A running
-/// `stager serve` keeps the old one until it is restarted.
+/// `stager serve` presents it from its next handshake on (see [`crate::certfiles`]).
 pub fn renew_server(
     dir: &Path,
     stager_name: &str,
@@ -279,23 +280,7 @@ pub fn renew_server(
     }
     let (ca, ca_key) = issuer(dir, stager_name)?;
     let (key, cert) = server_cert(stager_name, &sans, days, &ca, &ca_key)?;
-    // Key first: a crash between the two renames leaves a pair that does not match, which
-    // `serve` refuses to start with; the .old pair is whole.
-    for (f, text, private) in [(SERVER_KEY, &key, true), (SERVER_CERT, &cert, false)] {
-        let (at, old, new) = (
-            dir.join(f),
-            dir.join(format!("{f}.old")),
-            dir.join(format!("{f}.new")),
-        );
-        std::fs::copy(&at, &old)
-            .with_context(|| format!("keeping {} as {}", at.display(), old.display()))?;
-        let _ = std::fs::remove_file(&new);
-        match private {
-            true => write_private(&new, text)?,
-            false => write_public(&new, text)?,
-        }
-        std::fs::rename(&new, &at).with_context(|| format!("replacing {}", at.display()))?;
-    }
+    crate::certfiles::replace_pair(&dir.join(SERVER_CERT), &dir.join(SERVER_KEY), &cert, &key)?;
     cert_info(&dir.join(SERVER_CERT))
 }
 
@@ -509,12 +494,7 @@ mod tests {
         assert!((19.9..20.1).contains(&left), "{left}");
         assert_ne!(after.fingerprint, before.fingerprint);
         assert_eq!(cert_info(&d.path().join("server.pem.old")).unwrap(), before);
-        crate::server::server_tls(
-            &d.path().join(CA_CERT),
-            &d.path().join(SERVER_CERT),
-            &d.path().join(SERVER_KEY),
-        )
-        .expect("the renewed key and certificate make a server");
+        crate::server::tls_config(d.path()).expect("the renewed key and certificate make a server");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(d.path().join(SERVER_KEY))
             .unwrap()

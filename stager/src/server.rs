@@ -9,7 +9,7 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -89,45 +89,49 @@ impl State {
 
 /// The stager's server TLS configuration, from its home.
 pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
-    server_tls(
-        &dir.join(crate::pki::CA_CERT),
+    let files = crate::certfiles::CertFiles::open(
         &dir.join(crate::pki::SERVER_CERT),
         &dir.join(crate::pki::SERVER_KEY),
-    )
+        provider(),
+    )?;
+    server_tls(&dir.join(crate::pki::CA_CERT), files)
 }
 
-/// TLS 1.3, a client certificate from the CA in `ca_path` required, HTTP/2 and HTTP/1.1.
+/// The one crypto back end (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS 1.3, a client certificate from the CA in `ca_path` required, HTTP/2 and HTTP/1.1; the
+/// server's certificate from `files`, read again when they change.
 pub fn server_tls(
     ca_path: &Path,
-    cert_path: &Path,
-    key_path: &Path,
+    files: Arc<crate::certfiles::CertFiles>,
 ) -> Result<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_path)?),
+        provider.clone(),
+    )
+    .build()
+    .context("building the client certificate verifier")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(files);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The certificates of the PEM file `ca_path`, as trust roots.
+pub fn roots(ca_path: &Path) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca_path)
         .with_context(|| format!("reading {}", ca_path.display()))?
     {
         roots.add(c.with_context(|| format!("parsing {}", ca_path.display()))?)?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .context("building the client certificate verifier")?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
-        .with_context(|| format!("reading {}", cert_path.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing {}", cert_path.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .with_context(|| format!("reading {}", key_path.display()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .context("loading the server certificate")?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(cfg)
+    Ok(roots)
 }
 
 /// Thousands of agents long-poll at once: one descriptor each. Raise the soft limit to the
@@ -167,7 +171,7 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     crate::pki::warn_if_ending(
         &dir.join(crate::pki::SERVER_CERT),
         "agents cannot reach this stager after that",
-        "renew it: stager server-cert --renew, then restart serve",
+        "renew it: stager server-cert --renew (serve presents the new one within seconds)",
     );
     accept_loop(state, listener, acceptor).await
 }

@@ -41,8 +41,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -180,6 +179,8 @@ pub struct Relay {
     dir: PathBuf,
     config: RelayConfig,
     tls: tokio_rustls::TlsConnector,
+    /// relay.pem and relay.key: both ends of the relay present them.
+    files: Arc<crate::certfiles::CertFiles>,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
@@ -234,24 +235,15 @@ impl Relay {
         let port = uri.port_u16().unwrap_or(443);
         let server_name = ServerName::try_from(host.to_string())
             .with_context(|| format!("upstream host {host:?}"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = dir.join(crate::pki::CA_CERT);
-        for c in CertificateDer::pem_file_iter(&ca)
-            .with_context(|| format!("reading {}", ca.display()))?
-        {
-            roots.add(c.with_context(|| format!("parsing {}", ca.display()))?)?;
-        }
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(CERT))
-            .with_context(|| format!("reading {}", dir.join(CERT).display()))?
-            .collect::<Result<_, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(dir.join(KEY))
-            .with_context(|| format!("reading {}", dir.join(KEY).display()))?;
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let files = crate::certfiles::CertFiles::open(
+            &dir.join(CERT),
+            &dir.join(KEY),
+            crate::server::provider(),
+        )?;
+        let tls = rustls::ClientConfig::builder_with_provider(crate::server::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .context("relay certificate and key do not match")?;
+            .with_root_certificates(crate::server::roots(&dir.join(crate::pki::CA_CERT))?)
+            .with_client_cert_resolver(files.clone());
         std::fs::create_dir_all(dir.join(CACHE))?;
         Ok(Relay {
             dir: dir.to_path_buf(),
@@ -259,6 +251,7 @@ impl Relay {
             port,
             server_name,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            files,
             config,
             fills: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
@@ -1044,8 +1037,7 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     let relay = Arc::new(Relay::open(dir)?);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(crate::server::server_tls(
         &dir.join(crate::pki::CA_CERT),
-        &dir.join(CERT),
-        &dir.join(KEY),
+        relay.files.clone(),
     )?));
     let addr = listen.unwrap_or_else(|| relay.config.listen.clone());
     let listener = tokio::net::TcpListener::bind(&addr)
