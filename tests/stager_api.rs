@@ -1973,3 +1973,206 @@ fn the_server_certificate_is_listed_and_renewed_without_touching_the_agents() {
     );
     assert!(e.contains("--renew"), "{e}");
 }
+
+/// A site relay renews its own certificate, as an agent does: a relay whose certificate has
+/// less than a third of `relay_cert_days` left (here: issued for 30 days, against 825) asks
+/// at start, makes a new key, and has the stager certify its public half, directly or through
+/// the relay above it (which must serve every site of the one below). The new certificate has
+/// the same names, both ends of the relay present it without a restart (agents see it; the
+/// stager accepts it once the replaced one is revoked), and a relay that is not due, or
+/// whose relay above does not serve its site, keeps the one it has.
+#[test]
+fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() {
+    use integration_tests::stager::Relay;
+    let w = scratch();
+    let s = started(&w);
+    let mut hub = Relay::init_with(&s, "region-eu", &["--site", "pop-a", "--site", "pop-b"]);
+    let due = ["--days", "30"];
+    let mut pop_a = Relay::init_with(&s, "pop-a", &[&["--site", "pop-a"][..], &due].concat());
+    let up = hub.url("");
+    let below = |site| [&["--site", site, "--upstream", &up][..], &due].concat();
+    let mut pop_b = Relay::init_with(&s, "pop-b", &below("pop-b"));
+    let mut pop_c = Relay::init_with(&s, "pop-c", &below("pop-c"));
+    for (h, site) in [("web1", "pop-a"), ("web2", "pop-b"), ("web3", "pop-c")] {
+        s.enroll_in(h, site);
+    }
+    let fp = |r: &Relay, f: &str| {
+        let out = sh(&format!(
+            "openssl x509 -in {} -noout -fingerprint -sha256",
+            r.dir.join(f).display()
+        ));
+        out.trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase()
+    };
+    let before: Vec<String> = [&pop_a, &pop_b, &pop_c]
+        .iter()
+        .map(|r| fp(r, "relay.pem"))
+        .collect();
+    for r in [&mut hub, &mut pop_a, &mut pop_b, &mut pop_c] {
+        r.start();
+    }
+    let serving = |r: &Relay, host: &str| {
+        let (code, body) = s.curl_at(&r.url("/healthz"), Some(host), &[]);
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["certificate"].as_str().unwrap().to_string()
+    };
+    let t = std::time::Instant::now();
+    while serving(&pop_a, "web1") == before[0] || serving(&pop_b, "web2") == before[1] {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "pop-a and pop-b still serve their first certificates after 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let names = |r: &Relay, f: &str| {
+        sh(&format!(
+            "openssl x509 -in {} -noout -ext subjectAltName,extendedKeyUsage -subject",
+            r.dir.join(f).display()
+        ))
+    };
+    for (r, host, old) in [(&pop_a, "web1", &before[0]), (&pop_b, "web2", &before[1])] {
+        let new = fp(r, "relay.pem");
+        assert_ne!(&new, old);
+        assert_eq!(&fp(r, "relay.pem.old"), old);
+        assert_eq!(serving(r, host), new);
+        assert_eq!(names(r, "relay.pem"), names(r, "relay.pem.old"));
+        assert!(names(r, "relay.pem").contains("127.0.0.1"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(r.dir.join("relay.key"))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600);
+        // What agents see: the new certificate, on a new handshake.
+        let p = s.pems(host);
+        let seen = sh(&format!(
+            "openssl s_client -connect 127.0.0.1:{} -CAfile {} -cert {} -key {} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256",
+            r.port,
+            p.ca.display(),
+            p.cert.display(),
+            p.key.display()
+        ));
+        assert_eq!(
+            seen.trim()
+                .rsplit('=')
+                .next()
+                .unwrap()
+                .replace(':', "")
+                .to_lowercase(),
+            new
+        );
+    }
+    // pop-c is below a relay that does not serve its site: refused, nothing changed.
+    assert_eq!(serving(&pop_c, "web3"), before[2]);
+    assert_eq!(fp(&pop_c, "relay.pem"), before[2]);
+    assert!(!pop_c.dir.join("relay.pem.old").exists());
+    let as_relay = |r: &Relay, at: &str, pem: &str, key: &str, args: &[&str]| {
+        let d = &r.dir;
+        let (c, k) = (d.join(pem), d.join(key));
+        let creds = ["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()];
+        s.curl_at(at, None, &[&creds[..], args].concat())
+    };
+    let (code, body) = as_relay(
+        &pop_c,
+        &hub.url("/v1/relay/identity"),
+        "relay.pem",
+        "relay.key",
+        &[],
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(r#"relay \"region-eu\" serves site \"pop-a\", \"pop-b\"; relay \"pop-c\" serves site \"pop-c\""#),
+        "{body}"
+    );
+
+    // The stager's record: the replaced and the current one, for relay_cert_days.
+    let out = ok(stager().args(["certs", "--json", "--dir"]).arg(&s.home));
+    let certs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let of = |name: &str| -> Vec<(String, i64)> {
+        certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["name"] == name)
+            .map(|c| {
+                let standing = c["standing"].as_str().unwrap().to_string();
+                (standing, c["days_left"].as_i64().unwrap())
+            })
+            .collect()
+    };
+    for name in ["pop-a", "pop-b"] {
+        let l = of(name);
+        assert_eq!(l.len(), 2, "{name}: {out}");
+        assert_eq!(l[0].0, "replaced");
+        assert_eq!(l[1].0, "current");
+        assert!(l[1].1 >= 824, "{name}: {out}");
+    }
+    assert_eq!(of("pop-c").len(), 1);
+
+    // Revoking the replaced one: the relay's own requests upstream carry the new one.
+    let out = ok(stager()
+        .args(["revoke", "--replaced", "--dir"])
+        .arg(&s.home)
+        .arg("pop-a"));
+    assert!(out.contains("revoked 1 replaced certificate(s)"), "{out}");
+    let (code, body) = s.curl_at(&pop_a.url("/v1/agent/work?wait=0"), Some("web1"), &[]);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = as_relay(
+        &pop_a,
+        &s.url("/v1/relay/identity"),
+        "relay.pem.old",
+        "relay.key.old",
+        &[],
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = as_relay(
+        &pop_a,
+        &s.url("/v1/relay/identity"),
+        "relay.pem",
+        "relay.key",
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v, serde_json::json!({"renew": false}));
+    // Not due now: asking anyway is refused, and a restart renews nothing.
+    let ask = format!(
+        r#"{{"public_key":{}}}"#,
+        serde_json::to_string(&sh(
+            "openssl ecparam -name prime256v1 -genkey | openssl ec -pubout 2>/dev/null"
+        ))
+        .unwrap()
+    );
+    let (code, body) = as_relay(
+        &pop_a,
+        &s.url("/v1/relay/identity"),
+        "relay.pem",
+        "relay.key",
+        &["-H", "content-type: application/json", "-d", &ask],
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("not due for renewal"), "{body}");
+    let now = fp(&pop_a, "relay.pem");
+    pop_a.kill();
+    pop_a.start();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(serving(&pop_a, "web1"), now);
+    assert_eq!(of("pop-a").len(), 2);
+
+    // Each route to its own kind of certificate.
+    let (code, body) = s.curl(Some("web1"), &[], "/v1/relay/identity");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("relay route"), "{body}");
+    let (code, body) = as_relay(
+        &pop_a,
+        &s.url("/v1/agent/identity"),
+        "relay.pem",
+        "relay.key",
+        &["-H", "content-type: application/json", "-d", &ask],
+    );
+    assert_eq!(code, 403, "{body}");
+}

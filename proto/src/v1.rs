@@ -185,6 +185,14 @@ pub struct RenewedIdentity {
     pub not_after: String,
 }
 
+/// Relay: `GET /v1/relay/identity`: whether the certificate the relay presented is in the last
+/// third of a relay certificate's lifetime; if so it renews it as an agent does, with
+/// `POST /v1/relay/identity` ([`RenewIdentity`] → [`RenewedIdentity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayIdentity {
+    pub renew: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentJob {
     pub id: u64,
@@ -303,6 +311,11 @@ mod tests {
             include_str!("../tests/fixtures/v1/renew_identity.json"),
         );
         assert!(r.public_key.contains("PUBLIC KEY"));
+        let r: RelayIdentity = pinned(
+            "relay_identity",
+            include_str!("../tests/fixtures/v1/relay_identity.json"),
+        );
+        assert!(r.renew);
         let e: Event = pinned("event", include_str!("../tests/fixtures/v1/event.json"));
         assert_eq!(e.kind, EventKind::Progress);
         let h: Vec<Host> = pinned("hosts", include_str!("../tests/fixtures/v1/hosts.json"));

@@ -75,9 +75,12 @@ async fn dispatch(
         return Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})));
     }
     let mut who = principal(state, conn.fingerprint.clone()).await?;
+    // A relay's own routes (renewing its certificate), which it calls for itself; or, through
+    // the relays above it, as a client of theirs.
+    let relays_own = segs.starts_with(&["v1", "relay"]);
     let relayed;
-    let conn = if who.role == RELAY {
-        (who, relayed) = relayed_agent(state, &who, &req.headers, conn).await?;
+    let conn = if who.role == RELAY && (!relays_own || req.headers.contains_key(RELAYED_FOR)) {
+        (who, relayed) = relayed_agent(state, &who, &req.headers, conn, relays_own).await?;
         &relayed
     } else {
         conn
@@ -146,7 +149,20 @@ async fn dispatch(
         (["v1", "agent", "identity"], _, true) => {
             let host = agent(&who)?.to_string();
             let body: proto::v1::RenewIdentity = http::parse_json(&body)?;
-            renew_identity(state, conn, host, body.public_key).await
+            renew_identity(state, conn, host, "agent", body.public_key).await
+        }
+        (["v1", "relay", "identity"], true, _) => {
+            relay(&who)?;
+            let renew = renewal_due(state, conn, state.config.relay_cert_days).await?;
+            Ok(http::json(
+                StatusCode::OK,
+                &proto::v1::RelayIdentity { renew },
+            ))
+        }
+        (["v1", "relay", "identity"], _, true) => {
+            let name = relay(&who)?.to_string();
+            let body: proto::v1::RenewIdentity = http::parse_json(&body)?;
+            renew_identity(state, conn, name, RELAY, body.public_key).await
         }
         (["v1", "agent", "events"], _, true) => {
             let host = agent(&who)?.to_string();
@@ -259,6 +275,7 @@ async fn relayed_agent(
     relay: &Principal,
     headers: &hyper::HeaderMap,
     conn: &Arc<Conn>,
+    relays_own: bool,
 ) -> Result<(Principal, Arc<Conn>), ApiError> {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let Some(fp) = header(RELAYED_FOR) else {
@@ -268,7 +285,7 @@ async fn relayed_agent(
         )));
     };
     let who = principal(state, Some(fp.to_string())).await?;
-    if who.role != "agent" {
+    if who.role != "agent" && !(who.role == RELAY && relays_own) {
         return Err(ApiError::forbidden(format!(
             "relay {:?} may act for agents only, not for {} {:?}",
             relay.name, who.role, who.name
@@ -300,20 +317,26 @@ async fn relayed_agent(
     }
     // A relay is trusted with its own sites' hosts (they reach the stager through it), not
     // with the fleet's.
+    // A relay below them renewing its certificate: they must serve all of its sites.
     for (name, relay_fp) in chain {
-        let host = who.name.clone();
+        let client = fp.to_string();
         if let Some((serves, of)) = state
-            .db(move |db| db.relay_site_mismatch(&relay_fp, &host))
+            .db(move |db| db.relay_site_mismatch(&relay_fp, &client))
             .await?
         {
-            let serves = serves.map_or("no site".into(), |s| {
-                let list: Vec<String> = s.split(',').map(|x| format!("{x:?}")).collect();
-                format!("site {}", list.join(", "))
-            });
-            let of = of.map_or("no site".into(), |s| format!("site {s:?}"));
+            let sites = |s: Option<String>| {
+                s.map_or("no site".into(), |s| {
+                    let list: Vec<String> = s.split(',').map(|x| format!("{x:?}")).collect();
+                    format!("site {}", list.join(", "))
+                })
+            };
+            let of = match who.role.as_str() {
+                RELAY => format!("relay {:?} serves {}", who.name, sites(of)),
+                _ => format!("host {:?} is in {}", who.name, sites(of)),
+            };
             return Err(ApiError::forbidden(format!(
-                "relay {name:?} serves {serves}; host {:?} is in {of}",
-                who.name
+                "relay {name:?} serves {}; {of}",
+                sites(serves)
             )));
         }
     }
@@ -373,6 +396,17 @@ fn agent(who: &Principal) -> Result<&str, ApiError> {
     } else {
         Err(ApiError::forbidden(format!(
             "agent route; this certificate belongs to {} {:?}",
+            who.role, who.name
+        )))
+    }
+}
+
+fn relay(who: &Principal) -> Result<&str, ApiError> {
+    if who.role == RELAY {
+        Ok(&who.name)
+    } else {
+        Err(ApiError::forbidden(format!(
+            "relay route; this certificate belongs to {} {:?}",
             who.role, who.name
         )))
     }
@@ -529,7 +563,7 @@ async fn agent_work(
     let notify = state.notifier(host);
     let (h, addr) = (host.to_string(), conn.addr.clone());
     state.db(move |db| db.seen(&h, &addr)).await?;
-    let renew_identity = renewal_due(state, conn).await?;
+    let renew_identity = renewal_due(state, conn, state.config.agent_cert_days).await?;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -555,46 +589,69 @@ async fn agent_work(
 }
 
 /// Whether the certificate of `conn` is due for renewal: less than a third of a new
-/// certificate's lifetime (`agent_cert_days`) left.
-async fn renewal_due(state: &Arc<State>, conn: &Arc<Conn>) -> Result<bool, ApiError> {
-    let window = Duration::from_secs(u64::from(state.config.agent_cert_days.get()) * 86_400 / 3);
+/// certificate's lifetime (`days`: `agent_cert_days` or `relay_cert_days`) left.
+async fn renewal_due(
+    state: &Arc<State>,
+    conn: &Arc<Conn>,
+    days: std::num::NonZeroU32,
+) -> Result<bool, ApiError> {
+    let window = Duration::from_secs(u64::from(days.get()) * 86_400 / 3);
     let by = crate::pki::rfc3339(std::time::SystemTime::now() + window);
     let fp = conn.fingerprint.clone().unwrap_or_default();
     state.db(move |db| db.cert_ends_before(&fp, &by)).await
 }
 
-/// `POST /v1/agent/identity`: a new certificate for `host` and the public key it made, valid for
-/// `agent_cert_days`, recorded as the host's; the one it asked with stays valid until it
-/// expires (an agent that fails to store the new one keeps working, and asks again). Only
-/// for a certificate due for renewal: a host's key cannot mint certificates at will (and
-/// `stager revoke HOST` revokes the renewed ones too).
+/// `POST /v1/agent/identity` (`role` agent) and `POST /v1/relay/identity` (relay): a new
+/// certificate for `name` and the public key it made, valid for `agent_cert_days` or
+/// `relay_cert_days`, recorded as its own (a relay's with the sites and names recorded with
+/// the one it asked with: names come from the record, never from the request); the one it
+/// asked with stays valid until it expires (a client that fails to store the new one keeps
+/// working, and asks again). Only for a certificate due for renewal: a key cannot mint
+/// certificates at will (and `stager revoke NAME` revokes the renewed ones too).
 async fn renew_identity(
     state: &Arc<State>,
     conn: &Arc<Conn>,
-    host: String,
+    name: String,
+    role: &'static str,
     public_key: String,
 ) -> Result<Response<ResBody>, ApiError> {
-    if !renewal_due(state, conn).await? {
+    let (what, days) = match role {
+        RELAY => ("relay", state.config.relay_cert_days),
+        _ => ("host", state.config.agent_cert_days),
+    };
+    if !renewal_due(state, conn, days).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "the certificate of host {host:?} is not due for renewal (more than a third of {} days left)",
-                state.config.agent_cert_days
+                "the certificate of {what} {name:?} is not due for renewal (more than a third of {days} days left)"
             ),
         ));
     }
     let (dir, stager) = (state.dir.clone(), state.config.name.clone());
-    let days = i64::from(state.config.agent_cert_days.get());
     let old = conn.fingerprint.clone().unwrap_or_default();
     let renewed = state
         .db(move |db| -> Result<proto::v1::RenewedIdentity, ApiError> {
+            let (site, sans) = match role {
+                RELAY => db.relay_record(&old)?.unwrap_or_default(),
+                _ => (None, Vec::new()),
+            };
+            if role == RELAY && sans.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "relay {name:?}: its certificate was issued before this stager recorded a relay's names; \
+                         reissue it once by hand (stager relay init --name {name} --san ... --out NEWDIR)"
+                    ),
+                ));
+            }
+            let days = i64::from(days.get());
             let issued =
-                crate::pki::issue_client_for(&dir, &stager, &host, "agent", days, &public_key)
+                crate::pki::issue_client_for(&dir, &stager, &name, role, &sans, days, &public_key)
                     .map_err(|e| ApiError::bad_request(format!("public_key: {e:#}")))?;
             let not_after = issued.not_after_text();
-            db.add_cert(&issued.fingerprint, &host, "agent", &not_after, None)?;
+            db.add_cert(&issued.fingerprint, &name, role, &not_after, site.as_deref(), &sans)?;
             println!(
-                "renewed the certificate of host {host:?} (was sha256 {old}, now {}, valid until {not_after})",
+                "renewed the certificate of {what} {name:?} (was sha256 {old}, now {}, valid until {not_after})",
                 issued.fingerprint
             );
             Ok(proto::v1::RenewedIdentity {

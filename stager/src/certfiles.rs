@@ -147,27 +147,10 @@ pub fn load_pair(
             .with_context(|| format!("reading {}", cert.display()))?
             .collect::<Result<_, _>>()
             .with_context(|| format!("parsing {}", cert.display()))?;
-        anyhow::ensure!(
-            !chain.is_empty(),
-            "{}: no certificate in it",
-            cert.display()
-        );
         let der = PrivateKeyDer::from_pem_file(key)
             .with_context(|| format!("reading {}", key.display()))?;
-        let signer = provider
-            .key_provider
-            .load_private_key(der)
-            .with_context(|| format!("{}: not a key this server can use", key.display()))?;
-        let k = CertifiedKey::new(chain, signer);
-        k.keys_match().map_err(|_| {
-            anyhow::anyhow!(
-                "{} is not the certificate of {}",
-                cert.display(),
-                key.display()
-            )
-        })?;
-        let fp = crate::pki::fingerprint(k.cert[0].as_ref());
-        Ok((k, fp))
+        certified(chain, der, provider)
+            .with_context(|| format!("{} with {}", cert.display(), key.display()))
     };
     match one(cert) {
         Ok(k) => Ok(k),
@@ -179,6 +162,33 @@ pub fn load_pair(
             }
         }
     }
+}
+
+/// Whether the PEM certificate (chain) `cert_pem` is the certificate of the PEM key `key_pem`;
+/// its SHA-256 if it is.
+pub fn check_pair(cert_pem: &str, key_pem: &str) -> Result<String> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    certified(chain, key, &crate::server::provider()).map(|(_, fp)| fp)
+}
+
+/// The pair, checked to match, and the certificate's SHA-256.
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, String)> {
+    anyhow::ensure!(!chain.is_empty(), "no certificate in it");
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .context("not a key this server can use")?;
+    let k = CertifiedKey::new(chain, signer);
+    k.keys_match()
+        .map_err(|_| anyhow::anyhow!("the certificate is not the key's"))?;
+    let fp = crate::pki::fingerprint(k.cert[0].as_ref());
+    Ok((k, fp))
 }
 
 /// Replaces a key and its certificate: the old pair kept as `.old`, both new files written
@@ -256,11 +266,13 @@ mod tests {
 
         // A pair that matches nothing: refused by name, the one in use stays.
         std::fs::remove_file(beside(&cert, "new")).unwrap();
-        let err = load_pair(&cert, &key, &provider()).unwrap_err().to_string();
+        let err = format!("{:#}", load_pair(&cert, &key, &provider()).unwrap_err());
         assert!(
-            err.contains("c.pem is not the certificate of") && err.contains("c.key"),
+            err.contains("c.pem with") && err.contains("c.key: the certificate is not the key's"),
             "{err}"
         );
+        assert_eq!(check_pair(&c2, &k2).unwrap(), fp2);
+        assert!(check_pair(&c1, &k2).is_err());
         files.state.lock().unwrap().checked -= RECHECK;
         assert_eq!(files.fingerprint(), fp2);
     }

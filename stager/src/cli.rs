@@ -34,13 +34,13 @@ pub enum Command {
     Enroll(EnrollOpts),
     /// Issue an operator identity for NAME.
     Operator(OperatorOpts),
-    /// Revoke every certificate issued to NAME (agent or operator); a running server refuses
-    /// them from their next request on.
+    /// Revoke every certificate issued to NAME (host, operator or relay), or with --replaced
+    /// those a renewal replaced; a running server refuses them from their next request on.
     Revoke(RevokeOpts),
     /// List the certificates this stager issued (hosts, operators, relays): the one each
     /// name uses now, those a renewal replaced, expired and revoked ones, and days left.
-    /// Agents renew their own certificates (see `agent_cert_days` in `stager serve --help`);
-    /// operators' and relays' are reissued by hand.
+    /// Agents and relays renew their own certificates (see `agent_cert_days` and
+    /// `relay_cert_days` in `stager serve --help`); operators' are reissued by hand.
     Certs(CertsOpts),
     /// Show the stager's own server certificate (its names, its end), or with --renew
     /// replace it: a new key and certificate for the same names (and any --san), signed by
@@ -60,7 +60,9 @@ pub enum Command {
   max_in_flight = N               at most N hosts run a job at once, across every job
   agent_cert_days = 825           days a certificate an agent renews is valid; an agent
                                   whose certificate has less than a third of it left is
-                                  told to renew it (and renews it itself)"
+                                  told to renew it (and renews it itself)
+  relay_cert_days = 825           the same for site relays' certificates, which a running
+                                  `stager relay serve` renews itself"
     )]
     Serve(ServeOpts),
     /// Build, list and export bundles.
@@ -78,7 +80,9 @@ pub enum RelayCommand {
     /// it to the relay machine). Then enroll the site's hosts with `--via`.
     Init(RelayInitOpts),
     /// On the relay machine: verify the site's agents, forward their requests upstream, and
-    /// serve blobs from its cache (each fetched from upstream once).
+    /// serve blobs from its cache (each fetched from upstream once). It renews its own
+    /// certificate when upstream says it is due (asked at start and hourly; see
+    /// `relay_cert_days` in `stager serve --help`), without a restart.
     #[command(after_help = stager::relay::SETTINGS)]
     Serve(RelayServeOpts),
 }
@@ -202,6 +206,11 @@ pub struct RevokeOpts {
     #[command(flatten)]
     pub home: HomeOpt,
     pub name: String,
+    /// Only the certificates of NAME that a renewal replaced (all but the newest, which
+    /// keeps working): once NAME uses its renewed one (`stager certs`), its old key is worth
+    /// nothing to whoever copies it.
+    #[arg(long)]
+    pub replaced: bool,
 }
 
 #[derive(Args)]
@@ -399,7 +408,14 @@ fn issue(
         key: issued.key_pem,
         release_pub: read("release.pub")?,
     };
-    db.add_cert(&issued.fingerprint, name, role.as_str(), &not_after, None)?;
+    db.add_cert(
+        &issued.fingerprint,
+        name,
+        role.as_str(),
+        &not_after,
+        None,
+        &[],
+    )?;
     pki::write_private(out, &file.to_toml())?;
     println!(
         "issued {} identity for {name:?} to {} (certificate sha256 {}, valid until {not_after})",
@@ -542,9 +558,14 @@ pub fn certs(o: CertsOpts) -> Result<()> {
 pub fn revoke(o: RevokeOpts) -> Result<()> {
     Store::open(&o.home.dir)?;
     let db = Db::open(&o.home.dir.join(stager::db::FILE))?;
-    let n = db.revoke(&o.name)?;
-    anyhow::ensure!(n > 0, "no unrevoked certificate issued to {:?}", o.name);
-    println!("revoked {n} certificate(s) of {:?}", o.name);
+    let n = db.revoke(&o.name, o.replaced)?;
+    let which = if o.replaced { "replaced " } else { "" };
+    anyhow::ensure!(
+        n > 0,
+        "no unrevoked {which}certificate issued to {:?}",
+        o.name
+    );
+    println!("revoked {n} {which}certificate(s) of {:?}", o.name);
     Ok(())
 }
 
@@ -585,6 +606,7 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
         stager::api::RELAY,
         &not_after,
         (!sites.is_empty()).then(|| sites.join(",")).as_deref(),
+        &o.sans,
     )?;
     let serves = match sites.as_slice() {
         [] => "hosts enrolled without a site".to_string(),

@@ -40,11 +40,14 @@ pub struct Config {
     pub max_in_flight: Option<NonZeroU32>,
     /// Days a host certificate renewed by its agent is valid. An agent presenting a
     /// certificate with less than a third of this left is told to renew it.
-    #[serde(default = "default_agent_cert_days")]
+    #[serde(default = "default_cert_days")]
     pub agent_cert_days: NonZeroU32,
+    /// The same for a site relay's certificate, which its relay renews.
+    #[serde(default = "default_cert_days")]
+    pub relay_cert_days: NonZeroU32,
 }
 
-fn default_agent_cert_days() -> NonZeroU32 {
+fn default_cert_days() -> NonZeroU32 {
     NonZeroU32::new(825).expect("not zero")
 }
 
@@ -80,7 +83,8 @@ impl Config {
             silent_after_secs: default_silent_after(),
             max_in_flight_per_site: None,
             max_in_flight: None,
-            agent_cert_days: default_agent_cert_days(),
+            agent_cert_days: default_cert_days(),
+            relay_cert_days: default_cert_days(),
         }
     }
 

@@ -104,6 +104,9 @@ ALTER TABLE jobs ADD COLUMN halt_at_failure_percent INTEGER;
     r#"
 ALTER TABLE certs ADD COLUMN site TEXT;
 "#,
+    r#"
+ALTER TABLE certs ADD COLUMN sans TEXT;
+"#,
 ];
 
 pub struct Db {
@@ -179,8 +182,9 @@ impl Db {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a certificate issued to `name`; `site` is the site a relay serves (`None`
-    /// for agents, whose site is the host's, and operators).
+    /// Records a certificate issued to `name`; `site` is the sites a relay serves
+    /// (comma-separated; `None` for agents, whose site is the host's, and operators), `sans`
+    /// the names a relay's certificate serves agents under (a renewal issues the same).
     pub fn add_cert(
         &self,
         fp: &str,
@@ -188,12 +192,14 @@ impl Db {
         role: &str,
         not_after: &str,
         site: Option<&str>,
+        sans: &[String],
     ) -> rusqlite::Result<()> {
         let c = self.c();
+        let sans = (!sans.is_empty()).then(|| sans.join(","));
         c.execute(
-            "INSERT INTO certs (fingerprint, name, role, issued, not_after, site)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![fp, name, role, now(), not_after, site],
+            "INSERT INTO certs (fingerprint, name, role, issued, not_after, site, sans)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![fp, name, role, now(), not_after, site, sans],
         )?;
         if role == "agent" {
             c.execute(
@@ -255,24 +261,49 @@ impl Db {
             .unwrap_or(false))
     }
 
-    /// The sites the relay with certificate `relay_fp` serves (comma-separated) and the site
-    /// of `host`, when the relay does not serve that site (hosts without a site, and a relay
-    /// without one, are one site).
+    /// The sites the relay with certificate `relay_fp` serves (comma-separated) and those of
+    /// the certificate `fp` (a host's site, or the sites of a relay below it), when the relay
+    /// does not serve them all (hosts without a site, and a relay without one, are one site).
     pub fn relay_site_mismatch(
         &self,
         relay_fp: &str,
-        host: &str,
+        fp: &str,
     ) -> rusqlite::Result<Option<(Option<String>, Option<String>)>> {
         let row: Option<(Option<String>, Option<String>)> = self
             .c()
             .query_row(
-                "SELECT c.site, h.site FROM certs c, hosts h
-                 WHERE c.fingerprint = ?1 AND h.name = ?2",
-                params![relay_fp, host],
+                "SELECT r.site, CASE c.role WHEN 'agent' THEN h.site ELSE c.site END
+                 FROM certs r, certs c LEFT JOIN hosts h ON h.name = c.name
+                 WHERE r.fingerprint = ?1 AND c.fingerprint = ?2",
+                params![relay_fp, fp],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(row.filter(|(serves, of)| !serves_site(serves.as_deref(), of.as_deref())))
+        Ok(row.filter(|(serves, of)| match of {
+            None => !serves_site(serves.as_deref(), None),
+            Some(list) => list
+                .split(',')
+                .any(|s| !serves_site(serves.as_deref(), Some(s))),
+        }))
+    }
+
+    /// The sites (comma-separated) and the names (SANs) recorded with a relay's certificate.
+    pub fn relay_record(
+        &self,
+        fp: &str,
+    ) -> rusqlite::Result<Option<(Option<String>, Vec<String>)>> {
+        let row: Option<(Option<String>, Option<String>)> = self
+            .c()
+            .query_row(
+                "SELECT site, sans FROM certs WHERE fingerprint = ?1",
+                [fp],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(site, sans)| {
+            let sans = sans.map_or(Vec::new(), |s| s.split(',').map(str::to_string).collect());
+            (site, sans)
+        }))
     }
 
     /// The role of the certificates issued to `name`, if any were.
@@ -286,11 +317,13 @@ impl Db {
             .optional()
     }
 
-    /// Revokes every certificate issued to `name`; returns how many.
-    pub fn revoke(&self, name: &str) -> rusqlite::Result<usize> {
+    /// Revokes every certificate issued to `name` (`replaced`: all but the newest); returns
+    /// how many.
+    pub fn revoke(&self, name: &str, replaced: bool) -> rusqlite::Result<usize> {
         self.c().execute(
-            "UPDATE certs SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
-            params![name, now()],
+            "UPDATE certs SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL
+             AND (NOT ?3 OR rowid < (SELECT MAX(rowid) FROM certs WHERE name = ?1))",
+            params![name, now(), replaced],
         )
     }
 
@@ -988,7 +1021,7 @@ mod tests {
             ("web1", "agent", false)
         );
         assert!(db.principal("cd").unwrap().unwrap().revoked);
-        db.add_cert("ef", "pop-a", "relay", "t", None).unwrap();
+        db.add_cert("ef", "pop-a", "relay", "t", None, &[]).unwrap();
         let job = db.job(1).unwrap().unwrap();
         assert_eq!(
             (job.max_in_flight, job.halt_after_failures, job.halted),
@@ -1013,7 +1046,7 @@ mod tests {
             serde_json::from_str(r#"{"name":"t","version":"1","sha256":"00","size":1}"#).unwrap();
         let mut jobs = Vec::new();
         for h in ["h1", "h2", "h3"] {
-            db.add_cert(h, h, "agent", "2099-01-01T00:00:00Z", None)
+            db.add_cert(h, h, "agent", "2099-01-01T00:00:00Z", None, &[])
                 .unwrap();
             let req: CreateJob =
                 serde_json::from_str(&format!(r#"{{"hosts":["{h}"],"target":"t"}}"#)).unwrap();
@@ -1038,13 +1071,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join(FILE)).unwrap();
         for (h, site) in [("a1", Some("a")), ("b1", Some("b")), ("n1", None)] {
-            db.add_cert(h, h, "agent", "t", None).unwrap();
+            db.add_cert(h, h, "agent", "t", None, &[]).unwrap();
             db.set_site(h, site).unwrap();
         }
-        db.add_cert("ra", "relay-a", "relay", "t", Some("a"))
+        db.add_cert("ra", "relay-a", "relay", "t", Some("a"), &[])
             .unwrap();
-        db.add_cert("rn", "relay-n", "relay", "t", None).unwrap();
-        db.add_cert("rab", "hub", "relay", "t", Some("a,b"))
+        db.add_cert("rn", "relay-n", "relay", "t", None, &[])
+            .unwrap();
+        let sans = ["hub.example".to_string(), "10.0.0.1".to_string()];
+        db.add_cert("rab", "hub", "relay", "t", Some("a,b"), &sans)
             .unwrap();
         let m = |r: &str, h: &str| db.relay_site_mismatch(r, h).unwrap();
         assert_eq!((m("rab", "a1"), m("rab", "b1")), (None, None));
@@ -1054,5 +1089,17 @@ mod tests {
         assert_eq!(m("ra", "n1"), Some((Some("a".into()), None)));
         assert_eq!(m("rn", "n1"), None);
         assert_eq!(m("rn", "a1"), Some((None, Some("a".into()))));
+        // A relay below another: the one above must serve every site of the one below.
+        assert_eq!(m("rab", "ra"), None);
+        assert_eq!(m("ra", "rab"), Some((Some("a".into()), Some("a,b".into()))));
+        assert_eq!(m("rn", "ra"), Some((None, Some("a".into()))));
+        assert_eq!(
+            db.relay_record("rab").unwrap(),
+            Some((Some("a,b".into()), sans.to_vec()))
+        );
+        assert_eq!(
+            db.relay_record("ra").unwrap(),
+            Some((Some("a".into()), vec![]))
+        );
     }
 }

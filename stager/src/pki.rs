@@ -406,19 +406,20 @@ fn p256_public(pem: &str) -> Result<P256Public> {
     Ok(P256Public(point))
 }
 
-/// Issues a client certificate (as [`issue_client`]) for a public key the client made
-/// itself (PEM SubjectPublicKeyInfo, ECDSA P-256): its private key never leaves it. The
-/// returned [`Issued`] has no `key_pem`.
+/// Issues a client certificate (as [`issue_client`]; with `sans`, a relay's, as
+/// [`issue_relay`]) for a public key the client made itself (PEM SubjectPublicKeyInfo, ECDSA
+/// P-256): its private key never leaves it. The returned [`Issued`] has no `key_pem`.
 pub fn issue_client_for(
     dir: &Path,
     stager_name: &str,
     name: &str,
     role: &str,
+    sans: &[String],
     days: i64,
     public_pem: &str,
 ) -> Result<Issued> {
     let key = p256_public(public_pem)?;
-    let (cert, not_after) = sign_client(dir, stager_name, name, role, &[], days, &key)?;
+    let (cert, not_after) = sign_client(dir, stager_name, name, role, sans, days, &key)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),

@@ -68,6 +68,10 @@ const UPSTREAM_CONNECT: Duration = Duration::from_secs(10);
 /// An agent's TLS handshake, and its request's headers and body, as the stager allows them.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 const REQUEST: Duration = Duration::from_secs(30);
+/// How often a running relay asks upstream whether its certificate is due for renewal, and
+/// how soon again after the question or the renewal failed.
+const RENEW_CHECK: Duration = Duration::from_secs(3600);
+const RENEW_RETRY: Duration = Duration::from_secs(600);
 /// A download from upstream cut this many times in a row is given up (the next agent's
 /// request starts it again).
 const FILL_ATTEMPTS: u32 = 8;
@@ -244,6 +248,11 @@ impl Relay {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(crate::server::roots(&dir.join(crate::pki::CA_CERT))?)
             .with_client_cert_resolver(files.clone());
+        // A resumed TLS session carries the client certificate of the session it resumes:
+        // after a renewal the relay would go on presenting the replaced one. Each request to
+        // upstream is a new connection with a full handshake (1 RTT, as a resumption).
+        let mut tls = tls;
+        tls.resumption = rustls::client::Resumption::disabled();
         std::fs::create_dir_all(dir.join(CACHE))?;
         Ok(Relay {
             dir: dir.to_path_buf(),
@@ -270,10 +279,11 @@ impl Relay {
         }
     }
 
-    /// One request to upstream, on its own connection, for `who`.
+    /// One request to upstream, on its own connection, for `who` (`None`: for the relay
+    /// itself).
     async fn upstream(
         &self,
-        who: &Forwarded,
+        who: Option<&Forwarded>,
         method: Method,
         path_and_query: &str,
         headers: &[(header::HeaderName, String)],
@@ -308,11 +318,14 @@ impl Relay {
         let mut req = Request::builder()
             .method(method)
             .uri(path_and_query)
-            .header(header::HOST, self.authority())
-            .header(crate::api::RELAYED_FOR, &who.agent)
-            .header(crate::api::RELAYED_ADDR, &who.addr);
-        if !who.via.is_empty() {
-            req = req.header(crate::api::RELAYED_VIA, who.via.join(","));
+            .header(header::HOST, self.authority());
+        if let Some(who) = who {
+            req = req
+                .header(crate::api::RELAYED_FOR, &who.agent)
+                .header(crate::api::RELAYED_ADDR, &who.addr);
+            if !who.via.is_empty() {
+                req = req.header(crate::api::RELAYED_VIA, who.via.join(","));
+            }
         }
         for (n, v) in headers {
             req = req.header(n, v);
@@ -350,6 +363,7 @@ impl Relay {
                     "cache_evicted": self.evicted.load(Ordering::Relaxed),
                     "not_cached": self.not_cached.load(Ordering::Relaxed),
                     "cache_broken": self.cache_broken().map(|(_, m)| m),
+                    "certificate": self.files.fingerprint(),
                 }),
             ));
         }
@@ -387,7 +401,7 @@ impl Relay {
             }
         }
         let resp = self
-            .upstream(&who, parts.method.clone(), &pq, &fwd, body)
+            .upstream(Some(&who), parts.method.clone(), &pq, &fwd, body)
             .await?;
         Ok(passed_on(resp))
     }
@@ -406,7 +420,7 @@ impl Relay {
         }
         let probe = self
             .upstream(
-                who,
+                Some(who),
                 Method::GET,
                 &format!("/v1/blobs/{sha}"),
                 &[(header::RANGE, "bytes=0-0".to_string())],
@@ -447,7 +461,7 @@ impl Relay {
         }
         let resp = self
             .upstream(
-                who,
+                Some(who),
                 parts.method.clone(),
                 &format!("/v1/blobs/{sha}"),
                 &fwd,
@@ -455,6 +469,84 @@ impl Relay {
             )
             .await?;
         Ok(passed_on(resp))
+    }
+
+    /// Asks upstream whether this relay's certificate is due for renewal (`GET
+    /// /v1/relay/identity`); if it is, makes a new key, has the stager certify its public
+    /// half (the private key never leaves the relay) and replaces relay.key and relay.pem,
+    /// which both ends present from their next handshake on. Any failure leaves both files
+    /// as they were. Returns the new certificate's end, if it renewed.
+    async fn renew_if_due(&self) -> Result<Option<String>> {
+        async fn answer<T: serde::de::DeserializeOwned>(resp: Response<Incoming>) -> Result<T> {
+            let status = resp.status();
+            let body = http::read_body(resp.into_body(), REQUEST)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            anyhow::ensure!(
+                status.is_success(),
+                "{status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+            serde_json::from_slice(&body).context("reading upstream's answer")
+        }
+        let up = |e: ApiError| anyhow::anyhow!("{}", e.message);
+        let path = "/v1/relay/identity";
+        let due: proto::v1::RelayIdentity = answer(
+            self.upstream(None, Method::GET, path, &[], Bytes::new())
+                .await
+                .map_err(up)?,
+        )
+        .await?;
+        if !due.renew {
+            return Ok(None);
+        }
+        let key = rcgen::KeyPair::generate()?;
+        let ask = serde_json::to_vec(&proto::v1::RenewIdentity {
+            public_key: key.public_key_pem(),
+        })?;
+        let json = [(header::CONTENT_TYPE, "application/json".to_string())];
+        let renewed: proto::v1::RenewedIdentity = answer(
+            self.upstream(None, Method::POST, path, &json, ask.into())
+                .await
+                .map_err(up)?,
+        )
+        .await?;
+        let key_pem = key.serialize_pem();
+        crate::certfiles::check_pair(&renewed.cert, &key_pem)
+            .context("the certificate upstream sent")?;
+        crate::certfiles::replace_pair(
+            &self.dir.join(CERT),
+            &self.dir.join(KEY),
+            &renewed.cert,
+            &key_pem,
+        )?;
+        Ok(Some(renewed.not_after))
+    }
+
+    /// Renews this relay's certificate when it is due, checking at start and then hourly.
+    async fn keep_certificate(self: Arc<Self>) {
+        loop {
+            let next = match self.renew_if_due().await {
+                Ok(None) => RENEW_CHECK,
+                Ok(Some(end)) => {
+                    println!(
+                        "relay {}: renewed its certificate (now sha256 {}, valid until {end})",
+                        self.config.name,
+                        self.files.fingerprint()
+                    );
+                    RENEW_CHECK
+                }
+                Err(e) => {
+                    eprintln!(
+                        "warning: relay {}: renewing its certificate: {e:#}; the one in use stays, trying again in {} min",
+                        self.config.name,
+                        RENEW_RETRY.as_secs() / 60
+                    );
+                    RENEW_RETRY
+                }
+            };
+            tokio::time::sleep(next).await;
+        }
     }
 
     /// `/metrics`: Prometheus text.
@@ -653,7 +745,7 @@ impl Relay {
             let got = async {
                 let resp = self
                     .upstream(
-                        who,
+                        Some(who),
                         Method::GET,
                         &format!("/v1/blobs/{sha}"),
                         if have > 0 { &range } else { &[] },
@@ -1058,8 +1150,10 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     crate::pki::warn_if_ending(
         &dir.join(CERT),
         "the site's agents cannot reach it, nor it the stager, after that",
-        "reissue it on the stager: stager relay init --name SAME --out NEWDIR, and copy relay.pem and relay.key here",
+        "it renews itself from a third of the stager's relay_cert_days before its end (see the warnings above or below); \
+         else reissue it on the stager: stager relay init --name SAME --out NEWDIR, and copy relay.pem and relay.key here",
     );
+    tokio::spawn(relay.clone().keep_certificate());
     crate::server::accept_loop(relay, listener, acceptor).await
 }
 
