@@ -1860,14 +1860,56 @@ fn an_agent_renews_its_certificate_before_it_expires() {
     );
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("not due for renewal"), "{body}");
+    // Presented after the renewal was last used (a host that did not keep its renewal, or
+    // a clone): `revoke --replaced` refuses, naming the time, until the new one is used again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let (code, _) = as_id(&old, "old", &[], "/v1/agent/work?wait=0");
     assert_eq!(code, 200, "the old certificate works until it expires");
+    let replaced = || {
+        stager()
+            .args(["revoke", "--replaced", "--dir"])
+            .arg(&s.home)
+            .arg("web3")
+            .output()
+            .unwrap()
+    };
+    let out = replaced();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("presented a replaced certificate") && e.contains("--force"),
+        "{e}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (code, _) = as_id(&new, "new", &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200);
+    let out = replaced();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("revoked 2 replaced certificate(s)"), "{said}");
+    let (code, body) = as_id(&old, "old", &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = as_id(&new, "new", &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200, "the current one is untouched: {body}");
+    let text = ok(stager().args(["certs", "--dir"]).arg(&s.home));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("web3") && l.contains("current"));
+    assert!(
+        line.is_some_and(|l| l.contains(&db_day())),
+        "last used: {text}"
+    );
 
     ok(stager().args(["revoke", "--dir"]).arg(&s.home).arg("web3"));
     for (f, tag) in [(&old, "old"), (&new, "new")] {
         let (code, body) = as_id(f, tag, &[], "/v1/agent/work?wait=0");
         assert_eq!(code, 403, "{tag}: {body}");
     }
+}
+
+/// Today, as `state.db` writes times (`2026-11-24T...`).
+fn db_day() -> String {
+    sh("date -u +%Y-%m-%dT").trim().to_string()
 }
 
 /// The stager's own server certificate, whose end would cut every agent off at once: `stager

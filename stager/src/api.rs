@@ -153,6 +153,8 @@ async fn dispatch(
         }
         (["v1", "relay", "identity"], true, _) => {
             relay(&who)?;
+            let fp = conn.fingerprint.clone().unwrap_or_default();
+            state.db(move |db| db.cert_used(&fp)).await?;
             let renew = renewal_due(state, conn, state.config.relay_cert_days).await?;
             Ok(http::json(
                 StatusCode::OK,
@@ -562,7 +564,8 @@ async fn agent_work(
     let deadline = tokio::time::Instant::now() + wait;
     let notify = state.notifier(host);
     let (h, addr) = (host.to_string(), conn.addr.clone());
-    state.db(move |db| db.seen(&h, &addr)).await?;
+    let fp = conn.fingerprint.clone().unwrap_or_default();
+    state.db(move |db| db.seen(&h, &addr, &fp)).await?;
     let renew_identity = renewal_due(state, conn, state.config.agent_cert_days).await?;
     loop {
         let notified = notify.notified();

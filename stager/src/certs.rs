@@ -27,6 +27,7 @@ pub fn all(
         issued: String::new(),
         not_after: crate::pki::rfc3339(server.not_after),
         revoked: None,
+        last_used: None,
     });
     Ok(certs)
 }
@@ -46,6 +47,9 @@ pub struct Cert {
     pub not_after: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoked: Option<String>,
+    /// When it was last presented asking for work (a host) or whether it is due (a relay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,6 +128,32 @@ pub fn standings(certs: Vec<Cert>, now: SystemTime) -> Vec<Listed> {
         .collect()
 }
 
+/// The certificates of `name` that a renewal replaced (what `stager revoke --replaced`
+/// revokes), and of those the ones still in use: presented later than `name`'s current
+/// certificate was last (or, if it never was, issued). Its holder may not have stored the
+/// renewal (or a clone of the machine holds the old one): revoking would cut it off. Times
+/// are whole seconds: the same second does not count.
+pub fn replaced<'a>(listed: &'a [Listed], name: &str) -> (Vec<&'a Listed>, Vec<&'a Listed>) {
+    let of = |s: Standing| {
+        listed
+            .iter()
+            .filter(move |l| l.cert.name == name && l.standing == s)
+    };
+    let replaced: Vec<&Listed> = of(Standing::Replaced).collect();
+    let since = of(Standing::Current)
+        .next()
+        .map(|c| parsed(c.cert.last_used.as_deref().unwrap_or(&c.cert.issued)));
+    let in_use = replaced
+        .iter()
+        .copied()
+        .filter(|l| match (&l.cert.last_used, since) {
+            (Some(used), Some(since)) => parsed(used) > since,
+            _ => false,
+        })
+        .collect();
+    (replaced, in_use)
+}
+
 /// The names that run out of certificates within `days`: their current certificate ends
 /// by then, or every certificate of theirs that is not revoked has expired already. One
 /// entry per name: its current certificate, or the last of its expired ones.
@@ -168,7 +198,40 @@ mod tests {
             issued: at(-1),
             not_after: at(ends_in),
             revoked: revoked.then(|| at(-1)),
+            last_used: None,
         }
+    }
+
+    /// What `stager revoke --replaced` takes: the replaced ones, and of those the ones used
+    /// after the current one was issued (strictly: the same second does not count).
+    #[test]
+    fn replaced_certificates_and_those_still_in_use() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 * 86_400 + 3600);
+        let mut old = cert("web1", "a", 20, false);
+        let mut older = cert("web1", "o", 10, false);
+        let mut new = cert("web1", "b", 800, false);
+        new.issued = at(0);
+        old.last_used = Some(at(0));
+        older.last_used = Some(at(-1));
+        let gone = cert("web1", "r", 30, true);
+        let other = cert("web2", "c", 20, false);
+        let l = standings(vec![older, old, gone, new, other], now);
+        let (all, in_use) = replaced(&l, "web1");
+        let fps = |v: &[&Listed]| {
+            v.iter()
+                .map(|l| l.cert.fingerprint.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fps(&all), ["o", "a"]);
+        assert!(in_use.is_empty(), "used in the second of the renewal");
+        let mut l = l;
+        l[1].cert.last_used = Some(crate::pki::rfc3339(parsed(&at(0)) + Duration::from_secs(1)));
+        let (_, in_use) = replaced(&l, "web1");
+        assert_eq!(fps(&in_use), ["a"]);
+        // Once the current one is presented after it, the old one is no longer in use.
+        l[3].cert.last_used = Some(crate::pki::rfc3339(parsed(&at(0)) + Duration::from_secs(2)));
+        assert!(replaced(&l, "web1").1.is_empty());
+        assert_eq!(replaced(&l, "web2"), (vec![], vec![]));
     }
 
     #[test]

@@ -211,6 +211,10 @@ pub struct RevokeOpts {
     /// nothing to whoever copies it.
     #[arg(long)]
     pub replaced: bool,
+    /// With --replaced: revoke even those NAME presented later than its current one
+    /// (refused without it: NAME may not have stored its renewal and would be cut off).
+    #[arg(long, requires = "replaced")]
+    pub force: bool,
 }
 
 #[derive(Args)]
@@ -525,8 +529,8 @@ pub fn certs(o: CertsOpts) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<8} {:<9} {:>9}  {:<20}  {:<16}  SITES",
-        "NAME", "ROLE", "STANDING", "DAYS LEFT", "NOT AFTER", "SHA256"
+        "{:<24} {:<8} {:<9} {:>9}  {:<20}  {:<20}  {:<16}  SITES",
+        "NAME", "ROLE", "STANDING", "DAYS LEFT", "NOT AFTER", "LAST USED", "SHA256"
     );
     for l in &shown {
         let standing = match l.standing {
@@ -536,12 +540,13 @@ pub fn certs(o: CertsOpts) -> Result<()> {
             Standing::Revoked => "revoked",
         };
         println!(
-            "{:<24} {:<8} {:<9} {:>9}  {:<20}  {:<16}  {}",
+            "{:<24} {:<8} {:<9} {:>9}  {:<20}  {:<20}  {:<16}  {}",
             l.cert.name,
             l.cert.role,
             standing,
             l.days_left,
             l.cert.not_after,
+            l.cert.last_used.as_deref().unwrap_or("-"),
             &l.cert.fingerprint[..16.min(l.cert.fingerprint.len())],
             l.cert.sites.as_deref().unwrap_or("-")
         );
@@ -558,14 +563,35 @@ pub fn certs(o: CertsOpts) -> Result<()> {
 pub fn revoke(o: RevokeOpts) -> Result<()> {
     Store::open(&o.home.dir)?;
     let db = Db::open(&o.home.dir.join(stager::db::FILE))?;
-    let n = db.revoke(&o.name, o.replaced)?;
-    let which = if o.replaced { "replaced " } else { "" };
+    if !o.replaced {
+        let n = db.revoke(&o.name)?;
+        anyhow::ensure!(n > 0, "no unrevoked certificate issued to {:?}", o.name);
+        println!("revoked {n} certificate(s) of {:?}", o.name);
+        return Ok(());
+    }
+    let all = stager::certs::standings(db.certs()?, std::time::SystemTime::now());
+    let (replaced, in_use) = stager::certs::replaced(&all, &o.name);
     anyhow::ensure!(
-        n > 0,
-        "no unrevoked {which}certificate issued to {:?}",
+        !replaced.is_empty(),
+        "no replaced certificate of {:?} to revoke (`stager certs` lists its certificates)",
         o.name
     );
-    println!("revoked {n} {which}certificate(s) of {:?}", o.name);
+    if let (Some(l), false) = (in_use.first(), o.force) {
+        anyhow::bail!(
+            "{:?} presented a replaced certificate (sha256 {}) at {}, later than its current one: \
+             it may not have stored its renewal (or a clone of it holds the old one), and revoking would \
+             cut it off; wait until `stager certs` shows the current one used since, or pass --force",
+            o.name,
+            l.cert.fingerprint,
+            l.cert.last_used.as_deref().unwrap_or("?")
+        );
+    }
+    let fps: Vec<String> = replaced
+        .iter()
+        .map(|l| l.cert.fingerprint.clone())
+        .collect();
+    let n = db.revoke_fingerprints(&fps)?;
+    println!("revoked {n} replaced certificate(s) of {:?}", o.name);
     Ok(())
 }
 

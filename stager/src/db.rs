@@ -106,6 +106,7 @@ ALTER TABLE certs ADD COLUMN site TEXT;
 "#,
     r#"
 ALTER TABLE certs ADD COLUMN sans TEXT;
+ALTER TABLE certs ADD COLUMN last_used TEXT;
 "#,
 ];
 
@@ -230,8 +231,8 @@ impl Db {
     pub fn certs(&self) -> rusqlite::Result<Vec<crate::certs::Cert>> {
         let c = self.c();
         let mut st = c.prepare(
-            "SELECT name, role, site, fingerprint, issued, not_after, revoked FROM certs
-             ORDER BY name, rowid",
+            "SELECT name, role, site, fingerprint, issued, not_after, revoked, last_used
+             FROM certs ORDER BY name, rowid",
         )?;
         let rows = st.query_map([], |r| {
             Ok(crate::certs::Cert {
@@ -242,6 +243,7 @@ impl Db {
                 issued: r.get(4)?,
                 not_after: r.get(5)?,
                 revoked: r.get(6)?,
+                last_used: r.get(7)?,
             })
         })?;
         rows.collect()
@@ -317,13 +319,11 @@ impl Db {
             .optional()
     }
 
-    /// Revokes every certificate issued to `name` (`replaced`: all but the newest); returns
-    /// how many.
-    pub fn revoke(&self, name: &str, replaced: bool) -> rusqlite::Result<usize> {
+    /// Revokes every certificate issued to `name`; returns how many.
+    pub fn revoke(&self, name: &str) -> rusqlite::Result<usize> {
         self.c().execute(
-            "UPDATE certs SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL
-             AND (NOT ?3 OR rowid < (SELECT MAX(rowid) FROM certs WHERE name = ?1))",
-            params![name, now(), replaced],
+            "UPDATE certs SET revoked = ?2 WHERE name = ?1 AND revoked IS NULL",
+            params![name, now()],
         )
     }
 
@@ -345,13 +345,37 @@ impl Db {
     }
 
     /// Records that `host` was seen, from `address`.
-    pub fn seen(&self, host: &str, address: &str) -> rusqlite::Result<()> {
+    /// `host` asked for work from `address`, presenting the certificate `fp`.
+    pub fn seen(&self, host: &str, address: &str, fp: &str) -> rusqlite::Result<()> {
+        self.c().execute(
+            "UPDATE hosts SET last_seen = ?2, address = ?3 WHERE name = ?1",
+            params![host, now(), address],
+        )?;
+        self.cert_used(fp)
+    }
+
+    /// The certificate `fp` was presented now (as a host asked for work, or a relay whether
+    /// its certificate is due): what `stager revoke --replaced` checks.
+    pub fn cert_used(&self, fp: &str) -> rusqlite::Result<()> {
         self.c()
             .execute(
-                "UPDATE hosts SET last_seen = ?2, address = ?3 WHERE name = ?1",
-                params![host, now(), address],
+                "UPDATE certs SET last_used = ?2 WHERE fingerprint = ?1",
+                params![fp, now()],
             )
             .map(|_| ())
+    }
+
+    /// Revokes the certificates `fps`; returns how many were not revoked already.
+    pub fn revoke_fingerprints(&self, fps: &[String]) -> rusqlite::Result<usize> {
+        let c = self.c();
+        let mut n = 0;
+        for fp in fps {
+            n += c.execute(
+                "UPDATE certs SET revoked = ?2 WHERE fingerprint = ?1 AND revoked IS NULL",
+                params![fp, now()],
+            )?;
+        }
+        Ok(n)
     }
 
     pub fn hosts(&self) -> rusqlite::Result<Vec<Host>> {
