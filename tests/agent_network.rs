@@ -234,6 +234,30 @@ fn netplan_itself_reads_the_bond_and_vlans_rendered_for_it() {
     );
 }
 
+/// An ARP-monitored bond (the vlan-bond capture monitoring by ARP: every 500 ms, two
+/// targets, validating on the active link, all targets required), rendered for netplan:
+/// netplan's own generator turns it into the same ARP monitoring for systemd-networkd.
+#[test]
+fn netplan_itself_reads_the_arp_monitored_bond_rendered_for_it() {
+    let dir = scratch();
+    let gen = netplan_generate("arp-bond", dir.path());
+    let f = "10-netplan-bond0.netdev";
+    gen.assert_has(&[
+        (f, "Bond", "Mode=active-backup"),
+        (f, "Bond", "ARPIntervalSec=500ms"),
+        (f, "Bond", "ARPIPTargets=192.0.2.1 192.0.2.254"),
+        (f, "Bond", "ARPValidate=active"),
+        (f, "Bond", "ARPAllTargets=all"),
+        ("10-netplan-rnic0.network", "Network", "Bond=bond0"),
+        (
+            "10-netplan-bond0.network",
+            "Network",
+            "Address=192.0.2.10/24",
+        ),
+    ]);
+    assert!(!gen.all.contains("MIIMonitorSec"), "{}", gen.all);
+}
+
 /// The bridge fixture (br0 of eth0, STP on, forward delay 4 s; docker0 and tun0 left
 /// behind), rendered for netplan and read by netplan's own generator.
 #[test]

@@ -114,7 +114,13 @@ fn plan(
                 Some(m) => format!("in {}", m.name),
                 None => "ethernet".into(),
             },
-            netid::Kind::Bond(b) => format!("bond {} of {}", b.mode, b.members.join("+")),
+            netid::Kind::Bond(b) => {
+                let monitor = match b.arp_interval_ms {
+                    0 => format!("mii {} ms", b.miimon_ms),
+                    ms => format!("arp {ms} ms to {}", b.arp_targets(",")),
+                };
+                format!("bond {} of {}, {monitor}", b.mode, b.members.join("+"))
+            }
             netid::Kind::Vlan { id, parent } => format!("vlan {id} on {parent}"),
             netid::Kind::Dummy => "dummy".into(),
             netid::Kind::Bridge(b) => format!(

@@ -9,8 +9,8 @@
 //! kept as such), DNS servers and search domains, the hostname.
 //! Bonds and 802.1Q VLANs (on an Ethernet interface or on a bond) are carried too: a bond
 //! with its mode, its members (known by their permanent MACs, since enslaved NICs wear the
-//! bond's), its primary, MII monitor, up/down delays, LACP rate and transmit hash policy, and
-//! the MAC it wears; a VLAN with its id, its parent and its MAC; a bridge with its ports
+//! bond's), its primary, MII monitor, up/down delays, LACP rate and transmit hash policy, its
+//! ARP monitor (interval, IPv4 targets, validation, all-targets rule), and the MAC it wears; a VLAN with its id, its parent and its MAC; a bridge with its ports
 //! (Ethernet interfaces, bonds or VLANs), its MAC, STP and forward delay. The interfaces they
 //! sit on are carried even without addresses of their own. Dummy interfaces (the home of
 //! anycast, service and BGP loopback addresses) are carried by name with their addresses and
@@ -28,7 +28,8 @@
 //! route goes through one: then the machine is refused, since it would come back without its
 //! way out.
 //! Refused, naming the interface: teams, macvlans and other virtual links, bonds that
-//! monitor by ARP, 802.1ad (QinQ) VLANs, VLANs on bridges, VLAN-filtering bridges,
+//! monitor by IPv6 neighbour solicitations or by ARP without targets, 802.1ad (QinQ) VLANs,
+//! VLANs on bridges, VLAN-filtering bridges,
 //! interfaces with addresses but no MAC, and any link with addresses of a kind not named here
 //! (a VRF's members, Open vSwitch ports, MACsec, ...) or enslaved to something that is not a
 //! bond or a bridge: carried as a NIC they would match nothing, and the machine could come back
@@ -204,6 +205,23 @@ pub struct Bond {
     pub lacp_rate: Option<String>,
     /// `layer2`, `layer3+4`, ... (the modes that hash).
     pub xmit_hash_policy: Option<String>,
+    /// ARP monitoring, instead of MII: every `arp_interval_ms` the bond sends ARP requests
+    /// to `arp_ip_targets` and counts a link up while answers (or, per `arp_validate`, the
+    /// requests) come back through it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub arp_interval_ms: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arp_ip_targets: Vec<std::net::Ipv4Addr>,
+    /// `active`, `backup`, `all`, `filter`, `filter_active`, `filter_backup` (unset: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arp_validate: Option<String>,
+    /// `all`: a link is up only while every target answers (unset: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arp_all_targets: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Bond {
@@ -226,7 +244,23 @@ impl Bond {
         if let Some(h) = &self.xmit_hash_policy {
             o.push(("xmit_hash_policy", h.clone()));
         }
+        if self.arp_interval_ms > 0 {
+            o.push(("arp_interval", self.arp_interval_ms.to_string()));
+            o.push(("arp_ip_target", self.arp_targets(",")));
+        }
+        if let Some(v) = &self.arp_validate {
+            o.push(("arp_validate", v.clone()));
+        }
+        if let Some(a) = &self.arp_all_targets {
+            o.push(("arp_all_targets", a.clone()));
+        }
         o
+    }
+
+    /// The ARP targets joined by `sep`.
+    pub fn arp_targets(&self, sep: &str) -> String {
+        let t: Vec<String> = self.arp_ip_targets.iter().map(|a| a.to_string()).collect();
+        t.join(sep)
     }
 }
 
@@ -853,12 +887,59 @@ fn bond_of_link(l: &IpLink, links: &[IpLink]) -> Result<Bond> {
             l.ifname
         )
     })?;
-    let arp = ms("arp_interval");
+    let arp_interval_ms = ms("arp_interval");
+    let list = |k: &str| -> Vec<String> {
+        d.get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ns6 = list("ns_ip6_target");
     anyhow::ensure!(
-        arp == 0,
-        "bond {}: monitors its links by ARP (arp_interval {arp} ms), which is not carried; switch it to MII monitoring (miimon) or reinstall it by other means",
+        ns6.is_empty(),
+        "bond {}: monitors its links by IPv6 neighbour solicitations (ns_ip6_target {}), which is not carried; monitor by ARP or MII, or reinstall it by other means",
+        l.ifname,
+        ns6.join(",")
+    );
+    let arp_ip_targets = list("arp_ip_target")
+        .iter()
+        .map(|t| {
+            t.parse::<std::net::Ipv4Addr>().with_context(|| {
+                format!("bond {}: ARP target {t:?} is not an IPv4 address", l.ifname)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        arp_interval_ms == 0 || !arp_ip_targets.is_empty(),
+        "bond {}: monitors by ARP (arp_interval {arp_interval_ms} ms) with no arp_ip_target: no link of it can be seen up, so the machine cannot be reached through it",
         l.ifname
     );
+    // Only the driver's own words go into the files rendered from them.
+    let one_of = |k: &str, allowed: &[&str], default: &str| -> Result<Option<String>> {
+        match text(k) {
+            None => Ok(None),
+            Some(v) if v == default => Ok(None),
+            Some(v) if allowed.contains(&v.as_str()) => Ok(Some(v)),
+            Some(v) => bail!("bond {}: {k} {v:?} is not one this agent knows", l.ifname),
+        }
+    };
+    let arp_validate = one_of(
+        "arp_validate",
+        &[
+            "active",
+            "backup",
+            "all",
+            "filter",
+            "filter_active",
+            "filter_backup",
+        ],
+        "none",
+    )?;
+    let arp_all_targets = one_of("arp_all_targets", &["all"], "any")?;
     let mut members: Vec<String> = links
         .iter()
         .filter(|m| m.master.as_deref() == Some(l.ifname.as_str()))
@@ -883,6 +964,10 @@ fn bond_of_link(l: &IpLink, links: &[IpLink]) -> Result<Bond> {
         miimon_ms: ms("miimon"),
         updelay_ms: ms("updelay"),
         downdelay_ms: ms("downdelay"),
+        arp_interval_ms,
+        arp_ip_targets,
+        arp_validate,
+        arp_all_targets,
     })
 }
 
@@ -1287,6 +1372,20 @@ fn networkd_netdev(id: &NetIdentity, iface: &Interface) -> String {
             if let Some(h) = &b.xmit_hash_policy {
                 let _ = writeln!(s, "TransmitHashPolicy={h}");
             }
+            if b.arp_interval_ms > 0 {
+                let _ = writeln!(
+                    s,
+                    "ARPIntervalSec={}ms\nARPIPTargets={}",
+                    b.arp_interval_ms,
+                    b.arp_targets(" ")
+                );
+            }
+            if let Some(v) = &b.arp_validate {
+                let _ = writeln!(s, "ARPValidate={v}");
+            }
+            if let Some(a) = &b.arp_all_targets {
+                let _ = writeln!(s, "ARPAllTargets={a}");
+            }
         }
         Kind::Vlan { id: vid, .. } => {
             let _ = writeln!(
@@ -1543,6 +1642,10 @@ mod tests {
                 downdelay_ms: 0,
                 lacp_rate: None,
                 xmit_hash_policy: None,
+                arp_interval_ms: 0,
+                arp_ip_targets: vec![],
+                arp_validate: None,
+                arp_all_targets: None,
             }
         );
         assert_eq!(by("bond0").mac, "52:54:00:00:00:01");
@@ -1657,9 +1760,40 @@ mod tests {
         );
     }
 
+    /// The vlan-bond capture with bond0 monitoring by ARP instead of MII (`ip -d -j` prints
+    /// `arp_ip_target` as a list, `arp_validate` null for none): carried with its interval,
+    /// targets, validation and all-targets rule, and MII off.
+    #[test]
+    fn an_arp_monitored_bond_is_carried() {
+        let id = fixture("arp-bond").unwrap();
+        let b = id
+            .interfaces
+            .iter()
+            .find_map(|i| match &i.kind {
+                Kind::Bond(b) => Some(b),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            (b.miimon_ms, b.arp_interval_ms, b.arp_targets(" ")),
+            (0, 500, "192.0.2.1 192.0.2.254".to_string())
+        );
+        assert_eq!(
+            (b.arp_validate.as_deref(), b.arp_all_targets.as_deref()),
+            (Some("active"), Some("all"))
+        );
+        // Saved and read back by the next OS's agent as it was.
+        let again: NetIdentity =
+            serde_json::from_str(&serde_json::to_string(&id).unwrap()).unwrap();
+        assert_eq!(again, id);
+        // MII-monitored bonds are saved as before (no ARP keys).
+        let mii = serde_json::to_string(&fixture("vlan-bond").unwrap()).unwrap();
+        assert!(!mii.contains("arp"), "{mii}");
+    }
+
     /// Each refusal names the interface and what is not carried.
     #[test]
-    fn teams_arp_monitored_bonds_qinq_and_vlans_on_bridges_are_refused_by_name() {
+    fn teams_unmonitorable_bonds_qinq_and_vlans_on_bridges_are_refused_by_name() {
         let d = format!(
             "{}/tests/fixtures/net/vlan-bond",
             env!("CARGO_MANIFEST_DIR")
@@ -1677,7 +1811,17 @@ mod tests {
         let e = try_with("\"info_kind\":\"bond\"", "\"info_kind\":\"bridge\"");
         assert!(e.contains("bond0.100: its parent bond0 is a bridge"), "{e}");
         let e = try_with("\"arp_interval\":0", "\"arp_interval\":500");
-        assert!(e.contains("bond bond0") && e.contains("ARP"), "{e}");
+        assert!(
+            e.contains("bond bond0") && e.contains("no arp_ip_target"),
+            "{e}"
+        );
+        let e = try_with(
+            "\"arp_interval\":0",
+            "\"arp_interval\":0,\"ns_ip6_target\":[\"2001:db8::1\"]",
+        );
+        assert!(e.contains("bond bond0") && e.contains("2001:db8::1"), "{e}");
+        let e = try_with("\"arp_validate\":null", "\"arp_validate\":\"x; rm -rf\"");
+        assert!(e.contains("arp_validate \"x; rm -rf\""), "{e}");
         let e = try_with(
             "\"protocol\":\"802.1Q\",\"id\":200",
             "\"protocol\":\"802.1ad\",\"id\":200",

@@ -372,6 +372,20 @@ fn netplan(id: &NetIdentity) -> File {
                 if let Some(h) = &b.xmit_hash_policy {
                     let _ = writeln!(s, "        transmit-hash-policy: {h}");
                 }
+                if b.arp_interval_ms > 0 {
+                    let _ = writeln!(
+                        s,
+                        "        arp-interval: {}\n        arp-ip-targets: [{}]",
+                        b.arp_interval_ms,
+                        b.arp_targets(", ")
+                    );
+                }
+                if let Some(v) = &b.arp_validate {
+                    let _ = writeln!(s, "        arp-validate: {v}");
+                }
+                if let Some(a) = &b.arp_all_targets {
+                    let _ = writeln!(s, "        arp-all-targets: {a}");
+                }
                 if let Some(p) = &b.primary {
                     let _ = writeln!(s, "        primary: {}", nic(index_of(id, p)));
                 }
@@ -1003,6 +1017,52 @@ mod tests {
             s.contains("type bond mode 802.3ad lacp_rate fast xmit_hash_policy layer3+4\n"),
             "{s}"
         );
+    }
+
+    /// An ARP-monitored bond (the vlan-bond capture with bond0 switched from MII to ARP
+    /// monitoring: every 500 ms, targets 192.0.2.1 and 192.0.2.254, validating on the
+    /// active link, up only while all targets answer): every stack gets the interval, the
+    /// targets, the validation and the all-targets rule, under its own words, and no MII.
+    #[test]
+    fn an_arp_monitored_bond_reaches_every_stack() {
+        let id = crate::netid::fixture("arp-bond").unwrap();
+        let file = |stack, end: &str| -> String {
+            render(stack, &id)
+                .into_iter()
+                .find(|f| f.path.ends_with(end))
+                .unwrap_or_else(|| panic!("{end}"))
+                .contents
+        };
+        let wants: [(Stack, &str, &str); 4] = [
+            (
+                Stack::Netplan,
+                ".yaml",
+                "      parameters:\n        mode: active-backup\n        arp-interval: 500\n        arp-ip-targets: [192.0.2.1, 192.0.2.254]\n        arp-validate: active\n        arp-all-targets: all\n        primary: rnic0\n",
+            ),
+            (
+                Stack::NetworkManager,
+                "bond0.nmconnection",
+                "[bond]\nmode=active-backup\nmiimon=0\narp_interval=500\narp_ip_target=192.0.2.1,192.0.2.254\narp_validate=active\narp_all_targets=all\nprimary=rnic0\n",
+            ),
+            (
+                Stack::Networkd,
+                "bond0.netdev",
+                "[Bond]\nMode=active-backup\nARPIntervalSec=500ms\nARPIPTargets=192.0.2.1 192.0.2.254\nARPValidate=active\nARPAllTargets=all\n",
+            ),
+            (
+                Stack::Ifupdown,
+                "60-reinstall",
+                "type bond mode active-backup arp_interval 500 arp_ip_target 192.0.2.1,192.0.2.254 arp_validate active arp_all_targets all\n",
+            ),
+        ];
+        for (stack, end, want) in wants {
+            let s = file(stack, end);
+            assert!(s.contains(want), "{stack:?}: {want:?} missing from:\n{s}");
+            assert!(
+                !s.to_lowercase().contains("mii-monitor") && !s.contains("MIIMonitor"),
+                "{stack:?}: {s}"
+            );
+        }
     }
 
     #[test]
