@@ -2112,19 +2112,17 @@ fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() 
     assert_eq!(serving(&pop_c, "web3"), before[2]);
     assert_eq!(fp(&pop_c, "relay.pem"), before[2]);
     assert!(!pop_c.dir.join("relay.pem.old").exists());
-    let as_relay = |r: &Relay, at: &str, pem: &str, key: &str, args: &[&str]| {
-        let d = &r.dir;
-        let (c, k) = (d.join(pem), d.join(key));
+    // As relay `r` with its current pair (`old`: the one kept as `.old`).
+    let as_relay = |r: &Relay, at: &str, old: bool, args: &[&str]| {
+        let ext = if old { ".old" } else { "" };
+        let (c, k) = (
+            r.dir.join(format!("relay.pem{ext}")),
+            r.dir.join(format!("relay.key{ext}")),
+        );
         let creds = ["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()];
         s.curl_at(at, None, &[&creds[..], args].concat())
     };
-    let (code, body) = as_relay(
-        &pop_c,
-        &hub.url("/v1/relay/identity"),
-        "relay.pem",
-        "relay.key",
-        &[],
-    );
+    let (code, body) = as_relay(&pop_c, &hub.url("/v1/relay/identity"), false, &[]);
     assert_eq!(code, 403, "{body}");
     assert!(
         body.contains(r#"relay \"region-eu\" serves site \"pop-a\", \"pop-b\"; relay \"pop-c\" serves site \"pop-c\""#),
@@ -2163,21 +2161,9 @@ fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() 
     assert!(out.contains("revoked 1 replaced certificate(s)"), "{out}");
     let (code, body) = s.curl_at(&pop_a.url("/v1/agent/work?wait=0"), Some("web1"), &[]);
     assert_eq!(code, 200, "{body}");
-    let (code, body) = as_relay(
-        &pop_a,
-        &s.url("/v1/relay/identity"),
-        "relay.pem.old",
-        "relay.key.old",
-        &[],
-    );
+    let (code, body) = as_relay(&pop_a, &s.url("/v1/relay/identity"), true, &[]);
     assert_eq!(code, 403, "{body}");
-    let (code, body) = as_relay(
-        &pop_a,
-        &s.url("/v1/relay/identity"),
-        "relay.pem",
-        "relay.key",
-        &[],
-    );
+    let (code, body) = as_relay(&pop_a, &s.url("/v1/relay/identity"), false, &[]);
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v, serde_json::json!({"renew": false}));
@@ -2192,8 +2178,7 @@ fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() 
     let (code, body) = as_relay(
         &pop_a,
         &s.url("/v1/relay/identity"),
-        "relay.pem",
-        "relay.key",
+        false,
         &["-H", "content-type: application/json", "-d", &ask],
     );
     assert_eq!(code, 409, "{body}");
@@ -2212,8 +2197,7 @@ fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() 
     let (code, body) = as_relay(
         &pop_a,
         &s.url("/v1/agent/identity"),
-        "relay.pem",
-        "relay.key",
+        false,
         &["-H", "content-type: application/json", "-d", &ask],
     );
     assert_eq!(code, 403, "{body}");

@@ -80,7 +80,7 @@ async fn dispatch(
     let relays_own = segs.starts_with(&["v1", "relay"]);
     let relayed;
     let conn = if who.role == RELAY && (!relays_own || req.headers.contains_key(RELAYED_FOR)) {
-        (who, relayed) = relayed_agent(state, &who, &req.headers, conn, relays_own).await?;
+        (who, relayed) = relayed_client(state, &who, &req.headers, conn, relays_own).await?;
         &relayed
     } else {
         conn
@@ -270,9 +270,10 @@ pub const MAX_RELAYS: usize = 4;
 /// Who a relay's request is for: the agent whose certificate the first relay verified,
 /// looked up here exactly as if it had connected itself (unknown and revoked refused), so
 /// that every authorization rule holds through relays. A relay acts for agents only, never
-/// for itself or an operator; every relay of the chain must be a relay this stager issued,
-/// not revoked, that serves the agent's site.
-async fn relayed_agent(
+/// for an operator, and for a relay below it only on that relay's own routes (`relays_own`:
+/// renewing its certificate); every relay of the chain must be a relay this stager issued,
+/// not revoked, that serves the agent's site (or every site of the relay below).
+async fn relayed_client(
     state: &Arc<State>,
     relay: &Principal,
     headers: &hyper::HeaderMap,
@@ -318,8 +319,8 @@ async fn relayed_agent(
         chain.push((r.name, fp.to_string()));
     }
     // A relay is trusted with its own sites' hosts (they reach the stager through it), not
-    // with the fleet's.
-    // A relay below them renewing its certificate: they must serve all of its sites.
+    // with the fleet's; and with a relay below it (renewing its certificate) only if it
+    // serves all of that relay's sites.
     for (name, relay_fp) in chain {
         let client = fp.to_string();
         if let Some((serves, of)) = state

@@ -114,6 +114,8 @@ pub struct SourceSpec<'a> {
     /// The address on an active-backup bond of the NIC `mac` (primary) and a second NIC with
     /// this MAC, with VLAN 100 on the bond holding this address.
     pub bond: Option<(&'a str, &'a str)>,
+    /// The bond monitors by ARP every this many ms, to the gateway, instead of MII.
+    pub bond_arp: Option<u32>,
     /// The address on bridge br0 (STP on, forward delay 4 s) of the NIC, and a portless
     /// docker0 bridge with 172.17.0.1/16 and dummy0 with the anycast address beside it; the
     /// anycast address's replies routed by rule 1000 through table 100 (via the gateway).
@@ -200,10 +202,17 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
         Some((mac2, vlan_addr)) => {
             // As an operator would write it. Members by their permanent MACs: once enslaved
             // they wear the bond's.
+            let monitor = match s.bond_arp {
+                None => "MIIMonitorSec=100ms\n".to_string(),
+                Some(ms) => format!(
+                    "ARPIntervalSec={ms}ms\nARPIPTargets={}\nARPValidate=active\n",
+                    s.gateway
+                ),
+            };
             w(
                 "etc/systemd/network/10-bond0.netdev",
                 &format!(
-                    "[NetDev]\nName=bond0\nKind=bond\nMACAddress={}\n\n[Bond]\nMode=active-backup\nMIIMonitorSec=100ms\n",
+                    "[NetDev]\nName=bond0\nKind=bond\nMACAddress={}\n\n[Bond]\nMode=active-backup\n{monitor}",
                     s.mac
                 ),
             )?;

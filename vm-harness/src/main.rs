@@ -25,7 +25,8 @@ use std::process::{Command, ExitCode, Stdio};
 ///               that stops coming up (panics at boot; emergency mode on BIOS; hangs with
 ///               --hang) is given up on by disk 1's GRUB after two boots, the rescue
 ///               reports it, repaired from there; a second job. With --bond, every boot
-///               also shows the source's bond of two NICs and its VLAN as they were; with
+///               also shows the source's bond of two NICs and its VLAN as they were (with
+///               --arp, monitoring by ARP); with
 ///               --bridge, its bridge, its anycast dummy and that address's policy rule
 ///               and table (and only the source its Docker-style bridge).
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
@@ -67,6 +68,10 @@ struct Cli {
     /// them as they were: the agent carries bonds and VLANs into the rescue and the target.
     #[arg(long, global = true)]
     bond: bool,
+    /// With --bond: the bond monitors its links by ARP (every 500 ms, to the gateway,
+    /// validating replies on the active link) instead of MII; every boot must show the same.
+    #[arg(long, global = true, requires = "bond")]
+    arp: bool,
     /// Put the VM's address on bridge br0 (STP on, forward delay 4 s) with the NIC as its
     /// port, and give the source a portless docker0 bridge holding 172.17.0.1/16, as the
     /// source OS configures them (systemd-networkd), beside dummy0 holding an anycast address
@@ -188,6 +193,7 @@ fn main() -> ExitCode {
         bios: cli.bios,
         hang: cli.hang,
         bond: cli.bond,
+        arp: cli.arp,
         bridge: cli.bridge,
         relay: cli.relay,
     };

@@ -19,6 +19,8 @@ pub struct Opts {
     pub hang: bool,
     /// The VM's address is on a bond of two NICs, with a VLAN on it (see [`BOND_VLAN`]).
     pub bond: bool,
+    /// The bond monitors by ARP (see [`ARP_INTERVAL_MS`]) instead of MII.
+    pub arp: bool,
     /// The VM's address is on a bridge of its NIC, beside a dummy with [`ANYCAST`]; the
     /// source also has a portless docker0.
     pub bridge: bool,
@@ -29,6 +31,9 @@ pub struct Opts {
 /// With `--bond`: VLAN 100 on bond0 holds this address (QEMU's user network carries no
 /// tagged frames: the VLAN is checked by what the guest shows, the bond by SSH through it).
 const BOND_VLAN: &str = "192.0.2.7/24";
+
+/// With `--bond --arp`: the bond sends ARP requests to the gateway this often.
+pub const ARP_INTERVAL_MS: u32 = 500;
 
 /// With `--bridge`: dummy0 holds this address (an anycast service address, as BGP hosts and
 /// load balancers keep on a dummy).
@@ -67,6 +72,8 @@ pub struct Env {
     last: Instant,
     pub rows: Vec<(String, f64, f64)>,
     bridge: bool,
+    /// The bond monitors by ARP (`--arp`).
+    arp: bool,
 }
 
 impl Drop for Env {
@@ -300,6 +307,7 @@ impl Env {
                 agent_identity: &agent_id,
                 agent_binary: &reinstall,
                 bond: o.bond.then_some((vm::MAC2, BOND_VLAN)),
+                bond_arp: o.arp.then_some(ARP_INTERVAL_MS),
                 bridge: o.bridge,
             },
         )?;
@@ -350,6 +358,7 @@ impl Env {
             last: now,
             rows: Vec::new(),
             bridge: o.bridge,
+            arp: o.arp,
         })
     }
 
@@ -549,7 +558,8 @@ impl Env {
         Ok(())
     }
 
-    /// With `--bond`: the address is on bond0 (active-backup, MII every 100 ms) of both NICs,
+    /// With `--bond`: the address is on bond0 (active-backup, MII every 100 ms, or with
+    /// `--arp` ARP every [`ARP_INTERVAL_MS`] to the gateway and MII off) of both NICs,
     /// known by their permanent MACs, the first one primary and active; bond0 wears the first
     /// NIC's MAC; VLAN 100 on bond0 holds [`BOND_VLAN`]. (SSH answering at the address shows
     /// the bond passes traffic.)
@@ -572,10 +582,17 @@ impl Env {
                 .map(|v| v.trim().to_string())
                 .unwrap_or_default()
         };
+        let (mii, arp, targets) = match self.arp {
+            // /proc/net/bonding shows the ARP lines only for a bond that monitors by ARP.
+            false => ("100", String::new(), ""),
+            true => ("0", ARP_INTERVAL_MS.to_string(), "10.0.2.2"),
+        };
         ensure!(
             field("Bonding Mode:").contains("active-backup")
-                && field("MII Polling Interval (ms):") == "100",
-            "{what}: bond0 is not active-backup with MII every 100 ms:\n{bonding}"
+                && field("MII Polling Interval (ms):") == mii
+                && field("ARP Polling Interval (ms):") == arp
+                && field("ARP IP target/s (n.n.n.n form):") == targets,
+            "{what}: bond0 is not active-backup with MII every {mii} ms and ARP every {arp} ms to {targets:?}:\n{bonding}"
         );
         let mut perm: Vec<(String, String)> = Vec::new();
         let mut name = String::new();
