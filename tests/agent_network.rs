@@ -258,6 +258,32 @@ fn netplan_itself_reads_the_arp_monitored_bond_rendered_for_it() {
     assert!(!gen.all.contains("MIIMonitorSec"), "{}", gen.all);
 }
 
+/// VLAN 100 on bridge br0 (the bridge fixture plus the VLAN, with its own address and a
+/// route through it), rendered for netplan: netplan's generator has br0 create the VLAN.
+#[test]
+fn netplan_itself_reads_a_vlan_on_a_bridge_rendered_for_it() {
+    let dir = scratch();
+    let gen = netplan_generate("bridge-vlan", dir.path());
+    let v = "10-netplan-br0.100";
+    gen.assert_has(&[
+        ("10-netplan-br0.netdev", "NetDev", "Kind=bridge"),
+        ("10-netplan-br0.network", "Network", "VLAN=br0.100"),
+        (&format!("{v}.netdev"), "NetDev", "Kind=vlan"),
+        (&format!("{v}.netdev"), "VLAN", "Id=100"),
+        (
+            &format!("{v}.network"),
+            "Network",
+            "Address=198.51.100.7/24",
+        ),
+        (
+            &format!("{v}.network"),
+            "Route",
+            "Destination=203.0.113.0/24",
+        ),
+        (&format!("{v}.network"), "Route", "Gateway=198.51.100.1"),
+    ]);
+}
+
 /// The bridge fixture (br0 of eth0, STP on, forward delay 4 s; docker0 and tun0 left
 /// behind), rendered for netplan and read by netplan's own generator.
 #[test]

@@ -138,13 +138,14 @@ pub enum Command {
     Agent(AgentOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
-    /// options; bridges with their ports and STP; 802.1Q VLANs; dummies by name; policy
+    /// options (MII or ARP monitoring); bridges with their ports and STP; 802.1Q VLANs on
+    /// NICs, bonds or bridges; dummies by name; policy
     /// routing rules with their tables' routes) and the
     /// systemd-networkd files it becomes. Names what is left behind (tun/tap, WireGuard, VXLAN,
     /// IP tunnels, veths into other namespaces, mobile modems' and PPP links, bridges with no
     /// port out of the machine such as docker0). Refuses, naming the interface, what cannot be carried: teams,
-    /// macvlans/ipvlans, bonds monitored by ARP, QinQ VLANs, VLANs on bridges, VLAN-filtering
-    /// bridges, addresses on links of other kinds or in a VRF (and bonds, bridges, VLANs or
+    /// macvlans/ipvlans, bonds monitored by IPv6 neighbour solicitation or by ARP without
+    /// targets, QinQ VLANs, VLANs on VLANs, VLAN-filtering bridges, addresses on links of other kinds or in a VRF (and bonds, bridges, VLANs or
     /// dummies at all when the target is Windows).
     Network(NetworkOpts),
     /// Show the firmware's boot variables: BootCurrent, BootNext, BootOrder and every

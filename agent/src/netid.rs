@@ -10,7 +10,7 @@
 //! Bonds and 802.1Q VLANs (on an Ethernet interface or on a bond) are carried too: a bond
 //! with its mode, its members (known by their permanent MACs, since enslaved NICs wear the
 //! bond's), its primary, MII monitor, up/down delays, LACP rate and transmit hash policy, its
-//! ARP monitor (interval, IPv4 targets, validation, all-targets rule), and the MAC it wears; a VLAN with its id, its parent and its MAC; a bridge with its ports
+//! ARP monitor (interval, IPv4 targets, validation, all-targets rule), and the MAC it wears; a VLAN with its id, its parent (an Ethernet interface, a bond or a bridge) and its MAC; a bridge with its ports
 //! (Ethernet interfaces, bonds or VLANs), its MAC, STP and forward delay. The interfaces they
 //! sit on are carried even without addresses of their own. Dummy interfaces (the home of
 //! anycast, service and BGP loopback addresses) are carried by name with their addresses and
@@ -29,7 +29,7 @@
 //! way out.
 //! Refused, naming the interface: teams, macvlans and other virtual links, bonds that
 //! monitor by IPv6 neighbour solicitations or by ARP without targets, 802.1ad (QinQ) VLANs,
-//! VLANs on bridges, VLAN-filtering bridges,
+//! VLANs on VLANs, VLAN-filtering bridges,
 //! interfaces with addresses but no MAC, and any link with addresses of a kind not named here
 //! (a VRF's members, Open vSwitch ports, MACsec, ...) or enslaved to something that is not a
 //! bond or a bridge: carried as a NIC they would match nothing, and the machine could come back
@@ -267,6 +267,17 @@ impl Bond {
 impl Interface {
     pub fn is_ethernet(&self) -> bool {
         self.kind == Kind::Ethernet
+    }
+
+    /// The interfaces this one sits on (a bond's members, a VLAN's parent, a bridge's
+    /// ports), and what each is to it.
+    pub fn lowers(&self) -> (Vec<&String>, &'static str) {
+        match &self.kind {
+            Kind::Ethernet | Kind::Dummy => (Vec::new(), ""),
+            Kind::Bond(b) => (b.members.iter().collect(), "member"),
+            Kind::Vlan { parent, .. } => (vec![parent], "parent"),
+            Kind::Bridge(b) => (b.ports.iter().collect(), "port"),
+        }
     }
 
     /// Whether the interface has an address of this family (`v6`) that was leased
@@ -723,12 +734,7 @@ pub fn parse_with_policy(
                 continue;
             }
             let iface = &found[i].0;
-            let (lowers, what): (Vec<&String>, &str) = match &iface.kind {
-                Kind::Ethernet | Kind::Dummy => continue,
-                Kind::Bond(b) => (b.members.iter().collect(), "member"),
-                Kind::Vlan { parent, .. } => (vec![parent], "parent"),
-                Kind::Bridge(b) => (b.ports.iter().collect(), "port"),
-            };
+            let (lowers, what) = iface.lowers();
             for lower in lowers {
                 let Some(j) = found.iter().position(|(f, _)| &f.name == lower) else {
                     bail!(
@@ -739,7 +745,10 @@ pub fn parse_with_policy(
                 let ok = matches!(
                     (&iface.kind, &found[j].0.kind),
                     (Kind::Bond(_), Kind::Ethernet)
-                        | (Kind::Vlan { .. }, Kind::Ethernet | Kind::Bond(_))
+                        | (
+                            Kind::Vlan { .. },
+                            Kind::Ethernet | Kind::Bond(_) | Kind::Bridge(_)
+                        )
                         | (
                             Kind::Bridge(_),
                             Kind::Ethernet | Kind::Bond(_) | Kind::Vlan { .. }
@@ -748,7 +757,7 @@ pub fn parse_with_policy(
                 anyhow::ensure!(
                     ok,
                     "interface {}: its {what} {lower} is a {}: carried are Ethernet interfaces in bonds; VLANs on Ethernet \
-                     interfaces or bonds; Ethernet interfaces, bonds and VLANs in bridges",
+                     interfaces, bonds or bridges; Ethernet interfaces, bonds and VLANs in bridges",
                     iface.name,
                     found[j].0.kind.label()
                 );
@@ -774,6 +783,7 @@ pub fn parse_with_policy(
     }
     interfaces
         .sort_by(|a, b| (a.kind.rank(), &a.mac, &a.name).cmp(&(b.kind.rank(), &b.mac, &b.name)));
+    let mut interfaces = after_what_they_sit_on(interfaces)?;
     // Rules are carried when the table they look up is: main, or a numbered table with a
     // route through a carried interface.
     let mut rules = Vec::new();
@@ -838,8 +848,9 @@ impl Kind {
         }
     }
 
-    /// Ethernet first, then bonds, then VLANs, then bridges: each after what it sits on.
-    fn rank(&self) -> u8 {
+    /// Ethernet first, then bonds, then VLANs, then bridges (a VLAN on a bridge is moved
+    /// after it: [`after_what_they_sit_on`]).
+    pub fn rank(&self) -> u8 {
         match self {
             Kind::Ethernet => 0,
             Kind::Bond(_) => 1,
@@ -848,6 +859,31 @@ impl Kind {
             Kind::Dummy => 4,
         }
     }
+}
+
+/// `list` (in rank order) with each interface after those it sits on, rank order kept
+/// otherwise: a VLAN on a bridge after the bridge, even when a VLAN is one of the bridge's
+/// ports. Renderers that create interfaces in order (ifupdown) need it.
+fn after_what_they_sit_on(list: Vec<Interface>) -> Result<Vec<Interface>> {
+    let mut left = list;
+    let mut out: Vec<Interface> = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let ready = left.iter().position(|i| {
+            i.lowers()
+                .0
+                .iter()
+                .all(|l| out.iter().any(|o| &o.name == *l))
+        });
+        let Some(k) = ready else {
+            let names: Vec<&str> = left.iter().map(|i| i.name.as_str()).collect();
+            bail!(
+                "interfaces {} sit on each other in a loop",
+                names.join(", ")
+            );
+        };
+        out.push(left.remove(k));
+    }
+    Ok(out)
 }
 
 /// A bond, VLAN, bridge or dummy keeps its name in the next OS, which writes it into configuration
@@ -1791,9 +1827,67 @@ mod tests {
         assert!(!mii.contains("arp"), "{mii}");
     }
 
+    /// The bridge capture with VLAN 100 on br0 holding 198.51.100.7/24 and a route through
+    /// it (this kernel has no 802.1q driver: the VLAN's `ip -d -j` entry is written by hand in
+    /// the shape of the vlan-bond capture's). Carried after the bridge; and a bridge whose
+    /// port is a VLAN, with a VLAN on top, comes out VLAN, bridge, VLAN.
+    #[test]
+    fn a_vlan_on_a_bridge_is_carried_after_the_bridge() {
+        let id = fixture("bridge-vlan").unwrap();
+        let names: Vec<&str> = id.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "br0", "br0.100"]);
+        let v = &id.interfaces[2];
+        assert_eq!(
+            v.kind,
+            Kind::Vlan {
+                id: 100,
+                parent: "br0".into()
+            }
+        );
+        assert_eq!(v.mac, id.interfaces[1].mac);
+        assert_eq!(v.routes[0].gateway, Some("198.51.100.1".parse().unwrap()));
+        let files = render_networkd(&id);
+        let br = &files
+            .iter()
+            .find(|(f, _)| f == "05-reinstall-br0.network")
+            .unwrap()
+            .1;
+        assert!(br.contains("VLAN=br0.100\n"), "{br}");
+        assert!(files
+            .iter()
+            .any(|(f, t)| f == "05-reinstall-br0.100.netdev" && t.contains("Kind=vlan")));
+
+        // VLAN 7 on eth0 as br0's port instead of eth0 itself: eth0, eth0.7, br0, br0.100.
+        let d = format!(
+            "{}/tests/fixtures/net/bridge-vlan",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap();
+        let mut links: Vec<serde_json::Value> = serde_json::from_str(&r("addr.json")).unwrap();
+        let eth0 = links.iter().position(|l| l["ifname"] == "eth0").unwrap();
+        let mut port = links[eth0].clone();
+        links[eth0].as_object_mut().unwrap().remove("master");
+        port["ifname"] = "eth0.7".into();
+        port["ifindex"] = 9.into();
+        port["link"] = "eth0".into();
+        port["linkinfo"] = serde_json::json!({"info_kind": "vlan", "info_data": {"protocol": "802.1Q", "id": 7}, "info_slave_kind": "bridge"});
+        port["addr_info"] = serde_json::json!([]);
+        links.push(port);
+        let id = parse(
+            &serde_json::to_string(&links).unwrap(),
+            &r("route4.json"),
+            &r("route6.json"),
+            &r("resolv.conf"),
+            "h",
+        )
+        .unwrap();
+        let names: Vec<&str> = id.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "eth0.7", "br0", "br0.100"]);
+    }
+
     /// Each refusal names the interface and what is not carried.
     #[test]
-    fn teams_unmonitorable_bonds_qinq_and_vlans_on_bridges_are_refused_by_name() {
+    fn teams_unmonitorable_bonds_qinq_and_vlans_on_vlans_are_refused_by_name() {
         let d = format!(
             "{}/tests/fixtures/net/vlan-bond",
             env!("CARGO_MANIFEST_DIR")
@@ -1807,9 +1901,7 @@ mod tests {
         };
         let e = try_with("\"info_kind\":\"bond\"", "\"info_kind\":\"team\"");
         assert!(e.contains("bond0 is a team"), "{e}");
-        // bond0 made a bridge of eth0 and eth1: VLAN 100 on it is not carried.
-        let e = try_with("\"info_kind\":\"bond\"", "\"info_kind\":\"bridge\"");
-        assert!(e.contains("bond0.100: its parent bond0 is a bridge"), "{e}");
+
         let e = try_with("\"arp_interval\":0", "\"arp_interval\":500");
         assert!(
             e.contains("bond bond0") && e.contains("no arp_ip_target"),

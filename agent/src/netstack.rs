@@ -326,7 +326,12 @@ fn netplan(id: &NetIdentity) -> File {
         "# Written by reinstall: the network identity of this machine.\nnetwork:\n  version: 2\n",
     );
     let mut section = "";
-    for (i, n) in id.interfaces.iter().enumerate() {
+    // One mapping per kind (netplan orders what sits on what itself): a VLAN on a bridge
+    // comes after the bridge in the identity, but goes under `vlans:`.
+    let mut order: Vec<usize> = (0..id.interfaces.len()).collect();
+    order.sort_by_key(|&i| id.interfaces[i].kind.rank());
+    for i in order {
+        let n = &id.interfaces[i];
         let want = match n.kind {
             Kind::Ethernet => "ethernets",
             Kind::Bond(_) => "bonds",
@@ -1063,6 +1068,57 @@ mod tests {
                 "{stack:?}: {s}"
             );
         }
+    }
+
+    /// VLAN 100 on bridge br0 (the bridge capture plus the VLAN; see its test in netid):
+    /// netplan lists it under `vlans:` linked to br0; networkd has br0 create it;
+    /// NetworkManager names br0's connection as its parent; ifupdown creates it after br0.
+    #[test]
+    fn a_vlan_on_a_bridge_reaches_every_stack() {
+        let id = crate::netid::fixture("bridge-vlan").unwrap();
+        let one = |stack, end: &str| -> String {
+            render(stack, &id)
+                .into_iter()
+                .find(|f| f.path.ends_with(end))
+                .unwrap_or_else(|| panic!("{end}"))
+                .contents
+        };
+        let np = one(Stack::Netplan, ".yaml");
+        assert!(
+            np.contains("  vlans:\n    br0.100:\n      id: 100\n      link: br0\n"),
+            "{np}"
+        );
+        assert_eq!(np.matches("  vlans:").count(), 1, "{np}");
+        let nd = all(&render(Stack::Networkd, &id));
+        assert!(
+            nd.contains("[Match]\nName=br0\n") && nd.contains("VLAN=br0.100\n"),
+            "{nd}"
+        );
+        let nm = render(Stack::NetworkManager, &id);
+        let uuid = |c: &str| {
+            nm_conn(&nm, c)
+                .lines()
+                .find_map(|l| l.strip_prefix("uuid="))
+                .unwrap()
+                .to_string()
+        };
+        let v = nm_conn(&nm, "br0.100");
+        assert!(
+            v.contains(&format!("[vlan]\nid=100\nparent={}\n", uuid("br0"))),
+            "{v}"
+        );
+        let ifu = one(Stack::Ifupdown, "60-reinstall");
+        let br = ifu.find("auto br0\n").expect(&ifu);
+        let vlan = ifu.find("auto br0.100\n").expect(&ifu);
+        assert!(br < vlan, "{ifu}");
+        assert!(
+            ifu.contains("ip link add link br0 name br0.100 address 52:54:00:00:01:01 mtu 1500 type vlan id 100"),
+            "{ifu}"
+        );
+        assert!(
+            ifu.contains("up ip -4 route add 203.0.113.0/24 via 198.51.100.1 dev br0.100"),
+            "{ifu}"
+        );
     }
 
     #[test]

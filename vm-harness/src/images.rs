@@ -162,7 +162,7 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
             w(
                 "etc/systemd/network/10-br0.network",
                 &format!(
-                    "[Match]\nName=br0\n\n[Network]\n{ip}\n[Route]\nGateway={}\nTable=100\n\n\
+                    "[Match]\nName=br0\n\n[Network]\n{ip}VLAN=br0.200\n\n[Route]\nGateway={}\nTable=100\n\n\
                      [RoutingPolicyRule]\nFrom={}\nTable=100\nPriority=1000\n",
                     s.gateway,
                     crate::scenario::ANYCAST
@@ -173,6 +173,18 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
                 &format!(
                     "[Match]\nMACAddress={}\nType=ether\n\n[Network]\nBridge=br0\n",
                     s.mac
+                ),
+            )?;
+            // A VLAN on the bridge (as a virtualization host's management VLAN).
+            w(
+                "etc/systemd/network/10-br0.200.netdev",
+                "[NetDev]\nName=br0.200\nKind=vlan\n\n[VLAN]\nId=200\n",
+            )?;
+            w(
+                "etc/systemd/network/10-br0.200.network",
+                &format!(
+                    "[Match]\nName=br0.200\n\n[Network]\nAddress={}\n",
+                    crate::scenario::BRIDGE_VLAN
                 ),
             )?;
             w(

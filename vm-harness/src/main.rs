@@ -27,7 +27,7 @@ use std::process::{Command, ExitCode, Stdio};
 ///               reports it, repaired from there; a second job. With --bond, every boot
 ///               also shows the source's bond of two NICs and its VLAN as they were (with
 ///               --arp, monitoring by ARP); with
-///               --bridge, its bridge, its anycast dummy and that address's policy rule
+///               --bridge, its bridge and the VLAN on it, its anycast dummy and that address's policy rule
 ///               and table (and only the source its Docker-style bridge).
 ///   bad-target  a target whose kernel panics: the machine comes back in rescue by itself and
 ///               the stager shows the failure; then a job with a good target is taken by the
@@ -73,11 +73,12 @@ struct Cli {
     #[arg(long, global = true, requires = "bond")]
     arp: bool,
     /// Put the VM's address on bridge br0 (STP on, forward delay 4 s) with the NIC as its
-    /// port, and give the source a portless docker0 bridge holding 172.17.0.1/16, as the
-    /// source OS configures them (systemd-networkd), beside dummy0 holding an anycast address
-    /// (192.0.2.53/32) whose replies a policy rule routes through table 100. Every boot must
-    /// show br0, dummy0, the rule and the table as they were; docker0 is left behind by the
-    /// agent (it is Docker's to make), so only the source has it.
+    /// port and VLAN 200 on it holding 198.51.100.9/24, and give the source a portless
+    /// docker0 bridge holding 172.17.0.1/16, as the source OS configures them
+    /// (systemd-networkd), beside dummy0 holding an anycast address (192.0.2.53/32) whose
+    /// replies a policy rule routes through table 100. Every boot must show br0, its VLAN,
+    /// dummy0, the rule and the table as they were; docker0 is left behind by the agent (it
+    /// is Docker's to make), so only the source has it.
     #[arg(long, global = true, conflicts_with = "bond")]
     bridge: bool,
     /// The VM reaches the stager through a site relay (`stager relay serve` on 127.0.0.1,

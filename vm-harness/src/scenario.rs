@@ -35,6 +35,10 @@ const BOND_VLAN: &str = "192.0.2.7/24";
 /// With `--bond --arp`: the bond sends ARP requests to the gateway this often.
 pub const ARP_INTERVAL_MS: u32 = 500;
 
+/// With `--bridge`: VLAN 200 on br0 holds this address (checked by what the guest shows, as
+/// the bond's VLAN is).
+pub const BRIDGE_VLAN: &str = "198.51.100.9/24";
+
 /// With `--bridge`: dummy0 holds this address (an anycast service address, as BGP hosts and
 /// load balancers keep on a dummy).
 pub const ANYCAST: &str = "192.0.2.53/32";
@@ -483,10 +487,22 @@ impl Env {
             "ip -d -j link show dev br0; echo ===; ip -j link show; echo ===; \
              ip -4 -o addr show dev br0; echo ===; ip -o link show dev docker0 2>/dev/null || echo none; \
              echo ===; ip -d -j addr show dev dummy0 2>&1; echo ===; ip -j -N -4 rule show; \
-             echo ===; ip -j -4 route show table 100 2>&1",
+             echo ===; ip -j -4 route show table 100 2>&1; echo ===; ip -d -j addr show dev br0.200 2>&1",
         )?;
         let parts: Vec<&str> = out.split("===\n").collect();
-        ensure!(parts.len() == 7, "{what}: br0 is missing:\n{out}");
+        ensure!(parts.len() == 8, "{what}: br0 is missing:\n{out}");
+        let vlan: serde_json::Value = serde_json::from_str(parts[7])
+            .with_context(|| format!("{what}: br0.200 is missing: {:?}", parts[7]))?;
+        let vlan = &vlan[0];
+        let (vaddr, vprefix) = BRIDGE_VLAN.split_once('/').unwrap();
+        ensure!(
+            vlan["link"] == "br0"
+                && vlan["linkinfo"]["info_data"]["id"] == 200
+                && vlan["addr_info"].as_array().is_some_and(|a| a
+                    .iter()
+                    .any(|x| { x["local"] == vaddr && x["prefixlen"].to_string() == vprefix })),
+            "{what}: br0.200 is not VLAN 200 on br0 holding {BRIDGE_VLAN}: {vlan}"
+        );
         let rules: serde_json::Value = serde_json::from_str(parts[5])
             .with_context(|| format!("{what}: ip -j rule show: {:?}", parts[5]))?;
         let (addr, _) = ANYCAST.split_once('/').unwrap();
@@ -932,12 +948,21 @@ pub fn full(o: &Opts) -> Result<bool> {
     ));
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS on request", 2, 2)?;
-    let hosts = run(e.operator().args(["status", "--host", HOST, "--json"]))?;
-    let v: serde_json::Value = serde_json::from_str(&hosts)?;
-    let h = &v["hosts"][0];
+    // Its agent tells the stager (after SSH answers, and its network is online: wait).
+    let t = Instant::now();
+    let h = loop {
+        let hosts = run(e.operator().args(["status", "--host", HOST, "--json"]))?;
+        let v: serde_json::Value = serde_json::from_str(&hosts)?;
+        let h = v["hosts"][0].clone();
+        let acked = h["phase"] == "rescue" && h["rescue_requested"].is_null();
+        if acked || t.elapsed() > Duration::from_secs(120) {
+            break h;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
     ensure!(
         h["phase"] == "rescue" && h["rescue_requested"].is_null(),
-        "the stager does not show the rescue acknowledged: {h}"
+        "the stager does not show the rescue acknowledged 120 s after its SSH answered: {h}"
     );
     e.row("rescue OS up on request: same address and host key; stager: phase rescue");
     e.vm.ssh("systemctl reboot || true").ok();
