@@ -495,12 +495,13 @@ impl Env {
             .with_context(|| format!("{what}: br0.200 is missing: {:?}", parts[7]))?;
         let vlan = &vlan[0];
         let (vaddr, vprefix) = BRIDGE_VLAN.split_once('/').unwrap();
+        let vprefix: u64 = vprefix.parse()?;
         ensure!(
             vlan["link"] == "br0"
                 && vlan["linkinfo"]["info_data"]["id"] == 200
                 && vlan["addr_info"].as_array().is_some_and(|a| a
                     .iter()
-                    .any(|x| { x["local"] == vaddr && x["prefixlen"].to_string() == vprefix })),
+                    .any(|x| { x["local"] == vaddr && x["prefixlen"] == vprefix })),
             "{what}: br0.200 is not VLAN 200 on br0 holding {BRIDGE_VLAN}: {vlan}"
         );
         let rules: serde_json::Value = serde_json::from_str(parts[5])
