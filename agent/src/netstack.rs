@@ -884,11 +884,7 @@ mod tests {
         assert!(links.iter().any(|l| l
             .contents
             .contains("MACAddress=52:54:00:aa:bb:01\nType=ether\n\n[Link]\nName=rnic")));
-        let ifaces = &f
-            .iter()
-            .find(|f| f.path.ends_with("60-reinstall"))
-            .unwrap()
-            .contents;
+        let ifaces = ending(&f, "60-reinstall");
         let host = ifaces
             .find("route add 198.51.100.1/32 scope link")
             .expect(ifaces);
@@ -901,13 +897,18 @@ mod tests {
         assert!(all(&f).contains("nameserver 192.0.2.53"));
     }
 
-    /// The keyfile of NetworkManager connection `reinstall-NAME` among `files`.
-    fn nm_conn<'a>(files: &'a [File], name: &str) -> &'a str {
+    /// The contents of the file among `files` whose path ends with `end`.
+    fn ending<'a>(files: &'a [File], end: &str) -> &'a str {
         &files
             .iter()
-            .find(|f| f.path.ends_with(&format!("/reinstall-{name}.nmconnection")))
-            .unwrap_or_else(|| panic!("{name}: {files:?}"))
+            .find(|f| f.path.ends_with(end))
+            .unwrap_or_else(|| panic!("{end}: {files:?}"))
             .contents
+    }
+
+    /// The keyfile of NetworkManager connection `reinstall-NAME` among `files`.
+    fn nm_conn<'a>(files: &'a [File], name: &str) -> &'a str {
+        ending(files, &format!("/reinstall-{name}.nmconnection"))
     }
 
     fn bonded() -> NetIdentity {
@@ -1001,11 +1002,7 @@ mod tests {
             }
         }
         let nm = render(Stack::NetworkManager, &id);
-        let b = &nm
-            .iter()
-            .find(|f| f.path.ends_with("bond0.nmconnection"))
-            .unwrap()
-            .contents;
+        let b = ending(&nm, "bond0.nmconnection");
         assert!(
             b.contains(
                 "[bond]\nmode=802.3ad\nmiimon=0\nlacp_rate=fast\nxmit_hash_policy=layer3+4\n\n"
@@ -1013,11 +1010,7 @@ mod tests {
             "{b}"
         );
         let ifu = render(Stack::Ifupdown, &id);
-        let s = &ifu
-            .iter()
-            .find(|f| f.path.ends_with("60-reinstall"))
-            .unwrap()
-            .contents;
+        let s = ending(&ifu, "60-reinstall");
         assert!(
             s.contains("type bond mode 802.3ad lacp_rate fast xmit_hash_policy layer3+4\n"),
             "{s}"
@@ -1031,13 +1024,7 @@ mod tests {
     #[test]
     fn an_arp_monitored_bond_reaches_every_stack() {
         let id = crate::netid::fixture("arp-bond").unwrap();
-        let file = |stack, end: &str| -> String {
-            render(stack, &id)
-                .into_iter()
-                .find(|f| f.path.ends_with(end))
-                .unwrap_or_else(|| panic!("{end}"))
-                .contents
-        };
+        let file = |stack, end: &str| ending(&render(stack, &id), end).to_string();
         let wants: [(Stack, &str, &str); 4] = [
             (
                 Stack::Netplan,
@@ -1076,13 +1063,7 @@ mod tests {
     #[test]
     fn a_vlan_on_a_bridge_reaches_every_stack() {
         let id = crate::netid::fixture("bridge-vlan").unwrap();
-        let one = |stack, end: &str| -> String {
-            render(stack, &id)
-                .into_iter()
-                .find(|f| f.path.ends_with(end))
-                .unwrap_or_else(|| panic!("{end}"))
-                .contents
-        };
+        let one = |stack, end: &str| ending(&render(stack, &id), end).to_string();
         let np = one(Stack::Netplan, ".yaml");
         assert!(
             np.contains("  vlans:\n    br0.100:\n      id: 100\n      link: br0\n"),
@@ -1124,11 +1105,7 @@ mod tests {
     #[test]
     fn ifupdown_creates_bonds_and_vlans_with_iproute2_after_what_they_sit_on() {
         let f = render(Stack::Ifupdown, &bonded());
-        let s = &f
-            .iter()
-            .find(|f| f.path.ends_with("60-reinstall"))
-            .unwrap()
-            .contents;
+        let s = ending(&f, "60-reinstall");
         assert!(
             !s.contains("auto rnic"),
             "members and bare parents come up with what sits on them:\n{s}"
@@ -1180,11 +1157,7 @@ mod tests {
             .iter()
             .any(|f| f.path == "etc/systemd/network/10-reinstall-rnic0.link"));
         let ifu = render(Stack::Ifupdown, &id);
-        let s = &ifu
-            .iter()
-            .find(|f| f.path.ends_with("60-reinstall"))
-            .unwrap()
-            .contents;
+        let s = ending(&ifu, "60-reinstall");
         assert!(
             !s.contains("auto rnic0"),
             "the port comes up with its bridge:\n{s}"
