@@ -206,7 +206,7 @@ pub struct RevokeOpts {
     #[command(flatten)]
     pub home: HomeOpt,
     pub name: String,
-    /// Only the certificates of NAME that a renewal replaced (all but the newest, which
+    /// Only the certificates of NAME that a renewal replaced (all but its current one, which
     /// keeps working): once NAME uses its renewed one (`stager certs`), its old key is worth
     /// nothing to whoever copies it.
     #[arg(long)]

@@ -239,19 +239,16 @@ impl Relay {
         let port = uri.port_u16().unwrap_or(443);
         let server_name = ServerName::try_from(host.to_string())
             .with_context(|| format!("upstream host {host:?}"))?;
-        let files = crate::certfiles::CertFiles::open(
-            &dir.join(CERT),
-            &dir.join(KEY),
-            crate::server::provider(),
-        )?;
-        let tls = rustls::ClientConfig::builder_with_provider(crate::server::provider())
+        let provider = crate::server::provider();
+        let files =
+            crate::certfiles::CertFiles::open(&dir.join(CERT), &dir.join(KEY), provider.clone())?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(crate::server::roots(&dir.join(crate::pki::CA_CERT))?)
             .with_client_cert_resolver(files.clone());
         // A resumed TLS session carries the client certificate of the session it resumes:
         // after a renewal the relay would go on presenting the replaced one. Each request to
         // upstream is a new connection with a full handshake (1 RTT, as a resumption).
-        let mut tls = tls;
         tls.resumption = rustls::client::Resumption::disabled();
         std::fs::create_dir_all(dir.join(CACHE))?;
         Ok(Relay {
@@ -475,8 +472,8 @@ impl Relay {
     /// /v1/relay/identity`); if it is, makes a new key, has the stager certify its public
     /// half (the private key never leaves the relay) and replaces relay.key and relay.pem,
     /// which both ends present from their next handshake on. Any failure leaves both files
-    /// as they were. Returns the new certificate's end, if it renewed.
-    async fn renew_if_due(&self) -> Result<Option<String>> {
+    /// as they were. Returns the new certificate's SHA-256 and end, if it renewed.
+    async fn renew_if_due(&self) -> Result<Option<(String, String)>> {
         async fn answer<T: serde::de::DeserializeOwned>(resp: Response<Incoming>) -> Result<T> {
             let status = resp.status();
             let body = http::read_body(resp.into_body(), REQUEST)
@@ -512,7 +509,7 @@ impl Relay {
         )
         .await?;
         let key_pem = key.serialize_pem();
-        crate::certfiles::check_pair(&renewed.cert, &key_pem)
+        let fingerprint = crate::certfiles::check_pair(&renewed.cert, &key_pem)
             .context("the certificate upstream sent")?;
         crate::certfiles::replace_pair(
             &self.dir.join(CERT),
@@ -520,7 +517,7 @@ impl Relay {
             &renewed.cert,
             &key_pem,
         )?;
-        Ok(Some(renewed.not_after))
+        Ok(Some((fingerprint, renewed.not_after)))
     }
 
     /// Renews this relay's certificate when it is due, checking at start and then hourly.
@@ -528,11 +525,10 @@ impl Relay {
         loop {
             let next = match self.renew_if_due().await {
                 Ok(None) => RENEW_CHECK,
-                Ok(Some(end)) => {
+                Ok(Some((fp, end))) => {
                     println!(
-                        "relay {}: renewed its certificate (now sha256 {}, valid until {end})",
-                        self.config.name,
-                        self.files.fingerprint()
+                        "relay {}: renewed its certificate (now sha256 {fp}, valid until {end})",
+                        self.config.name
                     );
                     RENEW_CHECK
                 }
