@@ -2202,3 +2202,192 @@ fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() 
     );
     assert_eq!(code, 403, "{body}");
 }
+
+/// The stager's disk is lost: a backup taken while it served (to two operators' age keys)
+/// is restored at the same path, and the same agents, operator and blobs carry on with the
+/// same certificates. Stock `age | zstd | tar` read the backup; a wrong key, a cut or altered
+/// file, a non-empty directory are refused with nothing left behind; `--no-blobs` backups
+/// say which bundles they lack.
+#[test]
+fn the_stager_is_backed_up_while_serving_and_restored_where_it_was_lost() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = scratch();
+    let mut s = started(&w);
+    let id = create_job(&s, "web1");
+    let d = w.path();
+    let mut keys = Vec::new();
+    for k in ["key1", "key2", "stranger"] {
+        let f = d.join(format!("{k}.txt"));
+        ok(std::process::Command::new("age-keygen").arg("-o").arg(&f));
+        let public = ok(std::process::Command::new("age-keygen").arg("-y").arg(&f));
+        keys.push((f, public.trim().to_string()));
+    }
+    std::fs::write(
+        d.join("recipients"),
+        format!("# the second\n{}\n", keys[1].1),
+    )
+    .unwrap();
+    let certs = |home: &std::path::Path| -> Vec<String> {
+        let out = ok(stager().arg("certs").arg("--dir").arg(home).arg("--json"));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut fps: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| format!("{} {}", c["name"], c["fingerprint"]))
+            .collect();
+        fps.sort();
+        fps
+    };
+    let before = certs(&s.home);
+    let backup = d.join("stager.backup");
+    let home = s.home.clone();
+    let backup_cmd = |out: &std::path::Path| {
+        let mut c = stager();
+        c.arg("backup")
+            .arg("--dir")
+            .arg(&home)
+            .arg("--out")
+            .arg(out)
+            .args(["-r", &keys[0].1, "--recipients-file"])
+            .arg(d.join("recipients"));
+        c
+    };
+    // While serving: the running stager is polled in between.
+    let (code, _) = s.curl(Some("web2"), &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200);
+    let made: serde_json::Value =
+        serde_json::from_str(&ok(backup_cmd(&backup).arg("--json"))).unwrap();
+    let sha = sh(&format!("sha256sum {} | cut -d' ' -f1", backup.display()));
+    assert_eq!(made["sha256"], sha.trim(), "{made}");
+    assert_eq!(
+        (made["bundles"].as_u64(), &made["about"]["blobs"]),
+        (Some(2), &true.into()),
+        "{made}"
+    );
+    assert_eq!(
+        std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let listing = sh(&format!(
+        "age -d -i {} {} | zstd -d | tar -tv",
+        keys[1].0.display(),
+        backup.display()
+    ));
+    let target_sha = s.sha_of("target");
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    for want in [
+        "ca.key",
+        "release.key",
+        "state.db",
+        "BACKUP.json",
+        &format!("blobs/sha256/{target_sha}"),
+    ] {
+        assert!(names.contains(&want), "{want} not in:\n{listing}");
+    }
+    let ca_key = listing.lines().find(|l| l.ends_with(" ca.key")).unwrap();
+    assert!(ca_key.starts_with("-rw------- 0/0"), "{ca_key}");
+    assert!(!names.iter().any(|n| n.starts_with("tmp")), "{listing}");
+    let e = fails(&mut backup_cmd(&backup));
+    assert!(e.contains("exists") && e.contains("stager.backup"), "{e}");
+    let e = fails(stager().arg("backup").arg("--dir").arg(&s.home).args([
+        "--out",
+        "/tmp/never-written",
+        "-r",
+        "age1notakey",
+    ]));
+    assert!(
+        e.contains("--recipient") && e.contains("age1notakey"),
+        "{e}"
+    );
+    let e = fails(&mut backup_cmd(&s.home.join("inside")));
+    assert!(e.contains("inside the stager home"), "{e}");
+
+    // Refused, and nothing is left beside the directory named.
+    let restore = |file: &std::path::Path, key: &std::path::Path, into: &std::path::Path| {
+        let mut c = stager();
+        c.arg("restore")
+            .arg("--dir")
+            .arg(into)
+            .arg("-i")
+            .arg(key)
+            .arg(file);
+        c
+    };
+    let bytes = std::fs::read(&backup).unwrap();
+    let cut = d.join("cut.backup");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let flipped = d.join("flipped.backup");
+    let mut b = bytes.clone();
+    let at = b.len() / 2;
+    b[at] ^= 0x20;
+    std::fs::write(&flipped, &b).unwrap();
+    let nowhere = d.join("restored");
+    for (file, key, says) in [
+        (&backup, &keys[2].0, "does not open it"),
+        (&cut, &keys[0].0, "cut.backup"),
+        (&flipped, &keys[0].0, "flipped.backup"),
+    ] {
+        let e = fails(&mut restore(file, key, &nowhere));
+        assert!(e.contains(says), "{says}: {e}");
+        assert!(!nowhere.exists(), "{e}");
+        let left = sh(&format!("ls -A {} | grep restoring || true", d.display()));
+        assert!(left.trim().is_empty(), "left behind: {left}");
+    }
+    std::fs::create_dir(&nowhere).unwrap();
+    std::fs::write(nowhere.join("x"), "").unwrap();
+    let e = fails(&mut restore(&backup, &keys[0].0, &nowhere));
+    assert!(e.contains("not empty"), "{e}");
+
+    // The disk is lost; the home comes back where it was, and serving carries on.
+    s.kill();
+    std::fs::rename(&s.home, d.join("lost")).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(restore(&backup, &keys[0].0, &s.home).arg("--json"))).unwrap();
+    assert_eq!(r["missing_blobs"], serde_json::json!([]), "{r}");
+    assert_eq!(r["bundles"], 2, "{r}");
+    assert_eq!(certs(&s.home), before);
+    for (f, mode) in [
+        ("ca.key", 0o600),
+        ("release.key", 0o600),
+        ("server.key", 0o600),
+    ] {
+        let m = std::fs::metadata(s.home.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o777, mode, "{f}");
+    }
+    assert!(!s.home.join("BACKUP.json").exists());
+    s.start();
+    let (code, body) = s.curl(Some("web1"), &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 200, "{body}");
+    let work: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(work["job"]["id"], id, "{body}");
+    let (code, body) = s.curl(Some("alice"), &[], &format!("/v1/jobs/{id}"));
+    assert_eq!(code, 200, "{body}");
+    let out = d.join("blob");
+    let (code, _) = s.curl(
+        Some("web1"),
+        &["-o", out.to_str().unwrap()],
+        &format!("/v1/blobs/{target_sha}"),
+    );
+    assert_eq!(code, 200);
+    let got = sh(&format!("sha256sum {} | cut -d' ' -f1", out.display()));
+    assert_eq!(got.trim(), target_sha);
+
+    // Without blobs: small, and the restore names what it lacks.
+    let small = d.join("small.backup");
+    ok(backup_cmd(&small).arg("--no-blobs"));
+    assert!(std::fs::metadata(&small).unwrap().len() < bytes.len() as u64);
+    let again = d.join("again");
+    let text = ok(&mut restore(&small, &keys[1].0, &again));
+    assert!(
+        text.contains("without their blobs") && text.contains("target@1"),
+        "{text}"
+    );
+    assert!(text.contains("not in this backup"), "{text}");
+}

@@ -69,12 +69,12 @@ pub struct Packed<W> {
 pub fn pack<W: Write>(
     src: &Source,
     out: W,
-    recipient: &age::x25519::Recipient,
+    recipients: &[age::x25519::Recipient],
     compression: Compression,
     level: Option<i32>,
     progress: &mut dyn Progress,
 ) -> Result<Packed<W>> {
-    let mut pw = PayloadWriter::new(out, recipient, compression, level)?;
+    let mut pw = PayloadWriter::new(out, recipients, compression, level)?;
     let stats = match src {
         Source::Dir(root) => {
             let mut b = tar::Builder::new(&mut pw);

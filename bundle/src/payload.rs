@@ -68,12 +68,13 @@ pub struct Written<W> {
 impl<W: Write> PayloadWriter<W> {
     pub fn new(
         out: W,
-        recipient: &age::x25519::Recipient,
+        recipients: &[age::x25519::Recipient],
         compression: Compression,
         level: Option<i32>,
     ) -> Result<Self> {
+        // Any one of the recipients' identities opens it (age's own rule).
         let encryptor =
-            age::Encryptor::with_recipients(std::iter::once(recipient as &dyn age::Recipient))
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
                 .map_err(|e| Error::Invalid(format!("age: {e}")))?;
         let enc = encryptor
             .wrap_output(HashWriter::new(out))

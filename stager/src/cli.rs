@@ -65,6 +65,20 @@ pub enum Command {
                                   `stager relay serve` renews itself"
     )]
     Serve(ServeOpts),
+    /// Write the whole stager home (CA, server and release keys, stager.toml, a consistent
+    /// snapshot of the state database, the bundles and their blobs) into one file encrypted
+    /// to the operators' age keys; safe while `stager serve` runs. Keep it off this machine:
+    /// without it, a lost stager means enrolling every host again by hand.
+    #[command(after_help = "Read it with the stock tools too:
+  age -d -i KEY.txt FILE | zstd -d | tar -tv
+Restore with `stager restore`. What a backup cannot hold: certificates issued, renewed or
+revoked after it was made (run it daily; --no-blobs keeps it small).")]
+    Backup(BackupOpts),
+    /// Restore a `stager backup` file into a new directory, checked before it is put in
+    /// place: the database's integrity, the CA, server and release key pairs, every blob
+    /// against its manifest. Then `stager serve --dir DIR` on a machine that answers at the
+    /// stager's URL (stager.toml `url`; the identities of agents and relays name it).
+    Restore(RestoreOpts),
     /// Build, list and export bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -243,6 +257,42 @@ pub struct CertsOpts {
     #[arg(long, value_name = "DAYS")]
     pub expiring_within: Option<i64>,
     /// One JSON array, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BackupOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// The file to write (must not exist; written as FILE.partial, then renamed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// An age recipient (`age1…`, from `age-keygen`) who can open the backup; repeatable,
+    /// any one of them opens it.
+    #[arg(long = "recipient", short = 'r', value_name = "AGE1…")]
+    pub recipients: Vec<String>,
+    /// A file of recipients, one `age1…` per line (as `age -R`); repeatable.
+    #[arg(long = "recipients-file", short = 'R', value_name = "FILE")]
+    pub recipients_files: Vec<PathBuf>,
+    /// Leave the bundles' blobs out (keys, database and manifests only: small enough to
+    /// make daily; the blobs can be built again).
+    #[arg(long)]
+    pub no_blobs: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct RestoreOpts {
+    /// The directory to restore into (new, or empty).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The age identity file (`AGE-SECRET-KEY-1…`) of one of the backup's recipients.
+    #[arg(long, short = 'i')]
+    pub identity: PathBuf,
+    /// The backup file.
+    pub file: PathBuf,
     #[arg(long)]
     pub json: bool,
 }
@@ -665,6 +715,77 @@ pub fn relay_serve(o: RelayServeOpts) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(stager::relay::serve(&o.dir, o.listen))
+}
+
+pub fn backup(o: BackupOpts) -> Result<()> {
+    let mut recipients = Vec::new();
+    for r in &o.recipients {
+        recipients.push(stager::backup::parse_recipient("--recipient", r)?);
+    }
+    for f in &o.recipients_files {
+        recipients.extend(stager::backup::recipients_file(f)?);
+    }
+    anyhow::ensure!(
+        !recipients.is_empty(),
+        "name who can open the backup: --recipient age1… or --recipients-file FILE"
+    );
+    let mut progress = Terminal::stderr();
+    let m = stager::backup::backup(
+        &o.home.dir,
+        &o.out,
+        &recipients,
+        !o.no_blobs,
+        progress.as_mut(),
+    )?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!(
+            "{}: {} ({} entries, {} unpacked, {} bundle(s){}), sha256 {}; database snapshot of {}, for {} recipient(s)",
+            m.path.display(),
+            progress::bytes(m.size),
+            m.entries,
+            progress::bytes(m.unpacked_size),
+            m.bundles,
+            if m.about.blobs { "" } else { ", without blobs" },
+            m.sha256,
+            m.about.created,
+            recipients.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn restore(o: RestoreOpts) -> Result<()> {
+    let identity = bundle::payload::load_identity(&o.identity)?;
+    let mut progress = Terminal::stderr();
+    let r = stager::backup::restore(&o.file, &identity, &o.dir, progress.as_mut())?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}: stager {:?} restored from its backup of {} ({} entries, {}; {} certificate(s), {} bundle(s)); checked: database, CA, server and release keys, blobs",
+            r.dir.display(),
+            r.about.stager,
+            r.about.created,
+            r.entries,
+            progress::bytes(r.unpacked_size),
+            r.certificates,
+            r.bundles,
+        );
+        if !r.missing_blobs.is_empty() {
+            println!(
+                "without their blobs (a --no-blobs backup): {}; build them again before a job names them",
+                r.missing_blobs.join(", ")
+            );
+        }
+        println!("{}", stager::backup::after_restore_note(&r.about));
+        println!(
+            "serve it with `stager serve --dir {}` where the stager's URL (stager.toml) reaches",
+            r.dir.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn serve(o: ServeOpts) -> Result<()> {

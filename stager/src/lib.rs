@@ -3,6 +3,7 @@
 //! them directly where a test needs what no command offers (an already expired certificate).
 
 pub mod api;
+pub mod backup;
 pub mod certfiles;
 pub mod certs;
 pub mod config;

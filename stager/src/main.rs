@@ -27,6 +27,8 @@ fn run(args: cli::Cli) -> Result<()> {
         cli::Command::Certs(o) => cli::certs(o),
         cli::Command::ServerCert(o) => cli::server_cert(o),
         cli::Command::Serve(o) => cli::serve(o),
+        cli::Command::Backup(o) => cli::backup(o),
+        cli::Command::Restore(o) => cli::restore(o),
         cli::Command::Bundle(cli::BundleCommand::Build(o)) => cli::build(o),
         cli::Command::Bundle(cli::BundleCommand::List(o)) => cli::list(o),
         cli::Command::Bundle(cli::BundleCommand::Export(o)) => cli::export(o),

@@ -155,7 +155,7 @@ impl Store {
         let packed = pack::pack(
             source,
             BufWriter::with_capacity(1 << 20, out),
-            &identity.to_public(),
+            &[identity.to_public()],
             req.compression,
             req.level,
             progress,

@@ -201,7 +201,7 @@ pub fn forge_bundle(
     let id = bundle::payload::AgeIdentity::generate();
     let mut pw = bundle::payload::PayloadWriter::new(
         Vec::new(),
-        &id.to_public(),
+        &[id.to_public()],
         bundle::Compression::Zstd,
         None,
     )
