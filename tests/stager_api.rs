@@ -2391,3 +2391,120 @@ fn the_stager_is_backed_up_while_serving_and_restored_where_it_was_lost() {
     );
     assert!(text.contains("not in this backup"), "{text}");
 }
+
+/// A stager restored from a backup has no record of the certificates it issued after the
+/// backup: hosts that renewed in between (directly, or through a site relay) are taken the
+/// first time they present the renewal, which chains to its CA and names a host on record;
+/// a host enrolled after the backup is not (it must be enrolled again).
+#[test]
+fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
+    let w = scratch();
+    let d = w.path();
+    let mut s = started(&w);
+    let mut relay = integration_tests::stager::Relay::init(&s, "pop-a");
+    relay.start();
+    // web3 reaches the stager directly, web4 through the relay; both are due to renew.
+    let mut roots = Vec::new();
+    for (host, via) in [("web3", None), ("web4", Some(relay.url("")))] {
+        let root = d.join(format!("root-{host}"));
+        let etc = root.join("etc/reinstall");
+        std::fs::create_dir_all(&etc).unwrap();
+        let mut c = stager();
+        c.args(["enroll", "--dir"])
+            .arg(&s.home)
+            .args([host, "--days", "10", "--out"])
+            .arg(etc.join("identity.toml"));
+        if let Some(v) = &via {
+            c.args(["--via", v]);
+        }
+        ok(&mut c);
+        roots.push((host, root));
+    }
+    ok(std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(d.join("key.txt")));
+    let public = ok(std::process::Command::new("age-keygen")
+        .arg("-y")
+        .arg(d.join("key.txt")));
+    let backup = d.join("stager.backup");
+    ok(stager()
+        .args(["backup", "--dir"])
+        .arg(&s.home)
+        .arg("--out")
+        .arg(&backup)
+        .args(["-r", public.trim(), "--no-blobs"]));
+
+    // After the backup: both renew (the real agent), and web5 is enrolled.
+    for (host, root) in &roots {
+        let out = run(reinstall()
+            .args(["agent", "--root"])
+            .arg(root)
+            .arg("--fake-firmware")
+            .arg(d.join(format!("fw-{host}.json")))
+            .arg("--work")
+            .arg(d.join(format!("work-{host}")))
+            .args(["--wait", "0", "--once"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.contains("certificate was renewed"),
+            "{host}: {stderr}"
+        );
+        std::fs::copy(root.join("etc/reinstall/identity.toml"), s.identity(host)).unwrap();
+    }
+    s.enroll("web5");
+    let poll = |s: &Stager, host: &str| {
+        let url = if host == "web4" {
+            relay.url("/v1/agent/work?wait=0")
+        } else {
+            s.url("/v1/agent/work?wait=0")
+        };
+        s.curl_at(&url, Some(host), &[])
+    };
+    for h in ["web3", "web4", "web5"] {
+        assert_eq!(poll(&s, h).0, 200, "{h} before the loss");
+    }
+
+    s.kill();
+    std::fs::rename(&s.home, d.join("lost")).unwrap();
+    let text = ok(stager()
+        .args(["restore", "--dir"])
+        .arg(&s.home)
+        .arg("-i")
+        .arg(d.join("key.txt"))
+        .arg(&backup));
+    assert!(text.contains("taken when first presented"), "{text}");
+    s.start();
+    let fingerprint = |host: &str| {
+        let id = proto::identity::IdentityFile::load(&s.identity(host)).unwrap();
+        let der = sh(&format!(
+            "printf '%s' '{}' | openssl x509 -outform der | sha256sum | cut -d' ' -f1",
+            id.cert
+        ));
+        der.trim().to_string()
+    };
+    let on_record = |host: &str| {
+        let out = ok(stager().args(["certs", "--json", "--dir"]).arg(&s.home));
+        let fp = fingerprint(host);
+        out.contains(&fp)
+    };
+    for h in ["web3", "web4"] {
+        assert!(!on_record(h), "{h}'s renewal is not in the backup");
+    }
+    assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 0);
+    for h in ["web3", "web4"] {
+        let (code, body) = poll(&s, h);
+        assert_eq!(code, 200, "{h}: {body}");
+        assert!(on_record(h), "{h}'s renewal is on record now");
+    }
+    assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 2);
+    let (code, body) = poll(&s, "web5");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("not issued by this stager"), "{body}");
+    // Taken once, then on record like any other: a restart changes nothing.
+    s.kill();
+    s.start();
+    for h in ["web3", "web4"] {
+        assert_eq!(poll(&s, h).0, 200, "{h} after a restart");
+    }
+    assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 0);
+}

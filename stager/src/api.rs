@@ -74,7 +74,7 @@ async fn dispatch(
     if segs == ["healthz"] && method == Method::GET {
         return Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})));
     }
-    let mut who = principal(state, conn.fingerprint.clone()).await?;
+    let mut who = principal(state, conn.fingerprint.clone(), conn.cert.as_deref()).await?;
     // A relay's own routes (renewing its certificate), which it calls for itself; or, through
     // the relays above it, as a client of theirs.
     let relays_own = segs.starts_with(&["v1", "relay"]);
@@ -260,6 +260,10 @@ pub const RELAY: &str = "relay";
 /// whose client is itself a relay (relays chained: a site's relay under a regional one)
 /// passes both on and adds that relay's fingerprint to [`RELAYED_VIA`].
 pub const RELAYED_FOR: &str = "x-reinstall-relayed-for";
+/// The agent's certificate itself (base64 DER), passed on with [`RELAYED_FOR`]: the stager
+/// checks it against its CA only when the fingerprint is not on record (a renewal made
+/// after the backup it was restored from).
+pub const RELAYED_CERT: &str = "x-reinstall-relayed-cert";
 pub const RELAYED_ADDR: &str = "x-reinstall-relayed-addr";
 /// The fingerprints of the relays a request came through before the one that connected,
 /// comma-separated, the agent's own relay first.
@@ -287,7 +291,11 @@ async fn relayed_client(
             relay.name
         )));
     };
-    let who = principal(state, Some(fp.to_string())).await?;
+    let cert = header(RELAYED_CERT).and_then(|c| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(c).ok()
+    });
+    let who = principal(state, Some(fp.to_string()), cert.as_deref()).await?;
     if who.role != "agent" && !(who.role == RELAY && relays_own) {
         return Err(ApiError::forbidden(format!(
             "relay {:?} may act for agents only, not for {} {:?}",
@@ -309,7 +317,7 @@ async fn relayed_client(
         conn.fingerprint.clone().unwrap_or_default(),
     )];
     for fp in below {
-        let r = principal(state, Some(fp.to_string())).await?;
+        let r = principal(state, Some(fp.to_string()), None).await?;
         if r.role != RELAY {
             return Err(ApiError::forbidden(format!(
                 "relay {:?} forwarded host {:?} as if through relay {:?}, which is a {} certificate",
@@ -348,19 +356,30 @@ async fn relayed_client(
         .map_or_else(|| conn.addr.clone(), str::to_string);
     let conn = Arc::new(Conn {
         fingerprint: Some(fp.to_string()),
+        cert,
         addr,
     });
     Ok((who, conn))
 }
 
-async fn principal(state: &Arc<State>, fingerprint: Option<String>) -> Result<Principal, ApiError> {
+/// Who the certificate `fingerprint` belongs to (`cert`: the certificate itself, when at hand,
+/// for one this stager issued after the backup it was restored from: see [`adopt`]).
+async fn principal(
+    state: &Arc<State>,
+    fingerprint: Option<String>,
+    cert: Option<&[u8]>,
+) -> Result<Principal, ApiError> {
     let Some(fp) = fingerprint else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "a client certificate is required",
         ));
     };
-    let p = state.db(move |db| db.principal(&fp)).await?;
+    let key = fp.clone();
+    let mut p = state.db(move |db| db.principal(&key)).await?;
+    if let (None, Some(cert)) = (&p, cert) {
+        p = adopt(state, &fp, cert).await?;
+    }
     match p {
         None => {
             state.metrics.unknown_certs.fetch_add(1, Ordering::Relaxed);
@@ -380,6 +399,49 @@ async fn principal(state: &Arc<State>, fingerprint: Option<String>) -> Result<Pr
         }
         Some(p) => Ok(p),
     }
+}
+
+/// A certificate not on record, from a stager restored from a backup: one this stager issued
+/// between the backup's snapshot and the restore (an agent's or relay's renewal) is recorded
+/// as the renewal it was, the first time it is presented, and serves as such. It must chain
+/// to this stager's CA (checked here: a relay passes it on), start within such a period,
+/// and name a host, relay or operator of the same role on record. `None` otherwise.
+async fn adopt(state: &Arc<State>, fp: &str, der: &[u8]) -> Result<Option<Principal>, ApiError> {
+    let windows = state.db(|db| db.unrecorded()).await?;
+    if windows.is_empty() || crate::pki::fingerprint(der) != fp {
+        return Ok(None);
+    }
+    let chained = state.client_verifier.verify_client_cert(
+        &rustls::pki_types::CertificateDer::from(der.to_vec()),
+        &[],
+        rustls::pki_types::UnixTime::now(),
+    );
+    let Ok(info) = crate::pki::cert_info_der(der) else {
+        return Ok(None);
+    };
+    let (name, role) = match chained
+        .map_err(|e| format!("it does not chain to this stager's CA: {e}"))
+        .and_then(|_| crate::certs::adoptable(&info, &windows))
+    {
+        Ok(who) => who,
+        Err(why) => {
+            eprintln!("stager: certificate {fp} is not on record and not taken: {why}");
+            return Ok(None);
+        }
+    };
+    let not_after = crate::pki::rfc3339(info.not_after);
+    let (key, n, r) = (fp.to_string(), name.clone(), role.clone());
+    let p = state
+        .db(move |db| db.adopt_cert(&key, &n, &r, &not_after))
+        .await?;
+    match &p {
+        Some(_) => {
+            state.metrics.adopted_certs.fetch_add(1, Ordering::Relaxed);
+            eprintln!("stager: certificate {fp} of {role} {name:?}, issued after the backup this stager was restored from, is now on record");
+        }
+        None => eprintln!("stager: certificate {fp} names {role} {name:?}, which has no certificate on record: not taken (enroll it again)"),
+    }
+    Ok(p)
 }
 
 fn operator(who: &Principal) -> Result<(), ApiError> {

@@ -459,7 +459,9 @@ fn check_restored(home: &Path) -> Result<(About, usize, Vec<String>, i64)> {
         let n: i64 = conn.query_row("SELECT count(*) FROM certs", [], |r| r.get(0))?;
         n
     };
-    db::Db::open(&dbp)?; // its schema: a newer backup is refused by name
+    // Its schema (a newer one is refused by name); and the period it holds no record of,
+    // from the snapshot to now, whose renewals the server takes when first presented.
+    db::Db::open(&dbp)?.record_restore(&about.created)?;
     for (cert, key, what) in [
         (pki::CA_CERT, pki::CA_KEY, "the CA"),
         (pki::SERVER_CERT, pki::SERVER_KEY, "the server"),
@@ -513,10 +515,10 @@ fn check_restored(home: &Path) -> Result<(About, usize, Vec<String>, i64)> {
     Ok((about, list.len(), missing, certificates))
 }
 
-/// Written by restore's caller as a reminder of what a backup cannot hold.
+/// Written by restore's caller: what a backup cannot hold.
 pub fn after_restore_note(about: &About) -> String {
     format!(
-        "certificates issued, renewed or revoked after {} are not in this backup: hosts that renewed since then present a certificate this stager does not know and are refused; revocations since then must be made again",
+        "not in this backup, made {}: certificates renewed since then are taken when first presented (they chain to this CA and name a host, relay or operator on record); hosts, relays and operators enrolled since then must be enrolled again; revocations since then must be made again",
         about.created
     )
 }

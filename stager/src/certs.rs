@@ -178,6 +178,39 @@ pub fn expiring(listed: &[Listed], days: i64) -> Vec<&Listed> {
     out
 }
 
+/// Whether a certificate this stager's CA signed but has no record of may be taken as issued
+/// while no record was kept: between a restored backup's snapshot and its restore
+/// (`windows`: RFC 3339 pairs as [`crate::db::Db::unrecorded`] gives them). It must start
+/// within one (client certificates start [`crate::pki::CLIENT_BACKDATE_SECS`] before their
+/// issue; five minutes more for the clocks of the old and the new stager machine), and say
+/// in its subject which name and role it is for (CN, OU). The name and role, or why not.
+pub fn adoptable(
+    info: &crate::pki::CertInfo,
+    windows: &[(String, String)],
+) -> Result<(String, String), String> {
+    let (Some(name), Some(role)) = (&info.cn, &info.ou) else {
+        return Err("its subject names no client (CN and OU)".into());
+    };
+    if !matches!(role.as_str(), "agent" | "operator" | "relay") {
+        return Err(format!("its OU {role:?} is not a client's role"));
+    }
+    let back = std::time::Duration::from_secs(crate::pki::CLIENT_BACKDATE_SECS as u64 + 300);
+    let slack = std::time::Duration::from_secs(300);
+    let within = windows.iter().any(|(from, to)| {
+        match (humantime::parse_rfc3339(from), humantime::parse_rfc3339(to)) {
+            (Ok(from), Ok(to)) => info.not_before + back >= from && info.not_before <= to + slack,
+            _ => false,
+        }
+    });
+    if !within {
+        return Err(format!(
+            "it starts at {}, outside every period between a backup and its restore",
+            crate::pki::rfc3339(info.not_before)
+        ));
+    }
+    Ok((name.clone(), role.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +308,42 @@ mod tests {
         assert_eq!(names(0), ["web3:d"]);
         assert_eq!(names(500), ["web3:d", "web2:c", "web4:f"]);
         assert_eq!(names(900), ["web3:d", "web2:c", "web4:f", "web1:g"]);
+    }
+
+    #[test]
+    fn a_certificate_missing_from_a_restored_record_is_taken_only_from_its_period() {
+        let t = |s: &str| humantime::parse_rfc3339(s).unwrap();
+        let info = |start: &str, cn: Option<&str>, ou: Option<&str>| crate::pki::CertInfo {
+            fingerprint: "ab".into(),
+            not_before: t(start),
+            not_after: t("2030-01-01T00:00:00Z"),
+            sans: vec![],
+            cn: cn.map(str::to_string),
+            ou: ou.map(str::to_string),
+        };
+        // Backed up at 10:00, restored at 18:00: issued from 10:00 on starts from 08:00 on.
+        let w = vec![(
+            "2026-05-01T10:00:00Z".to_string(),
+            "2026-05-01T18:00:00Z".to_string(),
+        )];
+        for (start, ok) in [
+            ("2026-05-01T08:00:00Z", true),
+            ("2026-05-01T07:56:00Z", true),
+            ("2026-05-01T07:50:00Z", false),
+            ("2026-05-01T15:59:00Z", true),
+            ("2026-05-01T18:04:00Z", true),
+            ("2026-05-01T18:10:00Z", false),
+        ] {
+            let got = adoptable(&info(start, Some("web1"), Some("agent")), &w);
+            assert_eq!(got.is_ok(), ok, "{start}: {got:?}");
+        }
+        let mid = "2026-05-01T12:00:00Z";
+        assert_eq!(
+            adoptable(&info(mid, Some("r1"), Some("relay")), &w),
+            Ok(("r1".into(), "relay".into()))
+        );
+        assert!(adoptable(&info(mid, Some("s"), Some("server")), &w).is_err());
+        assert!(adoptable(&info(mid, None, Some("agent")), &w).is_err());
+        assert!(adoptable(&info(mid, Some("web1"), Some("agent")), &[]).is_err());
     }
 }

@@ -108,6 +108,15 @@ ALTER TABLE certs ADD COLUMN site TEXT;
 ALTER TABLE certs ADD COLUMN sans TEXT;
 ALTER TABLE certs ADD COLUMN last_used TEXT;
 "#,
+    // `stager restore`: when the backup's snapshot was taken and when it was restored, so
+    // that certificates this stager issued in between (renewals it has no record of) can
+    // be recognized.
+    r#"
+CREATE TABLE restores (
+    backup_created TEXT NOT NULL,
+    restored TEXT NOT NULL
+);
+"#,
 ];
 
 pub struct Db {
@@ -305,6 +314,59 @@ impl Db {
         Ok(row.map(|(site, sans)| {
             let sans = sans.map_or(Vec::new(), |s| s.split(',').map(str::to_string).collect());
             (site, sans)
+        }))
+    }
+
+    /// Records that this database was restored from a backup taken at `backup_created`.
+    pub fn record_restore(&self, backup_created: &str) -> rusqlite::Result<()> {
+        self.c().execute(
+            "INSERT INTO restores (backup_created, restored) VALUES (?1, ?2)",
+            params![backup_created, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The periods no record covers: from each restored backup's snapshot to its restore
+    /// (RFC 3339 pairs), newest first.
+    pub fn unrecorded(&self) -> rusqlite::Result<Vec<(String, String)>> {
+        let c = self.c();
+        let mut st =
+            c.prepare("SELECT backup_created, restored FROM restores ORDER BY rowid DESC")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// Records a certificate this stager issued while no record was kept (between a backup
+    /// and its restore), as the renewal it was: same name and role as the newest record of
+    /// `name`, same sites and names. `None` if `name` has no certificate of `role` on record.
+    pub fn adopt_cert(
+        &self,
+        fp: &str,
+        name: &str,
+        role: &str,
+        not_after: &str,
+    ) -> rusqlite::Result<Option<Principal>> {
+        let c = self.c();
+        let like: Option<(Option<String>, Option<String>)> = c
+            .query_row(
+                "SELECT site, sans FROM certs WHERE name = ?1 AND role = ?2
+                 ORDER BY rowid DESC LIMIT 1",
+                params![name, role],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((site, sans)) = like else {
+            return Ok(None);
+        };
+        c.execute(
+            "INSERT OR IGNORE INTO certs (fingerprint, name, role, issued, not_after, site, sans)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![fp, name, role, now(), not_after, site, sans],
+        )?;
+        Ok(Some(Principal {
+            name: name.to_string(),
+            role: role.to_string(),
+            revoked: false,
         }))
     }
 

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub handshakes_refused: AtomicU64,
     pub revoked_refused: AtomicU64,
     pub unknown_certs: AtomicU64,
+    pub adopted_certs: AtomicU64,
     pub connections: AtomicU64,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
 }
@@ -97,6 +98,12 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
         "stager_unknown_certificates_total",
         "Requests with a certificate this stager has no record of.",
         m.unknown_certs.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut s,
+        "stager_adopted_certificates_total",
+        "Certificates issued after the backup this stager was restored from, put on record when first presented.",
+        m.adopted_certs.load(Ordering::Relaxed),
     );
     gauge(
         &mut s,

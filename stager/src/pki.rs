@@ -130,13 +130,17 @@ fn server_cert(
     Ok((key.serialize_pem(), cert.pem()))
 }
 
-/// What the stager reads back from a certificate of its own: its SHA-256, its end, and the
-/// DNS names and IP addresses it is for.
+/// What the stager reads back from a certificate of its own: its SHA-256, its start and end,
+/// the DNS names and IP addresses it is for, and its subject's CN and OU (a client's name and
+/// role, as [`issue_client`] writes them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertInfo {
     pub fingerprint: String,
+    pub not_before: std::time::SystemTime,
     pub not_after: std::time::SystemTime,
     pub sans: Vec<String>,
+    pub cn: Option<String>,
+    pub ou: Option<String>,
 }
 
 /// Reads the (first) certificate of the PEM file `path`.
@@ -149,18 +153,30 @@ pub fn cert_info(path: &Path) -> Result<CertInfo> {
 
 /// What a DER certificate is (see [`cert_info`]).
 pub fn cert_info_der(der: &[u8]) -> Result<CertInfo> {
-    let (not_after, sans) = parse_cert(der)
+    let p = parse_cert(der)
         .map_err(|e| anyhow::anyhow!("not a certificate this stager can read: {e}"))?;
     Ok(CertInfo {
         fingerprint: fingerprint(der),
-        not_after: not_after.into(),
-        sans,
+        not_before: p.not_before.into(),
+        not_after: p.not_after.into(),
+        sans: p.sans,
+        cn: p.cn,
+        ou: p.ou,
     })
 }
 
-/// The end and the subject alternative names (DNS names, IP addresses) of a DER X.509
-/// certificate (RFC 5280 §4.1), read with yasna.
-fn parse_cert(der: &[u8]) -> yasna::ASN1Result<(OffsetDateTime, Vec<String>)> {
+/// The fields of a certificate [`CertInfo`] shows.
+struct Parsed {
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    sans: Vec<String>,
+    cn: Option<String>,
+    ou: Option<String>,
+}
+
+/// The validity, the subject's CN and OU, and the subject alternative names (DNS names, IP
+/// addresses) of a DER X.509 certificate (RFC 5280 §4.1), read with yasna.
+fn parse_cert(der: &[u8]) -> yasna::ASN1Result<Parsed> {
     use yasna::{tags, Tag};
     fn time(r: yasna::BERReader) -> yasna::ASN1Result<OffsetDateTime> {
         if r.lookahead_tag()? == tags::TAG_UTCTIME {
@@ -191,6 +207,34 @@ fn parse_cert(der: &[u8]) -> yasna::ASN1Result<(OffsetDateTime, Vec<String>)> {
         })?;
         Ok(names.into_iter().flatten().collect())
     }
+    /// A Name's CN and OU (RFC 5280 §4.1.2.4): a sequence of sets of (OID, string).
+    type Subject = (Option<String>, Option<String>);
+    fn subject(r: yasna::BERReader) -> yasna::ASN1Result<Subject> {
+        let mut out: Subject = (None, None);
+        r.read_sequence_of(|r| {
+            r.read_set_of(|r| {
+                r.read_sequence(|r| {
+                    let oid = r.next().read_oid()?;
+                    let value = r.next();
+                    let text = match value.lookahead_tag()? {
+                        tags::TAG_UTF8STRING => Some(value.read_utf8string()?),
+                        tags::TAG_PRINTABLESTRING => Some(value.read_printable_string()?),
+                        _ => {
+                            value.read_der()?;
+                            None
+                        }
+                    };
+                    match oid.components().as_slice() {
+                        [2, 5, 4, 3] => out.0 = text,
+                        [2, 5, 4, 11] => out.1 = text,
+                        _ => {}
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        Ok(out)
+    }
     yasna::parse_der(der, |r| {
         r.read_sequence(|r| {
             let tbs = r.next().read_sequence(|r| {
@@ -198,11 +242,10 @@ fn parse_cert(der: &[u8]) -> yasna::ASN1Result<(OffsetDateTime, Vec<String>)> {
                 for _ in 0..3 {
                     r.next().read_der()?; // serial, signature algorithm, issuer
                 }
-                let not_after = r.next().read_sequence(|r| {
-                    time(r.next())?;
-                    time(r.next())
-                })?;
-                r.next().read_der()?; // subject
+                let (not_before, not_after) = r
+                    .next()
+                    .read_sequence(|r| Ok((time(r.next())?, time(r.next())?)))?;
+                let (cn, ou) = subject(r.next())?;
                 r.next().read_der()?; // public key
                 let mut sans = Vec::new();
                 r.read_optional(|r| {
@@ -220,7 +263,13 @@ fn parse_cert(der: &[u8]) -> yasna::ASN1Result<(OffsetDateTime, Vec<String>)> {
                         })
                     })
                 })?;
-                Ok((not_after, sans))
+                Ok(Parsed {
+                    not_before,
+                    not_after,
+                    sans,
+                    cn,
+                    ou,
+                })
             })?;
             r.next().read_der()?; // signature algorithm
             r.next().read_der()?; // signature
@@ -298,8 +347,9 @@ fn san_list(sans: &[String]) -> Result<Vec<SanType>> {
         .collect()
 }
 
-/// Issues a client certificate: CN = `name`, OU = `role`, client-auth only, valid from an hour
-/// ago for `days` days (negative: already expired, for tests of expiry handling).
+/// Issues a client certificate: CN = `name`, OU = `role`, client-auth only, valid from
+/// [`CLIENT_BACKDATE_SECS`] ago for `days` days (negative: already expired, for tests of
+/// expiry handling).
 pub fn issue_client(
     dir: &Path,
     stager_name: &str,
@@ -340,6 +390,9 @@ fn issue(
     })
 }
 
+/// How long before its issue a client certificate starts (clocks of hosts run behind).
+pub const CLIENT_BACKDATE_SECS: i64 = 2 * 3600;
+
 /// A client certificate for `key` (see [`issue_client`]), and its end.
 fn sign_client(
     dir: &Path,
@@ -366,7 +419,7 @@ fn sign_client(
     p.serial_number = Some(serial());
     let now = OffsetDateTime::now_utc();
     // An already-expired certificate (days < 0) must still start before it ends.
-    p.not_before = now - Duration::hours(2) + Duration::days(days.min(0));
+    p.not_before = now - Duration::seconds(CLIENT_BACKDATE_SECS) + Duration::days(days.min(0));
     p.not_after = now + Duration::days(days);
     let not_after = p.not_after;
     Ok((p.signed_by(key, &ca, &ca_key)?, not_after))
@@ -515,5 +568,21 @@ mod tests {
         let later = now + std::time::Duration::from_secs(21 * 86_400);
         let w = ending_warning(&p, &after, later, "x", "y").unwrap();
         assert!(w.contains("ended "), "{w}");
+        assert_eq!(after.cn.as_deref(), Some("reinstall stager s1"));
+        // A client's name and role read back from its subject, and when it starts.
+        let c = issue_client(d.path(), "s1", "web-1.example", "agent", 3).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap();
+        let info = cert_info_der(&der).unwrap();
+        assert_eq!(
+            (info.cn.as_deref(), info.ou.as_deref()),
+            (Some("web-1.example"), Some("agent"))
+        );
+        let started = SystemTime::now().duration_since(info.not_before).unwrap();
+        assert!(
+            (CLIENT_BACKDATE_SECS as u64 - 5..CLIENT_BACKDATE_SECS as u64 + 5)
+                .contains(&started.as_secs()),
+            "{started:?}"
+        );
     }
 }

@@ -26,12 +26,16 @@ pub struct State {
     pub store: Store,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     pub metrics: crate::metrics::Metrics,
+    /// The check the TLS layer makes of a client certificate, for one a relay passed on.
+    pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// What is known about a connection once its TLS handshake is done.
 pub struct Conn {
     /// SHA-256 of the verified client certificate.
     pub fingerprint: Option<String>,
+    /// That certificate (DER).
+    pub cert: Option<Vec<u8>>,
     /// The peer's IP address as the stager sees it.
     pub addr: String,
 }
@@ -50,6 +54,7 @@ impl State {
             store: Store::open(dir)?,
             waiters: Mutex::new(HashMap::new()),
             metrics: Default::default(),
+            client_verifier: client_verifier(&dir.join(crate::pki::CA_CERT))?,
         })
     }
 
@@ -108,19 +113,24 @@ pub fn server_tls(
     ca_path: &Path,
     files: Arc<crate::certfiles::CertFiles>,
 ) -> Result<rustls::ServerConfig> {
-    let provider = provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(ca_path)?),
-        provider.clone(),
-    )
-    .build()
-    .context("building the client certificate verifier")?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(client_verifier(ca_path)?)
         .with_cert_resolver(files);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// Client certificates issued by the CA in `ca_path`, and only those.
+pub fn client_verifier(
+    ca_path: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_path)?),
+        provider(),
+    )
+    .build()
+    .context("building the client certificate verifier")
 }
 
 /// The certificates of the PEM file `ca_path`, as trust roots.
@@ -239,14 +249,15 @@ pub async fn accept_loop<S: Served>(
                 _ => None,
             };
             if let Some(tls) = tls {
-                let fingerprint = tls
+                let cert = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(|c| crate::pki::fingerprint(c));
+                    .map(|c| c.to_vec());
                 let conn = Arc::new(Conn {
-                    fingerprint,
+                    fingerprint: cert.as_deref().map(crate::pki::fingerprint),
+                    cert,
                     addr: peer.ip().to_string(),
                 });
                 let st = state.clone();

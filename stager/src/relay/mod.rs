@@ -323,6 +323,9 @@ impl Relay {
             if !who.via.is_empty() {
                 req = req.header(crate::api::RELAYED_VIA, who.via.join(","));
             }
+            if let Some(c) = &who.cert {
+                req = req.header(crate::api::RELAYED_CERT, c);
+            }
         }
         for (n, v) in headers {
             req = req.header(n, v);
@@ -945,6 +948,8 @@ struct Forwarded {
     agent: String,
     addr: String,
     via: Vec<String>,
+    /// The agent's certificate, base64 DER ([`crate::api::RELAYED_CERT`]).
+    cert: Option<String>,
 }
 
 impl Forwarded {
@@ -957,10 +962,15 @@ impl Forwarded {
         };
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         let Some(agent) = header(crate::api::RELAYED_FOR) else {
+            use base64::Engine;
             return Ok(Some(Forwarded {
                 agent: fp,
                 addr: conn.addr.clone(),
                 via: Vec::new(),
+                cert: conn
+                    .cert
+                    .as_ref()
+                    .map(|c| base64::engine::general_purpose::STANDARD.encode(c)),
             }));
         };
         let mut via: Vec<String> = header(crate::api::RELAYED_VIA)
@@ -982,6 +992,7 @@ impl Forwarded {
             addr: header(crate::api::RELAYED_ADDR)
                 .map_or_else(|| conn.addr.clone(), str::to_string),
             via,
+            cert: header(crate::api::RELAYED_CERT).map(str::to_string),
         }))
     }
 }
