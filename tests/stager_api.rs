@@ -2337,6 +2337,29 @@ fn the_stager_is_backed_up_while_serving_and_restored_where_it_was_lost() {
         let left = sh(&format!("ls -A {} | grep restoring || true", d.display()));
         assert!(left.trim().is_empty(), "left behind: {left}");
     }
+    // The drill: restored somewhere temporary, checked, removed.
+    let drill = d.join("drill");
+    std::fs::create_dir(&drill).unwrap();
+    let check = |file: &std::path::Path| {
+        let mut c = stager();
+        c.env("TMPDIR", &drill)
+            .args(["restore", "--check", "-i"])
+            .arg(&keys[1].0)
+            .arg(file);
+        c
+    };
+    let said = ok(&mut check(&backup));
+    assert!(
+        said.contains("a whole backup") && said.contains("removed"),
+        "{said}"
+    );
+    let e = fails(&mut check(&flipped));
+    assert!(e.contains("flipped.backup"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&drill).unwrap().count(),
+        0,
+        "left in the drill"
+    );
     std::fs::create_dir(&nowhere).unwrap();
     std::fs::write(nowhere.join("x"), "").unwrap();
     let e = fails(&mut restore(&backup, &keys[0].0, &nowhere));

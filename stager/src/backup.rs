@@ -71,7 +71,8 @@ pub struct Made {
 /// A home just restored.
 #[derive(Debug, Serialize)]
 pub struct Restored {
-    pub dir: PathBuf,
+    /// Where it is (`None`: `restore --check`, removed again).
+    pub dir: Option<PathBuf>,
     pub entries: u64,
     pub unpacked_size: u64,
     pub bundles: usize,
@@ -372,7 +373,7 @@ pub fn restore(
         .create(&work)
         .with_context(|| format!("creating {}", work.display()))?;
     let result = unpack(file, identity, &work, progress).and_then(|stats| {
-        let r = check_restored(&work)?;
+        let r = check_restored(&work, progress)?;
         Ok((stats, r))
     });
     let (stats, (about, bundles, missing_blobs, certificates)) = match result {
@@ -392,7 +393,7 @@ pub fn restore(
     }
     bundle::unpack::sync_dir(&parent)?;
     Ok(Restored {
-        dir: dir.to_path_buf(),
+        dir: Some(dir.to_path_buf()),
         entries: stats.entries,
         unpacked_size: stats.unpacked_size,
         bundles,
@@ -439,7 +440,10 @@ fn unpack(
 /// Everything a stager needs to serve, checked in the restored tree `home`: its description,
 /// configuration, database, key pairs, and blobs. Returns the description, the number of
 /// bundles, those whose blob is missing, and the number of certificates on record.
-fn check_restored(home: &Path) -> Result<(About, usize, Vec<String>, i64)> {
+fn check_restored(
+    home: &Path,
+    progress: &mut dyn Progress,
+) -> Result<(About, usize, Vec<String>, i64)> {
     let about_path = home.join(ABOUT_FILE);
     let about: About = serde_json::from_slice(
         &fs::read(&about_path).context("no BACKUP.json in it: not a stager backup")?,
@@ -484,6 +488,8 @@ fn check_restored(home: &Path) -> Result<(About, usize, Vec<String>, i64)> {
         .context("release.key does not sign for release.pub")?;
     let mut missing = Vec::new();
     let list = store.list()?;
+    let total: u64 = list.iter().map(|s| s.manifest.payload.size).sum();
+    let mut done = 0u64;
     for s in &list {
         let id = s.manifest.id();
         match fs::File::open(&s.blob) {
@@ -501,6 +507,8 @@ fn check_restored(home: &Path) -> Result<(About, usize, Vec<String>, i64)> {
                         break;
                     }
                     h.update(&buf[..n]);
+                    done += n as u64;
+                    progress.update("check blobs", done, Some(total), 0);
                 }
                 let got = bundle::pipe::hex(&h.finalize());
                 anyhow::ensure!(
@@ -511,6 +519,7 @@ fn check_restored(home: &Path) -> Result<(About, usize, Vec<String>, i64)> {
             }
         }
     }
+    progress.finish();
     fs::remove_file(&about_path).ok();
     Ok((about, list.len(), missing, certificates))
 }

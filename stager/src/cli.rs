@@ -71,13 +71,17 @@ pub enum Command {
     /// without it, a lost stager means enrolling every host again by hand.
     #[command(after_help = "Read it with the stock tools too:
   age -d -i KEY.txt FILE | zstd -d | tar -tv
-Restore with `stager restore`. What a backup cannot hold: certificates issued, renewed or
-revoked after it was made (run it daily; --no-blobs keeps it small).")]
+Restore with `stager restore` (`--check` for a drill). What a backup cannot hold: hosts,
+relays and operators enrolled, revocations, jobs and events after it was made (run it daily;
+--no-blobs keeps it small). Certificates agents and relays renewed after it are taken by the
+restored stager the first time they are presented.")]
     Backup(BackupOpts),
     /// Restore a `stager backup` file into a new directory, checked before it is put in
     /// place: the database's integrity, the CA, server and release key pairs, every blob
     /// against its manifest. Then `stager serve --dir DIR` on a machine that answers at the
     /// stager's URL (stager.toml `url`; the identities of agents and relays name it).
+    /// Certificates the backup has no record of, renewed by agents and relays after it, are
+    /// taken when first presented if they chain to the CA and name a client on record.
     Restore(RestoreOpts),
     /// Build, list and export bundles.
     #[command(subcommand)]
@@ -279,6 +283,7 @@ pub struct BackupOpts {
     /// make daily; the blobs can be built again).
     #[arg(long)]
     pub no_blobs: bool,
+    /// Print what was written as JSON (path, size, sha256, entries, the description).
     #[arg(long)]
     pub json: bool,
 }
@@ -286,13 +291,20 @@ pub struct BackupOpts {
 #[derive(Args)]
 pub struct RestoreOpts {
     /// The directory to restore into (new, or empty).
-    #[arg(long)]
-    pub dir: PathBuf,
+    #[arg(long, required_unless_present = "check")]
+    pub dir: Option<PathBuf>,
+    /// Only check the backup: restore it into a temporary directory (in $TMPDIR, default
+    /// /var/tmp) with every check, then remove it. For a drill: a backup nobody has restored
+    /// is not known to be one.
+    #[arg(long, conflicts_with = "dir")]
+    pub check: bool,
     /// The age identity file (`AGE-SECRET-KEY-1…`) of one of the backup's recipients.
     #[arg(long, short = 'i')]
     pub identity: PathBuf,
     /// The backup file.
     pub file: PathBuf,
+    /// Print what was restored as JSON (entries, bundles, missing_blobs, certificates, the
+    /// backup's description).
     #[arg(long)]
     pub json: bool,
 }
@@ -759,13 +771,50 @@ pub fn backup(o: BackupOpts) -> Result<()> {
 pub fn restore(o: RestoreOpts) -> Result<()> {
     let identity = bundle::payload::load_identity(&o.identity)?;
     let mut progress = Terminal::stderr();
-    let r = stager::backup::restore(&o.file, &identity, &o.dir, progress.as_mut())?;
+    let scratch = match &o.dir {
+        Some(_) => None,
+        None => {
+            let base = std::env::var_os("TMPDIR").map_or("/var/tmp".into(), PathBuf::from);
+            Some(
+                tempfile::Builder::new()
+                    .prefix("stager-restore-check-")
+                    .tempdir_in(&base)
+                    .with_context(|| format!("making a directory in {}", base.display()))?,
+            )
+        }
+    };
+    let dir = match (&o.dir, &scratch) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().join("home"),
+        (None, None) => unreachable!("clap requires --dir or --check"),
+    };
+    let mut r = stager::backup::restore(&o.file, &identity, &dir, progress.as_mut())?;
+    if o.check {
+        drop(scratch); // removes the restored copy, keys and all
+        r.dir = None;
+        if o.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!(
+                "{}: a whole backup of stager {:?} made {} ({} entries, {}; {} certificate(s), {} bundle(s){}); restored into a temporary directory, checked (database, CA, server and release keys, blobs) and removed",
+                o.file.display(),
+                r.about.stager,
+                r.about.created,
+                r.entries,
+                progress::bytes(r.unpacked_size),
+                r.certificates,
+                r.bundles,
+                if r.about.blobs { "" } else { ", without blobs" },
+            );
+        }
+        return Ok(());
+    }
     if o.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
             "{}: stager {:?} restored from its backup of {} ({} entries, {}; {} certificate(s), {} bundle(s)); checked: database, CA, server and release keys, blobs",
-            r.dir.display(),
+            dir.display(),
             r.about.stager,
             r.about.created,
             r.entries,
@@ -782,7 +831,7 @@ pub fn restore(o: RestoreOpts) -> Result<()> {
         println!("{}", stager::backup::after_restore_note(&r.about));
         println!(
             "serve it with `stager serve --dir {}` where the stager's URL (stager.toml) reaches",
-            r.dir.display()
+            dir.display()
         );
     }
     Ok(())
