@@ -792,36 +792,29 @@ pub fn restore(o: RestoreOpts) -> Result<()> {
     if o.check {
         drop(scratch); // removes the restored copy, keys and all
         r.dir = None;
-        if o.json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
-        } else {
-            println!(
-                "{}: a whole backup of stager {:?} made {} ({} entries, {}; {} certificate(s), {} bundle(s){}); restored into a temporary directory, checked (database, CA, server and release keys, blobs) and removed",
-                o.file.display(),
-                r.about.stager,
-                r.about.created,
-                r.entries,
-                progress::bytes(r.unpacked_size),
-                r.certificates,
-                r.bundles,
-                if r.about.blobs { "" } else { ", without blobs" },
-            );
-        }
-        return Ok(());
     }
     if o.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
+        return Ok(());
+    }
+    let what = format!(
+        "stager {:?} as backed up at {} ({} entries, {}; {} certificate(s), {} bundle(s){})",
+        r.about.stager,
+        r.about.created,
+        r.entries,
+        progress::bytes(r.unpacked_size),
+        r.certificates,
+        r.bundles,
+        if r.about.blobs { "" } else { ", without blobs" },
+    );
+    const CHECKED: &str = "database, CA, server and release keys, blobs";
+    if o.check {
         println!(
-            "{}: stager {:?} restored from its backup of {} ({} entries, {}; {} certificate(s), {} bundle(s)); checked: database, CA, server and release keys, blobs",
-            dir.display(),
-            r.about.stager,
-            r.about.created,
-            r.entries,
-            progress::bytes(r.unpacked_size),
-            r.certificates,
-            r.bundles,
+            "{}: a whole backup of {what}; restored into a temporary directory, checked ({CHECKED}) and removed",
+            o.file.display()
         );
+    } else {
+        println!("{}: {what} restored; checked: {CHECKED}", dir.display());
         if !r.missing_blobs.is_empty() {
             println!(
                 "without their blobs (a --no-blobs backup): {}; build them again before a job names them",
