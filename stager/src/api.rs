@@ -411,7 +411,8 @@ async fn adopt(state: &Arc<State>, fp: &str, der: &[u8]) -> Result<Option<Princi
     if windows.is_empty() || crate::pki::fingerprint(der) != fp {
         return Ok(None);
     }
-    let chained = state.client_verifier.verify_client_cert(
+    use rustls::server::danger::ClientCertVerifier;
+    let chained = state.trust.verify_client_cert(
         &rustls::pki_types::CertificateDer::from(der.to_vec()),
         &[],
         rustls::pki_types::UnixTime::now(),

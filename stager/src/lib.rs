@@ -14,4 +14,5 @@ pub mod pki;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod trust;
 pub mod windows;

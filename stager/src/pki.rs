@@ -548,7 +548,10 @@ mod tests {
         assert!((19.9..20.1).contains(&left), "{left}");
         assert_ne!(after.fingerprint, before.fingerprint);
         assert_eq!(cert_info(&d.path().join("server.pem.old")).unwrap(), before);
-        crate::server::tls_config(d.path()).expect("the renewed key and certificate make a server");
+        let trust =
+            crate::trust::Trust::open(&d.path().join(CA_CERT), crate::server::provider()).unwrap();
+        crate::server::tls_config(d.path(), trust)
+            .expect("the renewed key and certificate make a server");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(d.path().join(SERVER_KEY))
             .unwrap()

@@ -8,8 +8,6 @@ use crate::http::ApiError;
 use crate::store::Store;
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -26,8 +24,9 @@ pub struct State {
     pub store: Store,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     pub metrics: crate::metrics::Metrics,
-    /// The check the TLS layer makes of a client certificate, for one a relay passed on.
-    pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// The CAs trusted (`ca.pem`): the TLS layer's check of client certificates (and of one
+    /// a relay passed on), and the bundle agents are given.
+    pub trust: Arc<crate::trust::Trust>,
 }
 
 /// What is known about a connection once its TLS handshake is done.
@@ -54,7 +53,7 @@ impl State {
             store: Store::open(dir)?,
             waiters: Mutex::new(HashMap::new()),
             metrics: Default::default(),
-            client_verifier: client_verifier(&dir.join(crate::pki::CA_CERT))?,
+            trust: crate::trust::Trust::open(&dir.join(crate::pki::CA_CERT), provider())?,
         })
     }
 
@@ -92,14 +91,14 @@ impl State {
     }
 }
 
-/// The stager's server TLS configuration, from its home.
-pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig> {
+/// The stager's server TLS configuration, from its home, trusting `trust`.
+pub fn tls_config(dir: &Path, trust: Arc<crate::trust::Trust>) -> Result<rustls::ServerConfig> {
     let files = crate::certfiles::CertFiles::open(
         &dir.join(crate::pki::SERVER_CERT),
         &dir.join(crate::pki::SERVER_KEY),
         provider(),
     )?;
-    server_tls(&dir.join(crate::pki::CA_CERT), files)
+    server_tls(trust, files)
 }
 
 /// The one crypto back end (ring).
@@ -107,41 +106,18 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// TLS 1.3, a client certificate from the CA in `ca_path` required, HTTP/2 and HTTP/1.1; the
-/// server's certificate from `files`, read again when they change.
+/// TLS 1.3, a client certificate from a CA of `trust` required, HTTP/2 and HTTP/1.1; the
+/// server's certificate from `files`; both read again when their files change.
 pub fn server_tls(
-    ca_path: &Path,
+    trust: Arc<crate::trust::Trust>,
     files: Arc<crate::certfiles::CertFiles>,
 ) -> Result<rustls::ServerConfig> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier(ca_path)?)
+        .with_client_cert_verifier(trust)
         .with_cert_resolver(files);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
-}
-
-/// Client certificates issued by the CA in `ca_path`, and only those.
-pub fn client_verifier(
-    ca_path: &Path,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
-    rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(ca_path)?),
-        provider(),
-    )
-    .build()
-    .context("building the client certificate verifier")
-}
-
-/// The certificates of the PEM file `ca_path`, as trust roots.
-pub fn roots(ca_path: &Path) -> Result<rustls::RootCertStore> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca_path)
-        .with_context(|| format!("reading {}", ca_path.display()))?
-    {
-        roots.add(c.with_context(|| format!("parsing {}", ca_path.display()))?)?;
-    }
-    Ok(roots)
 }
 
 /// Thousands of agents long-poll at once: one descriptor each. Raise the soft limit to the
@@ -159,7 +135,7 @@ pub fn raise_fd_limit() {
 pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     raise_fd_limit();
     let state = Arc::new(State::open(dir)?);
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(dir)?));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(dir, state.trust.clone())?));
     let addr = listen.unwrap_or_else(|| state.config.listen.clone());
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

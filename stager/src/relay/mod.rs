@@ -185,6 +185,8 @@ pub struct Relay {
     tls: tokio_rustls::TlsConnector,
     /// relay.pem and relay.key: both ends of the relay present them.
     files: Arc<crate::certfiles::CertFiles>,
+    /// The CAs trusted (`ca.pem`), for agents' certificates and upstream's.
+    trust: Arc<crate::trust::Trust>,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
@@ -242,9 +244,11 @@ impl Relay {
         let provider = crate::server::provider();
         let files =
             crate::certfiles::CertFiles::open(&dir.join(CERT), &dir.join(KEY), provider.clone())?;
+        let trust = crate::trust::Trust::open(&dir.join(crate::pki::CA_CERT), provider.clone())?;
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(crate::server::roots(&dir.join(crate::pki::CA_CERT))?)
+            .dangerous()
+            .with_custom_certificate_verifier(trust.clone())
             .with_client_cert_resolver(files.clone());
         // A resumed TLS session carries the client certificate of the session it resumes:
         // after a renewal the relay would go on presenting the replaced one. Each request to
@@ -258,6 +262,7 @@ impl Relay {
             server_name,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             files,
+            trust,
             config,
             fills: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
@@ -1135,7 +1140,7 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     crate::server::raise_fd_limit();
     let relay = Arc::new(Relay::open(dir)?);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(crate::server::server_tls(
-        &dir.join(crate::pki::CA_CERT),
+        relay.trust.clone(),
         relay.files.clone(),
     )?));
     let addr = listen.unwrap_or_else(|| relay.config.listen.clone());
