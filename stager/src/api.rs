@@ -656,7 +656,8 @@ async fn agent_work(
 }
 
 /// Whether the certificate of `conn` is due for renewal: less than a third of a new
-/// certificate's lifetime (`days`: `agent_cert_days` or `relay_cert_days`) left.
+/// certificate's lifetime (`days`: `agent_cert_days` or `relay_cert_days`) left, or issued
+/// by a CA that no longer issues (`stager ca switch`).
 async fn renewal_due(
     state: &Arc<State>,
     conn: &Arc<Conn>,
@@ -665,7 +666,7 @@ async fn renewal_due(
     let window = Duration::from_secs(u64::from(days.get()) * 86_400 / 3);
     let by = crate::pki::rfc3339(std::time::SystemTime::now() + window);
     let fp = conn.fingerprint.clone().unwrap_or_default();
-    state.db(move |db| db.cert_ends_before(&fp, &by)).await
+    state.db(move |db| db.cert_due(&fp, &by)).await
 }
 
 /// `POST /v1/agent/identity` (`role` agent) and `POST /v1/relay/identity` (relay): a new

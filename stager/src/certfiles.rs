@@ -197,17 +197,36 @@ fn certified(
 /// [`load_pair`] tries), after the second the new pair.
 pub fn replace_pair(cert: &Path, key: &Path, cert_pem: &str, key_pem: &str) -> Result<()> {
     for (at, text, mode) in [(key, key_pem, 0o600), (cert, cert_pem, 0o644)] {
-        let (old, new) = (beside(at, "old"), beside(at, "new"));
-        std::fs::copy(at, &old)
-            .with_context(|| format!("keeping {} as {}", at.display(), old.display()))?;
-        let _ = std::fs::remove_file(&new);
-        bundle::release::write_new(&new, text.as_bytes(), mode)?;
+        stage(at, text, mode)?;
     }
     for at in [key, cert] {
         std::fs::rename(beside(at, "new"), at)
             .with_context(|| format!("replacing {}", at.display()))?;
     }
-    let dir = cert.parent().unwrap_or(Path::new("."));
+    sync_parent(cert)
+}
+
+/// Replaces one file as [`replace_pair`] does each of its two: the old one kept as `.old`,
+/// the new one written and flushed as `.new`, then renamed into place.
+pub fn replace_file(at: &Path, text: &str, mode: u32) -> Result<()> {
+    stage(at, text, mode)?;
+    std::fs::rename(beside(at, "new"), at)
+        .with_context(|| format!("replacing {}", at.display()))?;
+    sync_parent(at)
+}
+
+/// `at` copied to `at.old`, `text` written and flushed as `at.new`.
+fn stage(at: &Path, text: &str, mode: u32) -> Result<()> {
+    let (old, new) = (beside(at, "old"), beside(at, "new"));
+    std::fs::copy(at, &old)
+        .with_context(|| format!("keeping {} as {}", at.display(), old.display()))?;
+    let _ = std::fs::remove_file(&new);
+    bundle::release::write_new(&new, text.as_bytes(), mode)?;
+    Ok(())
+}
+
+fn sync_parent(at: &Path) -> Result<()> {
+    let dir = at.parent().unwrap_or(Path::new("."));
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("flushing {}", dir.display()))

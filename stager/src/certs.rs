@@ -28,6 +28,8 @@ pub fn all(
         not_after: crate::pki::rfc3339(server.not_after),
         revoked: None,
         last_used: None,
+        ca: None,
+        trust: None,
     });
     Ok(certs)
 }
@@ -50,6 +52,12 @@ pub struct Cert {
     /// When it was last presented asking for work (a host) or whether it is due (a relay).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_used: Option<String>,
+    /// The SHA-256 of the CA that issued it (recorded from the first `stager ca rotate` on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// The SHA-256 of the trust bundle its holder last said it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -232,6 +240,8 @@ mod tests {
             not_after: at(ends_in),
             revoked: revoked.then(|| at(-1)),
             last_used: None,
+            ca: None,
+            trust: None,
         }
     }
 

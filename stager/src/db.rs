@@ -117,6 +117,17 @@ CREATE TABLE restores (
     restored TEXT NOT NULL
 );
 "#,
+    // Replacing the CA (`stager ca`): which CA issued each certificate (its SHA-256; NULL
+    // before the first `ca rotate`, which fills it in), which trust bundle the holder of
+    // each certificate last said it holds, and the issuing CA.
+    r#"
+ALTER TABLE certs ADD COLUMN ca TEXT;
+ALTER TABLE certs ADD COLUMN trust TEXT;
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#,
 ];
 
 pub struct Db {
@@ -207,8 +218,9 @@ impl Db {
         let c = self.c();
         let sans = (!sans.is_empty()).then(|| sans.join(","));
         c.execute(
-            "INSERT INTO certs (fingerprint, name, role, issued, not_after, site, sans)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO certs (fingerprint, name, role, issued, not_after, site, sans, ca)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+                     (SELECT value FROM settings WHERE key = 'issuing_ca'))",
             params![fp, name, role, now(), not_after, site, sans],
         )?;
         if role == "agent" {
@@ -240,7 +252,8 @@ impl Db {
     pub fn certs(&self) -> rusqlite::Result<Vec<crate::certs::Cert>> {
         let c = self.c();
         let mut st = c.prepare(
-            "SELECT name, role, site, fingerprint, issued, not_after, revoked, last_used
+            "SELECT name, role, site, fingerprint, issued, not_after, revoked, last_used,
+                    ca, trust
              FROM certs ORDER BY name, rowid",
         )?;
         let rows = st.query_map([], |r| {
@@ -253,23 +266,66 @@ impl Db {
                 not_after: r.get(5)?,
                 revoked: r.get(6)?,
                 last_used: r.get(7)?,
+                ca: r.get(8)?,
+                trust: r.get(9)?,
             })
         })?;
         rows.collect()
     }
 
-    /// Whether the certificate `fp` ends before `by` (RFC 3339 as [`crate::pki::rfc3339`]
-    /// writes it); false for a certificate not on record.
-    pub fn cert_ends_before(&self, fp: &str, by: &str) -> rusqlite::Result<bool> {
+    /// Whether the certificate `fp` is due for renewal: it ends before `by`, or a CA other
+    /// than the issuing one issued it (after `stager ca switch`). False if not on record.
+    pub fn cert_due(&self, fp: &str, by: &str) -> rusqlite::Result<bool> {
         Ok(self
             .c()
             .query_row(
-                "SELECT not_after < ?2 FROM certs WHERE fingerprint = ?1",
+                "SELECT not_after < ?2 OR coalesce(ca IS NOT
+                    (SELECT value FROM settings WHERE key = 'issuing_ca'), 0)
+                 FROM certs WHERE fingerprint = ?1",
                 params![fp, by],
                 |r| r.get(0),
             )
             .optional()?
             .unwrap_or(false))
+    }
+
+    /// Records that the holder of certificate `fp` holds the trust bundle `sha256`.
+    pub fn cert_trust(&self, fp: &str, sha256: &str) -> rusqlite::Result<()> {
+        self.c().execute(
+            "UPDATE certs SET trust = ?2 WHERE fingerprint = ?1 AND trust IS NOT ?2",
+            params![fp, sha256],
+        )?;
+        Ok(())
+    }
+
+    pub fn setting(&self, key: &str) -> rusqlite::Result<Option<String>> {
+        self.c()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> rusqlite::Result<()> {
+        self.c().execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Records that the certificates issued so far with no CA on record were issued by
+    /// `ca` (the only CA there was), and that `ca` issues from now on.
+    pub fn first_ca(&self, ca: &str) -> rusqlite::Result<()> {
+        let c = self.c();
+        let tx = c.unchecked_transaction()?;
+        tx.execute("UPDATE certs SET ca = ?1 WHERE ca IS NULL", [ca])?;
+        tx.execute(
+            "INSERT OR IGNORE INTO settings (key, value) VALUES ('issuing_ca', ?1)",
+            [ca],
+        )?;
+        tx.commit()
     }
 
     /// The sites the relay with certificate `relay_fp` serves (comma-separated) and those of

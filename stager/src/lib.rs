@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod ca;
 pub mod certfiles;
 pub mod certs;
 pub mod config;

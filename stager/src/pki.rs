@@ -45,26 +45,69 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn ca_params(stager_name: &str) -> Result<CertificateParams> {
+/// Days a CA certificate is valid.
+pub const CA_DAYS: i64 = 3650;
+
+/// A CA certificate's parameters; `cn` is its subject's one name.
+fn ca_params(cn: &str) -> Result<CertificateParams> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("reinstall CA {stager_name}"));
+    dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = OffsetDateTime::now_utc();
     p.not_before = now - Duration::hours(1);
-    p.not_after = now + Duration::days(3650);
+    p.not_after = now + Duration::days(CA_DAYS);
     Ok(p)
 }
 
-/// The CA as an issuer: the same subject and key as the CA certificate on disk, which is all
-/// a signature chain needs (the authority key identifier comes from the key).
-fn issuer(dir: &Path, stager_name: &str) -> Result<(rcgen::Certificate, KeyPair)> {
+/// A new CA named `cn`: its key and certificate (PEM).
+pub fn new_ca(cn: &str) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params(cn)?.self_signed(&key)?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
+/// The PEM certificates of a bundle (`ca.pem`), each as its own PEM text.
+pub fn pem_blocks(text: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(b) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(e) = rest[b..].find(END) else { break };
+        out.push(format!("{}\n", &rest[b..b + e + END.len()]));
+        rest = &rest[b + e + END.len()..];
+    }
+    out
+}
+
+/// The certificate (PEM) in the bundle `ca.pem` of `dir` whose key is in `key_file`.
+pub fn ca_cert_of(dir: &Path, key_file: &str) -> Result<String> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("reading {}", dir.join(f).display()))
+    };
+    let key = read(key_file)?;
+    pem_blocks(&read(CA_CERT)?)
+        .into_iter()
+        .find(|c| crate::certfiles::check_pair(c, &key).is_ok())
+        .with_context(|| format!("{key_file} is the key of no certificate in {CA_CERT}"))
+}
+
+/// The issuing CA: the key in `ca.key`, and the certificate of `ca.pem` it belongs to (its
+/// subject is all a signature chain needs; the authority key identifier comes from the key).
+fn issuer(dir: &Path, _stager_name: &str) -> Result<(rcgen::Certificate, KeyPair)> {
+    use rustls::pki_types::pem::PemObject;
     let kp = std::fs::read_to_string(dir.join(CA_KEY))
         .with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
     let key = KeyPair::from_pem(&kp).context("parsing the CA key")?;
-    let cert = ca_params(stager_name)?.self_signed(&key)?;
+    let pem = ca_cert_of(dir, CA_KEY)?;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())?;
+    let cn = cert_info_der(&der)?
+        .cn
+        .context("the CA certificate has no CN")?;
+    let cert = ca_params(&cn)?.self_signed(&key)?;
     Ok((cert, key))
 }
 
@@ -90,7 +133,7 @@ pub fn init(dir: &Path, stager_name: &str, sans: &[String]) -> Result<()> {
         );
     }
     let ca_key = KeyPair::generate()?;
-    let ca = ca_params(stager_name)?.self_signed(&ca_key)?;
+    let ca = ca_params(&format!("reinstall CA {stager_name}"))?.self_signed(&ca_key)?;
     write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
     write_public(&dir.join(CA_CERT), &ca.pem())?;
 
