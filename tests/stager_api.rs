@@ -2531,3 +2531,226 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
     }
     assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 0);
 }
+
+/// The CA is replaced under a running stager and relay, in three steps, and nobody is cut
+/// off: the real agent (one host direct, one through a site relay) and the relay are given
+/// both CAs, then renew onto the new one, then drop the old one; each step is refused while
+/// someone would be cut off (hosts that never polled, an operator's identity file issued
+/// before the rotation or by the old CA), naming them; a certificate of the retired CA is
+/// refused at the handshake.
+#[test]
+fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
+    let w = scratch();
+    let d = w.path();
+    let s = started(&w);
+    let mut relay = integration_tests::stager::Relay::init(&s, "pop-a");
+    relay.start();
+    let mut roots = Vec::new();
+    for (host, via) in [("web3", None), ("web4", Some(relay.url("")))] {
+        let root = d.join(format!("root-{host}"));
+        let etc = root.join("etc/reinstall");
+        std::fs::create_dir_all(&etc).unwrap();
+        let mut c = stager();
+        c.args(["enroll", "--dir"])
+            .arg(&s.home)
+            .args([host, "--out"])
+            .arg(etc.join("identity.toml"));
+        if let Some(v) = &via {
+            c.args(["--via", v]);
+        }
+        ok(&mut c);
+        roots.push((host, root));
+    }
+    let first_web3 = roots[0].1.join("etc/reinstall/identity.toml");
+    let first_web3 = std::fs::read_to_string(first_web3).unwrap();
+    // Every host polls; each run's stderr.
+    let agents = || -> Vec<String> {
+        roots
+            .iter()
+            .map(|(host, root)| {
+                let out = run(reinstall()
+                    .args(["agent", "--root"])
+                    .arg(root)
+                    .arg("--fake-firmware")
+                    .arg(d.join(format!("fw-{host}.json")))
+                    .arg("--work")
+                    .arg(d.join(format!("work-{host}")))
+                    .args(["--wait", "0", "--once"]));
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(out.status.success(), "{host}: {stderr}");
+                stderr
+            })
+            .collect()
+    };
+    let cas_held = |host: usize| {
+        let id =
+            proto::identity::IdentityFile::load(&roots[host].1.join("etc/reinstall/identity.toml"))
+                .unwrap();
+        id.ca.matches("BEGIN CERTIFICATE").count()
+    };
+    let relay_ca = relay.dir.join("ca.pem");
+    let relay_cas = || {
+        std::fs::read_to_string(&relay_ca)
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    };
+    let ca = |args: &[&str]| {
+        let mut c = stager();
+        c.arg("ca").args(args).arg("--dir").arg(&s.home);
+        c
+    };
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&ok(&mut ca(&["status", "--json"]))).unwrap()
+    };
+    let lacking = |v: &serde_json::Value, key: &str| -> Vec<String> {
+        let mut n: Vec<String> = v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    // Both ends of every connection re-read their files at most every 2 s.
+    let settle = || std::thread::sleep(Duration::from_millis(2500));
+    agents();
+    assert_eq!(status()["stage"], "one");
+    let e = fails(&mut ca(&["switch"]));
+    assert!(e.contains("rotate"), "{e}");
+
+    // 1. Rotate: both CAs trusted, given to the agents and the relay.
+    let out = ok(&mut ca(&["rotate"]));
+    assert!(
+        out.contains("made a new CA") && out.contains("next: wait for"),
+        "{out}"
+    );
+    let e = fails(&mut ca(&["rotate"]));
+    assert!(e.contains("already"), "{e}");
+    settle();
+    for (i, err) in agents().iter().enumerate() {
+        assert!(
+            err.contains("trusts the stager's new CA certificates"),
+            "{err}"
+        );
+        assert_eq!(cas_held(i), 2);
+    }
+    // The next poll says so.
+    for err in agents() {
+        assert!(!err.contains("trusts"), "{err}");
+    }
+    relay.kill();
+    relay.start(); // a relay asks at start (and hourly)
+    let t = Instant::now();
+    while relay_cas() != 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the relay kept one CA"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Hosts that never polled, and an operator whose identity file holds the old CA only.
+    let st = status();
+    assert_eq!(
+        lacking(&st, "lacking_bundle"),
+        ["alice", "web1", "web2"],
+        "{st}"
+    );
+    let e = fails(&mut ca(&["switch"]));
+    assert!(
+        e.contains("not switching") && e.contains("web1 (agent, last used never)"),
+        "{e}"
+    );
+    for gone in ["web1", "web2"] {
+        ok(stager().args(["revoke", "--dir"]).arg(&s.home).arg(gone));
+    }
+    std::fs::remove_file(s.identity("alice")).unwrap();
+    s.operator("alice", 365);
+    assert_eq!(lacking(&status(), "lacking_bundle"), Vec::<String>::new());
+
+    // 2. Switch: the new CA issues; everyone renews onto it, by themselves.
+    let out = ok(&mut ca(&["switch"]));
+    assert!(out.contains("issues from now on"), "{out}");
+    settle();
+    let st = status();
+    assert_eq!(
+        lacking(&st, "old_ca_certificates"),
+        ["alice", "pop-a", "web3", "web4"],
+        "{st}"
+    );
+    for err in agents() {
+        assert!(err.contains("certificate was renewed"), "{err}");
+    }
+    relay.kill();
+    relay.start();
+    let t = Instant::now();
+    while lacking(&status(), "old_ca_certificates") != ["alice"] {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", status());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let e = fails(&mut ca(&["retire"]));
+    assert!(
+        e.contains("not retiring") && e.contains("alice (operator"),
+        "{e}"
+    );
+    // A backup taken between the steps restores with both CA keys checked.
+    ok(std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(d.join("key.txt")));
+    let public = ok(std::process::Command::new("age-keygen")
+        .arg("-y")
+        .arg(d.join("key.txt")));
+    let mid = d.join("mid.backup");
+    ok(stager()
+        .args(["backup", "--no-blobs", "--dir"])
+        .arg(&s.home)
+        .arg("--out")
+        .arg(&mid)
+        .args(["-r", public.trim()]));
+    let said = ok(stager()
+        .env("TMPDIR", d)
+        .args(["restore", "--check", "-i"])
+        .arg(d.join("key.txt"))
+        .arg(&mid));
+    assert!(said.contains("checked"), "{said}");
+    std::fs::remove_file(s.identity("alice")).unwrap();
+    s.operator("alice", 365);
+
+    // 3. Retire: the old CA is trusted by no one.
+    let out = ok(&mut ca(&["retire"]));
+    assert!(
+        out.contains("no longer trusted") && out.contains("next: nothing under way"),
+        "{out}"
+    );
+    settle();
+    for (i, err) in agents().iter().enumerate() {
+        assert!(
+            err.contains("trusts the stager's new CA certificates"),
+            "{err}"
+        );
+        assert_eq!(cas_held(i), 1);
+    }
+    relay.kill();
+    relay.start();
+    let t = Instant::now();
+    while relay_cas() != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the relay kept two CAs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    settle();
+    for (i, err) in agents().iter().enumerate() {
+        assert!(!err.contains("trusts") && !err.contains("renewed"), "{err}");
+        assert_eq!(cas_held(i), 1);
+    }
+    let (code, body) = s.curl(Some("alice"), &[], "/v1/jobs");
+    assert_eq!(code, 200, "{body}");
+    // web3's first certificate (the old CA's) is refused at the handshake now.
+    std::fs::write(s.identity("web3"), &first_web3).unwrap();
+    let (code, _) = s.curl(Some("web3"), &[], "/v1/agent/work?wait=0");
+    assert_eq!(code, 0, "a certificate of the retired CA");
+    assert_eq!(status()["stage"], "one");
+}

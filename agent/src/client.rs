@@ -90,11 +90,45 @@ impl Client {
         let mut id = self.identity.clone();
         id.cert = r.cert;
         id.key = key.serialize_pem();
-        let mut next = Client::new(id).context("the renewed certificate")?;
+        let next = self.replaced(id, path).context("the renewed certificate")?;
+        Ok((next, r.not_after))
+    }
+
+    /// The SHA-256 of the CA certificates this client trusts (the identity's `ca`), as the
+    /// stager compares it with its own.
+    pub fn trust_sha256(&self) -> String {
+        use sha2::Digest;
+        bundle::pipe::hex(&sha2::Sha256::digest(self.identity.ca.as_bytes()))
+    }
+
+    /// Trusts the CA certificates `given` from now on (the stager's CA is being replaced):
+    /// only if they keep one of the CAs trusted now (this answer came over a connection
+    /// one of them verified), and make a working client; written into the identity file
+    /// at `path` (atomically, 0600). On any error the identity file is as it was.
+    pub fn take_trust(&self, path: &std::path::Path, given: &str) -> Result<Client> {
+        let ders = |t: &str| -> Vec<Vec<u8>> {
+            CertificateDer::pem_slice_iter(t.as_bytes())
+                .filter_map(|c| c.ok().map(|c| c.to_vec()))
+                .collect()
+        };
+        let held = ders(&self.identity.ca);
+        anyhow::ensure!(
+            ders(given).iter().any(|d| held.contains(d)),
+            "the CA certificates the stager sent keep none of those trusted now"
+        );
+        let mut id = self.identity.clone();
+        id.ca = given.to_string();
+        self.replaced(id, path)
+            .context("the CA certificates the stager sent")
+    }
+
+    /// A client for `id` that retries as this one does, after writing `id` to `path`.
+    fn replaced(&self, id: IdentityFile, path: &std::path::Path) -> Result<Client> {
+        let mut next = Client::new(id)?;
         next.retry_for = self.retry_for;
         next.using = self.using.clone();
         crate::journal::replace_file(path, next.identity.to_toml().as_bytes(), 0o600)?;
-        Ok((next, r.not_after))
+        Ok(next)
     }
 
     /// The identity's URLs: `stager`, then each `fallback`.
@@ -203,7 +237,11 @@ impl Client {
     /// The agent's work (`GET /v1/agent/work`), long-polling up to `wait`; the request has a
     /// deadline of `wait` + 30 s instead of the 60 s read timeout.
     pub fn poll_work(&self, wait: Duration) -> Result<proto::v1::Work> {
-        let path = format!("/v1/agent/work?wait={}", wait.as_secs());
+        let path = format!(
+            "/v1/agent/work?wait={}&trust={}",
+            wait.as_secs(),
+            self.trust_sha256()
+        );
         let r = self.call(|base| {
             self.agent
                 .get(&format!("{base}{path}"))

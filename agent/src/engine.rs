@@ -178,20 +178,45 @@ impl Agent {
                     "reinstall: this host's certificate was renewed (valid until {until}); {} updated",
                     path.display()
                 );
-                match self.give_rescue_identity(&path) {
-                    Ok(Some(dev)) => eprintln!(
-                        "reinstall: the rescue OS on {} has the renewed certificate too",
-                        dev.display()
-                    ),
-                    Ok(None) => {}
-                    Err(e) => eprintln!(
-                        "reinstall: the rescue OS on disk 2 keeps its old certificate (it may expire before the rescue OS is next booted): {e:#}"
-                    ),
-                }
+                self.share_identity(&path, "the renewed certificate", "its old certificate (it may expire before the rescue OS is next booted)");
             }
             Err(e) => eprintln!(
                 "reinstall: renewing this host's certificate failed, the current one stays in use: {e:#}"
             ),
+        }
+    }
+
+    /// Trusts the CA certificates the stager sent (its CA is being replaced: `stager ca`).
+    /// A failure changes nothing and is reported; the stager sends them again at the next
+    /// poll.
+    fn take_trust(&mut self, given: &str) {
+        let Some(path) = self.identity_path.clone() else {
+            return;
+        };
+        match self.client.take_trust(&path, given) {
+            Ok(client) => {
+                self.client = client;
+                eprintln!(
+                    "reinstall: this host trusts the stager's new CA certificates (sha256 {}); {} updated",
+                    self.client.trust_sha256(),
+                    path.display()
+                );
+                self.share_identity(&path, "them", "the CA certificates it had (it may not reach the stager once the old CA is retired)");
+            }
+            Err(e) => eprintln!("reinstall: keeping the CA certificates this host trusts: {e:#}"),
+        }
+    }
+
+    /// After the identity file at `path` changed: the rescue OS on disk 2 gets it too
+    /// ([`Self::give_rescue_identity`]), reported as having `what` or keeping `kept`.
+    fn share_identity(&self, path: &Path, what: &str, kept: &str) {
+        match self.give_rescue_identity(path) {
+            Ok(Some(dev)) => eprintln!(
+                "reinstall: the rescue OS on {} has {what} too",
+                dev.display()
+            ),
+            Ok(None) => {}
+            Err(e) => eprintln!("reinstall: the rescue OS on disk 2 keeps {kept}: {e:#}"),
         }
     }
 
@@ -450,6 +475,9 @@ impl Agent {
     pub fn idle(&mut self, wait: Duration) -> Result<Outcome> {
         let t = Instant::now();
         let w: Work = self.client.poll_work(wait)?;
+        if let Some(given) = &w.trust {
+            self.take_trust(given);
+        }
         if w.renew_identity {
             self.renew_identity();
         }

@@ -164,6 +164,11 @@ pub struct Work {
     /// it should fetch a new one (`POST /v1/agent/identity`) while this one still works.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub renew_identity: bool,
+    /// The CA certificates (PEM) the host is to trust from now on, when the host said
+    /// (`trust=SHA256` in the request) it holds others: the stager's CA is being replaced
+    /// (`stager ca`). The host keeps them as its identity file's `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
 }
 
 /// Agent: `POST /v1/agent/identity`: a new certificate for a key the host made itself (its
@@ -191,6 +196,9 @@ pub struct RenewedIdentity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayIdentity {
     pub renew: bool,
+    /// As [`Work::trust`], for the relay's `ca.pem` (asked with `?trust=SHA256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

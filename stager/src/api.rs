@@ -143,8 +143,8 @@ async fn dispatch(
         }
         (["v1", "agent", "work"], true, _) => {
             let host = agent(&who)?;
-            let wait = query_wait(req.uri.query())?;
-            agent_work(state, conn, host, wait).await
+            let (wait, trust) = query(req.uri.query(), true)?;
+            agent_work(state, conn, host, wait, trust).await
         }
         (["v1", "agent", "identity"], _, true) => {
             let host = agent(&who)?.to_string();
@@ -153,12 +153,14 @@ async fn dispatch(
         }
         (["v1", "relay", "identity"], true, _) => {
             relay(&who)?;
+            let (_, trust) = query(req.uri.query(), false)?;
             let fp = conn.fingerprint.clone().unwrap_or_default();
             state.db(move |db| db.cert_used(&fp)).await?;
             let renew = renewal_due(state, conn, state.config.relay_cert_days).await?;
+            let trust = trust_for(state, conn, trust).await?;
             Ok(http::json(
                 StatusCode::OK,
-                &proto::v1::RelayIdentity { renew },
+                &proto::v1::RelayIdentity { renew, trust },
             ))
         }
         (["v1", "relay", "identity"], _, true) => {
@@ -483,15 +485,26 @@ fn job_id(s: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("job id {s:?} is not a number")))
 }
 
-fn query_wait(q: Option<&str>) -> Result<Duration, ApiError> {
+/// A query's `wait` (seconds, a long poll; only where `wait_ok`) and `trust` (the SHA-256 of
+/// the trust bundle the client holds).
+fn query(q: Option<&str>, wait_ok: bool) -> Result<(Duration, Option<String>), ApiError> {
     let mut wait = Duration::ZERO;
+    let mut trust = None;
     for kv in q.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
         match kv.split_once('=') {
-            Some(("wait", v)) => {
+            Some(("wait", v)) if wait_ok => {
                 let secs: u64 = v.parse().map_err(|_| {
                     ApiError::bad_request(format!("wait={v:?} is not a number of seconds"))
                 })?;
                 wait = Duration::from_secs(secs).min(MAX_WAIT);
+            }
+            Some(("trust", v)) => {
+                if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ApiError::bad_request(format!(
+                        "trust={v:?} is not a SHA-256 (64 hex digits)"
+                    )));
+                }
+                trust = Some(v.to_ascii_lowercase());
             }
             _ => {
                 return Err(ApiError::bad_request(format!(
@@ -500,7 +513,24 @@ fn query_wait(q: Option<&str>) -> Result<Duration, ApiError> {
             }
         }
     }
-    Ok(wait)
+    Ok((wait, trust))
+}
+
+/// What a client that said it holds the trust bundle `held` (SHA-256) is to trust instead:
+/// the stager's `ca.pem`, if it is another. Recorded for `stager ca status`.
+async fn trust_for(
+    state: &Arc<State>,
+    conn: &Arc<Conn>,
+    held: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let Some(held) = held else {
+        return Ok(None); // a client that does not say cannot be told
+    };
+    let fp = conn.fingerprint.clone().unwrap_or_default();
+    let h = held.clone();
+    state.db(move |db| db.cert_trust(&fp, &h)).await?;
+    let now = state.trust.current();
+    Ok((now.sha256 != held).then(|| now.text.to_string()))
 }
 
 /// Refuses unless the agent's unfinished job satisfies `names_it`.
@@ -624,6 +654,7 @@ async fn agent_work(
     conn: &Arc<Conn>,
     host: &str,
     wait: Duration,
+    trust: Option<String>,
 ) -> Result<Response<ResBody>, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let notify = state.notifier(host);
@@ -631,21 +662,27 @@ async fn agent_work(
     let fp = conn.fingerprint.clone().unwrap_or_default();
     state.db(move |db| db.seen(&h, &addr, &fp)).await?;
     let renew_identity = renewal_due(state, conn, state.config.agent_cert_days).await?;
+    let trust = trust_for(state, conn, trust).await?;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let h = host.to_string();
+        let (h, trust) = (host.to_string(), trust.clone());
         let work = state
             .db(move |db| -> Result<Work, ApiError> {
                 Ok(Work {
                     job: db.work_for(&h)?,
                     rescue: db.rescue_request(&h)?,
                     renew_identity,
+                    trust,
                 })
             })
             .await?;
-        if work.job.is_some() || work.rescue.is_some() || tokio::time::Instant::now() >= deadline {
+        if work.job.is_some()
+            || work.rescue.is_some()
+            || work.trust.is_some()
+            || tokio::time::Instant::now() >= deadline
+        {
             return Ok(http::json(StatusCode::OK, &work));
         }
         tokio::select! {

@@ -466,16 +466,25 @@ fn check_restored(
     // Its schema (a newer one is refused by name); and the period it holds no record of,
     // from the snapshot to now, whose renewals the server takes when first presented.
     db::Db::open(&dbp)?.record_restore(&about.created)?;
-    for (cert, key, what) in [
-        (pki::CA_CERT, pki::CA_KEY, "the CA"),
-        (pki::SERVER_CERT, pki::SERVER_KEY, "the server"),
-    ] {
-        let read = |f: &str| {
-            fs::read_to_string(home.join(f)).with_context(|| format!("{what}: no {f} in it"))
-        };
-        crate::certfiles::check_pair(&read(cert)?, &read(key)?)
-            .with_context(|| format!("{what}: {key} and {cert} do not belong together"))?;
+    // The CA keys (two while the CA is being replaced: `stager ca`) each belong to a
+    // certificate of ca.pem; the server key to server.pem.
+    for key in [pki::CA_KEY, crate::ca::NEXT_KEY, crate::ca::OLD_KEY] {
+        if key == pki::CA_KEY || home.join(key).exists() {
+            pki::ca_cert_of(home, key).context("the CA")?;
+        }
     }
+    let read = |f: &str| {
+        fs::read_to_string(home.join(f)).with_context(|| format!("the server: no {f} in it"))
+    };
+    crate::certfiles::check_pair(&read(pki::SERVER_CERT)?, &read(pki::SERVER_KEY)?).with_context(
+        || {
+            format!(
+                "the server: {} and {} do not belong together",
+                pki::SERVER_KEY,
+                pki::SERVER_CERT
+            )
+        },
+    )?;
     let release = bundle::release::ReleaseKey::load(&store.release_key())?;
     let public = bundle::release::ReleasePublicKey::load(&store.release_pub())?;
     let probe = b"stager restore";

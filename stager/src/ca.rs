@@ -111,6 +111,7 @@ pub fn rotate(dir: &Path, stager_name: &str, db: &Db) -> Result<Ca> {
     }
     let current = list(dir)?.remove(0);
     db.first_ca(&current.fingerprint)?;
+    db.set_setting(ROTATED_AT, &pki::rfc3339(std::time::SystemTime::now()))?;
     let cn = format!(
         "reinstall CA {stager_name} {}",
         pki::rfc3339(std::time::SystemTime::now())
@@ -163,15 +164,27 @@ pub fn retire(dir: &Path) -> Result<Ca> {
     Ok(old)
 }
 
-/// The current certificates of agents and relays whose holders have not said they hold the
-/// trust bundle `sha256` (what `switch` waits for).
-pub fn lacking_bundle<'a>(listed: &'a [Listed], sha256: &str) -> Vec<&'a Listed> {
+/// The settings key of when `rotate` ran (RFC 3339).
+pub const ROTATED_AT: &str = "ca_rotated_at";
+
+/// The names whose current certificate's holder may not trust the new CA yet (what `switch`
+/// waits for): agents and relays that have not said they hold the trust bundle `sha256`,
+/// and operators whose identity file was issued before `rotated_at` or in its second (it
+/// may hold the old CA only; operators do not poll: issue them a new one).
+pub fn lacking_bundle<'a>(
+    listed: &'a [Listed],
+    sha256: &str,
+    rotated_at: Option<&str>,
+) -> Vec<&'a Listed> {
     listed
         .iter()
         .filter(|l| {
             l.standing == Standing::Current
-                && matches!(l.cert.role.as_str(), "agent" | "relay")
-                && l.cert.trust.as_deref() != Some(sha256)
+                && match l.cert.role.as_str() {
+                    "agent" | "relay" => l.cert.trust.as_deref() != Some(sha256),
+                    "operator" => rotated_at.is_some_and(|r| l.cert.issued.as_str() <= r),
+                    _ => false,
+                }
         })
         .collect()
 }
@@ -256,10 +269,15 @@ mod tests {
         assert!(listed
             .iter()
             .all(|l| l.cert.ca.as_deref() == Some(first[0].fingerprint.as_str())));
-        assert_eq!(
-            lacking_bundle(&listed, &crate::trust::bundle_sha256(&both)).len(),
-            2
-        );
+        let sha = crate::trust::bundle_sha256(&both);
+        assert_eq!(lacking_bundle(&listed, &sha, None).len(), 2);
+        db.cert_trust(&a.fingerprint, &sha).unwrap();
+        let listed = crate::certs::standings(db.certs().unwrap(), std::time::SystemTime::now());
+        let lacking: Vec<&str> = lacking_bundle(&listed, &sha, None)
+            .iter()
+            .map(|l| l.cert.name.as_str())
+            .collect();
+        assert_eq!(lacking, ["web2"]);
         assert!(!db.cert_due(&b.fingerprint, "2000-01-01T00:00:00Z").unwrap());
 
         let (issuing, server) = switch(dir, "s1", &db).unwrap();

@@ -83,6 +83,12 @@ restored stager the first time they are presented.")]
     /// Certificates the backup has no record of, renewed by agents and relays after it, are
     /// taken when first presented if they chain to the CA and name a client on record.
     Restore(RestoreOpts),
+    /// Replace the CA every agent, relay and operator trusts, in three steps that never cut
+    /// one off: rotate (a new CA, trusted beside the old one; agents and relays are given
+    /// both), switch (the new CA issues; everyone renews onto it), retire (the old CA is no
+    /// longer trusted). `status` shows who has not caught up with the last step.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Build, list and export bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -90,6 +96,51 @@ restored stager the first time they are presented.")]
     /// once per site, not once per machine.
     #[command(subcommand)]
     Relay(RelayCommand),
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// The CAs trusted and which one issues; who holds the current trust bundle; whose
+    /// certificate a CA that no longer issues issued; the next step.
+    Status(CaOpts),
+    /// Step 1: make a new CA (ca.next.key), trusted beside the current one (ca.pem holds
+    /// both). Agents and relays are given both at their next poll (a relay's: at its start
+    /// and hourly); identity files issued from now on hold both. Then issue operators new
+    /// identity files (they do not poll).
+    Rotate(CaOpts),
+    /// Step 2: the new CA issues from now on; the server certificate is reissued by it (a
+    /// running `stager serve` serves it within seconds); every certificate of the old CA is
+    /// due for renewal, which agents and relays do by themselves at their next poll.
+    /// Refused while an agent or relay in use has not said it holds both CAs, or an operator's
+    /// identity file predates the rotation (`stager ca status` names them; `--force` cuts
+    /// them off: they will not trust the new server certificate).
+    Switch(CaForceOpts),
+    /// Step 3: the old CA is no longer trusted (ca.pem holds the new one; ca.old.key is
+    /// removed); agents and relays are given the new bundle. Refused while some name's
+    /// current certificate is the old CA's (`--force` cuts them off).
+    Retire(CaForceOpts),
+}
+
+#[derive(Args)]
+pub struct CaOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// Print the state as JSON: stage, cas, bundle_sha256, lacking_bundle,
+    /// old_ca_certificates, next (and what was done).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CaForceOpts {
+    #[command(flatten)]
+    pub home: HomeOpt,
+    /// Take the step although the names `stager ca status` lists would be cut off.
+    #[arg(long)]
+    pub force: bool,
+    /// As `stager ca status --json`, after the step.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -727,6 +778,187 @@ pub fn relay_serve(o: RelayServeOpts) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(stager::relay::serve(&o.dir, o.listen))
+}
+
+/// What `stager ca status` shows, and the steps check.
+struct CaState {
+    stage: stager::ca::Stage,
+    cas: Vec<stager::ca::Ca>,
+    bundle_sha256: String,
+    /// Names that may not trust the new CA (see [`stager::ca::lacking_bundle`]).
+    lacking: Vec<stager::certs::Listed>,
+    /// Names whose current certificate a CA that no longer issues issued.
+    old_issued: Vec<stager::certs::Listed>,
+}
+
+fn ca_state(dir: &std::path::Path, db: &Db) -> Result<CaState> {
+    let config = Config::load(dir)?;
+    let listed = stager::certs::standings(
+        stager::certs::all(dir, &config.name, db)?,
+        std::time::SystemTime::now(),
+    );
+    let cas = stager::ca::list(dir)?;
+    let bundle_sha256 = stager::trust::bundle_sha256(&stager::ca::bundle(dir)?);
+    let stage = stager::ca::stage(dir);
+    let rotated_at = db.setting(stager::ca::ROTATED_AT)?;
+    let lacking = match stage {
+        stager::ca::Stage::One => Vec::new(),
+        _ => stager::ca::lacking_bundle(&listed, &bundle_sha256, rotated_at.as_deref())
+            .into_iter()
+            .cloned()
+            .collect(),
+    };
+    let old_issued = match db.setting(stager::ca::ISSUING)? {
+        Some(issuing) => stager::ca::issued_by_others(&listed, &issuing)
+            .into_iter()
+            .cloned()
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(CaState {
+        stage,
+        cas,
+        bundle_sha256,
+        lacking,
+        old_issued,
+    })
+}
+
+fn ca_next(st: &CaState) -> String {
+    use stager::ca::Stage;
+    match st.stage {
+        Stage::One => "nothing under way; `stager ca rotate` starts replacing the CA".into(),
+        Stage::Rotated if st.lacking.is_empty() => {
+            "every agent, relay and operator trusts both CAs: `stager ca switch`".into()
+        }
+        Stage::Rotated => format!(
+            "wait for {} name(s) to trust both CAs (agents at their next poll, relays within the hour; operators: `stager operator NAME` anew; machines that are gone: `stager revoke NAME`), then `stager ca switch`",
+            st.lacking.len()
+        ),
+        Stage::Switched if st.old_issued.is_empty() => {
+            "every certificate in use is the new CA's: `stager ca retire`".into()
+        }
+        Stage::Switched => format!(
+            "wait for {} name(s) to renew onto the new CA (agents at their next poll, relays within the hour; operators: `stager operator NAME` anew), then `stager ca retire`",
+            st.old_issued.len()
+        ),
+    }
+}
+
+fn names(l: &[stager::certs::Listed]) -> String {
+    l.iter()
+        .map(|l| {
+            format!(
+                "{} ({}, last used {})",
+                l.cert.name,
+                l.cert.role,
+                l.cert.last_used.as_deref().unwrap_or("never")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_ca_state(st: &CaState, json: bool, done: Option<&str>) -> Result<()> {
+    let next = ca_next(st);
+    if json {
+        let who = |l: &[stager::certs::Listed]| -> Vec<serde_json::Value> {
+            l.iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "name": l.cert.name, "role": l.cert.role,
+                        "fingerprint": l.cert.fingerprint, "last_used": l.cert.last_used,
+                    })
+                })
+                .collect()
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "done": done,
+                "stage": st.stage,
+                "cas": st.cas,
+                "bundle_sha256": st.bundle_sha256,
+                "lacking_bundle": who(&st.lacking),
+                "old_ca_certificates": who(&st.old_issued),
+                "next": next,
+            }))?
+        );
+        return Ok(());
+    }
+    if let Some(d) = done {
+        println!("{d}");
+    }
+    println!("{:<48} {:<8} {:<22} SHA256", "CA", "STATE", "NOT AFTER");
+    for c in &st.cas {
+        println!(
+            "{:<48} {:<8} {:<22} {}",
+            c.name, c.state, c.not_after, c.fingerprint
+        );
+    }
+    println!("trust bundle (ca.pem): sha256 {}", st.bundle_sha256);
+    if !st.lacking.is_empty() {
+        println!("not yet trusting both CAs: {}", names(&st.lacking));
+    }
+    if !st.old_issued.is_empty() {
+        println!(
+            "current certificate issued by a CA that no longer issues: {}",
+            names(&st.old_issued)
+        );
+    }
+    println!("next: {next}");
+    Ok(())
+}
+
+pub fn ca(c: CaCommand) -> Result<()> {
+    use stager::ca;
+    let (home, force, json) = match &c {
+        CaCommand::Status(o) | CaCommand::Rotate(o) => (&o.home, false, o.json),
+        CaCommand::Switch(o) | CaCommand::Retire(o) => (&o.home, o.force, o.json),
+    };
+    let dir = &home.dir;
+    Store::open(dir)?;
+    let config = Config::load(dir)?;
+    let db = Db::open(&dir.join(stager::db::FILE))?;
+    let done = match c {
+        CaCommand::Status(_) => None,
+        CaCommand::Rotate(_) => {
+            let new = ca::rotate(dir, &config.name, &db)?;
+            Some(format!(
+                "made a new CA {:?} (sha256 {}), trusted beside the current one; agents and relays are given both at their next poll",
+                new.name, new.fingerprint
+            ))
+        }
+        CaCommand::Switch(_) => {
+            let st = ca_state(dir, &db)?;
+            if st.stage == ca::Stage::Rotated && !st.lacking.is_empty() && !force {
+                anyhow::bail!(
+                    "not switching: these would not trust the new CA's server certificate: {} (`stager ca status`; --force cuts them off)",
+                    names(&st.lacking)
+                );
+            }
+            let (new, server) = ca::switch(dir, &config.name, &db)?;
+            Some(format!(
+                "the CA {:?} (sha256 {}) issues from now on; server certificate reissued (sha256 {}); every certificate of the old CA is due for renewal",
+                new.name, new.fingerprint, server.fingerprint
+            ))
+        }
+        CaCommand::Retire(_) => {
+            let st = ca_state(dir, &db)?;
+            if st.stage == ca::Stage::Switched && !st.old_issued.is_empty() && !force {
+                anyhow::bail!(
+                    "not retiring: the current certificate of these is the old CA's: {} (`stager ca status`; --force cuts them off)",
+                    names(&st.old_issued)
+                );
+            }
+            let old = ca::retire(dir)?;
+            Some(format!(
+                "the CA {:?} (sha256 {}) is no longer trusted; ca.old.key removed; agents and relays are given the new bundle at their next poll",
+                old.name, old.fingerprint
+            ))
+        }
+    };
+    print_ca_state(&ca_state(dir, &db)?, json, done.as_deref())
 }
 
 pub fn backup(o: BackupOpts) -> Result<()> {

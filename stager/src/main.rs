@@ -28,6 +28,7 @@ fn run(args: cli::Cli) -> Result<()> {
         cli::Command::ServerCert(o) => cli::server_cert(o),
         cli::Command::Serve(o) => cli::serve(o),
         cli::Command::Backup(o) => cli::backup(o),
+        cli::Command::Ca(c) => cli::ca(c),
         cli::Command::Restore(o) => cli::restore(o),
         cli::Command::Bundle(cli::BundleCommand::Build(o)) => cli::build(o),
         cli::Command::Bundle(cli::BundleCommand::List(o)) => cli::list(o),

@@ -93,6 +93,20 @@ pub fn roots_of(text: &str) -> Result<rustls::RootCertStore> {
     Ok(roots)
 }
 
+/// Whether the bundle `given` keeps a CA of `held`: a client takes a new bundle only so
+/// (from one CA to two and back to one, a CA is always kept), and never one that would have
+/// it trust none of the CAs it trusts now.
+pub fn continues(held: &str, given: &str) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    let ders = |t: &str| -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(t.as_bytes())
+            .filter_map(|c| c.ok().map(|c| c.to_vec()))
+            .collect()
+    };
+    let old = ders(held);
+    ders(given).iter().any(|d| old.contains(d))
+}
+
 impl Trust {
     pub fn open(path: &Path, provider: Arc<CryptoProvider>) -> Result<Arc<Trust>> {
         let loaded = load(path, &provider)?;

@@ -496,12 +496,38 @@ impl Relay {
         }
         let up = |e: ApiError| anyhow::anyhow!("{}", e.message);
         let path = "/v1/relay/identity";
-        let due: proto::v1::RelayIdentity = answer(
-            self.upstream(None, Method::GET, path, &[], Bytes::new())
+        // Says which CAs it trusts (upstream records it for `stager ca status`) and is given
+        // others when the stager's CA is being replaced; once taken, says so at once.
+        let mut held = crate::trust::bundle_sha256(&self.trust.current().text);
+        let due = loop {
+            let due: proto::v1::RelayIdentity = answer(
+                self.upstream(
+                    None,
+                    Method::GET,
+                    &format!("{path}?trust={held}"),
+                    &[],
+                    Bytes::new(),
+                )
                 .await
                 .map_err(up)?,
-        )
-        .await?;
+            )
+            .await?;
+            let Some(given) = &due.trust else { break due };
+            match self.take_trust(given) {
+                Ok(n) => println!(
+                    "relay {}: trusts {n} CA certificate(s) from now on, as upstream says (ca.pem replaced, the old one kept as ca.pem.old)",
+                    self.config.name
+                ),
+                Err(e) => {
+                    eprintln!(
+                        "relay {}: keeps the CA certificates it trusts: {e:#}",
+                        self.config.name
+                    );
+                    break due;
+                }
+            }
+            held = crate::trust::bundle_sha256(given);
+        };
         if !due.renew {
             return Ok(None);
         }
@@ -526,6 +552,24 @@ impl Relay {
             &key_pem,
         )?;
         Ok(Some((fingerprint, renewed.not_after)))
+    }
+
+    /// Replaces `ca.pem` with the bundle upstream gave (the stager's CA is being replaced),
+    /// if it is one and keeps a CA trusted now. The server and client sides of the relay
+    /// trust it from their next handshake. Returns how many CAs it holds.
+    fn take_trust(&self, given: &str) -> Result<usize> {
+        let path = self.dir.join(crate::pki::CA_CERT);
+        let held = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let n = crate::trust::roots_of(given)
+            .context("upstream's CA certificates")?
+            .len();
+        anyhow::ensure!(
+            crate::trust::continues(&held, given),
+            "upstream's CA certificates keep none of those trusted now"
+        );
+        crate::certfiles::replace_file(&path, given, 0o644)?;
+        Ok(n)
     }
 
     /// Renews this relay's certificate when it is due, checking at start and then hourly.
