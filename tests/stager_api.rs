@@ -2203,6 +2203,72 @@ fn a_relay_renews_its_own_certificate_directly_and_through_the_relay_above_it() 
     assert_eq!(code, 403, "{body}");
 }
 
+/// An age key pair made by the stock `age-keygen`: the identity file and the recipient.
+fn age_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let f = dir.join(format!("{name}.txt"));
+    ok(std::process::Command::new("age-keygen").arg("-o").arg(&f));
+    let public = ok(std::process::Command::new("age-keygen").arg("-y").arg(&f));
+    (f, public.trim().to_string())
+}
+
+/// Hosts web3 (reaching the stager directly) and web4 (through `relay`), each with its own
+/// root for the real agent, enrolled with `args` (`--days N`).
+struct AgentHosts {
+    dir: std::path::PathBuf,
+    roots: Vec<(&'static str, std::path::PathBuf)>,
+}
+
+impl AgentHosts {
+    fn enroll(s: &Stager, relay: &integration_tests::stager::Relay, args: &[&str]) -> AgentHosts {
+        let mut roots = Vec::new();
+        for (host, via) in [("web3", None), ("web4", Some(relay.url("")))] {
+            let root = s.dir.join(format!("root-{host}"));
+            let etc = root.join("etc/reinstall");
+            std::fs::create_dir_all(&etc).unwrap();
+            let mut c = stager();
+            c.args(["enroll", "--dir"])
+                .arg(&s.home)
+                .arg(host)
+                .args(args)
+                .arg("--out")
+                .arg(etc.join("identity.toml"));
+            if let Some(v) = &via {
+                c.args(["--via", v]);
+            }
+            ok(&mut c);
+            roots.push((host, root));
+        }
+        AgentHosts {
+            dir: s.dir.clone(),
+            roots,
+        }
+    }
+
+    fn identity(&self, i: usize) -> std::path::PathBuf {
+        self.roots[i].1.join("etc/reinstall/identity.toml")
+    }
+
+    /// One poll of each host's agent (`--once`), which must succeed; their stderr.
+    fn poll(&self) -> Vec<String> {
+        self.roots
+            .iter()
+            .map(|(host, root)| {
+                let out = run(reinstall()
+                    .args(["agent", "--root"])
+                    .arg(root)
+                    .arg("--fake-firmware")
+                    .arg(self.dir.join(format!("fw-{host}.json")))
+                    .arg("--work")
+                    .arg(self.dir.join(format!("work-{host}")))
+                    .args(["--wait", "0", "--once"]));
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(out.status.success(), "{host}: {stderr}");
+                stderr
+            })
+            .collect()
+    }
+}
+
 /// The stager's disk is lost: a backup taken while it served (to two operators' age keys)
 /// is restored at the same path, and the same agents, operator and blobs carry on with the
 /// same certificates. Stock `age | zstd | tar` read the backup; a wrong key, a cut or altered
@@ -2215,13 +2281,10 @@ fn the_stager_is_backed_up_while_serving_and_restored_where_it_was_lost() {
     let mut s = started(&w);
     let id = create_job(&s, "web1");
     let d = w.path();
-    let mut keys = Vec::new();
-    for k in ["key1", "key2", "stranger"] {
-        let f = d.join(format!("{k}.txt"));
-        ok(std::process::Command::new("age-keygen").arg("-o").arg(&f));
-        let public = ok(std::process::Command::new("age-keygen").arg("-y").arg(&f));
-        keys.push((f, public.trim().to_string()));
-    }
+    let keys: Vec<_> = ["key1", "key2", "stranger"]
+        .iter()
+        .map(|k| age_key(d, k))
+        .collect();
     std::fs::write(
         d.join("recipients"),
         format!("# the second\n{}\n", keys[1].1),
@@ -2427,52 +2490,20 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
     let mut relay = integration_tests::stager::Relay::init(&s, "pop-a");
     relay.start();
     // web3 reaches the stager directly, web4 through the relay; both are due to renew.
-    let mut roots = Vec::new();
-    for (host, via) in [("web3", None), ("web4", Some(relay.url("")))] {
-        let root = d.join(format!("root-{host}"));
-        let etc = root.join("etc/reinstall");
-        std::fs::create_dir_all(&etc).unwrap();
-        let mut c = stager();
-        c.args(["enroll", "--dir"])
-            .arg(&s.home)
-            .args([host, "--days", "10", "--out"])
-            .arg(etc.join("identity.toml"));
-        if let Some(v) = &via {
-            c.args(["--via", v]);
-        }
-        ok(&mut c);
-        roots.push((host, root));
-    }
-    ok(std::process::Command::new("age-keygen")
-        .arg("-o")
-        .arg(d.join("key.txt")));
-    let public = ok(std::process::Command::new("age-keygen")
-        .arg("-y")
-        .arg(d.join("key.txt")));
+    let hosts = AgentHosts::enroll(&s, &relay, &["--days", "10"]);
+    let (key, public) = age_key(d, "key");
     let backup = d.join("stager.backup");
     ok(stager()
         .args(["backup", "--dir"])
         .arg(&s.home)
         .arg("--out")
         .arg(&backup)
-        .args(["-r", public.trim(), "--no-blobs"]));
+        .args(["-r", &public, "--no-blobs"]));
 
     // After the backup: both renew (the real agent), and web5 is enrolled.
-    for (host, root) in &roots {
-        let out = run(reinstall()
-            .args(["agent", "--root"])
-            .arg(root)
-            .arg("--fake-firmware")
-            .arg(d.join(format!("fw-{host}.json")))
-            .arg("--work")
-            .arg(d.join(format!("work-{host}")))
-            .args(["--wait", "0", "--once"]));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stderr.contains("certificate was renewed"),
-            "{host}: {stderr}"
-        );
-        std::fs::copy(root.join("etc/reinstall/identity.toml"), s.identity(host)).unwrap();
+    for (i, stderr) in hosts.poll().iter().enumerate() {
+        assert!(stderr.contains("certificate was renewed"), "{stderr}");
+        std::fs::copy(hosts.identity(i), s.identity(hosts.roots[i].0)).unwrap();
     }
     s.enroll("web5");
     let poll = |s: &Stager, host: &str| {
@@ -2493,7 +2524,7 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
         .args(["restore", "--dir"])
         .arg(&s.home)
         .arg("-i")
-        .arg(d.join("key.txt"))
+        .arg(&key)
         .arg(&backup));
     assert!(text.contains("taken when first presented"), "{text}");
     s.start();
@@ -2545,47 +2576,11 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
     let s = started(&w);
     let mut relay = integration_tests::stager::Relay::init(&s, "pop-a");
     relay.start();
-    let mut roots = Vec::new();
-    for (host, via) in [("web3", None), ("web4", Some(relay.url("")))] {
-        let root = d.join(format!("root-{host}"));
-        let etc = root.join("etc/reinstall");
-        std::fs::create_dir_all(&etc).unwrap();
-        let mut c = stager();
-        c.args(["enroll", "--dir"])
-            .arg(&s.home)
-            .args([host, "--out"])
-            .arg(etc.join("identity.toml"));
-        if let Some(v) = &via {
-            c.args(["--via", v]);
-        }
-        ok(&mut c);
-        roots.push((host, root));
-    }
-    let first_web3 = roots[0].1.join("etc/reinstall/identity.toml");
-    let first_web3 = std::fs::read_to_string(first_web3).unwrap();
-    // Every host polls; each run's stderr.
-    let agents = || -> Vec<String> {
-        roots
-            .iter()
-            .map(|(host, root)| {
-                let out = run(reinstall()
-                    .args(["agent", "--root"])
-                    .arg(root)
-                    .arg("--fake-firmware")
-                    .arg(d.join(format!("fw-{host}.json")))
-                    .arg("--work")
-                    .arg(d.join(format!("work-{host}")))
-                    .args(["--wait", "0", "--once"]));
-                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-                assert!(out.status.success(), "{host}: {stderr}");
-                stderr
-            })
-            .collect()
-    };
+    let hosts = AgentHosts::enroll(&s, &relay, &[]);
+    let first_web3 = std::fs::read_to_string(hosts.identity(0)).unwrap();
+    let agents = || hosts.poll();
     let cas_held = |host: usize| {
-        let id =
-            proto::identity::IdentityFile::load(&roots[host].1.join("etc/reinstall/identity.toml"))
-                .unwrap();
+        let id = proto::identity::IdentityFile::load(&hosts.identity(host)).unwrap();
         id.ca.matches("BEGIN CERTIFICATE").count()
     };
     let relay_ca = relay.dir.join("ca.pem");
@@ -2695,23 +2690,18 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
         "{e}"
     );
     // A backup taken between the steps restores with both CA keys checked.
-    ok(std::process::Command::new("age-keygen")
-        .arg("-o")
-        .arg(d.join("key.txt")));
-    let public = ok(std::process::Command::new("age-keygen")
-        .arg("-y")
-        .arg(d.join("key.txt")));
+    let (key, public) = age_key(d, "key");
     let mid = d.join("mid.backup");
     ok(stager()
         .args(["backup", "--no-blobs", "--dir"])
         .arg(&s.home)
         .arg("--out")
         .arg(&mid)
-        .args(["-r", public.trim()]));
+        .args(["-r", &public]));
     let said = ok(stager()
         .env("TMPDIR", d)
         .args(["restore", "--check", "-i"])
-        .arg(d.join("key.txt"))
+        .arg(&key)
         .arg(&mid));
     assert!(said.contains("checked"), "{said}");
     std::fs::remove_file(s.identity("alice")).unwrap();

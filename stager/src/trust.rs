@@ -154,6 +154,24 @@ impl Trust {
     }
 }
 
+impl Trust {
+    /// A handshake signature, checked as the WebPki verifiers of both sides check it (the
+    /// trusted CAs play no part in it).
+    fn signature(
+        &self,
+        tls: u8,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        match tls {
+            12 => rustls::crypto::verify_tls12_signature(message, cert, dss, algs),
+            _ => rustls::crypto::verify_tls13_signature(message, cert, dss, algs),
+        }
+    }
+}
+
 impl ClientCertVerifier for Trust {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // No hints: every client of ours holds one certificate.
@@ -175,9 +193,7 @@ impl ClientCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current()
-            .client
-            .verify_tls12_signature(message, cert, dss)
+        self.signature(12, message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -185,9 +201,7 @@ impl ClientCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current()
-            .client
-            .verify_tls13_signature(message, cert, dss)
+        self.signature(13, message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider
@@ -219,9 +233,7 @@ impl ServerCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current()
-            .server
-            .verify_tls12_signature(message, cert, dss)
+        self.signature(12, message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -229,9 +241,7 @@ impl ServerCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current()
-            .server
-            .verify_tls13_signature(message, cert, dss)
+        self.signature(13, message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider
