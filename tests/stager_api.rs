@@ -2623,7 +2623,31 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
     );
     let e = fails(&mut ca(&["rotate"]));
     assert!(e.contains("already"), "{e}");
-    settle();
+    // A bundle whose signature is not the release key's (as a relay in the middle would
+    // have to send) is refused, and the host keeps what it trusts.
+    let sig_file = s.home.join("ca.pem.minisig");
+    let good_sig = std::fs::read_to_string(&sig_file).unwrap();
+    let lines: Vec<&str> = good_sig.lines().collect();
+    let mut forged = lines.clone();
+    let other = lines[1].replace(&lines[1][10..14], "AAAA");
+    forged[1] = &other;
+    let touch = || {
+        let pem = std::fs::read(s.home.join("ca.pem")).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(s.home.join("ca.pem"), pem).unwrap();
+        settle();
+    };
+    std::fs::write(&sig_file, forged.join("\n") + "\n").unwrap();
+    touch();
+    for (i, err) in agents().iter().enumerate() {
+        assert!(
+            err.contains("keeping the CA certificates this host trusts"),
+            "{err}"
+        );
+        assert_eq!(cas_held(i), 1);
+    }
+    std::fs::write(&sig_file, &good_sig).unwrap();
+    touch();
     for (i, err) in agents().iter().enumerate() {
         assert!(
             err.contains("trusts the stager's new CA certificates"),

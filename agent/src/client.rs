@@ -102,10 +102,25 @@ impl Client {
     }
 
     /// Trusts the CA certificates `given` from now on (the stager's CA is being replaced):
-    /// only if they keep one of the CAs trusted now (this answer came over a connection
-    /// one of them verified), and make a working client; written into the identity file
-    /// at `path` (atomically, 0600). On any error the identity file is as it was.
-    pub fn take_trust(&self, path: &std::path::Path, given: &str) -> Result<Client> {
+    /// only if `signature` is the release key's (the identity's `release_pub`: a relay
+    /// between this host and the stager cannot slip in a CA of its own), they keep one of
+    /// the CAs trusted now, and make a working client; written into the identity file at
+    /// `path` (atomically, 0600). On any error the identity file is as it was.
+    pub fn take_trust(
+        &self,
+        path: &std::path::Path,
+        given: &str,
+        signature: Option<&str>,
+    ) -> Result<Client> {
+        let key = bundle::release::ReleasePublicKey::from_text(
+            &self.identity.release_pub,
+            std::path::Path::new("the identity file's release_pub"),
+        )?;
+        key.verify(
+            given.as_bytes(),
+            signature.context("the CA certificates the stager sent are not signed")?,
+            std::path::Path::new("the CA certificates the stager sent"),
+        )?;
         let ders = |t: &str| -> Vec<Vec<u8>> {
             CertificateDer::pem_slice_iter(t.as_bytes())
                 .filter_map(|c| c.ok().map(|c| c.to_vec()))

@@ -189,11 +189,11 @@ impl Agent {
     /// Trusts the CA certificates the stager sent (its CA is being replaced: `stager ca`).
     /// A failure changes nothing and is reported; the stager sends them again at the next
     /// poll.
-    fn take_trust(&mut self, given: &str) {
+    fn take_trust(&mut self, given: &str, signature: Option<&str>) {
         let Some(path) = self.identity_path.clone() else {
             return;
         };
-        match self.client.take_trust(&path, given) {
+        match self.client.take_trust(&path, given, signature) {
             Ok(client) => {
                 self.client = client;
                 eprintln!(
@@ -476,7 +476,7 @@ impl Agent {
         let t = Instant::now();
         let w: Work = self.client.poll_work(wait)?;
         if let Some(given) = &w.trust {
-            self.take_trust(given);
+            self.take_trust(given, w.trust_signature.as_deref());
         }
         if w.renew_identity {
             self.renew_identity();

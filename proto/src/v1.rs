@@ -169,6 +169,10 @@ pub struct Work {
     /// (`stager ca`). The host keeps them as its identity file's `ca`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<String>,
+    /// `trust`'s minisign signature by the release key the host pins (its identity file's
+    /// `release_pub`): a relay between them cannot slip in a CA of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_signature: Option<String>,
 }
 
 /// Agent: `POST /v1/agent/identity`: a new certificate for a key the host made itself (its
@@ -199,6 +203,9 @@ pub struct RelayIdentity {
     /// As [`Work::trust`], for the relay's `ca.pem` (asked with `?trust=SHA256`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<String>,
+    /// As [`Work::trust_signature`] (checked with the relay's `release.pub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_signature: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

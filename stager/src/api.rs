@@ -157,10 +157,14 @@ async fn dispatch(
             let fp = conn.fingerprint.clone().unwrap_or_default();
             state.db(move |db| db.cert_used(&fp)).await?;
             let renew = renewal_due(state, conn, state.config.relay_cert_days).await?;
-            let trust = trust_for(state, conn, trust).await?;
+            let (trust, trust_signature) = trust_for(state, conn, trust).await?.unzip();
             Ok(http::json(
                 StatusCode::OK,
-                &proto::v1::RelayIdentity { renew, trust },
+                &proto::v1::RelayIdentity {
+                    renew,
+                    trust,
+                    trust_signature: trust_signature.flatten(),
+                },
             ))
         }
         (["v1", "relay", "identity"], _, true) => {
@@ -517,12 +521,13 @@ fn query(q: Option<&str>, wait_ok: bool) -> Result<(Duration, Option<String>), A
 }
 
 /// What a client that said it holds the trust bundle `held` (SHA-256) is to trust instead:
-/// the stager's `ca.pem`, if it is another. Recorded for `stager ca status`.
+/// the stager's `ca.pem`, if it is another, and its signature. Recorded for `stager ca
+/// status`.
 async fn trust_for(
     state: &Arc<State>,
     conn: &Arc<Conn>,
     held: Option<String>,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<(String, Option<String>)>, ApiError> {
     let Some(held) = held else {
         return Ok(None); // a client that does not say cannot be told
     };
@@ -530,7 +535,7 @@ async fn trust_for(
     let h = held.clone();
     state.db(move |db| db.cert_trust(&fp, &h)).await?;
     let now = state.trust.current();
-    Ok((now.sha256 != held).then(|| now.text.to_string()))
+    Ok((now.sha256 != held).then(|| (now.text.to_string(), now.signature.as_deref().cloned())))
 }
 
 /// Refuses unless the agent's unfinished job satisfies `names_it`.
@@ -662,12 +667,14 @@ async fn agent_work(
     let fp = conn.fingerprint.clone().unwrap_or_default();
     state.db(move |db| db.seen(&h, &addr, &fp)).await?;
     let renew_identity = renewal_due(state, conn, state.config.agent_cert_days).await?;
-    let trust = trust_for(state, conn, trust).await?;
+    let (trust, trust_signature) = trust_for(state, conn, trust).await?.unzip();
+    let trust_signature = trust_signature.flatten();
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (h, trust) = (host.to_string(), trust.clone());
+        let (h, trust, trust_signature) =
+            (host.to_string(), trust.clone(), trust_signature.clone());
         let work = state
             .db(move |db| -> Result<Work, ApiError> {
                 Ok(Work {
@@ -675,6 +682,7 @@ async fn agent_work(
                     rescue: db.rescue_request(&h)?,
                     renew_identity,
                     trust,
+                    trust_signature,
                 })
             })
             .await?;

@@ -92,6 +92,24 @@ pub fn list(dir: &Path) -> Result<Vec<Ca>> {
     Ok(out)
 }
 
+/// Replaces `ca.pem` with `text`, signed first by the release key (`ca.pem.minisig`): agents
+/// and relays take a bundle only with the signature of the release key they pin, so a relay
+/// between them and the stager cannot add a CA of its own.
+fn write_bundle(dir: &Path, text: &str) -> Result<()> {
+    let store = crate::store::Store::open(dir)?;
+    let key = bundle::release::ReleaseKey::load(&store.release_key())?;
+    let sig = key.sign(
+        text.as_bytes(),
+        &format!(
+            "reinstall trust bundle sha256 {}",
+            crate::trust::bundle_sha256(text)
+        ),
+    )?;
+    let at = dir.join(CA_CERT);
+    crate::certfiles::replace_file(&crate::certfiles::beside(&at, "minisig"), &sig, 0o644)?;
+    crate::certfiles::replace_file(&at, text, 0o644)
+}
+
 /// The text agents and relays are given to trust: `ca.pem`.
 pub fn bundle(dir: &Path) -> Result<String> {
     std::fs::read_to_string(dir.join(CA_CERT))
@@ -120,11 +138,7 @@ pub fn rotate(dir: &Path, stager_name: &str, db: &Db) -> Result<Ca> {
     // The key first: a crash before the bundle leaves a key no certificate of ca.pem
     // matches, which `rotate` reports (remove it and run again).
     pki::write_private(&dir.join(NEXT_KEY), &key)?;
-    crate::certfiles::replace_file(
-        &dir.join(CA_CERT),
-        &format!("{}{}", current.pem, cert),
-        0o644,
-    )?;
+    write_bundle(dir, &format!("{}{}", current.pem, cert))?;
     ca_of(cert, "next")
 }
 
@@ -157,7 +171,7 @@ pub fn retire(dir: &Path) -> Result<Ca> {
     }
     let old = ca_of(pki::ca_cert_of(dir, OLD_KEY)?, "old")?;
     let issuing = list(dir)?.remove(0);
-    crate::certfiles::replace_file(&dir.join(CA_CERT), &issuing.pem, 0o644)?;
+    write_bundle(dir, &issuing.pem)?;
     std::fs::remove_file(dir.join(OLD_KEY))
         .with_context(|| format!("removing {}", dir.join(OLD_KEY).display()))?;
     bundle::unpack::sync_dir(dir)?;
@@ -215,6 +229,7 @@ mod tests {
     fn the_ca_is_replaced_in_three_steps() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path();
+        crate::store::Store::init(dir).unwrap();
         pki::init(dir, "s1", &["localhost".into()]).unwrap();
         let db = Db::open(&dir.join(crate::db::FILE)).unwrap();
         let first = list(dir).unwrap();
@@ -253,6 +268,15 @@ mod tests {
         assert_eq!(stage(dir), Stage::Rotated);
         let both = bundle(dir).unwrap();
         assert_eq!(pki::pem_blocks(&both).len(), 2);
+        // Signed by the release key, as agents check it.
+        let sig = std::fs::read_to_string(dir.join("ca.pem.minisig")).unwrap();
+        let public = bundle::release::ReleasePublicKey::load(&dir.join("release.pub")).unwrap();
+        public
+            .verify(both.as_bytes(), &sig, Path::new("ca.pem"))
+            .unwrap();
+        assert!(public
+            .verify(first[0].pem.as_bytes(), &sig, Path::new("x"))
+            .is_err());
         // Still issued by the first CA; recorded as such.
         let b = pki::issue_client(dir, "s1", "web2", "agent", 10).unwrap();
         db.add_cert(

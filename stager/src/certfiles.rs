@@ -215,11 +215,15 @@ pub fn replace_file(at: &Path, text: &str, mode: u32) -> Result<()> {
     sync_parent(at)
 }
 
-/// `at` copied to `at.old`, `text` written and flushed as `at.new`.
+/// `at` (if there is one) copied to `at.old`, `text` written and flushed as `at.new`.
 fn stage(at: &Path, text: &str, mode: u32) -> Result<()> {
     let (old, new) = (beside(at, "old"), beside(at, "new"));
-    std::fs::copy(at, &old)
-        .with_context(|| format!("keeping {} as {}", at.display(), old.display()))?;
+    match std::fs::copy(at, &old) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        r => {
+            r.with_context(|| format!("keeping {} as {}", at.display(), old.display()))?;
+        }
+    }
     let _ = std::fs::remove_file(&new);
     bundle::release::write_new(&new, text.as_bytes(), mode)?;
     Ok(())

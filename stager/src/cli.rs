@@ -169,7 +169,7 @@ pub struct RelayInitOpts {
     /// Address `stager relay serve` listens on.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub listen: String,
-    /// Directory to create for the relay (relay.toml, ca.pem, relay.pem, relay.key).
+    /// Directory to create for the relay (relay.toml, ca.pem, release.pub, relay.pem, relay.key).
     #[arg(long)]
     pub out: PathBuf,
     /// How the relay reaches this stager (default: `url` in stager.toml, as agents do), or
@@ -732,8 +732,9 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     name_is_free(&db, &o.name, stager::api::RELAY)?;
     let issued = pki::issue_relay(dir, &config.name, &o.name, &o.sans, o.days)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
-    std::fs::copy(dir.join(pki::CA_CERT), o.out.join(pki::CA_CERT))
-        .with_context(|| format!("copying {}", pki::CA_CERT))?;
+    for f in [pki::CA_CERT, stager::relay::RELEASE_PUB] {
+        std::fs::copy(dir.join(f), o.out.join(f)).with_context(|| format!("copying {f}"))?;
+    }
     pki::write_private(&o.out.join(stager::relay::KEY), &issued.key_pem)?;
     std::fs::write(o.out.join(stager::relay::CERT), &issued.cert_pem)?;
     let upstream = o.upstream.unwrap_or(config.url);

@@ -34,6 +34,8 @@ pub struct Loaded {
     pub text: Arc<String>,
     /// Lower-case hex SHA-256 of `text`.
     pub sha256: String,
+    /// `text`'s minisign signature by the release key (`ca.pem.minisig`), if there is one.
+    pub signature: Option<Arc<String>>,
     client: Arc<dyn ClientCertVerifier>,
     server: Arc<dyn ServerCertVerifier>,
     stamp: Option<(u64, SystemTime, u64)>,
@@ -72,8 +74,12 @@ fn load(path: &Path, provider: &Arc<CryptoProvider>) -> Result<Loaded> {
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .context("building the server certificate verifier")?;
+    let signature = std::fs::read_to_string(crate::certfiles::beside(path, "minisig"))
+        .ok()
+        .map(Arc::new);
     Ok(Loaded {
         sha256: bundle_sha256(&text),
+        signature,
         text: Arc::new(text),
         client,
         server,

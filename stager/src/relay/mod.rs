@@ -27,8 +27,9 @@
 //! of its disk free; a blob that cannot fit even so passes through uncached.
 //!
 //! Files in the relay's directory (written by `stager relay init` on the upstream stager):
-//! `relay.toml`, `ca.pem`, `relay.pem` and `relay.key` (0600): one certificate, for both the
-//! server agents reach and the client upstream verifies), `cache/`.
+//! `relay.toml`, `ca.pem` (the CAs it trusts, replaced when upstream gives a new bundle
+//! signed by the key in `release.pub`: `stager ca`), `relay.pem` and `relay.key` (0600): one
+//! certificate, for both the server agents reach and the client upstream verifies), `cache/`.
 
 pub mod cache;
 
@@ -60,6 +61,8 @@ pub const CONFIG: &str = "relay.toml";
 pub const CERT: &str = "relay.pem";
 pub const KEY: &str = "relay.key";
 pub const CACHE: &str = "cache";
+/// The stager's release public key: what a new trust bundle must be signed with.
+pub const RELEASE_PUB: &str = "release.pub";
 
 /// Longest wait for upstream's answer to a forwarded request (a long poll is ≤ 300 s).
 const UPSTREAM_ANSWER: Duration = Duration::from_secs(330);
@@ -513,7 +516,7 @@ impl Relay {
             )
             .await?;
             let Some(given) = &due.trust else { break due };
-            match self.take_trust(given) {
+            match self.take_trust(given, due.trust_signature.as_deref()) {
                 Ok(n) => println!(
                     "relay {}: trusts {n} CA certificate(s) from now on, as upstream says (ca.pem replaced, the old one kept as ca.pem.old)",
                     self.config.name
@@ -557,7 +560,21 @@ impl Relay {
     /// Replaces `ca.pem` with the bundle upstream gave (the stager's CA is being replaced),
     /// if it is one and keeps a CA trusted now. The server and client sides of the relay
     /// trust it from their next handshake. Returns how many CAs it holds.
-    fn take_trust(&self, given: &str) -> Result<usize> {
+    fn take_trust(&self, given: &str, signature: Option<&str>) -> Result<usize> {
+        let public = self.dir.join(RELEASE_PUB);
+        if public.exists() {
+            bundle::release::ReleasePublicKey::load(&public)?.verify(
+                given.as_bytes(),
+                signature.context("upstream's CA certificates are not signed")?,
+                Path::new("upstream's CA certificates"),
+            )?;
+        } else {
+            eprintln!(
+                "relay {}: no {} to check upstream's CA certificates with (copy the stager's in); taken on upstream's word",
+                self.config.name,
+                public.display()
+            );
+        }
         let path = self.dir.join(crate::pki::CA_CERT);
         let held = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
