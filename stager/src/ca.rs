@@ -210,7 +210,7 @@ pub fn issued_by_others<'a>(listed: &'a [Listed], issuing: &str) -> Vec<&'a List
         .iter()
         .filter(|l| {
             l.standing == Standing::Current
-                && l.cert.role != "server"
+                && matches!(l.cert.role.as_str(), "agent" | "relay" | "operator")
                 && l.cert.ca.as_deref() != Some(issuing)
         })
         .collect()

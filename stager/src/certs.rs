@@ -9,9 +9,10 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-/// Every certificate of this stager that can run out: those `state.db` records, and the
+/// Every certificate of this stager that can run out: those `state.db` records, the
 /// stager's own server certificate (role `server`, named after the stager), read from
-/// `server.pem`, whose end cuts every agent off.
+/// `server.pem`, whose end cuts every agent off, and the CAs of `ca.pem` (role `ca`, named
+/// by their CN), whose end cuts off everyone.
 pub fn all(
     dir: &std::path::Path,
     stager_name: &str,
@@ -31,6 +32,20 @@ pub fn all(
         ca: None,
         trust: None,
     });
+    for c in crate::ca::list(dir)? {
+        certs.push(Cert {
+            name: c.name,
+            role: "ca".into(),
+            sites: None,
+            fingerprint: c.fingerprint,
+            issued: String::new(),
+            not_after: c.not_after,
+            revoked: None,
+            last_used: None,
+            ca: None,
+            trust: None,
+        });
+    }
     Ok(certs)
 }
 

@@ -124,10 +124,10 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let listed = crate::certs::standings(certs, std::time::SystemTime::now());
     let _ = writeln!(
         s,
-        "# HELP stager_identities_expiring Names (hosts, operators, relays, the stager's server certificate) whose current certificate ends within 30 days, or whose certificates have all expired, by role.\n# TYPE stager_identities_expiring gauge"
+        "# HELP stager_identities_expiring Names (hosts, operators, relays, the stager's server certificate, its CAs) whose current certificate ends within 30 days, or whose certificates have all expired, by role.\n# TYPE stager_identities_expiring gauge"
     );
     let mut by_role: std::collections::BTreeMap<&str, u64> =
-        ["agent", "operator", "relay", "server"]
+        ["agent", "ca", "operator", "relay", "server"]
             .iter()
             .map(|r| (*r, 0))
             .collect();

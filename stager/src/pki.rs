@@ -326,7 +326,30 @@ fn parse_cert(der: &[u8]) -> yasna::ASN1Result<Parsed> {
 /// has just worked).
 pub fn warn_if_ending(path: &Path, loses: &str, fix: &str) {
     if let Ok(info) = cert_info(path) {
-        if let Some(w) = ending_warning(path, &info, std::time::SystemTime::now(), loses, fix) {
+        if let Some(w) = ending_warning(path, &info, std::time::SystemTime::now(), 30, loses, fix) {
+            eprintln!("{w}");
+        }
+    }
+}
+
+/// On stderr, when the issuing CA of the stager home `dir` ends within a year: replacing it
+/// (`stager ca`) waits for every host to poll, twice.
+pub fn warn_if_ca_ending(dir: &Path) {
+    use rustls::pki_types::pem::PemObject;
+    let info = ca_cert_of(dir, CA_KEY).ok().and_then(|pem| {
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+        cert_info_der(&der).ok()
+    });
+    if let Some(info) = info {
+        let w = ending_warning(
+            &dir.join(CA_CERT),
+            &info,
+            std::time::SystemTime::now(),
+            365,
+            "no agent, relay or operator can reach this stager after that",
+            "replace it now: stager ca rotate, switch, retire (see stager ca --help)",
+        );
+        if let Some(w) = w {
             eprintln!("{w}");
         }
     }
@@ -336,6 +359,7 @@ fn ending_warning(
     path: &Path,
     info: &CertInfo,
     now: std::time::SystemTime,
+    within_days: i64,
     loses: &str,
     fix: &str,
 ) -> Option<String> {
@@ -345,7 +369,7 @@ fn ending_warning(
             "warning: {} ended {end}: {loses}; {fix}",
             path.display()
         )),
-        days if days < 30 => Some(format!(
+        days if days < within_days => Some(format!(
             "warning: {} ends {end} ({days} days from now): {loses}; {fix}",
             path.display()
         )),
@@ -605,19 +629,27 @@ mod tests {
         // Serving it warns: 20 days left is within 30; 825 is not; past its end, ended.
         let p = d.path().join(SERVER_CERT);
         let now = SystemTime::now();
-        let w = ending_warning(&p, &after, now, "agents lose it", "renew it").unwrap();
+        let w = ending_warning(&p, &after, now, 30, "agents lose it", "renew it").unwrap();
         assert!(
             w.contains("days from now): agents lose it; renew it"),
             "{w}"
         );
-        assert_eq!(ending_warning(&p, &before, now, "x", "y"), None);
+        assert_eq!(ending_warning(&p, &before, now, 30, "x", "y"), None);
         let later = now + std::time::Duration::from_secs(21 * 86_400);
-        let w = ending_warning(&p, &after, later, "x", "y").unwrap();
+        let w = ending_warning(&p, &after, later, 30, "x", "y").unwrap();
         assert!(w.contains("ended "), "{w}");
+        // The CA is warned of a year ahead: replacing it waits for every host.
+        use rustls::pki_types::pem::PemObject;
+        let ca_pem = ca_cert_of(d.path(), CA_KEY).unwrap();
+        let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+        let ca = cert_info_der(&ca_der).unwrap();
+        assert_eq!(ending_warning(&p, &ca, now, 365, "x", "y"), None);
+        let nine_years = now + std::time::Duration::from_secs(9 * 365 * 86_400 + 200 * 86_400);
+        let w = ending_warning(&p, &ca, nine_years, 365, "x", "y").unwrap();
+        assert!(w.contains("days from now"), "{w}");
         assert_eq!(after.cn.as_deref(), Some("reinstall stager s1"));
         // A client's name and role read back from its subject, and when it starts.
         let c = issue_client(d.path(), "s1", "web-1.example", "agent", 3).unwrap();
-        use rustls::pki_types::pem::PemObject;
         let der = rustls::pki_types::CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap();
         let info = cert_info_der(&der).unwrap();
         assert_eq!(

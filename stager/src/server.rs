@@ -159,6 +159,7 @@ pub async fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
         "agents cannot reach this stager after that",
         "renew it: stager server-cert --renew (serve presents the new one within seconds)",
     );
+    crate::pki::warn_if_ca_ending(dir);
     accept_loop(state, listener, acceptor).await
 }
 
