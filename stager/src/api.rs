@@ -686,11 +686,9 @@ async fn agent_work(
                 })
             })
             .await?;
-        if work.job.is_some()
-            || work.rescue.is_some()
-            || work.trust.is_some()
-            || tokio::time::Instant::now() >= deadline
-        {
+        // A new trust bundle rides on the answer when it comes; it does not end the long
+        // poll (an agent that refuses it would otherwise poll in a tight loop).
+        if work.job.is_some() || work.rescue.is_some() || tokio::time::Instant::now() >= deadline {
             return Ok(http::json(StatusCode::OK, &work));
         }
         tokio::select! {
