@@ -81,15 +81,41 @@ fn ca_of(pem: String, state: &'static str) -> Result<Ca> {
     })
 }
 
-/// The CAs of `ca.pem`, the issuing one first.
+/// The CAs of `ca.pem`, the issuing one first (a next or old key that no certificate of
+/// `ca.pem` belongs to is a step cut short, which running the step again finishes).
 pub fn list(dir: &Path) -> Result<Vec<Ca>> {
     let mut out = vec![ca_of(pki::ca_cert_of(dir, CA_KEY)?, "issuing")?];
     for (key, state) in [(NEXT_KEY, "next"), (OLD_KEY, "old")] {
-        if dir.join(key).exists() {
-            out.push(ca_of(pki::ca_cert_of(dir, key)?, state)?);
+        if let Ok(pem) = pki::ca_cert_of(dir, key) {
+            out.push(ca_of(pem, state)?);
         }
     }
     Ok(out)
+}
+
+/// Whether the certificate `cert_pem` (the server's) chains to the CA `ca_pem`.
+fn issued_by(cert_pem: &str, ca_pem: &str) -> Result<bool> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())?;
+    let Some(name) = pki::cert_info_der(&der)?.sans.into_iter().next() else {
+        return Ok(false);
+    };
+    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(crate::trust::roots_of(ca_pem)?),
+        crate::server::provider(),
+    )
+    .build()?;
+    let name = rustls::pki_types::ServerName::try_from(name)?;
+    Ok(
+        v.verify_server_cert(&der, &[], &name, &[], rustls::pki_types::UnixTime::now())
+            .is_ok(),
+    )
+}
+
+fn server_pem(dir: &Path) -> Result<String> {
+    let p = dir.join(pki::SERVER_CERT);
+    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
 }
 
 /// Replaces `ca.pem` with `text`, signed first by the release key (`ca.pem.minisig`): agents
@@ -118,8 +144,16 @@ pub fn bundle(dir: &Path) -> Result<String> {
 
 /// Step 1: a new CA, trusted beside the current one. Returns it.
 pub fn rotate(dir: &Path, stager_name: &str, db: &Db) -> Result<Ca> {
+    // A rotate cut short between writing the key and the bundle is finished with that key.
+    let mut cut_short = None;
     match stage(dir) {
         Stage::One => {}
+        Stage::Rotated if pki::ca_cert_of(dir, NEXT_KEY).is_err() => {
+            cut_short = Some(
+                std::fs::read_to_string(dir.join(NEXT_KEY))
+                    .with_context(|| format!("reading {}", dir.join(NEXT_KEY).display()))?,
+            );
+        }
         Stage::Rotated => bail!(
             "a new CA is already made ({NEXT_KEY}); next: `stager ca switch` once `stager ca status` shows every agent and relay holding it"
         ),
@@ -134,10 +168,15 @@ pub fn rotate(dir: &Path, stager_name: &str, db: &Db) -> Result<Ca> {
         "reinstall CA {stager_name} {}",
         pki::rfc3339(std::time::SystemTime::now())
     );
-    let (key, cert) = pki::new_ca(&cn)?;
-    // The key first: a crash before the bundle leaves a key no certificate of ca.pem
-    // matches, which `rotate` reports (remove it and run again).
-    pki::write_private(&dir.join(NEXT_KEY), &key)?;
+    let cert = match cut_short {
+        Some(key) => pki::ca_cert_for(&key, &cn)?,
+        None => {
+            let (key, cert) = pki::new_ca(&cn)?;
+            // The key first (a crash before the bundle is finished by running it again).
+            pki::write_private(&dir.join(NEXT_KEY), &key)?;
+            cert
+        }
+    };
     write_bundle(dir, &format!("{}{}", current.pem, cert))?;
     ca_of(cert, "next")
 }
@@ -145,33 +184,57 @@ pub fn rotate(dir: &Path, stager_name: &str, db: &Db) -> Result<Ca> {
 /// Step 2: the new CA issues; the server certificate is reissued by it. Returns the new
 /// issuing CA and the server certificate.
 pub fn switch(dir: &Path, stager_name: &str, db: &Db) -> Result<(Ca, pki::CertInfo)> {
-    if stage(dir) != Stage::Rotated {
-        bail!("no new CA to switch to: `stager ca rotate` first");
+    match stage(dir) {
+        Stage::Rotated => {
+            pki::ca_cert_of(dir, NEXT_KEY)
+                .context("`stager ca rotate` was cut short: run it again first")?;
+            // The old key kept (a link), the new one renamed over it: at every moment
+            // ca.key is a CA's key; a crash before the rename leaves `rotate`'s state.
+            let (key, old, new) = (dir.join(CA_KEY), dir.join(OLD_KEY), dir.join(NEXT_KEY));
+            let _ = std::fs::remove_file(&old);
+            std::fs::hard_link(&key, &old)
+                .with_context(|| format!("keeping {} as {}", key.display(), old.display()))?;
+            std::fs::rename(&new, &key)
+                .with_context(|| format!("renaming {} to {}", new.display(), key.display()))?;
+            bundle::unpack::sync_dir(dir)?;
+        }
+        Stage::Switched => {
+            // Run again after a switch cut short: finish what it did not get to.
+            let issuing = list(dir)?.remove(0);
+            if db.setting(ISSUING)?.as_deref() == Some(issuing.fingerprint.as_str())
+                && issued_by(&server_pem(dir)?, &issuing.pem)?
+            {
+                bail!("already switched; next: `stager ca retire` (see `stager ca status`)");
+            }
+        }
+        Stage::One => bail!("no new CA to switch to: `stager ca rotate` first"),
     }
-    let next = ca_of(pki::ca_cert_of(dir, NEXT_KEY)?, "issuing")?;
-    // The old key kept (a link), the new one renamed over it: at every moment ca.key is a
-    // CA's key, and a crash before the rename leaves `rotate`'s state to switch again.
-    let (key, old, new) = (dir.join(CA_KEY), dir.join(OLD_KEY), dir.join(NEXT_KEY));
-    let _ = std::fs::remove_file(&old);
-    std::fs::hard_link(&key, &old)
-        .with_context(|| format!("keeping {} as {}", key.display(), old.display()))?;
-    std::fs::rename(&new, &key)
-        .with_context(|| format!("renaming {} to {}", new.display(), key.display()))?;
-    bundle::unpack::sync_dir(dir)?;
+    let next = list(dir)?.remove(0);
     // Certificates issued from here on are the new CA's; those of the old one are due.
     db.set_setting(ISSUING, &next.fingerprint)?;
     let server = pki::renew_server(dir, stager_name, &[], pki::SERVER_DAYS)?;
     Ok((next, server))
 }
 
-/// Step 3: the old CA is no longer trusted. Returns it.
-pub fn retire(dir: &Path) -> Result<Ca> {
+/// Step 3: the old CA is no longer trusted. Returns it (`None`: a retire cut short after
+/// the bundle was written, finished now).
+pub fn retire(dir: &Path) -> Result<Option<Ca>> {
     if stage(dir) != Stage::Switched {
         bail!("no old CA to retire: `stager ca rotate` and `stager ca switch` come first");
     }
-    let old = ca_of(pki::ca_cert_of(dir, OLD_KEY)?, "old")?;
     let issuing = list(dir)?.remove(0);
-    write_bundle(dir, &issuing.pem)?;
+    // Never a bundle that the server's own certificate does not chain to.
+    if !issued_by(&server_pem(dir)?, &issuing.pem)? {
+        bail!("the server certificate is not the new CA's yet: run `stager ca switch` again to finish it");
+    }
+    let old = match pki::ca_cert_of(dir, OLD_KEY) {
+        Ok(pem) => {
+            let old = ca_of(pem, "old")?;
+            write_bundle(dir, &issuing.pem)?;
+            Some(old)
+        }
+        Err(_) => None,
+    };
     std::fs::remove_file(dir.join(OLD_KEY))
         .with_context(|| format!("removing {}", dir.join(OLD_KEY).display()))?;
     bundle::unpack::sync_dir(dir)?;
@@ -346,13 +409,51 @@ mod tests {
             .collect();
         assert_eq!(others, ["web1"]);
 
-        let old = retire(dir).unwrap();
+        // A switch cut short before the server certificate: `switch` again finishes it, and
+        // `retire` refuses until then.
+        let server_new = std::fs::read_to_string(dir.join(pki::SERVER_CERT)).unwrap();
+        let old_pair = |f: &str| std::fs::read_to_string(dir.join(format!("{f}.old"))).unwrap();
+        crate::certfiles::replace_pair(
+            &dir.join(pki::SERVER_CERT),
+            &dir.join(pki::SERVER_KEY),
+            &old_pair(pki::SERVER_CERT),
+            &old_pair(pki::SERVER_KEY),
+        )
+        .unwrap();
+        assert!(retire(dir)
+            .unwrap_err()
+            .to_string()
+            .contains("switch` again"));
+        let (again, _) = switch(dir, "s1", &db).unwrap();
+        assert_eq!(again.fingerprint, next.fingerprint);
+        assert!(switch(dir, "s1", &db)
+            .unwrap_err()
+            .to_string()
+            .contains("already"));
+        assert_ne!(
+            std::fs::read_to_string(dir.join(pki::SERVER_CERT)).unwrap(),
+            server_new
+        );
+
+        let old = retire(dir).unwrap().unwrap();
         assert_eq!(old.fingerprint, first[0].fingerprint);
         assert_eq!(stage(dir), Stage::One);
         assert_eq!(bundle(dir).unwrap(), next.pem);
         assert!(!dir.join(OLD_KEY).exists());
         assert_eq!(list(dir).unwrap()[0].fingerprint, next.fingerprint);
-        // And round again.
-        assert!(rotate(dir, "s1", &db).is_ok());
+        // And round again, with a rotate cut short after its key: run again, it finishes
+        // with that key; a retire cut short after the bundle likewise.
+        let (k, _) = pki::new_ca("x").unwrap();
+        pki::write_private(&dir.join(NEXT_KEY), &k).unwrap();
+        assert_eq!(list(dir).unwrap().len(), 1);
+        let second = rotate(dir, "s1", &db).unwrap();
+        assert_eq!(pki::ca_cert_of(dir, NEXT_KEY).unwrap(), second.pem);
+        switch(dir, "s1", &db).unwrap();
+        let issuing = list(dir).unwrap().remove(0);
+        write_bundle(dir, &issuing.pem).unwrap();
+        assert_eq!(stage(dir), Stage::Switched);
+        assert_eq!(list(dir).unwrap().len(), 1);
+        assert!(retire(dir).unwrap().is_none());
+        assert_eq!(stage(dir), Stage::One);
     }
 }

@@ -952,10 +952,11 @@ pub fn ca(c: CaCommand) -> Result<()> {
                     names(&st.old_issued)
                 );
             }
-            let old = ca::retire(dir)?;
+            let old = ca::retire(dir)?.map_or("the old CA".into(), |o| {
+                format!("the CA {:?} (sha256 {})", o.name, o.fingerprint)
+            });
             Some(format!(
-                "the CA {:?} (sha256 {}) is no longer trusted; ca.old.key removed; agents and relays are given the new bundle at their next poll",
-                old.name, old.fingerprint
+                "{old} is no longer trusted; ca.old.key removed; agents and relays are given the new bundle at their next poll"
             ))
         }
     };

@@ -64,9 +64,15 @@ fn ca_params(cn: &str) -> Result<CertificateParams> {
 
 /// A new CA named `cn`: its key and certificate (PEM).
 pub fn new_ca(cn: &str) -> Result<(String, String)> {
-    let key = KeyPair::generate()?;
-    let cert = ca_params(cn)?.self_signed(&key)?;
-    Ok((key.serialize_pem(), cert.pem()))
+    let key = KeyPair::generate()?.serialize_pem();
+    let cert = ca_cert_for(&key, cn)?;
+    Ok((key, cert))
+}
+
+/// A CA certificate named `cn` for the key `key_pem` (PEM).
+pub fn ca_cert_for(key_pem: &str, cn: &str) -> Result<String> {
+    let key = KeyPair::from_pem(key_pem).context("parsing the CA key")?;
+    Ok(ca_params(cn)?.self_signed(&key)?.pem())
 }
 
 /// The PEM certificates of a bundle (`ca.pem`), each as its own PEM text.
