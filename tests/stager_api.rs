@@ -2563,9 +2563,9 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
     assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 0);
 }
 
-/// The CA is replaced under a running stager and relay, in three steps, and nobody is cut
-/// off: the real agent (one host direct, one through a site relay) and the relay are given
-/// both CAs, then renew onto the new one, then drop the old one; each step is refused while
+/// The CA is replaced under a running stager and relays, in three steps, and nobody is cut
+/// off: the real agent (one host direct, one through a site relay below a regional relay)
+/// and both relays are given both CAs, then renew onto the new one, then drop the old one; each step is refused while
 /// someone would be cut off (hosts that never polled, an operator's identity file issued
 /// before the rotation or by the old CA), naming them; a certificate of the retired CA is
 /// refused at the handshake.
@@ -2574,8 +2574,20 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
     let w = scratch();
     let d = w.path();
     let s = started(&w);
-    let mut relay = integration_tests::stager::Relay::init(&s, "pop-a");
+    // A site relay below a regional one: both learn the new CAs, and renew, through the chain.
+    let mut region = integration_tests::stager::Relay::init(&s, "region");
+    region.start();
+    let mut relay =
+        integration_tests::stager::Relay::init_with(&s, "pop-a", &["--upstream", &region.url("")]);
     relay.start();
+    // A relay asks at start (and hourly): restarted to ask now, the regional one first.
+    let restart = |region: &mut integration_tests::stager::Relay,
+                   relay: &mut integration_tests::stager::Relay| {
+        for r in [region, relay] {
+            r.kill();
+            r.start();
+        }
+    };
     let hosts = AgentHosts::enroll(&s, &relay, &[]);
     let first_web3 = std::fs::read_to_string(hosts.identity(0)).unwrap();
     let agents = || hosts.poll();
@@ -2583,12 +2595,23 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
         let id = proto::identity::IdentityFile::load(&hosts.identity(host)).unwrap();
         id.ca.matches("BEGIN CERTIFICATE").count()
     };
-    let relay_ca = relay.dir.join("ca.pem");
+    let relay_cas_files = [region.dir.join("ca.pem"), relay.dir.join("ca.pem")];
+    // The CAs both relays hold, if they hold as many.
     let relay_cas = || {
-        std::fs::read_to_string(&relay_ca)
-            .unwrap()
-            .matches("BEGIN CERTIFICATE")
-            .count()
+        let n: Vec<usize> = relay_cas_files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .matches("BEGIN CERTIFICATE")
+                    .count()
+            })
+            .collect();
+        if n[0] == n[1] {
+            n[0]
+        } else {
+            0
+        }
     };
     let ca = |args: &[&str]| {
         let mut c = stager();
@@ -2659,8 +2682,7 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
     for err in agents() {
         assert!(!err.contains("trusts"), "{err}");
     }
-    relay.kill();
-    relay.start(); // a relay asks at start (and hourly)
+    restart(&mut region, &mut relay);
     let t = Instant::now();
     while relay_cas() != 2 {
         assert!(
@@ -2695,14 +2717,13 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
     let st = status();
     assert_eq!(
         lacking(&st, "old_ca_certificates"),
-        ["alice", "pop-a", "web3", "web4"],
+        ["alice", "pop-a", "region", "web3", "web4"],
         "{st}"
     );
     for err in agents() {
         assert!(err.contains("certificate was renewed"), "{err}");
     }
-    relay.kill();
-    relay.start();
+    restart(&mut region, &mut relay);
     let t = Instant::now();
     while lacking(&status(), "old_ca_certificates") != ["alice"] {
         assert!(t.elapsed() < Duration::from_secs(20), "{}", status());
@@ -2745,8 +2766,7 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
         );
         assert_eq!(cas_held(i), 1);
     }
-    relay.kill();
-    relay.start();
+    restart(&mut region, &mut relay);
     let t = Instant::now();
     while relay_cas() != 1 {
         assert!(
