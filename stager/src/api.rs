@@ -163,7 +163,7 @@ async fn dispatch(
                 &proto::v1::RelayIdentity {
                     renew,
                     trust,
-                    trust_signature: trust_signature.flatten(),
+                    trust_signature,
                 },
             ))
         }
@@ -527,7 +527,7 @@ async fn trust_for(
     state: &Arc<State>,
     conn: &Arc<Conn>,
     held: Option<String>,
-) -> Result<Option<(String, Option<String>)>, ApiError> {
+) -> Result<Option<(String, String)>, ApiError> {
     let Some(held) = held else {
         return Ok(None); // a client that does not say cannot be told
     };
@@ -535,7 +535,12 @@ async fn trust_for(
     let h = held.clone();
     state.db(move |db| db.cert_trust(&fp, &h)).await?;
     let now = state.trust.current();
-    Ok((now.sha256 != held).then(|| (now.text.to_string(), now.signature.as_deref().cloned())))
+    // Clients take only a signed bundle; a home whose CA was never replaced has no signature
+    // (and its clients hold its one bundle).
+    let Some(signature) = now.signature.as_deref().filter(|_| now.sha256 != held) else {
+        return Ok(None);
+    };
+    Ok(Some((now.text.to_string(), signature.clone())))
 }
 
 /// Refuses unless the agent's unfinished job satisfies `names_it`.
@@ -668,7 +673,6 @@ async fn agent_work(
     state.db(move |db| db.seen(&h, &addr, &fp)).await?;
     let renew_identity = renewal_due(state, conn, state.config.agent_cert_days).await?;
     let (trust, trust_signature) = trust_for(state, conn, trust).await?.unzip();
-    let trust_signature = trust_signature.flatten();
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
