@@ -18,8 +18,9 @@
 //! `restore` unpacks into a new directory beside the one named with the bundle unpacker
 //! (every path, mode and owner checked entry by entry), reads the age stream to its end (a
 //! truncated or altered file fails there), and checks what it got before renaming it into
-//! place: `BACKUP.json`, the database's integrity and schema, the CA key against the CA
-//! certificate, the server key against its certificate, the release key against
+//! place: `BACKUP.json`, the database's integrity and schema, each CA key (two while the CA
+//! is being replaced) against a certificate of `ca.pem`, the server key against its
+//! certificate, the release key against
 //! `release.pub`, every bundle's blob against its manifest. On any failure the partial
 //! directory, which holds private keys, is removed.
 
