@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use bundle::progress::Progress;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::{self, BufReader, BufWriter, Read};
+use std::io::{self, BufReader, BufWriter};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -80,7 +80,7 @@ pub struct Restored {
     /// Bundles whose blob is not in the backup (made with `--no-blobs`): they cannot be
     /// served until built or copied in again.
     pub missing_blobs: Vec<String>,
-    pub certificates: i64,
+    pub certificates: usize,
     pub about: About,
 }
 
@@ -155,9 +155,8 @@ pub fn backup(
     mkdir_like(dir, &root)?;
 
     // The database first: every bundle a job of the snapshot names is then in the files.
-    let (about, snapshot) = snapshot(dir, &root, &config, blobs)?;
+    let about = snapshot(dir, &root, &config, blobs)?;
     link_tree(dir, &root, Path::new(""), &|top| left_out(top, blobs))?;
-    fs::set_permissions(&snapshot.0, fs::Permissions::from_mode(snapshot.1))?;
     bundle::release::write_new(
         &root.join(ABOUT_FILE),
         &serde_json::to_vec_pretty(&about)?,
@@ -165,7 +164,7 @@ pub fn backup(
     )?;
     let bundles = store.list()?.len();
 
-    let partial = beside(out, "partial");
+    let partial = crate::certfiles::beside(out, "partial");
     let _ = fs::remove_file(&partial); // a killed run's: ours, never whole
     let file = fs::OpenOptions::new()
         .write(true)
@@ -215,13 +214,8 @@ pub fn backup(
 }
 
 /// `VACUUM INTO` a consistent copy of the live database (WAL: readers never wait for the
-/// server's writers), checked whole. Returns the description and the copy's path and mode.
-fn snapshot(
-    dir: &Path,
-    root: &Path,
-    config: &Config,
-    blobs: bool,
-) -> Result<(About, (PathBuf, u32))> {
+/// server's writers), with its mode, checked whole. Returns the backup's description.
+fn snapshot(dir: &Path, root: &Path, config: &Config, blobs: bool) -> Result<About> {
     use rusqlite::{Connection, OpenFlags};
     let live = dir.join(db::FILE);
     let copy = root.join(db::FILE);
@@ -238,6 +232,7 @@ fn snapshot(
     conn.execute("VACUUM INTO ?1", [copy.to_string_lossy().as_ref()])
         .with_context(|| format!("taking a snapshot of {}", live.display()))?;
     drop(conn);
+    fs::set_permissions(&copy, fs::Permissions::from_mode(mode))?;
     check_database(&copy)?;
     let about = About {
         format: FORMAT,
@@ -247,7 +242,7 @@ fn snapshot(
         blobs,
         made_by: concat!("stager ", env!("CARGO_PKG_VERSION")).to_string(),
     };
-    Ok((about, (copy, mode)))
+    Ok(about)
 }
 
 /// SQLite's own check of a database file, read-only.
@@ -317,12 +312,6 @@ fn mkdir_like(from: &Path, to: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", to.display()))?;
     fs::set_permissions(to, fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", to.display()))
-}
-
-fn beside(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(format!(".{suffix}"));
-    PathBuf::from(s)
 }
 
 fn absolute_parent(path: &Path) -> Result<PathBuf> {
@@ -444,7 +433,7 @@ fn unpack(
 fn check_restored(
     home: &Path,
     progress: &mut dyn Progress,
-) -> Result<(About, usize, Vec<String>, i64)> {
+) -> Result<(About, usize, Vec<String>, usize)> {
     let about_path = home.join(ABOUT_FILE);
     let about: About = serde_json::from_slice(
         &fs::read(&about_path).context("no BACKUP.json in it: not a stager backup")?,
@@ -459,14 +448,11 @@ fn check_restored(
     let store = Store::open(home)?;
     let dbp = home.join(db::FILE);
     check_database(&dbp)?;
-    let certificates = {
-        let conn = rusqlite::Connection::open(&dbp)?;
-        let n: i64 = conn.query_row("SELECT count(*) FROM certs", [], |r| r.get(0))?;
-        n
-    };
     // Its schema (a newer one is refused by name); and the period it holds no record of,
     // from the snapshot to now, whose renewals the server takes when first presented.
-    db::Db::open(&dbp)?.record_restore(&about.created)?;
+    let db = db::Db::open(&dbp)?;
+    db.record_restore(&about.created)?;
+    let certificates = db.certs()?.len();
     // The CA keys (two while the CA is being replaced: `stager ca`) each belong to a
     // certificate of ca.pem; the server key to server.pem.
     for key in [pki::CA_KEY, crate::ca::NEXT_KEY, crate::ca::OLD_KEY] {
@@ -498,38 +484,19 @@ fn check_restored(
         .context("release.key does not sign for release.pub")?;
     let mut missing = Vec::new();
     let list = store.list()?;
-    let total: u64 = list.iter().map(|s| s.manifest.payload.size).sum();
-    let mut done = 0u64;
     for s in &list {
         let id = s.manifest.id();
-        match fs::File::open(&s.blob) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !about.blobs => missing.push(id),
-            Err(e) => {
-                return Err(e).with_context(|| format!("bundle {id}: blob {}", s.blob.display()))
-            }
-            Ok(mut f) => {
-                use sha2::Digest;
-                let mut h = sha2::Sha256::new();
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                    done += n as u64;
-                    progress.update("check blobs", done, Some(total), 0);
-                }
-                let got = bundle::pipe::hex(&h.finalize());
-                anyhow::ensure!(
-                    got == s.manifest.payload.sha256,
-                    "bundle {id}: its blob's SHA-256 is {got}, its manifest says {}",
-                    s.manifest.payload.sha256
-                );
-            }
+        if !about.blobs && matches!(s.blob.try_exists(), Ok(false)) {
+            missing.push(id);
+            continue;
         }
+        // As `reinstall bundle verify` hashes a payload: the blob against its manifest.
+        let signed = bundle::verify::Signed {
+            manifest: s.manifest.clone(),
+            payload: s.blob.clone(),
+        };
+        bundle::verify::check_hash(&signed, progress).with_context(|| format!("bundle {id}"))?;
     }
-    progress.finish();
     fs::remove_file(&about_path).ok();
     Ok((about, list.len(), missing, certificates))
 }
