@@ -97,8 +97,7 @@ impl Client {
     /// The SHA-256 of the CA certificates this client trusts (the identity's `ca`), as the
     /// stager compares it with its own.
     pub fn trust_sha256(&self) -> String {
-        use sha2::Digest;
-        bundle::pipe::hex(&sha2::Sha256::digest(self.identity.ca.as_bytes()))
+        bundle::release::trust_sha256(&self.identity.ca)
     }
 
     /// Trusts the CA certificates `given` from now on (the stager's CA is being replaced):
@@ -121,14 +120,8 @@ impl Client {
             signature.context("the CA certificates the stager sent are not signed")?,
             std::path::Path::new("the CA certificates the stager sent"),
         )?;
-        let ders = |t: &str| -> Vec<Vec<u8>> {
-            CertificateDer::pem_slice_iter(t.as_bytes())
-                .filter_map(|c| c.ok().map(|c| c.to_vec()))
-                .collect()
-        };
-        let held = ders(&self.identity.ca);
         anyhow::ensure!(
-            ders(given).iter().any(|d| held.contains(d)),
+            bundle::release::keeps_a_ca(&self.identity.ca, given),
             "the CA certificates the stager sent keep none of those trusted now"
         );
         let mut id = self.identity.clone();

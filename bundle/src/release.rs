@@ -92,6 +92,47 @@ impl ReleasePublicKey {
     }
 }
 
+/// The PEM certificates of a text (a trust bundle: the stager's `ca.pem`, a relay's, an
+/// identity file's `ca`), each as its own PEM block.
+pub fn pem_certificates(text: &str) -> Vec<String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(b) = rest.find(BEGIN) {
+        let Some(e) = rest[b..].find(END) else { break };
+        out.push(format!("{}\n", &rest[b..b + e + END.len()]));
+        rest = &rest[b + e + END.len()..];
+    }
+    out
+}
+
+/// A trust bundle's SHA-256 (lower-case hex of its text), as agents and relays report the
+/// one they hold and the stager compares it with its `ca.pem`.
+pub fn trust_sha256(text: &str) -> String {
+    use sha2::Digest;
+    crate::pipe::hex(&sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Whether the trust bundle `given` keeps a CA certificate of `held` (compared by their
+/// base64 bodies): a client takes a new bundle only so (from one CA to two and back to one,
+/// one is always kept), never one that would have it trust none of the CAs it trusts now.
+pub fn keeps_a_ca(held: &str, given: &str) -> bool {
+    let bodies = |t: &str| -> Vec<String> {
+        pem_certificates(t)
+            .iter()
+            .map(|c| {
+                c.lines()
+                    .filter(|l| !l.starts_with("-----"))
+                    .flat_map(|l| l.split_whitespace())
+                    .collect()
+            })
+            .collect()
+    };
+    let old = bodies(held);
+    bodies(given).iter().any(|b| old.contains(b))
+}
+
 fn key_err(path: &Path, e: minisign::PError) -> Error {
     Error::Key {
         path: path.to_path_buf(),
@@ -134,5 +175,27 @@ mod tests {
             .unwrap();
         // Never overwritten.
         assert!(ReleaseKey::generate(&d.path().join("k"), &d.path().join("k2.pub")).is_err());
+    }
+
+    /// Trust bundles: split into their certificates whatever the line breaks around them;
+    /// a new one is taken only if it keeps a certificate of the one held.
+    #[test]
+    fn a_trust_bundle_keeps_a_ca_or_is_not_taken() {
+        let cert = |body: &str| {
+            format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")
+        };
+        let (a, b, c) = (cert("QUFB\nQUE="), cert("QkJC"), cert("Q0ND"));
+        let both = format!("{a}{b}");
+        assert_eq!(pem_certificates(&both), [a.clone(), b.clone()]);
+        assert_eq!(pem_certificates("no certificate"), Vec::<String>::new());
+        assert!(keeps_a_ca(&a, &both) && keeps_a_ca(&both, &b));
+        // The same certificate with its base64 wrapped otherwise is the same certificate.
+        assert!(keeps_a_ca(&a, &cert("QUFBQUE=")));
+        assert!(!keeps_a_ca(&both, &c) && !keeps_a_ca(&a, "") && !keeps_a_ca("", &a));
+        assert_ne!(trust_sha256(&a), trust_sha256(&both));
+        assert_eq!(
+            trust_sha256(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 }

@@ -742,7 +742,7 @@ async fn renew_identity(
             ),
         ));
     }
-    let (dir, stager) = (state.dir.clone(), state.config.name.clone());
+    let dir = state.dir.clone();
     let old = conn.fingerprint.clone().unwrap_or_default();
     let renewed = state
         .db(move |db| -> Result<proto::v1::RenewedIdentity, ApiError> {
@@ -761,7 +761,7 @@ async fn renew_identity(
             }
             let days = i64::from(days.get());
             let issued =
-                crate::pki::issue_client_for(&dir, &stager, &name, role, &sans, days, &public_key)
+                crate::pki::issue_client_for(&dir, &name, role, &sans, days, &public_key)
                     .map_err(|e| ApiError::bad_request(format!("public_key: {e:#}")))?;
             let not_after = issued.not_after_text();
             db.add_cert(&issued.fingerprint, &name, role, &not_after, site.as_deref(), &sans)?;

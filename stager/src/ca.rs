@@ -128,7 +128,7 @@ fn write_bundle(dir: &Path, text: &str) -> Result<()> {
         text.as_bytes(),
         &format!(
             "reinstall trust bundle sha256 {}",
-            crate::trust::bundle_sha256(text)
+            bundle::release::trust_sha256(text)
         ),
     )?;
     let at = dir.join(CA_CERT);
@@ -311,7 +311,7 @@ mod tests {
             v.verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now())
                 .is_ok()
         };
-        let a = pki::issue_client(dir, "s1", "web1", "agent", 10).unwrap();
+        let a = pki::issue_client(dir, "web1", "agent", 10).unwrap();
         db.add_cert(
             &a.fingerprint,
             "web1",
@@ -330,7 +330,7 @@ mod tests {
             .contains("switch"));
         assert_eq!(stage(dir), Stage::Rotated);
         let both = bundle(dir).unwrap();
-        assert_eq!(pki::pem_blocks(&both).len(), 2);
+        assert_eq!(bundle::release::pem_certificates(&both).len(), 2);
         // Signed by the release key, as agents check it.
         let sig = std::fs::read_to_string(dir.join("ca.pem.minisig")).unwrap();
         let public = bundle::release::ReleasePublicKey::load(&dir.join("release.pub")).unwrap();
@@ -341,7 +341,7 @@ mod tests {
             .verify(first[0].pem.as_bytes(), &sig, Path::new("x"))
             .is_err());
         // Still issued by the first CA; recorded as such.
-        let b = pki::issue_client(dir, "s1", "web2", "agent", 10).unwrap();
+        let b = pki::issue_client(dir, "web2", "agent", 10).unwrap();
         db.add_cert(
             &b.fingerprint,
             "web2",
@@ -356,7 +356,7 @@ mod tests {
         assert!(listed
             .iter()
             .all(|l| l.cert.ca.as_deref() == Some(first[0].fingerprint.as_str())));
-        let sha = crate::trust::bundle_sha256(&both);
+        let sha = bundle::release::trust_sha256(&both);
         assert_eq!(lacking_bundle(&listed, &sha, None).len(), 2);
         db.cert_trust(&a.fingerprint, &sha).unwrap();
         let listed = crate::certs::standings(db.certs().unwrap(), std::time::SystemTime::now());
@@ -390,7 +390,7 @@ mod tests {
         .expect("the server certificate chains to the new CA");
         // The first CA's certificates are due; the new CA's are not.
         assert!(db.cert_due(&b.fingerprint, "2000-01-01T00:00:00Z").unwrap());
-        let c = pki::issue_client(dir, "s1", "web2", "agent", 10).unwrap();
+        let c = pki::issue_client(dir, "web2", "agent", 10).unwrap();
         db.add_cert(
             &c.fingerprint,
             "web2",

@@ -507,7 +507,7 @@ fn issue(
     }
     let db = Db::open(&dir.join(stager::db::FILE))?;
     name_is_free(&db, name, role.as_str())?;
-    let issued = pki::issue_client(dir, &config.name, name, role.as_str(), days)?;
+    let issued = pki::issue_client(dir, name, role.as_str(), days)?;
     let not_after = issued.not_after_text();
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f))
@@ -730,7 +730,7 @@ pub fn relay_init(o: RelayInitOpts) -> Result<()> {
     }
     let db = Db::open(&dir.join(stager::db::FILE))?;
     name_is_free(&db, &o.name, stager::api::RELAY)?;
-    let issued = pki::issue_relay(dir, &config.name, &o.name, &o.sans, o.days)?;
+    let issued = pki::issue_relay(dir, &o.name, &o.sans, o.days)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     for f in [pki::CA_CERT, stager::relay::RELEASE_PUB] {
         std::fs::copy(dir.join(f), o.out.join(f)).with_context(|| format!("copying {f}"))?;
@@ -799,7 +799,7 @@ fn ca_state(dir: &std::path::Path, db: &Db) -> Result<CaState> {
         std::time::SystemTime::now(),
     );
     let cas = stager::ca::list(dir)?;
-    let bundle_sha256 = stager::trust::bundle_sha256(&stager::ca::bundle(dir)?);
+    let bundle_sha256 = bundle::release::trust_sha256(&stager::ca::bundle(dir)?);
     let stage = stager::ca::stage(dir);
     let rotated_at = db.setting(stager::ca::ROTATED_AT)?;
     let lacking = match stage {

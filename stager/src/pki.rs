@@ -75,19 +75,6 @@ pub fn ca_cert_for(key_pem: &str, cn: &str) -> Result<String> {
     Ok(ca_params(cn)?.self_signed(&key)?.pem())
 }
 
-/// The PEM certificates of a bundle (`ca.pem`), each as its own PEM text.
-pub fn pem_blocks(text: &str) -> Vec<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(b) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let Some(e) = rest[b..].find(END) else { break };
-        out.push(format!("{}\n", &rest[b..b + e + END.len()]));
-        rest = &rest[b + e + END.len()..];
-    }
-    out
-}
-
 /// The certificate (PEM) in the bundle `ca.pem` of `dir` whose key is in `key_file`.
 pub fn ca_cert_of(dir: &Path, key_file: &str) -> Result<String> {
     let read = |f: &str| {
@@ -95,7 +82,7 @@ pub fn ca_cert_of(dir: &Path, key_file: &str) -> Result<String> {
             .with_context(|| format!("reading {}", dir.join(f).display()))
     };
     let key = read(key_file)?;
-    pem_blocks(&read(CA_CERT)?)
+    bundle::release::pem_certificates(&read(CA_CERT)?)
         .into_iter()
         .find(|c| crate::certfiles::check_pair(c, &key).is_ok())
         .with_context(|| format!("{key_file} is the key of no certificate in {CA_CERT}"))
@@ -103,7 +90,7 @@ pub fn ca_cert_of(dir: &Path, key_file: &str) -> Result<String> {
 
 /// The issuing CA: the key in `ca.key`, and the certificate of `ca.pem` it belongs to (its
 /// subject is all a signature chain needs; the authority key identifier comes from the key).
-fn issuer(dir: &Path, _stager_name: &str) -> Result<(rcgen::Certificate, KeyPair)> {
+fn issuer(dir: &Path) -> Result<(rcgen::Certificate, KeyPair)> {
     use rustls::pki_types::pem::PemObject;
     let kp = std::fs::read_to_string(dir.join(CA_KEY))
         .with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
@@ -400,7 +387,7 @@ pub fn renew_server(
             sans.push(s.clone());
         }
     }
-    let (ca, ca_key) = issuer(dir, stager_name)?;
+    let (ca, ca_key) = issuer(dir)?;
     let (key, cert) = server_cert(stager_name, &sans, days, &ca, &ca_key)?;
     crate::certfiles::replace_pair(&dir.join(SERVER_CERT), &dir.join(SERVER_KEY), &cert, &key)?;
     cert_info(&dir.join(SERVER_CERT))
@@ -423,38 +410,19 @@ fn san_list(sans: &[String]) -> Result<Vec<SanType>> {
 /// Issues a client certificate: CN = `name`, OU = `role`, client-auth only, valid from
 /// [`CLIENT_BACKDATE_SECS`] ago for `days` days (negative: already expired, for tests of
 /// expiry handling).
-pub fn issue_client(
-    dir: &Path,
-    stager_name: &str,
-    name: &str,
-    role: &str,
-    days: i64,
-) -> Result<Issued> {
-    issue(dir, stager_name, name, role, &[], days)
+pub fn issue_client(dir: &Path, name: &str, role: &str, days: i64) -> Result<Issued> {
+    issue(dir, name, role, &[], days)
 }
 
 /// Issues a site relay's certificate: CN = `name`, OU = `relay`, for both ends of the relay
 /// (the server agents reach, by `sans`; the client this stager verifies).
-pub fn issue_relay(
-    dir: &Path,
-    stager_name: &str,
-    name: &str,
-    sans: &[String],
-    days: i64,
-) -> Result<Issued> {
-    issue(dir, stager_name, name, "relay", sans, days)
+pub fn issue_relay(dir: &Path, name: &str, sans: &[String], days: i64) -> Result<Issued> {
+    issue(dir, name, "relay", sans, days)
 }
 
-fn issue(
-    dir: &Path,
-    stager_name: &str,
-    name: &str,
-    role: &str,
-    sans: &[String],
-    days: i64,
-) -> Result<Issued> {
+fn issue(dir: &Path, name: &str, role: &str, sans: &[String], days: i64) -> Result<Issued> {
     let key = KeyPair::generate()?;
-    let (cert, not_after) = sign_client(dir, stager_name, name, role, sans, days, &key)?;
+    let (cert, not_after) = sign_client(dir, name, role, sans, days, &key)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
@@ -469,14 +437,13 @@ pub const CLIENT_BACKDATE_SECS: i64 = 2 * 3600;
 /// A client certificate for `key` (see [`issue_client`]), and its end.
 fn sign_client(
     dir: &Path,
-    stager_name: &str,
     name: &str,
     role: &str,
     sans: &[String],
     days: i64,
     key: &impl rcgen::PublicKeyData,
 ) -> Result<(rcgen::Certificate, OffsetDateTime)> {
-    let (ca, ca_key) = issuer(dir, stager_name)?;
+    let (ca, ca_key) = issuer(dir)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -537,7 +504,6 @@ fn p256_public(pem: &str) -> Result<P256Public> {
 /// P-256): its private key never leaves it. The returned [`Issued`] has no `key_pem`.
 pub fn issue_client_for(
     dir: &Path,
-    stager_name: &str,
     name: &str,
     role: &str,
     sans: &[String],
@@ -545,7 +511,7 @@ pub fn issue_client_for(
     public_pem: &str,
 ) -> Result<Issued> {
     let key = p256_public(public_pem)?;
-    let (cert, not_after) = sign_client(dir, stager_name, name, role, sans, days, &key)?;
+    let (cert, not_after) = sign_client(dir, name, role, sans, days, &key)?;
     Ok(Issued {
         fingerprint: fingerprint(cert.der()),
         cert_pem: cert.pem(),
@@ -655,7 +621,7 @@ mod tests {
         assert!(w.contains("days from now"), "{w}");
         assert_eq!(after.cn.as_deref(), Some("reinstall stager s1"));
         // A client's name and role read back from its subject, and when it starts.
-        let c = issue_client(d.path(), "s1", "web-1.example", "agent", 3).unwrap();
+        let c = issue_client(d.path(), "web-1.example", "agent", 3).unwrap();
         let der = rustls::pki_types::CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap();
         let info = cert_info_der(&der).unwrap();
         assert_eq!(

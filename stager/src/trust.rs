@@ -14,7 +14,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -54,11 +53,6 @@ fn stamp(p: &Path) -> Option<(u64, SystemTime, u64)> {
     Some((m.ino(), m.modified().ok()?, m.len()))
 }
 
-/// Lower-case hex SHA-256 of a trust bundle's text.
-pub fn bundle_sha256(text: &str) -> String {
-    bundle::pipe::hex(&Sha256::digest(text.as_bytes()))
-}
-
 fn load(path: &Path, provider: &Arc<CryptoProvider>) -> Result<Loaded> {
     let stamp = stamp(path);
     let text =
@@ -78,7 +72,7 @@ fn load(path: &Path, provider: &Arc<CryptoProvider>) -> Result<Loaded> {
         .ok()
         .map(Arc::new);
     Ok(Loaded {
-        sha256: bundle_sha256(&text),
+        sha256: bundle::release::trust_sha256(&text),
         signature,
         text: Arc::new(text),
         client,
@@ -97,20 +91,6 @@ pub fn roots_of(text: &str) -> Result<rustls::RootCertStore> {
     }
     anyhow::ensure!(!roots.is_empty(), "no certificate in it");
     Ok(roots)
-}
-
-/// Whether the bundle `given` keeps a CA of `held`: a client takes a new bundle only so
-/// (from one CA to two and back to one, a CA is always kept), and never one that would have
-/// it trust none of the CAs it trusts now.
-pub fn continues(held: &str, given: &str) -> bool {
-    use rustls::pki_types::pem::PemObject;
-    let ders = |t: &str| -> Vec<Vec<u8>> {
-        CertificateDer::pem_slice_iter(t.as_bytes())
-            .filter_map(|c| c.ok().map(|c| c.to_vec()))
-            .collect()
-    };
-    let old = ders(held);
-    ders(given).iter().any(|d| old.contains(d))
 }
 
 impl Trust {

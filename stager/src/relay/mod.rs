@@ -501,7 +501,7 @@ impl Relay {
         let path = "/v1/relay/identity";
         // Says which CAs it trusts (upstream records it for `stager ca status`) and is given
         // others when the stager's CA is being replaced; once taken, says so at once.
-        let mut held = crate::trust::bundle_sha256(&self.trust.current().text);
+        let mut held = self.trust.current().sha256;
         let due = loop {
             let due: proto::v1::RelayIdentity = answer(
                 self.upstream(
@@ -529,7 +529,7 @@ impl Relay {
                     break due;
                 }
             }
-            held = crate::trust::bundle_sha256(given);
+            held = bundle::release::trust_sha256(given);
         };
         if !due.renew {
             return Ok(None);
@@ -582,7 +582,7 @@ impl Relay {
             .context("upstream's CA certificates")?
             .len();
         anyhow::ensure!(
-            crate::trust::continues(&held, given),
+            bundle::release::keeps_a_ca(&held, given),
             "upstream's CA certificates keep none of those trusted now"
         );
         crate::certfiles::replace_file(&path, given, 0o644)?;
