@@ -2479,17 +2479,34 @@ fn the_stager_is_backed_up_while_serving_and_restored_where_it_was_lost() {
 }
 
 /// A stager restored from a backup has no record of the certificates it issued after the
-/// backup: hosts that renewed in between (directly, or through a site relay) are taken the
-/// first time they present the renewal, which chains to its CA and names a host on record;
+/// backup: hosts that renewed in between (directly, or through a site relay below a regional
+/// one), and the site relay that renewed, are taken the first time they present the renewal
+/// (the relay's as a relay the request came through), which chains to its CA and names a
+/// host or relay on record;
 /// a host enrolled after the backup is not (it must be enrolled again).
 #[test]
 fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
     let w = scratch();
     let d = w.path();
     let mut s = started(&w);
-    let mut relay = integration_tests::stager::Relay::init(&s, "pop-a");
-    relay.start();
-    // web3 reaches the stager directly, web4 through the relay; both are due to renew.
+    use integration_tests::stager::Relay;
+    // A site relay below a regional one; the site's is due to renew (30 of 825 days).
+    let mut region = Relay::init(&s, "region");
+    region.start();
+    let mut relay = Relay::init_with(
+        &s,
+        "pop-a",
+        &["--upstream", &region.url(""), "--days", "30"],
+    );
+    let relay_fp = |r: &Relay| {
+        let out = sh(&format!(
+            "openssl x509 -in {} -outform der | sha256sum | cut -d' ' -f1",
+            r.dir.join("relay.pem").display()
+        ));
+        out.trim().to_string()
+    };
+    let first = relay_fp(&relay);
+    // web3 reaches the stager directly, web4 through both relays; both are due to renew.
     let hosts = AgentHosts::enroll(&s, &relay, &["--days", "10"]);
     let (key, public) = age_key(d, "key");
     let backup = d.join("stager.backup");
@@ -2500,7 +2517,22 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
         .arg(&backup)
         .args(["-r", &public, "--no-blobs"]));
 
-    // After the backup: both renew (the real agent), and web5 is enrolled.
+    // After the backup: the site relay renews (at its start, through the regional one), both
+    // hosts renew (the real agent), and web5 is enrolled.
+    relay.start();
+    std::fs::copy(hosts.identity(1), s.identity("web4")).unwrap();
+    let serving = || {
+        let (code, body) = s.curl_at(&relay.url("/healthz"), Some("web4"), &[]);
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["certificate"].as_str().unwrap().to_string()
+    };
+    let t = std::time::Instant::now();
+    while serving() == first {
+        assert!(t.elapsed().as_secs() < 20, "pop-a did not renew in 20 s");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(serving(), relay_fp(&relay));
     for (i, stderr) in hosts.poll().iter().enumerate() {
         assert!(stderr.contains("certificate was renewed"), "{stderr}");
         std::fs::copy(hosts.identity(i), s.identity(hosts.roots[i].0)).unwrap();
@@ -2545,12 +2577,20 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
         assert!(!on_record(h), "{h}'s renewal is not in the backup");
     }
     assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 0);
+    // web4's request names pop-a's renewed certificate as a relay it came through: taken
+    // too, as a renewal of pop-a.
     for h in ["web3", "web4"] {
         let (code, body) = poll(&s, h);
         assert_eq!(code, 200, "{h}: {body}");
         assert!(on_record(h), "{h}'s renewal is on record now");
     }
-    assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 2);
+    assert_eq!(stager_metric(&s, "stager_adopted_certificates_total"), 3);
+    let relays = ok(stager().args(["certs", "--json", "--dir"]).arg(&s.home));
+    let renewed = relay_fp(&relay);
+    assert!(
+        relays.contains(&renewed),
+        "pop-a's renewal is on record: {relays}"
+    );
     let (code, body) = poll(&s, "web5");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("not issued by this stager"), "{body}");

@@ -274,6 +274,11 @@ pub const RELAYED_ADDR: &str = "x-reinstall-relayed-addr";
 /// The fingerprints of the relays a request came through before the one that connected,
 /// comma-separated, the agent's own relay first.
 pub const RELAYED_VIA: &str = "x-reinstall-relayed-via";
+/// Their certificates (base64 DER, comma-separated, in the same order; empty where a relay
+/// did not pass one on): checked against the CA, as [`RELAYED_CERT`] is, only for a relay
+/// whose fingerprint is not on record (one that renewed after the backup the stager was
+/// restored from).
+pub const RELAYED_VIA_CERTS: &str = "x-reinstall-relayed-via-certs";
 /// Most relays between an agent and the stager.
 pub const MAX_RELAYS: usize = 4;
 
@@ -297,10 +302,11 @@ async fn relayed_client(
             relay.name
         )));
     };
-    let cert = header(RELAYED_CERT).and_then(|c| {
+    let der = |c: &str| {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.decode(c).ok()
-    });
+    };
+    let cert = header(RELAYED_CERT).and_then(der);
     let who = principal(state, Some(fp.to_string()), cert.as_deref()).await?;
     if who.role != "agent" && !(who.role == RELAY && relays_own) {
         return Err(ApiError::forbidden(format!(
@@ -309,9 +315,13 @@ async fn relayed_client(
         )));
     }
     // The relays below the one that connected, each checked as that one is.
-    let below: Vec<&str> = header(RELAYED_VIA)
-        .map(|v| v.split(',').map(str::trim).collect())
-        .unwrap_or_default();
+    let list = |n: &str| -> Vec<&str> {
+        header(n)
+            .map(|v| v.split(',').map(str::trim).collect())
+            .unwrap_or_default()
+    };
+    let below = list(RELAYED_VIA);
+    let below_certs = list(RELAYED_VIA_CERTS);
     if below.len() >= MAX_RELAYS {
         return Err(ApiError::forbidden(format!(
             "host {:?} came through more than {MAX_RELAYS} relays (a relay whose upstream leads back to itself?)",
@@ -322,8 +332,9 @@ async fn relayed_client(
         relay.name.clone(),
         conn.fingerprint.clone().unwrap_or_default(),
     )];
-    for fp in below {
-        let r = principal(state, Some(fp.to_string()), None).await?;
+    for (i, fp) in below.into_iter().enumerate() {
+        let cert = below_certs.get(i).and_then(|c| der(c));
+        let r = principal(state, Some(fp.to_string()), cert.as_deref()).await?;
         if r.role != RELAY {
             return Err(ApiError::forbidden(format!(
                 "relay {:?} forwarded host {:?} as if through relay {:?}, which is a {} certificate",

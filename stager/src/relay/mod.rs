@@ -330,6 +330,7 @@ impl Relay {
                 .header(crate::api::RELAYED_ADDR, &who.addr);
             if !who.via.is_empty() {
                 req = req.header(crate::api::RELAYED_VIA, who.via.join(","));
+                req = req.header(crate::api::RELAYED_VIA_CERTS, who.via_certs.join(","));
             }
             if let Some(c) = &who.cert {
                 req = req.header(crate::api::RELAYED_CERT, c);
@@ -1014,6 +1015,9 @@ struct Forwarded {
     agent: String,
     addr: String,
     via: Vec<String>,
+    /// The certificates of `via`, base64 DER, one for each (empty where a relay below did
+    /// not pass it on): [`crate::api::RELAYED_VIA_CERTS`].
+    via_certs: Vec<String>,
     /// The agent's certificate, base64 DER ([`crate::api::RELAYED_CERT`]).
     cert: Option<String>,
 }
@@ -1027,22 +1031,31 @@ impl Forwarded {
             return Ok(None);
         };
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        use base64::Engine;
+        let own_cert = || {
+            conn.cert
+                .as_ref()
+                .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+        };
         let Some(agent) = header(crate::api::RELAYED_FOR) else {
-            use base64::Engine;
             return Ok(Some(Forwarded {
                 agent: fp,
                 addr: conn.addr.clone(),
                 via: Vec::new(),
-                cert: conn
-                    .cert
-                    .as_ref()
-                    .map(|c| base64::engine::general_purpose::STANDARD.encode(c)),
+                via_certs: Vec::new(),
+                cert: own_cert(),
             }));
         };
-        let mut via: Vec<String> = header(crate::api::RELAYED_VIA)
-            .map(|v| v.split(',').map(|x| x.trim().to_string()).collect())
-            .unwrap_or_default();
+        let list = |n: &str| -> Vec<String> {
+            header(n)
+                .map(|v| v.split(',').map(|x| x.trim().to_string()).collect())
+                .unwrap_or_default()
+        };
+        let mut via = list(crate::api::RELAYED_VIA);
+        let mut via_certs = list(crate::api::RELAYED_VIA_CERTS);
+        via_certs.resize(via.len(), String::new());
         via.push(fp);
+        via_certs.push(own_cert().unwrap_or_default());
         if via.len() >= crate::api::MAX_RELAYS {
             return Err(ApiError::new(
                 StatusCode::LOOP_DETECTED,
@@ -1058,6 +1071,7 @@ impl Forwarded {
             addr: header(crate::api::RELAYED_ADDR)
                 .map_or_else(|| conn.addr.clone(), str::to_string),
             via,
+            via_certs,
             cert: header(crate::api::RELAYED_CERT).map(str::to_string),
         }))
     }
