@@ -2828,3 +2828,196 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
     assert_eq!(code, 0, "a certificate of the retired CA");
     assert_eq!(status()["stage"], "one");
 }
+
+/// `reinstall setup` puts the agent on a machine's running OS: it calls the stager with the
+/// host's identity first (one poll: the host is seen), then writes the binary, the identity
+/// (0600) and the enabled unit; run again it changes nothing; it refuses, writing nothing, an
+/// operator's identity, another host's identity over an installed one, a stager it cannot
+/// reach, a revoked identity, and a job under way; the installed identity is kept over the
+/// enrolment file (the agent renews into it); the installed tree runs the real agent.
+#[test]
+fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = scratch();
+    let d = w.path();
+    let mut s = started(&w);
+    let root = d.join("root-web1");
+    let ids: std::collections::HashMap<&str, std::path::PathBuf> =
+        ["web1", "web2", "web3", "alice"]
+            .into_iter()
+            .map(|h| (h, s.identity(h)))
+            .collect();
+    let setup = |root: &std::path::Path, args: &[&str], id: Option<&str>| {
+        let mut c = reinstall();
+        c.args(["setup", "--root"]).arg(root).args(args);
+        if let Some(h) = id {
+            c.arg(&ids[h]);
+        }
+        c
+    };
+    let hosts = |s: &Stager| -> serde_json::Value {
+        let (code, body) = s.curl(Some("alice"), &[], "/v1/hosts");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let seen = |s: &Stager, h: &str| {
+        hosts(s)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == h)
+            .unwrap()["last_seen"]
+            .is_string()
+    };
+    assert!(!seen(&s, "web1"));
+    let id = create_job(&s, "web1");
+    let out = ok(&mut setup(&root, &["--json"], Some("web1")));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["host"], "web1");
+    assert_eq!(v["checked"]["job"], id, "{out}");
+    assert!(
+        v["checked"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://127.0.0.1:"),
+        "{out}"
+    );
+    for f in ["binary", "identity", "unit"] {
+        assert_eq!(v[f][1], "written", "{f}: {out}");
+    }
+    assert_eq!(v["started"], serde_json::Value::Null);
+    assert!(seen(&s, "web1"), "the check called home");
+    let bin = root.join("usr/local/sbin/reinstall");
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(integration_tests::bin("reinstall")).unwrap()
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&bin), 0o755);
+    let installed = root.join("etc/reinstall/identity.toml");
+    assert_eq!(mode(&installed), 0o600);
+    let parse = |p: &std::path::Path| proto::identity::IdentityFile::load(p).unwrap();
+    assert_eq!(parse(&installed), parse(&ids["web1"]));
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/systemd/system/reinstall-agent.service")).unwrap(),
+        agent::engine::AGENT_UNIT
+    );
+    assert_eq!(
+        std::fs::read_link(
+            root.join("etc/systemd/system/multi-user.target.wants/reinstall-agent.service")
+        )
+        .unwrap(),
+        std::path::Path::new("/etc/systemd/system/reinstall-agent.service")
+    );
+    // Again, with and without the file: nothing to change.
+    for id in [Some("web1"), None] {
+        let out = ok(&mut setup(&root, &[], id));
+        assert_eq!(out.matches(": unchanged").count(), 3, "{out}");
+        assert!(out.contains("job 1 waits for it"), "{out}");
+    }
+    // The agent renews into the installed file: the enrolment file given again is not used.
+    let mut renewed = parse(&installed);
+    renewed.fallback = vec!["https://127.0.0.1:1".into()];
+    std::fs::write(&installed, renewed.to_toml()).unwrap();
+    let out = ok(&mut setup(&root, &[], Some("web1")));
+    assert!(out.contains("kept"), "{out}");
+    assert_eq!(parse(&installed), renewed);
+
+    let untouched = |root: &std::path::Path, e: &str| {
+        assert!(
+            !root.join("etc/reinstall/identity.toml").exists()
+                && !root.join("usr/local/sbin/reinstall").exists(),
+            "written after: {e}"
+        );
+    };
+    // An operator's identity, and another host's over web1's.
+    let e = fails(&mut setup(&d.join("root-a"), &[], Some("alice")));
+    assert!(
+        e.contains("operator identity") && e.contains("alice"),
+        "{e}"
+    );
+    untouched(&d.join("root-a"), &e);
+    let e = fails(&mut setup(&root, &[], Some("web2")));
+    assert!(
+        e.contains("\"web1\"") && e.contains("\"web2\"") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(parse(&installed), renewed);
+    // A revoked identity: refused by the stager, named.
+    s.enroll("web3");
+    ok(stager().args(["revoke", "--dir"]).arg(&s.home).arg("web3"));
+    let e = fails(&mut setup(&d.join("root-web3"), &[], Some("web3")));
+    assert!(
+        e.contains("could not call home") && e.contains("revoked"),
+        "{e}"
+    );
+    untouched(&d.join("root-web3"), &e);
+    // A job under way (a journal in stage-rescue): the agent is not swapped under it.
+    let journal = agent::journal::Journal {
+        format: agent::journal::FORMAT,
+        job: id,
+        host: "web1".into(),
+        target: proto::v1::BundleRef {
+            name: "target".into(),
+            version: "1".into(),
+            sha256: "0".repeat(64),
+            size: 1,
+        },
+        rescue: proto::v1::BundleRef {
+            name: "rescue".into(),
+            version: "1".into(),
+            sha256: "0".repeat(64),
+            size: 1,
+        },
+        hold_in_rescue: false,
+        phase: agent::journal::Phase::StageRescue,
+        step: agent::journal::Step::Entering,
+        disk1: None,
+        disk2: None,
+        target_os: None,
+        from_rescue: false,
+        updated: "2026-11-24T00:00:00Z".into(),
+        history: Vec::new(),
+    };
+    std::fs::create_dir_all(root.join("var/lib/reinstall")).unwrap();
+    std::fs::write(
+        root.join("var/lib/reinstall/journal.json"),
+        serde_json::to_vec(&journal).unwrap(),
+    )
+    .unwrap();
+    let e = fails(&mut setup(&root, &[], None));
+    assert!(
+        e.contains(&format!("job {id} is under way")) && e.contains("stage-rescue"),
+        "{e}"
+    );
+    std::fs::remove_file(root.join("var/lib/reinstall/journal.json")).unwrap();
+    // The stager away: refused, nothing written; --no-check installs anyway.
+    s.kill();
+    let e = fails(&mut setup(&d.join("root-web2"), &[], Some("web2")));
+    assert!(
+        e.contains("could not call home") && e.contains("--no-check"),
+        "{e}"
+    );
+    untouched(&d.join("root-web2"), &e);
+    ok(&mut setup(
+        &d.join("root-web2"),
+        &["--no-check"],
+        Some("web2"),
+    ));
+    // The installed tree runs the real agent: with the stager back it takes web2's poll.
+    s.start();
+    let out = run(reinstall()
+        .args(["agent", "--root"])
+        .arg(d.join("root-web2"))
+        .arg("--fake-firmware")
+        .arg(d.join("fw.json"))
+        .arg("--work")
+        .arg(d.join("work"))
+        .args(["--wait", "0", "--once"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(seen(&s, "web2"));
+}

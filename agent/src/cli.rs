@@ -136,6 +136,22 @@ pub enum Command {
     /// back when it starts there; after two boots that never got that far GRUB boots the
     /// rescue OS, whose agent reports it to the stager (the job stays done) and stays up.
     Agent(AgentOpts),
+    /// Install the agent on this machine's running OS so that it takes jobs: this binary as
+    /// /usr/local/sbin/reinstall, the host's identity file (from `stager enroll HOST`) as
+    /// /etc/reinstall/identity.toml (0600), and reinstall-agent.service, enabled and
+    /// (re)started.
+    ///
+    /// First it calls the stager with the identity (one poll, no wait): a host that cannot
+    /// reach its stager, or whose identity is refused, is told now and nothing is written.
+    /// Run again (with a newer binary, with or without the file), it replaces only what
+    /// differs and restarts the agent. Refused without --force: an identity installed for
+    /// another host; replacing the installed identity of the same host (the agent renews its
+    /// certificate into it, so the enrolment file is older: the installed one is kept); a job
+    /// under way on this machine (the agent is not swapped mid-job).
+    ///
+    /// With --root other than /, writes into that tree and does not touch systemd (an image
+    /// being built).
+    Setup(SetupOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
     /// options (MII or ARP monitoring); bridges with their ports and STP; 802.1Q VLANs on
@@ -216,6 +232,26 @@ pub struct AgentOpts {
     /// Poll once: exit 0 if there is no job instead of polling again.
     #[arg(long)]
     pub once: bool,
+}
+
+#[derive(Args)]
+pub struct SetupOpts {
+    /// The host's identity file from `stager enroll HOST`. Without it, the one installed is
+    /// used (to install a newer binary).
+    pub identity_file: Option<PathBuf>,
+    /// The OS tree to install into.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Do not call the stager first (an image built where the stager cannot be reached).
+    #[arg(long)]
+    pub no_check: bool,
+    /// Write the files but do not start (or restart) the agent.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Replace an identity installed for another host or the installed one of this host, and
+    /// install in the middle of a job.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]

@@ -139,6 +139,14 @@ impl Client {
         Ok(next)
     }
 
+    /// The URL requests go to now (the identity's `stager`, or the fallback taken while it
+    /// could not be reached).
+    pub fn url_in_use(&self) -> String {
+        let i = self.using().0;
+        let bases = self.bases();
+        bases.get(i).unwrap_or(&bases[0]).to_string()
+    }
+
     /// The identity's URLs: `stager`, then each `fallback`.
     fn bases(&self) -> Vec<&str> {
         self.identity.urls()

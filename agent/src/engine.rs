@@ -1083,28 +1083,14 @@ impl Agent {
         preserve::inject_network(&net, tree)?;
         std::fs::create_dir_all(tree.join("etc/reinstall"))?;
         std::fs::write(tree.join(WORLD_FILE), format!("{world}\n"))?;
-        let bin = tree.join("usr/local/sbin/reinstall");
-        std::fs::create_dir_all(bin.parent().unwrap())?;
-        std::fs::copy(std::env::current_exe()?, &bin).context("installing the agent")?;
-        for (name, text, by) in [
-            (AGENT_SERVICE, AGENT_UNIT, &["multi-user.target"][..]),
-            (
-                EMERGENCY_SERVICE,
-                EMERGENCY_UNIT,
-                &["emergency.target", "rescue.target"][..],
-            ),
-        ] {
-            let unit = tree.join("etc/systemd/system").join(name);
-            std::fs::create_dir_all(unit.parent().unwrap())?;
-            std::fs::write(&unit, text)?;
-            for target in by {
-                let wants = tree.join(format!("etc/systemd/system/{target}.wants/{name}"));
-                std::fs::create_dir_all(wants.parent().unwrap())?;
-                if std::fs::symlink_metadata(&wants).is_err() {
-                    std::os::unix::fs::symlink(format!("/etc/systemd/system/{name}"), &wants)?;
-                }
-            }
-        }
+        crate::setup::install_binary(tree, &std::env::current_exe()?)?;
+        crate::setup::install_unit(tree, AGENT_SERVICE, AGENT_UNIT, &["multi-user.target"])?;
+        crate::setup::install_unit(
+            tree,
+            EMERGENCY_SERVICE,
+            EMERGENCY_UNIT,
+            &["emergency.target", "rescue.target"],
+        )?;
         let wd = tree.join(WATCHDOG_CONF);
         std::fs::create_dir_all(wd.parent().unwrap())?;
         std::fs::write(&wd, WATCHDOG_DROPIN).with_context(|| format!("writing {WATCHDOG_CONF}"))?;

@@ -11,5 +11,6 @@ pub mod mount;
 pub mod netid;
 pub mod netstack;
 pub mod preserve;
+pub mod setup;
 pub mod transfer;
 pub mod windows;

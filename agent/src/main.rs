@@ -252,6 +252,87 @@ fn firmware(o: &cli::FirmwareOpts, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn setup(
+    o: &cli::SetupOpts,
+    identity: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use agent::setup::Outcome;
+    let binary = std::env::current_exe()?;
+    let r = agent::setup::setup(&agent::setup::Options {
+        root: &o.root,
+        identity: o.identity_file.as_deref().or(identity),
+        binary: &binary,
+        check: !o.no_check,
+        force: o.force,
+    })?;
+    // systemd is told only about this machine's own tree, and only when it runs.
+    let live =
+        o.root == std::path::Path::new("/") && std::path::Path::new("/run/systemd/system").exists();
+    let changed = [r.binary.1, r.identity.1, r.unit.1].contains(&Outcome::Written);
+    let started = if live && !o.no_start {
+        let systemctl = |args: &[&str]| -> anyhow::Result<()> {
+            let st = std::process::Command::new("systemctl")
+                .args(args)
+                .status()
+                .map_err(|e| anyhow::anyhow!("running systemctl {}: {e}", args.join(" ")))?;
+            anyhow::ensure!(
+                st.success(),
+                "systemctl {} failed ({st}); the files are in place: see `journalctl -u {}`",
+                args.join(" "),
+                agent::engine::AGENT_SERVICE
+            );
+            Ok(())
+        };
+        systemctl(&["daemon-reload"])?;
+        let how = if changed { "restart" } else { "start" };
+        systemctl(&[how, agent::engine::AGENT_SERVICE])?;
+        Some(how)
+    } else {
+        None
+    };
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["started"] = serde_json::json!(started);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(c) = &r.checked {
+        println!(
+            "host {}: the stager answered at {} in {} ms{}",
+            r.host,
+            c.url,
+            c.millis,
+            match c.job {
+                Some(j) => format!(" (job {j} waits for it)"),
+                None => String::new(),
+            }
+        );
+    }
+    for (what, (path, outcome)) in [
+        ("agent", &r.binary),
+        ("identity", &r.identity),
+        ("unit", &r.unit),
+    ] {
+        let said = match outcome {
+            Outcome::Written => "written",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Kept => "kept (the agent may have renewed it; the file given was not used: --force replaces it)",
+        };
+        println!("{what:<9} {}: {said}", path.display());
+    }
+    match started {
+        Some(how) => println!("{}: {how}ed", agent::engine::AGENT_SERVICE),
+        None if live => println!("{}: not started (--no-start)", agent::engine::AGENT_SERVICE),
+        None => println!(
+            "{}: enabled in {}; not started (not this machine's running tree, or no systemd)",
+            agent::engine::AGENT_SERVICE,
+            o.root.display()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Exit status for "reboot now" when the reboot is simulated (--fake-firmware, --efivars).
 const EXIT_REBOOT: u8 = 100;
 
@@ -367,6 +448,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Network(o)) => network(&o, json),
         Some(cli::Command::Firmware(ref o)) => firmware(o, json),
         Some(cli::Command::Agent(ref o)) => run_agent(o, args.global.identity.as_deref()),
+        Some(cli::Command::Setup(ref o)) => setup(o, args.global.identity.as_deref(), json),
         Some(cli::Command::Plan(ref o)) => plan(o, args.global.identity.as_deref(), json),
         None if args.job.target.is_some() => operator::create(&args.global, &args.job),
         None => {

@@ -264,19 +264,16 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
         "root/.ssh/authorized_keys",
         &format!("{}\n", s.authorized_key),
     )?;
-    w(
-        "etc/reinstall/identity.toml",
-        &std::fs::read_to_string(s.agent_identity)?,
-    )?;
-    w(
-        "etc/systemd/system/reinstall-agent.service",
-        agent::engine::AGENT_UNIT,
-    )?;
-    std::fs::create_dir_all(tree.join("usr/local/sbin"))?;
-    run(Command::new("strip")
-        .arg("-o")
-        .arg(tree.join("usr/local/sbin/reinstall"))
-        .arg(s.agent_binary))?;
+    // The agent as an operator installs it (`reinstall setup --root TREE --no-check`), then
+    // stripped to keep the image small.
+    agent::setup::setup(&agent::setup::Options {
+        root: &tree,
+        identity: Some(s.agent_identity),
+        binary: s.agent_binary,
+        check: false,
+        force: false,
+    })?;
+    run(Command::new("strip").arg(tree.join(agent::setup::AGENT_BINARY)))?;
     run(Command::new("chroot").arg(&tree).args(["ssh-keygen", "-A"]))?;
     run(Command::new("chroot").arg(&tree).args([
         "systemctl",
@@ -284,7 +281,6 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
         "-q",
         "systemd-networkd",
         "systemd-networkd-wait-online",
-        "reinstall-agent",
     ]))?;
     Ok(tree)
 }

@@ -853,6 +853,24 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
     let f = e.wait_world("source", None)?;
     e.check_boot(&f, "source OS", 1, 2)?;
     e.row("source OS up: SSH, same address and host key, root on disk 1");
+    // The operator's install command on the live machine: it calls home with the installed
+    // identity, finds every file as it is, and has systemd start the (running) agent.
+    let out = e.vm.ssh("reinstall setup --json")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("reinstall setup --json: {out}"))?;
+    ensure!(
+        v["checked"]["url"].is_string()
+            && v["started"] == "start"
+            && ["binary", "identity", "unit"]
+                .iter()
+                .all(|f| v[f][1] == "unchanged"),
+        "reinstall setup on the source OS: {out}"
+    );
+    e.row(&format!(
+        "source OS: reinstall setup called home at {} in {} ms, nothing to change, agent started",
+        v["checked"]["url"].as_str().unwrap_or("-"),
+        v["checked"]["millis"]
+    ));
     let op = e.create_job(target)?;
     e.row(&format!(
         "operator: reinstall --target {target} --wait {}",

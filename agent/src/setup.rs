@@ -1,0 +1,195 @@
+//! `reinstall setup`: puts the agent on a machine's running OS (OS A) so that it can take
+//! jobs: the binary, the host's identity file, the systemd unit, enabled and started.
+//!
+//! The same pieces the agent writes into every OS it installs ([`install_binary`],
+//! [`install_unit`]), with what a machine in use needs on top: the identity is checked
+//! against the stager before anything is written (a host that cannot call home is found now,
+//! not at its first job), an identity already installed for another host or one the agent
+//! has renewed since is not replaced unless asked, and the agent is not swapped in the middle
+//! of a job.
+
+use crate::engine::{AGENT_SERVICE, AGENT_UNIT, JOURNAL_DIR};
+use anyhow::{bail, Context, Result};
+use proto::identity::{IdentityFile, Role};
+use std::path::{Path, PathBuf};
+
+/// Where the agent's binary goes in every OS tree (the unit's `ExecStart`).
+pub const AGENT_BINARY: &str = "usr/local/sbin/reinstall";
+/// Where the agent's identity goes in every OS tree.
+pub const AGENT_IDENTITY: &str = "etc/reinstall/identity.toml";
+
+/// What happened to one file: written, or already as it should be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Written,
+    Unchanged,
+    /// An identity already installed for the same host, kept (see [`Options::force`]).
+    Kept,
+}
+
+/// Copies the agent's binary `from` to `tree`/[`AGENT_BINARY`] (mode 0755) through a temp file
+/// renamed over it, so that a running agent's binary is replaced, never written into.
+pub fn install_binary(tree: &Path, from: &Path) -> Result<Outcome> {
+    let to = tree.join(AGENT_BINARY);
+    let new = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    if std::fs::read(&to).is_ok_and(|old| old == new) {
+        return Ok(Outcome::Unchanged);
+    }
+    std::fs::create_dir_all(to.parent().expect("has a parent"))?;
+    crate::journal::replace_file(&to, &new, 0o755)
+        .with_context(|| format!("installing the agent as {}", to.display()))?;
+    Ok(Outcome::Written)
+}
+
+/// Writes the systemd unit `name` (`text`) into `tree`'s `/etc/systemd/system` and enables it
+/// for each of `wanted_by` (the symlink `systemctl enable` makes).
+pub fn install_unit(tree: &Path, name: &str, text: &str, wanted_by: &[&str]) -> Result<Outcome> {
+    let unit = tree.join("etc/systemd/system").join(name);
+    let mut outcome = Outcome::Unchanged;
+    if std::fs::read_to_string(&unit).ok().as_deref() != Some(text) {
+        std::fs::create_dir_all(unit.parent().expect("has a parent"))?;
+        crate::journal::replace_file(&unit, text.as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", unit.display()))?;
+        outcome = Outcome::Written;
+    }
+    for target in wanted_by {
+        let wants = tree.join(format!("etc/systemd/system/{target}.wants/{name}"));
+        if std::fs::symlink_metadata(&wants).is_err() {
+            std::fs::create_dir_all(wants.parent().expect("has a parent"))?;
+            std::os::unix::fs::symlink(format!("/etc/systemd/system/{name}"), &wants)
+                .with_context(|| format!("enabling {name}: {}", wants.display()))?;
+            outcome = Outcome::Written;
+        }
+    }
+    Ok(outcome)
+}
+
+/// What `reinstall setup` is asked to do.
+pub struct Options<'a> {
+    /// The OS tree to install into (`/`: this machine, whose systemd is then told).
+    pub root: &'a Path,
+    /// The host's identity file from `stager enroll`; `None`: the one already installed.
+    pub identity: Option<&'a Path>,
+    /// The binary to install (this program).
+    pub binary: &'a Path,
+    /// Ask the stager with the identity first (one poll, no wait).
+    pub check: bool,
+    /// Replace an identity installed for another host, or one that differs for the same
+    /// host (which may be the agent's own renewal); install in the middle of a job.
+    pub force: bool,
+}
+
+/// What `reinstall setup` did (`--json`: fields are only ever added).
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub host: String,
+    pub stager: String,
+    /// The stager answered this identity (one poll): the URL and how long it took.
+    pub checked: Option<Checked>,
+    pub binary: (PathBuf, Outcome),
+    pub identity: (PathBuf, Outcome),
+    pub unit: (PathBuf, Outcome),
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Checked {
+    pub url: String,
+    pub millis: u64,
+    /// The job the stager has for this host, waiting (the agent takes it once started).
+    pub job: Option<u64>,
+}
+
+/// Installs the agent into `o.root`: checks, then writes (see the module's doc).
+pub fn setup(o: &Options) -> Result<Report> {
+    let installed_path = o.root.join(AGENT_IDENTITY);
+    let installed = match std::fs::read_to_string(&installed_path) {
+        Ok(text) => Some(IdentityFile::parse(&installed_path, &text)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", installed_path.display())),
+    };
+    let given = o.identity.map(IdentityFile::load).transpose()?;
+    let (id, identity_outcome) = match (&given, &installed) {
+        (None, None) => bail!(
+            "no identity file given and none installed at {}: give the host's file from `stager enroll HOST`",
+            installed_path.display()
+        ),
+        (None, Some(i)) => (i.clone(), Outcome::Unchanged),
+        (Some(g), Some(i)) if g == i => (i.clone(), Outcome::Unchanged),
+        (Some(g), Some(i)) if !o.force && g.name != i.name => bail!(
+            "{} is host {:?}'s identity; {} is {:?}'s: this machine is enrolled as another host (--force replaces it)",
+            installed_path.display(),
+            i.name,
+            o.identity.expect("given").display(),
+            g.name
+        ),
+        // The agent renews its certificate into the installed file: the enrolment file
+        // given again is older, and may have been revoked by the renewal.
+        (Some(g), Some(i)) if !o.force && g.stager == i.stager => (i.clone(), Outcome::Kept),
+        (Some(g), _) => (g.clone(), Outcome::Written),
+    };
+    let from = |p: Option<&Path>| {
+        p.map_or_else(|| installed_path.clone(), Path::to_path_buf)
+            .display()
+            .to_string()
+    };
+    let source = if identity_outcome == Outcome::Written {
+        from(o.identity)
+    } else {
+        from(None)
+    };
+    if id.role != Role::Agent {
+        bail!(
+            "{source} is an {} identity ({:?}), not a host's: give the file from `stager enroll HOST`",
+            id.role.as_str(),
+            id.name
+        );
+    }
+    if !o.force {
+        let journal = o.root.join(JOURNAL_DIR).join(crate::journal::FILE);
+        if let Ok(bytes) = std::fs::read(&journal) {
+            let j = crate::journal::Journal::parse(&journal, &bytes)?;
+            if !j.finished() {
+                bail!(
+                    "job {} is under way on this machine ({}, phase {}): the agent is not replaced in the middle of a job; wait for it, or cancel it (--force installs anyway)",
+                    j.job,
+                    journal.display(),
+                    j.pending().as_str()
+                );
+            }
+        }
+    }
+    let client = crate::client::Client::new(id.clone()).with_context(|| source.clone())?;
+    let checked = if o.check {
+        let start = std::time::Instant::now();
+        let work = client
+            .poll_work(std::time::Duration::ZERO)
+            .with_context(|| {
+                format!(
+                    "host {:?} could not call home with {source} (stager {}); nothing was installed (--no-check installs anyway)",
+                    id.name, id.stager
+                )
+            })?;
+        Some(Checked {
+            url: client.url_in_use(),
+            millis: start.elapsed().as_millis() as u64,
+            job: work.job.map(|j| j.id),
+        })
+    } else {
+        None
+    };
+    let binary = install_binary(o.root, o.binary)?;
+    if identity_outcome == Outcome::Written {
+        std::fs::create_dir_all(installed_path.parent().expect("has a parent"))?;
+        crate::journal::replace_file(&installed_path, id.to_toml().as_bytes(), 0o600)?;
+    }
+    let unit = install_unit(o.root, AGENT_SERVICE, AGENT_UNIT, &["multi-user.target"])?;
+    Ok(Report {
+        host: id.name.clone(),
+        stager: id.stager.clone(),
+        checked,
+        binary: (o.root.join(AGENT_BINARY), binary),
+        identity: (installed_path, identity_outcome),
+        unit: (o.root.join("etc/systemd/system").join(AGENT_SERVICE), unit),
+    })
+}
