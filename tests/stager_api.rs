@@ -2549,6 +2549,20 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
     for h in ["web3", "web4", "web5"] {
         assert_eq!(poll(&s, h).0, 200, "{h} before the loss");
     }
+    // The agent's build is recorded for a host that polls through two relays too.
+    let (_, listed) = s.curl(Some("alice"), &[], "/v1/hosts");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let web4 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "web4")
+        .unwrap();
+    assert_eq!(
+        web4["agent"],
+        format!("reinstall/{}", env!("CARGO_PKG_VERSION")).as_str(),
+        "{web4}"
+    );
 
     s.kill();
     std::fs::rename(&s.home, d.join("lost")).unwrap();
@@ -2887,6 +2901,33 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     }
     assert_eq!(v["started"], serde_json::Value::Null);
     assert!(seen(&s, "web1"), "the check called home");
+    // The stager records the agent's build (its User-Agent) for the host.
+    let agent_of = |s: &Stager, h: &str| {
+        hosts(s)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == h)
+            .unwrap()["agent"]
+            .clone()
+    };
+    let build = format!("reinstall/{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(agent_of(&s, "web1"), build.as_str());
+    assert_eq!(agent_of(&s, "web2"), serde_json::Value::Null);
+    assert_eq!(
+        stager_metric_labelled(&s, &format!("stager_hosts_by_agent{{agent=\"{build}\"}}")),
+        1
+    );
+    let status = ok(reinstall()
+        .arg("--identity")
+        .arg(s.identity("alice"))
+        .arg("status"));
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("web1 ") && l.contains(&build)),
+        "{status}"
+    );
     let bin = root.join("usr/local/sbin/reinstall");
     assert_eq!(
         std::fs::read(&bin).unwrap(),

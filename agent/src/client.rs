@@ -33,6 +33,17 @@ pub struct Client {
 /// How long requests stay on a fallback URL before the identity's `stager` is tried again.
 pub const BACK_TO_FIRST: Duration = Duration::from_secs(300);
 
+/// `reinstall/VERSION`, with ` (build NAME)` when built with `REINSTALL_BUILD=NAME` set (a
+/// release script sets it to the commit or package version): what the stager records as each
+/// host's agent (`reinstall status`).
+pub fn user_agent() -> String {
+    let v = concat!("reinstall/", env!("CARGO_PKG_VERSION"));
+    match option_env!("REINSTALL_BUILD") {
+        Some(b) if !b.is_empty() => format!("{v} (build {b})"),
+        _ => v.to_string(),
+    }
+}
+
 impl Client {
     pub fn new(identity: IdentityFile) -> Result<Client> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -58,7 +69,7 @@ impl Client {
             // says nothing must not hold the agent for long: no read waits more than a minute,
             // except a long poll's (`work`), which has its own deadline.
             .timeout_read(Duration::from_secs(60))
-            .user_agent(concat!("reinstall/", env!("CARGO_PKG_VERSION")))
+            .user_agent(&user_agent())
             .build();
         Ok(Client {
             agent,

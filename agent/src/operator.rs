@@ -319,17 +319,18 @@ pub fn status(g: &Global) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<16} {:<6} {:<16} LAST SEEN",
-        "HOST", "PHASE", "JOB", "ADDRESS"
+        "{:<20} {:<16} {:<6} {:<16} {:<20} AGENT",
+        "HOST", "PHASE", "JOB", "ADDRESS", "LAST SEEN"
     );
     for h in &hosts {
         println!(
-            "{:<20} {:<16} {:<6} {:<16} {}{}",
+            "{:<20} {:<16} {:<6} {:<16} {:<20} {}{}",
             h.name,
             h.phase.as_deref().unwrap_or("-"),
             h.job.map(|j| j.to_string()).unwrap_or("-".into()),
             h.address.as_deref().unwrap_or("-"),
             h.last_seen.as_deref().unwrap_or("never"),
+            h.agent.as_deref().unwrap_or("-"),
             if h.rescue_requested.is_some() {
                 "  (rescue requested)"
             } else {

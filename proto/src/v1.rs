@@ -152,6 +152,10 @@ pub struct Host {
     /// Where the host is (`stager enroll --site`), for per-site rollout limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// The agent build the host last polled with (its User-Agent: `reinstall/VERSION`, and
+    /// the build's name when it was built with `REINSTALL_BUILD` set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// Agent: `GET /v1/agent/work?wait=SECONDS` (long poll).

@@ -144,7 +144,12 @@ async fn dispatch(
         (["v1", "agent", "work"], true, _) => {
             let host = agent(&who)?;
             let (wait, trust) = query(req.uri.query(), true)?;
-            agent_work(state, conn, host, wait, trust).await
+            let build = req
+                .headers
+                .get(hyper::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(agent_build);
+            agent_work(state, conn, host, wait, trust, build).await
         }
         (["v1", "agent", "identity"], _, true) => {
             let host = agent(&who)?.to_string();
@@ -670,18 +675,30 @@ async fn create_job(
 }
 
 /// Long poll: answers at once when there is work, else when work appears, else after `wait`.
+/// The agent build a User-Agent names (`reinstall/...`, at most 100 printable characters);
+/// `None` for any other client.
+fn agent_build(ua: &str) -> Option<String> {
+    (ua.starts_with("reinstall/")
+        && ua.len() <= 100
+        && ua.bytes().all(|b| (b' '..=b'~').contains(&b)))
+    .then(|| ua.to_string())
+}
+
 async fn agent_work(
     state: &Arc<State>,
     conn: &Arc<Conn>,
     host: &str,
     wait: Duration,
     trust: Option<String>,
+    build: Option<String>,
 ) -> Result<Response<ResBody>, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let notify = state.notifier(host);
     let (h, addr) = (host.to_string(), conn.addr.clone());
     let fp = conn.fingerprint.clone().unwrap_or_default();
-    state.db(move |db| db.seen(&h, &addr, &fp)).await?;
+    state
+        .db(move |db| db.seen(&h, &addr, &fp, build.as_deref()))
+        .await?;
     let renew_identity = renewal_due(state, conn, state.config.agent_cert_days).await?;
     let (trust, trust_signature) = trust_for(state, conn, trust).await?.unzip();
     loop {

@@ -128,6 +128,10 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 );
 "#,
+    // Which agent build each host runs (its User-Agent on the last work poll).
+    r#"
+ALTER TABLE hosts ADD COLUMN agent TEXT;
+"#,
 ];
 
 pub struct Db {
@@ -462,12 +466,19 @@ impl Db {
             .map(|o| o.is_some())
     }
 
-    /// Records that `host` was seen, from `address`.
-    /// `host` asked for work from `address`, presenting the certificate `fp`.
-    pub fn seen(&self, host: &str, address: &str, fp: &str) -> rusqlite::Result<()> {
+    /// `host` asked for work from `address`, presenting the certificate `fp`, running the
+    /// agent build `agent` (when it said).
+    pub fn seen(
+        &self,
+        host: &str,
+        address: &str,
+        fp: &str,
+        agent: Option<&str>,
+    ) -> rusqlite::Result<()> {
         self.c().execute(
-            "UPDATE hosts SET last_seen = ?2, address = ?3 WHERE name = ?1",
-            params![host, now(), address],
+            "UPDATE hosts SET last_seen = ?2, address = ?3, agent = COALESCE(?4, agent)
+             WHERE name = ?1",
+            params![host, now(), address, agent],
         )?;
         self.cert_used(fp)
     }
@@ -501,7 +512,7 @@ impl Db {
         let mut st = c.prepare(
             "SELECT h.name, h.enrolled, h.last_seen, h.address, h.phase, h.network,
                     h.rescue_requested, h.rescue_permanent,
-                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name), h.site
+                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name), h.site, h.agent
              FROM hosts h ORDER BY h.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -518,6 +529,7 @@ impl Db {
                 }),
                 job: r.get::<_, Option<i64>>(8)?.map(|j| j as u64),
                 site: r.get(9)?,
+                agent: r.get(10)?,
             })
         })?;
         rows.collect()
@@ -892,6 +904,16 @@ impl Db {
             "SELECT COALESCE(h.site, ''), COUNT(*) FROM job_hosts jh JOIN hosts h ON h.name = jh.host
              WHERE jh.state = 'running' GROUP BY 1 ORDER BY 1",
         )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
+    }
+
+    /// Hosts by the agent build they last polled with (`""`: never polled, or from an agent
+    /// that did not say), for `/metrics`.
+    pub fn hosts_by_agent(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let c = self.c();
+        let mut st =
+            c.prepare("SELECT COALESCE(agent, ''), COUNT(*) FROM hosts GROUP BY 1 ORDER BY 1")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         rows.collect()
     }

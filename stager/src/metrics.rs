@@ -85,6 +85,7 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let halted = state.db(|db| db.halted_jobs()).await?;
     let silent = state.db(|db| db.silent_hosts()).await?;
     let by_site = state.db(|db| db.in_flight_by_site()).await?;
+    let by_agent = state.db(|db| db.hosts_by_agent()).await?;
     let mut s = String::new();
     served(&mut s, "stager", m);
     counter(
@@ -143,6 +144,13 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     );
     for (site, n) in &by_site {
         let _ = writeln!(s, "stager_hosts_in_flight{{site=\"{}\"}} {n}", esc(site));
+    }
+    let _ = writeln!(
+        s,
+        "# HELP stager_hosts_by_agent Enrolled hosts by the agent build they last polled with (\"\" for none yet).\n# TYPE stager_hosts_by_agent gauge"
+    );
+    for (agent, n) in &by_agent {
+        let _ = writeln!(s, "stager_hosts_by_agent{{agent=\"{}\"}} {n}", esc(agent));
     }
     let _ = writeln!(
         s,

@@ -404,7 +404,8 @@ impl Relay {
             .map_or(path.as_str(), |p| p.as_str())
             .to_string();
         let mut fwd = Vec::new();
-        for n in [header::CONTENT_TYPE, header::ACCEPT] {
+        // The agent's User-Agent names its build, which the stager records.
+        for n in [header::CONTENT_TYPE, header::ACCEPT, header::USER_AGENT] {
             if let Some(v) = parts.headers.get(&n).and_then(|v| v.to_str().ok()) {
                 fwd.push((n, v.to_string()));
             }
