@@ -2956,6 +2956,41 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
         assert_eq!(out.matches(": unchanged").count(), 3, "{out}");
         assert!(out.contains("job 1 waits for it"), "{out}");
     }
+    // A machine with several candidate disks: the agent's command gets --disk2 by a drop-in;
+    // a path that is not a plain /dev name is refused, naming it, and nothing is written.
+    let dropin = root.join("etc/systemd/system/reinstall-agent.service.d/50-disk2.conf");
+    for bad in ["sdb", "/dev/disk/by-id/a b", "/dev/disk/by-id/x%n"] {
+        let e = fails(&mut setup(&root, &["--disk2", bad], None));
+        assert!(e.contains(&format!("--disk2 {bad}")), "{e}");
+        assert!(!dropin.exists(), "written after: {e}");
+    }
+    let out = ok(&mut setup(
+        &root,
+        &[
+            "--disk2",
+            "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4",
+            "--json",
+        ],
+        None,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["disk2"][1], "written", "{out}");
+    assert_eq!(
+        v["ready"],
+        serde_json::Value::Null,
+        "not the running OS: no plan"
+    );
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(
+        text.contains("ExecStart=\nExecStart=/usr/local/sbin/reinstall agent --disk2 /dev/disk/by-id/wwn-0x5000c500a1b2c3d4\n"),
+        "{text}"
+    );
+    let out = ok(&mut setup(
+        &root,
+        &["--disk2", "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"],
+        None,
+    ));
+    assert_eq!(out.matches(": unchanged").count(), 4, "{out}");
     // The agent renews into the installed file: the enrolment file given again is not used.
     let mut renewed = parse(&installed);
     renewed.fallback = vec!["https://127.0.0.1:1".into()];

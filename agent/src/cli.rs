@@ -149,8 +149,11 @@ pub enum Command {
     /// certificate into it, so the enrolment file is older: the installed one is kept); a job
     /// under way on this machine (the agent is not swapped mid-job).
     ///
-    /// With --root other than /, writes into that tree and does not touch systemd (an image
-    /// being built).
+    /// On the running OS it also plans as a job would (read only) and says whether a
+    /// reinstall would go ahead now (disk 2, boot mode) or what stops it.
+    ///
+    /// With --root other than /, writes into that tree, does not plan and does not touch
+    /// systemd (an image being built).
     Setup(SetupOpts),
     /// Show the network identity this machine would carry into its next OS (addresses,
     /// routes, gateways, DNS, MTU, matched by MAC; bonds with their mode, members and
@@ -252,6 +255,11 @@ pub struct SetupOpts {
     /// install in the middle of a job.
     #[arg(long)]
     pub force: bool,
+    /// The disk the agent is to use as disk 2, on a machine with several candidates: its
+    /// /dev/disk/by-id/ name (a kernel name such as /dev/sdb is refused when the disk has a
+    /// stable one). Checked as a job's plan would check it; written as a drop-in of the unit.
+    #[arg(long)]
+    pub disk2: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -259,17 +259,22 @@ fn setup(
 ) -> anyhow::Result<ExitCode> {
     use agent::setup::Outcome;
     let binary = std::env::current_exe()?;
+    let running_os = o.root == std::path::Path::new("/");
     let r = agent::setup::setup(&agent::setup::Options {
         root: &o.root,
         identity: o.identity_file.as_deref().or(identity),
         binary: &binary,
         check: !o.no_check,
         force: o.force,
+        disk2: o.disk2.as_deref(),
+        live: running_os,
     })?;
     // systemd is told only about this machine's own tree, and only when it runs.
-    let live =
-        o.root == std::path::Path::new("/") && std::path::Path::new("/run/systemd/system").exists();
-    let changed = [r.binary.1, r.identity.1, r.unit.1].contains(&Outcome::Written);
+    let live = running_os && std::path::Path::new("/run/systemd/system").exists();
+    let changed = [r.binary.1, r.identity.1, r.unit.1]
+        .into_iter()
+        .chain(r.disk2.as_ref().map(|d| d.1))
+        .any(|x| x == Outcome::Written);
     let started = if live && !o.no_start {
         let systemctl = |args: &[&str]| -> anyhow::Result<()> {
             let st = std::process::Command::new("systemctl")
@@ -309,17 +314,36 @@ fn setup(
             }
         );
     }
-    for (what, (path, outcome)) in [
-        ("agent", &r.binary),
-        ("identity", &r.identity),
-        ("unit", &r.unit),
-    ] {
+    let files = [
+        Some(("agent", &r.binary)),
+        Some(("identity", &r.identity)),
+        Some(("unit", &r.unit)),
+        r.disk2.as_ref().map(|d| ("disk2", d)),
+    ];
+    for (what, (path, outcome)) in files.into_iter().flatten() {
         let said = match outcome {
             Outcome::Written => "written",
             Outcome::Unchanged => "unchanged",
             Outcome::Kept => "kept (the agent may have renewed it; the file given was not used: --force replaces it)",
         };
         println!("{what:<9} {}: {said}", path.display());
+    }
+    match &r.ready {
+        Some(agent::setup::Ready {
+            ok: true,
+            disk2,
+            boot_mode,
+            ..
+        }) => println!(
+            "ready: a reinstall would use {} as disk 2 ({} boot; `reinstall plan` shows the rest)",
+            disk2.as_deref().unwrap_or("-"),
+            boot_mode.unwrap_or("-")
+        ),
+        Some(agent::setup::Ready { why, .. }) => eprintln!(
+            "reinstall: warning: a reinstall of this machine would be refused now: {} (installed anyway; `reinstall plan` says more)",
+            why.as_deref().unwrap_or("-")
+        ),
+        None => {}
     }
     match started {
         Some(how) => println!("{}: {how}ed", agent::engine::AGENT_SERVICE),

@@ -45,14 +45,7 @@ pub fn install_binary(tree: &Path, from: &Path) -> Result<Outcome> {
 /// Writes the systemd unit `name` (`text`) into `tree`'s `/etc/systemd/system` and enables it
 /// for each of `wanted_by` (the symlink `systemctl enable` makes).
 pub fn install_unit(tree: &Path, name: &str, text: &str, wanted_by: &[&str]) -> Result<Outcome> {
-    let unit = tree.join("etc/systemd/system").join(name);
-    let mut outcome = Outcome::Unchanged;
-    if std::fs::read_to_string(&unit).ok().as_deref() != Some(text) {
-        std::fs::create_dir_all(unit.parent().expect("has a parent"))?;
-        crate::journal::replace_file(&unit, text.as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", unit.display()))?;
-        outcome = Outcome::Written;
-    }
+    let mut outcome = write_if_changed(&tree.join("etc/systemd/system").join(name), text)?;
     for target in wanted_by {
         let wants = tree.join(format!("etc/systemd/system/{target}.wants/{name}"));
         if std::fs::symlink_metadata(&wants).is_err() {
@@ -63,6 +56,58 @@ pub fn install_unit(tree: &Path, name: &str, text: &str, wanted_by: &[&str]) -> 
         }
     }
     Ok(outcome)
+}
+
+/// The drop-in `reinstall setup --disk2` writes: the agent's command with `--disk2`.
+pub const DISK2_DROPIN: &str = "etc/systemd/system/reinstall-agent.service.d/50-disk2.conf";
+
+/// The drop-in that makes the agent use `disk2` (a machine with several candidates).
+pub fn disk2_dropin(disk2: &Path) -> Result<String> {
+    let p = disk2.to_str().unwrap_or_default();
+    // No quoting, no systemd specifiers (%), no word splitting: the stable names udev makes.
+    if !p.starts_with("/dev/")
+        || !p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._:+-@=,".contains(&b))
+    {
+        bail!(
+            "--disk2 {}: give a disk's path under /dev (its /dev/disk/by-id/ name), of letters, digits and /._:+-@=, only",
+            disk2.display()
+        );
+    }
+    Ok(format!(
+        "# Written by `reinstall setup --disk2`: the disk this machine's agent may use as disk 2
+         # (rescue OS and stash). Remove this file (and `systemctl daemon-reload`) to let the
+         # agent choose the only candidate.
+         [Service]
+ExecStart=
+ExecStart=/{AGENT_BINARY} agent --disk2 {p}
+"
+    ))
+}
+
+/// Whether a reinstall of this machine would be refused now (`reinstall plan`, read only),
+/// and why.
+#[derive(Debug, serde::Serialize)]
+pub struct Ready {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk2: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_mode: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// Writes `text` to `p` (0644, atomically) unless it already holds it.
+fn write_if_changed(p: &Path, text: &str) -> Result<Outcome> {
+    if std::fs::read_to_string(p).ok().as_deref() == Some(text) {
+        return Ok(Outcome::Unchanged);
+    }
+    std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+    crate::journal::replace_file(p, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", p.display()))?;
+    Ok(Outcome::Written)
 }
 
 /// What `reinstall setup` is asked to do.
@@ -78,6 +123,11 @@ pub struct Options<'a> {
     /// Replace an identity installed for another host, or one that differs for the same
     /// host (which may be the agent's own renewal); install in the middle of a job.
     pub force: bool,
+    /// The disk the agent is to use as disk 2 ([`DISK2_DROPIN`]).
+    pub disk2: Option<&'a Path>,
+    /// `root` is the running OS: plan (read only) as a job would, and refuse a `disk2` that a
+    /// job would refuse, or that is named by a kernel name while it has stable ones.
+    pub live: bool,
 }
 
 /// What `reinstall setup` did (`--json`: fields are only ever added).
@@ -90,6 +140,12 @@ pub struct Report {
     pub binary: (PathBuf, Outcome),
     pub identity: (PathBuf, Outcome),
     pub unit: (PathBuf, Outcome),
+    /// The `--disk2` drop-in, when one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk2: Option<(PathBuf, Outcome)>,
+    /// On the running OS: whether a reinstall would go ahead now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<Ready>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -159,6 +215,8 @@ pub fn setup(o: &Options) -> Result<Report> {
             }
         }
     }
+    let dropin = o.disk2.map(disk2_dropin).transpose()?;
+    let ready = o.live.then(|| plan_now(o.disk2)).transpose()?;
     let client = crate::client::Client::new(id.clone()).with_context(|| source.clone())?;
     let checked = if o.check {
         let start = std::time::Instant::now();
@@ -184,6 +242,14 @@ pub fn setup(o: &Options) -> Result<Report> {
         crate::journal::replace_file(&installed_path, id.to_toml().as_bytes(), 0o600)?;
     }
     let unit = install_unit(o.root, AGENT_SERVICE, AGENT_UNIT, &["multi-user.target"])?;
+    let disk2 = match dropin {
+        Some(text) => {
+            let p = o.root.join(DISK2_DROPIN);
+            let outcome = write_if_changed(&p, &text)?;
+            Some((p, outcome))
+        }
+        None => None,
+    };
     Ok(Report {
         host: id.name.clone(),
         stager: id.stager.clone(),
@@ -191,5 +257,42 @@ pub fn setup(o: &Options) -> Result<Report> {
         binary: (o.root.join(AGENT_BINARY), binary),
         identity: (installed_path, identity_outcome),
         unit: (o.root.join("etc/systemd/system").join(AGENT_SERVICE), unit),
+        disk2,
+        ready,
     })
+}
+
+/// This machine planned as a job would plan it (nothing written). A disk named with
+/// `--disk2` must pass, by a stable name when it has one; without it, what stops a
+/// reinstall is reported, not refused (a second disk may be added later).
+fn plan_now(disk2: Option<&Path>) -> Result<Ready> {
+    match crate::engine::plan_report(Path::new("/"), disk2, None) {
+        Ok(p) => {
+            if let Some(given) = disk2 {
+                if !given.starts_with("/dev/disk/") && !p.disk2.by_id.is_empty() {
+                    bail!(
+                        "--disk2 {}: a kernel name, which can name another disk after a reboot; use one of its stable names: {}",
+                        given.display(),
+                        p.disk2.by_id.join(", ")
+                    );
+                }
+            }
+            Ok(Ready {
+                ok: true,
+                disk2: Some(p.disk2.path.clone()),
+                boot_mode: Some(p.boot_mode),
+                why: None,
+            })
+        }
+        Err(e) if disk2.is_some() => Err(e.context(format!(
+            "--disk2 {}: a reinstall would refuse this disk; nothing was installed",
+            disk2.expect("given").display()
+        ))),
+        Err(e) => Ok(Ready {
+            ok: false,
+            disk2: None,
+            boot_mode: None,
+            why: Some(format!("{e:#}")),
+        }),
+    }
 }

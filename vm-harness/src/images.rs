@@ -272,6 +272,8 @@ pub fn source_tree(cache: &Cache, work: &Path, s: &SourceSpec) -> Result<PathBuf
         binary: s.agent_binary,
         check: false,
         force: false,
+        disk2: None,
+        live: false,
     })?;
     run(Command::new("strip").arg(tree.join(agent::setup::AGENT_BINARY)))?;
     run(Command::new("chroot").arg(&tree).args(["ssh-keygen", "-A"]))?;

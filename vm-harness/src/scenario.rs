@@ -863,13 +863,27 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
             && v["started"] == "start"
             && ["binary", "identity", "unit"]
                 .iter()
-                .all(|f| v[f][1] == "unchanged"),
+                .all(|f| v[f][1] == "unchanged")
+            && v["ready"]["ok"] == true
+            && v["ready"]["disk2"].is_string(),
         "reinstall setup on the source OS: {out}"
     );
+    // Disk 1 offered as disk 2: refused, as a job's plan would refuse it, and nothing written.
+    let refused = e.vm.ssh(
+        "reinstall setup --disk2 /dev/$(lsblk -no PKNAME $(findmnt -no SOURCE /)) 2>&1 && echo ACCEPTED; \
+         ls /etc/systemd/system/reinstall-agent.service.d 2>&1 || true",
+    )?;
+    ensure!(
+        refused.contains("running root")
+            && !refused.contains("ACCEPTED")
+            && refused.contains("No such file"),
+        "reinstall setup --disk2 with the root disk: {refused}"
+    );
     e.row(&format!(
-        "source OS: reinstall setup called home at {} in {} ms, nothing to change, agent started",
+        "source OS: reinstall setup called home at {} in {} ms, nothing to change, agent started, ready with disk 2 {}; the root disk as --disk2 refused",
         v["checked"]["url"].as_str().unwrap_or("-"),
-        v["checked"]["millis"]
+        v["checked"]["millis"],
+        v["ready"]["disk2"].as_str().unwrap_or("-")
     ));
     let op = e.create_job(target)?;
     e.row(&format!(
