@@ -224,8 +224,14 @@ pub fn setup(o: &Options) -> Result<Report> {
             .poll_work(std::time::Duration::ZERO)
             .with_context(|| {
                 format!(
-                    "host {:?} could not call home with {source} (stager {}); nothing was installed (--no-check installs anyway)",
-                    id.name, id.stager
+                    "host {:?} could not call home with {source}{} (stager {}); nothing was installed (--no-check installs anyway)",
+                    id.name,
+                    if identity_outcome == Outcome::Kept {
+                        ", the identity installed (the file given was not used: --force installs it instead)"
+                    } else {
+                        ""
+                    },
+                    id.stager
                 )
             })?;
         Some(Checked {

@@ -29,8 +29,8 @@ pub enum Command {
     /// Create a stager home: release signing key (minisign), CA and server certificate,
     /// stager.toml, the state database and the bundle store.
     Init(InitOpts),
-    /// Issue an agent identity for HOST: one file the agent installs (default path on the
-    /// host: /etc/reinstall/identity.toml).
+    /// Issue an agent identity for HOST: one file, which `reinstall setup FILE` installs on
+    /// the host (as /etc/reinstall/identity.toml, with the agent and its unit).
     Enroll(EnrollOpts),
     /// Issue an operator identity for NAME.
     Operator(OperatorOpts),
@@ -540,6 +540,12 @@ fn issue(
         out.display(),
         issued.fingerprint
     );
+    if role == proto::identity::Role::Agent {
+        println!(
+            "on {name}, as root, with the reinstall binary and this file copied there: reinstall setup {}",
+            out.file_name().map_or_else(|| out.display().to_string(), |f| f.to_string_lossy().into_owned())
+        );
+    }
     Ok(())
 }
 
