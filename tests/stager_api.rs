@@ -26,6 +26,17 @@ fn create_job(s: &Stager, host: &str) -> u64 {
     v["id"].as_u64().unwrap()
 }
 
+/// Host `name` as `GET /v1/hosts` lists it (operator alice).
+fn host_record(s: &Stager, name: &str) -> serde_json::Value {
+    let (code, body) = s.curl(Some("alice"), &[], "/v1/hosts");
+    assert_eq!(code, 200, "{body}");
+    let hosts: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    hosts
+        .into_iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no host {name} in {body}"))
+}
+
 /// `POST /v1/jobs` as operator alice with a JSON body.
 fn post_job(s: &Stager, body: &str) -> (u16, String) {
     s.curl(
@@ -2550,14 +2561,7 @@ fn certificates_renewed_after_the_backup_are_taken_after_the_restore() {
         assert_eq!(poll(&s, h).0, 200, "{h} before the loss");
     }
     // The agent's build is recorded for a host that polls through two relays too.
-    let (_, listed) = s.curl(Some("alice"), &[], "/v1/hosts");
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let web4 = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "web4")
-        .unwrap();
+    let web4 = host_record(&s, "web4");
     assert_eq!(
         web4["agent"],
         format!("reinstall/{}", env!("CARGO_PKG_VERSION")).as_str(),
@@ -2869,20 +2873,7 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
         }
         c
     };
-    let hosts = |s: &Stager| -> serde_json::Value {
-        let (code, body) = s.curl(Some("alice"), &[], "/v1/hosts");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    };
-    let seen = |s: &Stager, h: &str| {
-        hosts(s)
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["name"] == h)
-            .unwrap()["last_seen"]
-            .is_string()
-    };
+    let seen = |s: &Stager, h: &str| host_record(s, h)["last_seen"].is_string();
     assert!(!seen(&s, "web1"));
     let id = create_job(&s, "web1");
     let out = ok(&mut setup(&root, &["--json"], Some("web1")));
@@ -2902,15 +2893,7 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     assert_eq!(v["started"], serde_json::Value::Null);
     assert!(seen(&s, "web1"), "the check called home");
     // The stager records the agent's build (its User-Agent) for the host.
-    let agent_of = |s: &Stager, h: &str| {
-        hosts(s)
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["name"] == h)
-            .unwrap()["agent"]
-            .clone()
-    };
+    let agent_of = |s: &Stager, h: &str| host_record(s, h)["agent"].clone();
     let build = format!("reinstall/{}", env!("CARGO_PKG_VERSION"));
     assert_eq!(agent_of(&s, "web1"), build.as_str());
     assert_eq!(agent_of(&s, "web2"), serde_json::Value::Null);
