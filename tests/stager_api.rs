@@ -2965,6 +2965,12 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     );
     let text = std::fs::read_to_string(&dropin).unwrap();
     assert!(
+        text.lines()
+            .all(|l| l.is_empty() || l.starts_with(['#', '[']) || l.starts_with("ExecStart=")),
+        "a drop-in of comments, [Service] and ExecStart= lines, none indented: {text}"
+    );
+    assert!(text.contains("\n[Service]\n"), "{text}");
+    assert!(
         text.contains("ExecStart=\nExecStart=/usr/local/sbin/reinstall agent --disk2 /dev/disk/by-id/wwn-0x5000c500a1b2c3d4\n"),
         "{text}"
     );

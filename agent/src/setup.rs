@@ -76,13 +76,12 @@ pub fn disk2_dropin(disk2: &Path) -> Result<String> {
         );
     }
     Ok(format!(
-        "# Written by `reinstall setup --disk2`: the disk this machine's agent may use as disk 2
-         # (rescue OS and stash). Remove this file (and `systemctl daemon-reload`) to let the
-         # agent choose the only candidate.
-         [Service]
-ExecStart=
-ExecStart=/{AGENT_BINARY} agent --disk2 {p}
-"
+        "# Written by `reinstall setup --disk2`: the disk this machine's agent may use as disk 2\n\
+         # (rescue OS and stash). Remove this file (and `systemctl daemon-reload`) to let the\n\
+         # agent choose the only candidate.\n\
+         [Service]\n\
+         ExecStart=\n\
+         ExecStart=/{AGENT_BINARY} agent --disk2 {p}\n"
     ))
 }
 
