@@ -79,6 +79,13 @@ impl Client {
         })
     }
 
+    /// This client without retries: for best-effort reports that must not hold the agent.
+    pub fn once(&self) -> Client {
+        let mut c = self.clone();
+        c.retry_for = None;
+        c
+    }
+
     /// A client that waits out stager outages (the agent's), with backoff.
     pub fn retrying(mut self, for_: Duration) -> Client {
         self.retry_for = Some(for_);

@@ -1193,6 +1193,25 @@ impl Agent {
             eprintln!("reinstall: disk 1's GRUB boot count: {e:#}");
         }
         self.say_up();
+        self.say_ready();
+    }
+
+    /// In the source OS with no job under way: plans (read only) and tells the stager
+    /// whether a reinstall would go ahead here, and if not why, so that machines that are
+    /// not ready are found fleet-wide before any job (`reinstall status`). Best effort.
+    fn say_ready(&mut self) {
+        if self.world != World::Source
+            || self
+                .journal
+                .load()
+                .ok()
+                .flatten()
+                .is_some_and(|j| !j.finished())
+        {
+            return;
+        }
+        let plan = plan_report(&self.root, self.disk2.as_deref(), None);
+        crate::setup::report_readiness(&self.client, &crate::setup::readiness(&plan));
     }
 
     /// In the target after its job is done (any later boot: a reboot, a return from the

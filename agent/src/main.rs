@@ -329,7 +329,7 @@ fn setup(
         println!("{what:<9} {}: {said}", path.display());
     }
     match &r.ready {
-        Some(agent::setup::Ready {
+        Some(proto::v1::Readiness {
             ok: true,
             disk2,
             boot_mode,
@@ -337,9 +337,9 @@ fn setup(
         }) => println!(
             "ready: a reinstall would use {} as disk 2 ({} boot; `reinstall plan` shows the rest)",
             disk2.as_deref().unwrap_or("-"),
-            boot_mode.unwrap_or("-")
+            boot_mode.as_deref().unwrap_or("-")
         ),
-        Some(agent::setup::Ready { why, .. }) => eprintln!(
+        Some(proto::v1::Readiness { why, .. }) => eprintln!(
             "reinstall: warning: a reinstall of this machine would be refused now: {} (installed anyway; `reinstall plan` says more)",
             why.as_deref().unwrap_or("-")
         ),

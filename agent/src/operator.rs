@@ -338,6 +338,18 @@ pub fn status(g: &Global) -> Result<ExitCode> {
             }
         );
     }
+    // Hosts whose last plan (their agent's start in the source OS, `reinstall setup`) found
+    // that a reinstall would be refused: to fix before giving them a job.
+    for h in &hosts {
+        if let Some(r) = h.ready.as_ref().filter(|r| !r.ok) {
+            println!(
+                "{}: a reinstall would be refused (planned at {}): {}",
+                h.name,
+                r.at.as_deref().unwrap_or("-"),
+                r.why.as_deref().unwrap_or("-")
+            );
+        }
+    }
     // A host whose last job finished but which reported a failure since (its rescue OS,
     // after the target stopped coming up): the job's outcome stands, the host needs a look.
     for h in &hosts {

@@ -11,6 +11,7 @@
 use crate::engine::{AGENT_SERVICE, AGENT_UNIT, JOURNAL_DIR};
 use anyhow::{bail, Context, Result};
 use proto::identity::{IdentityFile, Role};
+use proto::v1::Readiness;
 use std::path::{Path, PathBuf};
 
 /// Where the agent's binary goes in every OS tree (the unit's `ExecStart`).
@@ -85,17 +86,37 @@ pub fn disk2_dropin(disk2: &Path) -> Result<String> {
     ))
 }
 
-/// Whether a reinstall of this machine would be refused now (`reinstall plan`, read only),
-/// and why.
-#[derive(Debug, serde::Serialize)]
-pub struct Ready {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub disk2: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub boot_mode: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub why: Option<String>,
+/// What a plan of this machine (`reinstall plan`'s checks, read only) says of a reinstall:
+/// it would go ahead (with which disk 2), or why not. Reported to the stager
+/// (`POST /v1/agent/ready`) by `setup` and by the agent at its start in the source OS.
+pub fn readiness(plan: &Result<crate::engine::PlanReport>) -> Readiness {
+    match plan {
+        Ok(p) => Readiness {
+            ok: true,
+            disk2: Some(p.disk2.path.clone()),
+            boot_mode: Some(p.boot_mode.to_string()),
+            why: None,
+            at: None,
+        },
+        Err(e) => Readiness {
+            ok: false,
+            disk2: None,
+            boot_mode: None,
+            why: Some(format!("{e:#}")),
+            at: None,
+        },
+    }
+}
+
+/// Tells the stager `r`, once, without retries (it must not hold the agent); says on stderr
+/// when it could not.
+pub fn report_readiness(client: &crate::client::Client, r: &Readiness) {
+    if let Err(e) = client
+        .once()
+        .post::<_, serde_json::Value>("/v1/agent/ready", r)
+    {
+        eprintln!("reinstall: telling the stager whether a reinstall would go ahead here: {e:#}");
+    }
 }
 
 /// Writes `text` to `p` (0644, atomically) unless it already holds it.
@@ -144,7 +165,7 @@ pub struct Report {
     pub disk2: Option<(PathBuf, Outcome)>,
     /// On the running OS: whether a reinstall would go ahead now.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ready: Option<Ready>,
+    pub ready: Option<Readiness>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -233,6 +254,9 @@ pub fn setup(o: &Options) -> Result<Report> {
                     id.stager
                 )
             })?;
+        if let Some(r) = &ready {
+            report_readiness(&client, r);
+        }
         Some(Checked {
             url: client.url_in_use(),
             millis: start.elapsed().as_millis() as u64,
@@ -270,34 +294,21 @@ pub fn setup(o: &Options) -> Result<Report> {
 /// This machine planned as a job would plan it (nothing written). A disk named with
 /// `--disk2` must pass, by a stable name when it has one; without it, what stops a
 /// reinstall is reported, not refused (a second disk may be added later).
-fn plan_now(disk2: Option<&Path>) -> Result<Ready> {
-    match crate::engine::plan_report(Path::new("/"), disk2, None) {
-        Ok(p) => {
-            if let Some(given) = disk2 {
-                if !given.starts_with("/dev/disk/") && !p.disk2.by_id.is_empty() {
-                    bail!(
-                        "--disk2 {}: a kernel name, which can name another disk after a reboot; use one of its stable names: {}",
-                        given.display(),
-                        p.disk2.by_id.join(", ")
-                    );
-                }
-            }
-            Ok(Ready {
-                ok: true,
-                disk2: Some(p.disk2.path.clone()),
-                boot_mode: Some(p.boot_mode),
-                why: None,
-            })
+fn plan_now(disk2: Option<&Path>) -> Result<Readiness> {
+    let plan = crate::engine::plan_report(Path::new("/"), disk2, None);
+    if let Some(given) = disk2 {
+        match &plan {
+            Ok(p) if !given.starts_with("/dev/disk/") && !p.disk2.by_id.is_empty() => bail!(
+                "--disk2 {}: a kernel name, which can name another disk after a reboot; use one of its stable names: {}",
+                given.display(),
+                p.disk2.by_id.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => bail!(
+                "--disk2 {}: a reinstall would refuse this disk: {e:#}; nothing was installed",
+                given.display()
+            ),
         }
-        Err(e) if disk2.is_some() => Err(e.context(format!(
-            "--disk2 {}: a reinstall would refuse this disk; nothing was installed",
-            disk2.expect("given").display()
-        ))),
-        Err(e) => Ok(Ready {
-            ok: false,
-            disk2: None,
-            boot_mode: None,
-            why: Some(format!("{e:#}")),
-        }),
     }
+    Ok(readiness(&plan))
 }

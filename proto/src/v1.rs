@@ -156,6 +156,29 @@ pub struct Host {
     /// the build's name when it was built with `REINSTALL_BUILD` set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// Whether a reinstall would go ahead on the host, as it last planned (read only, in its
+    /// source OS, at its agent's start and at `reinstall setup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<Readiness>,
+}
+
+/// Agent: `POST /v1/agent/ready`: whether a reinstall of this host would go ahead now
+/// (`reinstall plan`'s checks, nothing written), and if not, why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ok: bool,
+    /// The disk a reinstall would use as disk 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk2: Option<String>,
+    /// `uefi` or `bios`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_mode: Option<String>,
+    /// What would stop a reinstall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// When the stager received it (set by the stager).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// Agent: `GET /v1/agent/work?wait=SECONDS` (long poll).

@@ -177,6 +177,12 @@ async fn dispatch(
             let body: proto::v1::RenewIdentity = http::parse_json(&body)?;
             renew_identity(state, conn, name, RELAY, body.public_key).await
         }
+        (["v1", "agent", "ready"], _, true) => {
+            let host = agent(&who)?.to_string();
+            let ready: proto::v1::Readiness = http::parse_json(&body)?;
+            state.db(move |db| db.set_ready(&host, ready)).await?;
+            Ok(http::json(StatusCode::OK, &serde_json::json!({"ok": true})))
+        }
         (["v1", "agent", "events"], _, true) => {
             let host = agent(&who)?.to_string();
             let ev: Event = http::parse_json(&body)?;

@@ -128,9 +128,11 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 );
 "#,
-    // Which agent build each host runs (its User-Agent on the last work poll).
+    // Which agent build each host runs (its User-Agent on the last work poll), and whether
+    // a reinstall would go ahead on it (its last `POST /v1/agent/ready`, JSON).
     r#"
 ALTER TABLE hosts ADD COLUMN agent TEXT;
+ALTER TABLE hosts ADD COLUMN ready TEXT;
 "#,
 ];
 
@@ -512,7 +514,8 @@ impl Db {
         let mut st = c.prepare(
             "SELECT h.name, h.enrolled, h.last_seen, h.address, h.phase, h.network,
                     h.rescue_requested, h.rescue_permanent,
-                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name), h.site, h.agent
+                    (SELECT MAX(job) FROM job_hosts WHERE host = h.name), h.site, h.agent,
+                    h.ready
              FROM hosts h ORDER BY h.name",
         )?;
         let rows = st.query_map([], |r| {
@@ -530,6 +533,9 @@ impl Db {
                 job: r.get::<_, Option<i64>>(8)?.map(|j| j as u64),
                 site: r.get(9)?,
                 agent: r.get(10)?,
+                ready: r
+                    .get::<_, Option<String>>(11)?
+                    .and_then(|t| serde_json::from_str(&t).ok()),
             })
         })?;
         rows.collect()
@@ -906,6 +912,26 @@ impl Db {
         )?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         rows.collect()
+    }
+
+    /// Records what `host` said of whether a reinstall would go ahead on it, stamped now.
+    pub fn set_ready(&self, host: &str, mut ready: proto::v1::Readiness) -> rusqlite::Result<()> {
+        ready.at = Some(now());
+        let text = serde_json::to_string(&ready).expect("serializes");
+        self.c().execute(
+            "UPDATE hosts SET ready = ?2 WHERE name = ?1",
+            params![host, text],
+        )?;
+        Ok(())
+    }
+
+    /// How many hosts said a reinstall would not go ahead on them, for `/metrics`.
+    pub fn hosts_not_ready(&self) -> rusqlite::Result<u64> {
+        self.c().query_row(
+            "SELECT COUNT(*) FROM hosts WHERE json_extract(ready, '$.ok') = 0",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n as u64),
+        )
     }
 
     /// Hosts by the agent build they last polled with (`""`: never polled, or from an agent

@@ -86,6 +86,7 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
     let silent = state.db(|db| db.silent_hosts()).await?;
     let by_site = state.db(|db| db.in_flight_by_site()).await?;
     let by_agent = state.db(|db| db.hosts_by_agent()).await?;
+    let not_ready = state.db(|db| db.hosts_not_ready()).await?;
     let mut s = String::new();
     served(&mut s, "stager", m);
     counter(
@@ -111,6 +112,12 @@ pub async fn render(state: &Arc<State>) -> Result<String, ApiError> {
         "stager_jobs_halted",
         "Jobs halted by a rollout limit (canaries, halt_after_failures, halt_at_failure_percent).",
         halted,
+    );
+    gauge(
+        &mut s,
+        "stager_hosts_not_ready",
+        "Hosts whose last plan (at their agent's start in the source OS, or reinstall setup) found that a reinstall would be refused.",
+        not_ready,
     );
     gauge(
         &mut s,
