@@ -3071,29 +3071,16 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     ));
     // The installed tree runs the real agent: with the stager back it takes web2's poll.
     s.start();
-    let out = run(reinstall()
-        .args(["agent", "--root"])
-        .arg(d.join("root-web2"))
-        .arg("--fake-firmware")
-        .arg(d.join("fw.json"))
-        .arg("--work")
-        .arg(d.join("work"))
-        .args(["--wait", "0", "--once"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(seen(&s, "web2"));
-
-    // At its start in the source OS the agent plans (read only) and tells the stager whether a
-    // reinstall would go ahead: a 64 MiB disk 2 is too small (why, on record, in status, in
-    // /metrics); a 6 GiB one will do.
-    let agent_with = |disk2: &str| {
-        let out = run(reinstall()
-            .args(["agent", "--root"])
-            .arg(d.join("root-web2"))
-            .args(["--disk2", disk2, "--fake-firmware"])
+    // One poll of the real agent from web2's tree (with `--disk2 D`): what the stager then
+    // says of web2's readiness.
+    let agent_with = |disk2: Option<&str>| {
+        let mut c = reinstall();
+        c.args(["agent", "--root"]).arg(d.join("root-web2"));
+        if let Some(d2) = disk2 {
+            c.args(["--disk2", d2]);
+        }
+        let out = run(c
+            .arg("--fake-firmware")
             .arg(d.join("fw.json"))
             .arg("--work")
             .arg(d.join("work"))
@@ -3105,10 +3092,16 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
         );
         host_record(&s, "web2")["ready"].clone()
     };
+    agent_with(None);
+    assert!(seen(&s, "web2"));
+
+    // At its start in the source OS the agent plans (read only) and tells the stager whether a
+    // reinstall would go ahead: a 64 MiB disk 2 is too small (why, on record, in status, in
+    // /metrics); a 6 GiB one will do.
     let small = d.join("small.img");
     sh(&format!("truncate -s 64M {}", small.display()));
     let small = integration_tests::attach(&small, 512);
-    let r = agent_with(&small.0);
+    let r = agent_with(Some(&small.0));
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["why"].as_str().unwrap().contains("too small"), "{r}");
     assert!(r["at"].is_string(), "{r}");
@@ -3124,7 +3117,7 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     let big = d.join("big.img");
     sh(&format!("truncate -s 6G {}", big.display()));
     let big = integration_tests::attach(&big, 512);
-    let r = agent_with(&big.0);
+    let r = agent_with(Some(&big.0));
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["disk2"], big.0.as_str(), "{r}");
     assert_eq!(stager_metric(&s, "stager_hosts_not_ready"), 0);
