@@ -147,7 +147,7 @@ impl Agent {
         let now = journal_disk_now(Some(&d2))?;
         let dev = now.partition_path(now.find_partition(PartKind::LinuxRoot)?.number);
         let m = Mounted::ext4(&dev, &self.work.join("rescue-identity"), false)?;
-        let theirs = m.path.join("etc/reinstall/identity.toml");
+        let theirs = m.path.join(crate::setup::AGENT_IDENTITY);
         let old = proto::identity::IdentityFile::load(&theirs)?;
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

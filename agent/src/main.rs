@@ -383,7 +383,7 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
         };
     let id_path = identity
         .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(|| o.root.join("etc/reinstall/identity.toml"));
+        .unwrap_or_else(|| o.root.join(agent::setup::AGENT_IDENTITY));
     let id = proto::identity::IdentityFile::load(&id_path)?;
     // The agent waits out stager outages; the operator's commands do not.
     let client = agent::client::Client::new(id)?.retrying(agent::transfer::RETRY_FOR);

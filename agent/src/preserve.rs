@@ -24,7 +24,7 @@ pub fn identity_files(root: &Path) -> Vec<PathBuf> {
     }
     for f in [
         "root/.ssh/authorized_keys",
-        "etc/reinstall/identity.toml",
+        crate::setup::AGENT_IDENTITY,
         "etc/hostname",
         "etc/machine-id",
     ] {

@@ -204,16 +204,13 @@ pub fn setup(o: &Options) -> Result<Report> {
         (Some(g), Some(i)) if !o.force && g.stager == i.stager => (i.clone(), Outcome::Kept),
         (Some(g), _) => (g.clone(), Outcome::Written),
     };
-    let from = |p: Option<&Path>| {
-        p.map_or_else(|| installed_path.clone(), Path::to_path_buf)
-            .display()
-            .to_string()
-    };
-    let source = if identity_outcome == Outcome::Written {
-        from(o.identity)
-    } else {
-        from(None)
-    };
+    // The file the identity in use comes from.
+    let source = match (identity_outcome, o.identity) {
+        (Outcome::Written, Some(given)) => given,
+        _ => installed_path.as_path(),
+    }
+    .display()
+    .to_string();
     if id.role != Role::Agent {
         bail!(
             "{source} is an {} identity ({:?}), not a host's: give the file from `stager enroll HOST`",

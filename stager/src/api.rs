@@ -293,6 +293,16 @@ pub const RELAYED_VIA_CERTS: &str = "x-reinstall-relayed-via-certs";
 /// Most relays between an agent and the stager.
 pub const MAX_RELAYS: usize = 4;
 
+/// A comma-separated relay header (`RELAYED_VIA`, `RELAYED_VIA_CERTS`) as its items, the
+/// agent's own relay first; empty when absent.
+pub fn relayed_list<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Vec<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(',').map(str::trim).collect())
+        .unwrap_or_default()
+}
+
 /// Who a relay's request is for: the agent whose certificate the first relay verified,
 /// looked up here exactly as if it had connected itself (unknown and revoked refused), so
 /// that every authorization rule holds through relays. A relay acts for agents only, never
@@ -326,13 +336,8 @@ async fn relayed_client(
         )));
     }
     // The relays below the one that connected, each checked as that one is.
-    let list = |n: &str| -> Vec<&str> {
-        header(n)
-            .map(|v| v.split(',').map(str::trim).collect())
-            .unwrap_or_default()
-    };
-    let below = list(RELAYED_VIA);
-    let below_certs = list(RELAYED_VIA_CERTS);
+    let below = relayed_list(headers, RELAYED_VIA);
+    let below_certs = relayed_list(headers, RELAYED_VIA_CERTS);
     if below.len() >= MAX_RELAYS {
         return Err(ApiError::forbidden(format!(
             "host {:?} came through more than {MAX_RELAYS} relays (a relay whose upstream leads back to itself?)",
@@ -680,7 +685,6 @@ async fn create_job(
     Ok(http::json(StatusCode::CREATED, &job))
 }
 
-/// Long poll: answers at once when there is work, else when work appears, else after `wait`.
 /// The agent build a User-Agent names (`reinstall/...`, at most 100 printable characters);
 /// `None` for any other client.
 fn agent_build(ua: &str) -> Option<String> {
@@ -690,6 +694,7 @@ fn agent_build(ua: &str) -> Option<String> {
     .then(|| ua.to_string())
 }
 
+/// Long poll: answers at once when there is work, else when work appears, else after `wait`.
 async fn agent_work(
     state: &Arc<State>,
     conn: &Arc<Conn>,

@@ -1048,9 +1048,10 @@ impl Forwarded {
             }));
         };
         let list = |n: &str| -> Vec<String> {
-            header(n)
-                .map(|v| v.split(',').map(|x| x.trim().to_string()).collect())
-                .unwrap_or_default()
+            crate::api::relayed_list(headers, n)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
         };
         let mut via = list(crate::api::RELAYED_VIA);
         let mut via_certs = list(crate::api::RELAYED_VIA_CERTS);
