@@ -1332,17 +1332,7 @@ fn a_site_relay_passes_through_what_its_cache_cannot_hold() {
     let w = scratch();
     let (s, mut relay) = stager_and_relay(&w, 8 << 20);
     let cache = relay.dir.join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    ok(std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&cache));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            umount(&self.0);
-        }
-    }
-    let _unmount = Unmount(cache.clone());
+    let _tmpfs = integration_tests::Tmpfs::mount(&cache, "1m");
     relay.start();
     create_job(&s, "web1");
     let sha = s.sha_of("target");
@@ -1397,6 +1387,76 @@ fn a_site_relay_passes_through_what_its_cache_cannot_hold() {
         &["-o", "-"],
     );
     assert_eq!(code, 403, "{body}");
+}
+
+/// A site relay whose cache disk fills behind its back while it downloads a blob (the
+/// filesystem shrunk under it, as another program's files would take the room): the write
+/// fails, the half-written file is deleted (the space it held is what the disk lacks), the
+/// agent reading along is cut short and its resume (`Range`) is passed through from the
+/// stager, so it gets the blob whole; `/healthz` says why, and the next agent's request for
+/// it passes through whole too.
+#[test]
+fn a_site_relay_whose_cache_disk_fills_mid_download_still_serves_the_blob() {
+    let w = scratch();
+    let (s, mut relay) = stager_and_relay(&w, 24 << 20);
+    let wan = integration_tests::stager::WanProxy::holding(s.port, 8 << 20);
+    relay.set("upstream", &format!("\"https://127.0.0.1:{}\"", wan.port));
+    let cache = relay.dir.join("cache");
+    let _tmpfs = integration_tests::Tmpfs::mount(&cache, "64m");
+    relay.start();
+    create_job(&s, "web1");
+    let sha = s.sha_of("target");
+    let size = s.blob_len(&sha);
+    let url = relay.url(&format!("/v1/blobs/{sha}"));
+    let out = w.path().join("blob");
+    let first = std::thread::scope(|t| {
+        let fetch = t.spawn(|| s.curl_at(&url, Some("web1"), &["-o", out.to_str().unwrap()]));
+        let held = std::time::Instant::now();
+        while wan.hits() == 0 {
+            assert!(
+                held.elapsed() < std::time::Duration::from_secs(30),
+                "the download never reached 8 MiB"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // At most 8 MiB are in the cache now: 12 MiB leaves no room for the rest.
+        ok(std::process::Command::new("mount")
+            .args(["-o", "remount,size=12m"])
+            .arg(&cache));
+        wan.release();
+        fetch.join().unwrap()
+    });
+    let got = std::fs::metadata(&out).map_or(0, |m| m.len());
+    assert!(
+        got < size,
+        "the first reader was not cut short ({got} of {size} bytes; curl said {first:?})"
+    );
+    let (_, h) = s.curl_at(&relay.url("/healthz"), Some("web1"), &[]);
+    let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+    let why = h["cache_broken"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("writing") && why.contains(&format!("{sha}.part")),
+        "{h}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "the half-written blob is left in the cache"
+    );
+    // The agent resumes where it was cut: passed through from the stager.
+    let (code, body) = s.curl_at(
+        &url,
+        Some("web1"),
+        &["-C", "-", "-o", out.to_str().unwrap()],
+    );
+    assert_eq!(code, 206, "{body}");
+    let hash = |f: &std::path::Path| sh(&format!("sha256sum {} | cut -d' ' -f1", f.display()));
+    assert_eq!(hash(&out).trim(), sha);
+    let again = w.path().join("again");
+    let (code, body) = s.curl_at(&url, Some("web1"), &["-o", again.to_str().unwrap()]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(hash(&again).trim(), sha);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
 }
 
 /// A site relay's cache keeps within `cache_max_mib`: three 8 MiB blobs with room for two.
@@ -1524,7 +1584,7 @@ fn a_site_relays_cache_keeps_within_its_cap_dropping_the_least_recently_served()
 fn a_site_relay_resumes_a_download_the_wan_cuts() {
     let w = scratch();
     let (s, mut relay) = stager_and_relay(&w, 24 << 20);
-    let wan = integration_tests::stager::CuttingProxy::start(s.port, 12 << 20);
+    let wan = integration_tests::stager::WanProxy::cutting(s.port, 12 << 20);
     relay.set("upstream", &format!("\"https://127.0.0.1:{}\"", wan.port));
     relay.start();
     create_job(&s, "web1");
@@ -1541,7 +1601,7 @@ fn a_site_relay_resumes_a_download_the_wan_cuts() {
         sh(&format!("sha256sum {} | cut -d' ' -f1", out.display())).trim(),
         sha
     );
-    assert_eq!(wan.cuts(), 1, "the proxy did not cut the download");
+    assert_eq!(wan.hits(), 1, "the proxy did not cut the download");
     let (_, h) = s.curl_at(&relay.url("/healthz"), Some("web1"), &[]);
     let h: serde_json::Value = serde_json::from_str(&h).unwrap();
     assert_eq!(h["bytes_from_upstream"].as_u64(), Some(size), "{h}");

@@ -71,6 +71,25 @@ pub fn umount(at: &Path) {
     eprintln!("umount {} kept failing: {last}", at.display());
 }
 
+/// A tmpfs mounted at a directory (made if missing) for as long as this lives.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        ok(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at));
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        umount(&self.0);
+    }
+}
+
 pub fn sh(script: &str) -> String {
     ok(Command::new("bash")
         .arg("-euo")

@@ -293,22 +293,34 @@ fn set_toml(p: &Path, key: &str, value: &str) {
     std::fs::write(p, lines.join("\n") + "\n").unwrap();
 }
 
-/// A TCP proxy on 127.0.0.1 (a WAN link, as a relay sees it) to `127.0.0.1:to`, that cuts
-/// the first connection to carry more than `cut_after` bytes towards the client, once.
-pub struct CuttingProxy {
+/// A TCP proxy on 127.0.0.1 (a WAN link, as a relay sees it) to `127.0.0.1:to`. The first
+/// connection to carry more than `after` bytes towards the client is, once, either cut
+/// ([`WanProxy::cutting`]) or held there until [`WanProxy::release`] ([`WanProxy::holding`]).
+pub struct WanProxy {
     pub port: u16,
-    cuts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// 0 until the connection reached `after` bytes, then 1.
+    hit: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    released: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl CuttingProxy {
-    pub fn start(to: u16, cut_after: u64) -> CuttingProxy {
+impl WanProxy {
+    pub fn cutting(to: u16, after: u64) -> WanProxy {
+        WanProxy::start(to, after, true)
+    }
+
+    pub fn holding(to: u16, after: u64) -> WanProxy {
+        WanProxy::start(to, after, false)
+    }
+
+    fn start(to: u16, after: u64, cut: bool) -> WanProxy {
         use std::net::{Shutdown, TcpListener, TcpStream};
-        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
         use std::sync::Arc;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cuts = Arc::new(AtomicU32::new(0));
-        let counted = cuts.clone();
+        let hit = Arc::new(AtomicU32::new(0));
+        let released = Arc::new(AtomicBool::new(false));
+        let (counted, release) = (hit.clone(), released.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -321,7 +333,7 @@ impl CuttingProxy {
                     let _ = std::io::copy(&mut &c2, &mut &s2);
                     let _ = s2.shutdown(Shutdown::Write);
                 });
-                let cuts = counted.clone();
+                let (hit, release) = (counted.clone(), release.clone());
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
                     let mut sent = 0u64;
@@ -331,14 +343,19 @@ impl CuttingProxy {
                             Ok(n) => n,
                         };
                         sent += n as u64;
-                        if sent > cut_after
-                            && cuts
+                        if sent > after
+                            && hit
                                 .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
                                 .is_ok()
                         {
-                            let _ = client.shutdown(Shutdown::Both);
-                            let _ = server.shutdown(Shutdown::Both);
-                            return;
+                            if cut {
+                                let _ = client.shutdown(Shutdown::Both);
+                                let _ = server.shutdown(Shutdown::Both);
+                                return;
+                            }
+                            while !release.load(Ordering::SeqCst) {
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                            }
                         }
                         if std::io::Write::write_all(&mut &client, &buf[..n]).is_err() {
                             break;
@@ -348,12 +365,22 @@ impl CuttingProxy {
                 });
             }
         });
-        CuttingProxy { port, cuts }
+        WanProxy {
+            port,
+            hit,
+            released,
+        }
     }
 
-    /// Connections cut so far (0 or 1).
-    pub fn cuts(&self) -> u32 {
-        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    /// Connections cut, or held, so far (0 or 1).
+    pub fn hits(&self) -> u32 {
+        self.hit.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets a held connection go on.
+    pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
