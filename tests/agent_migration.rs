@@ -1088,6 +1088,43 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
     );
     let job = job_state(&env.stager);
     assert_eq!(job["state"], "done", "{job}");
+    // The target, the source of any next job, planned one as soon as this one was done: a
+    // reinstall would go ahead, with the same disk 2 (and at every start of its agent: the
+    // record replaced, the next boot of the target reports again).
+    let disk2 = std::fs::canonicalize(&env.disk2.0).unwrap();
+    let ready = || {
+        let (code, body) = env.stager.curl(Some("alice"), &[], "/v1/hosts");
+        assert_eq!(code, 200, "{body}");
+        let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        hosts[0]["ready"].clone()
+    };
+    let r = ready();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["disk2"], disk2.to_str().unwrap(), "{r}");
+    let done_at = job["hosts"][0]["updated"].as_str().unwrap();
+    assert!(
+        r["at"].as_str().unwrap() >= done_at,
+        "{r}, job done at {done_at}"
+    );
+    let (code, body) = env.stager.curl(
+        Some("web1"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"ok":false,"why":"stale"}"#,
+        ],
+        "/v1/agent/ready",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(ready()["why"], "stale");
+    assert_eq!(env.boot_linux().0, 0);
+    let r = ready();
+    assert_eq!(
+        (&r["ok"], &r["why"]),
+        (&true.into(), &serde_json::Value::Null),
+        "{r}"
+    );
     // Both disks hold their OS with the carried identity, byte for byte.
     let p = env.w.path();
     let t = p.join("check-target");

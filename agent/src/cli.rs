@@ -196,7 +196,9 @@ pub struct PlanOpts {
     /// stager with an operator identity (--identity). Without it, default sizes are used.
     #[arg(long)]
     pub target: Option<String>,
-    /// Disk 2, when the machine has several candidates.
+    /// Disk 2, when the machine has several candidates. Without it: the disk the last job on
+    /// this machine used as disk 2 (found again by its serial or WWN), else the one disk
+    /// besides the root's.
     #[arg(long)]
     pub disk2: Option<PathBuf>,
 }
@@ -206,7 +208,9 @@ pub struct AgentOpts {
     /// The running OS tree (its /etc, its journal under var/lib/reinstall).
     #[arg(long, default_value = "/")]
     pub root: PathBuf,
-    /// Disk 2, when the machine has several candidates.
+    /// Disk 2, when the machine has several candidates. Without it: the disk the last job on
+    /// this machine used as disk 2 (found again by its serial or WWN), else the one disk
+    /// besides the root's.
     #[arg(long)]
     pub disk2: Option<PathBuf>,
     /// A fake firmware state file (JSON) instead of real boot variables: for tests.

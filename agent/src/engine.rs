@@ -458,6 +458,8 @@ impl Agent {
             bundle::failpoint::hit(&format!("done-{}", todo.as_str()));
             if j.after(j.phase) == Phase::Done {
                 self.report(&j, EventKind::Done, Some("job complete".into()), None);
+                // A target just up: whether the next reinstall would go ahead from it.
+                self.say_ready();
                 return Ok(Outcome::Done);
             }
             if matches!(todo, Phase::BootRescue | Phase::BootTarget) {
@@ -820,7 +822,7 @@ impl Agent {
     }
 
     fn plan(&mut self, j: &mut Journal) -> Result<()> {
-        let (d1, d2) = select_disks(&self.root, self.disk2.as_deref())?;
+        let (d1, d2, _) = select_disks(&self.root, self.disk2.as_deref())?;
         if self.disk1_grub_is_ours() {
             // A second job on BIOS: the rescue entry of disk 1's GRUB must be able to follow
             // the new rescue OS (see stage-rescue). A GRUB written before it could is refused
@@ -1196,11 +1198,12 @@ impl Agent {
         self.say_ready();
     }
 
-    /// In the source OS with no job under way: plans (read only) and tells the stager
-    /// whether a reinstall would go ahead here, and if not why, so that machines that are
-    /// not ready are found fleet-wide before any job (`reinstall status`). Best effort.
+    /// In the source OS, or a target whose job is done (the source of the next one), with no
+    /// job under way: plans (read only) and tells the stager whether a reinstall would go
+    /// ahead here, and if not why, so that machines that are not ready are found fleet-wide
+    /// before any job (`reinstall status`). Best effort.
     fn say_ready(&mut self) {
-        if self.world != World::Source
+        if self.world == World::Rescue
             || self
                 .journal
                 .load()
@@ -1608,11 +1611,14 @@ WantedBy=multi-user.target
 
 /// Disk 1 (holding the running root `root`) and disk 2 (`hint`, or the only candidate),
 /// both identified, disk 2 checked destructible. Touches nothing.
-pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId)> {
+pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId, Disk2From)> {
     let d1 = running_root_disk(root)?;
-    let d2 = match hint {
-        Some(p) => disk::identify(p)?,
-        None => pick_disk2(&d1.name)?,
+    let (d2, from) = match hint {
+        Some(p) => (disk::identify(p)?, Disk2From::Named),
+        None => match last_disk2(root, &d1) {
+            Some(d) => (d, Disk2From::LastJob),
+            None => (pick_disk2(&d1.name)?, Disk2From::OnlyOther),
+        },
     };
     anyhow::ensure!(
         d1.name != d2.name,
@@ -1620,7 +1626,44 @@ pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId)
         d2.path
     );
     disk::check_destructible_for(&d2, root)?;
-    Ok((d1, d2))
+    Ok((d1, d2, from))
+}
+
+/// How disk 2 was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Disk2From {
+    /// `--disk2` (the agent's unit: `reinstall setup --disk2`).
+    Named,
+    /// The disk the last job on this machine used as disk 2, which holds its rescue OS:
+    /// found again by its serial or WWN.
+    LastJob,
+    /// The one disk besides the running root's.
+    OnlyOther,
+}
+
+impl std::fmt::Display for Disk2From {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Disk2From::Named => "named with --disk2",
+            Disk2From::LastJob => "the last job's disk 2, which holds its rescue OS",
+            Disk2From::OnlyOther => "the only disk besides the root's",
+        })
+    }
+}
+
+/// Disk 2 of the last job on this machine (see [`journal::last_disk2`]), as it is now:
+/// only a disk with a serial or WWN to be found by (a size alone could be another disk's),
+/// still there, and not the running root's. A later job (from the target OS that job
+/// installed) thus takes the disk its rescue OS is on, as the first job was told to, on a
+/// machine with more disks than two, where nothing else would say which.
+fn last_disk2(root: &Path, d1: &DiskId) -> Option<DiskId> {
+    let last = journal::last_disk2(&root.join(JOURNAL_DIR))?;
+    if last.serial.is_none() && last.wwn.is_none() {
+        return None;
+    }
+    let now = disk::find_pinned(&last).ok()?;
+    (now.name != d1.name).then_some(now)
 }
 
 /// The one disk that holds the running root `root`, identified.
@@ -1641,6 +1684,8 @@ fn running_root_disk(root: &Path) -> Result<DiskId> {
 pub struct PlanReport {
     pub disk1: DiskId,
     pub disk2: DiskId,
+    /// How disk 2 was chosen.
+    pub disk2_from: Disk2From,
     pub disk2_layout: disk::Layout,
     pub disk1_layout: disk::Layout,
     pub boot_mode: &'static str,
@@ -1662,7 +1707,7 @@ pub fn plan_report(
     hint: Option<&Path>,
     target: Option<&bundle::Manifest>,
 ) -> Result<PlanReport> {
-    let (d1, d2) = select_disks(root, hint)?;
+    let (d1, d2, disk2_from) = select_disks(root, hint)?;
     let stash = target.map(stash_size).unwrap_or(1 << 30);
     let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, stash)?;
     let uefi = Path::new("/sys/firmware/efi").exists();
@@ -1709,6 +1754,7 @@ pub fn plan_report(
         boot_changes,
         disk1: d1,
         disk2: d2,
+        disk2_from,
         disk2_layout: l2,
         disk1_layout: l1,
         boot_mode: if uefi { "uefi" } else { "bios" },

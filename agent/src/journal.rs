@@ -204,6 +204,40 @@ fn read(p: &Path) -> Result<Option<Journal>> {
     }
 }
 
+/// Where job `job`'s state is archived in the journal directory `dir`.
+fn archived(dir: &Path, job: u64) -> PathBuf {
+    dir.join("archive").join(format!("job-{job}"))
+}
+
+/// The newest archived journal in the journal directory `dir` (the highest job number).
+fn newest_archived(dir: &Path) -> Result<Option<Journal>> {
+    let newest = std::fs::read_dir(dir.join("archive"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("job-")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max();
+    let Some(n) = newest else { return Ok(None) };
+    read(&archived(dir, n).join(FILE))
+}
+
+/// Disk 2 of the last job in the journal directory `dir` (read only, no lock): the job's own
+/// once its plan pinned it, else the newest archived job's. The disk that holds the rescue
+/// OS this machine keeps.
+pub fn last_disk2(dir: &Path) -> Option<crate::disk::DiskId> {
+    let current = read(&dir.join(FILE)).ok().flatten();
+    match current.and_then(|j| j.disk2) {
+        Some(d) => Some(d),
+        None => newest_archived(dir).ok().flatten()?.disk2,
+    }
+}
+
 /// The journal directory, locked for this process.
 pub struct Locked {
     dir: PathBuf,
@@ -258,26 +292,12 @@ impl Locked {
 
     /// The newest archived journal (the highest job number), if any.
     pub fn last_archived(&self) -> Result<Option<Journal>> {
-        let dir = self.dir.join("archive");
-        let newest = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("job-")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max();
-        let Some(n) = newest else { return Ok(None) };
-        read(&self.archived(n).join(FILE))
+        newest_archived(&self.dir)
     }
 
     /// Where job `job`'s state is archived.
     fn archived(&self, job: u64) -> PathBuf {
-        self.dir.join("archive").join(format!("job-{job}"))
+        archived(&self.dir, job)
     }
 
     /// Writes the journal atomically and durably.
@@ -331,6 +351,45 @@ mod tests {
             again,
             serde_json::from_slice::<serde_json::Value>(FIXTURE).unwrap()
         );
+    }
+
+    /// The last job's disk 2: the journal's own once pinned, else the newest archived job's
+    /// (by job number, not by name order), else none.
+    #[test]
+    fn the_last_disk2_is_the_jobs_own_else_the_newest_archived_ones() {
+        let dir = std::env::temp_dir().join(format!("journal-disk2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let with = |job: u64, serial: Option<&str>| {
+            let mut j = Journal::parse(Path::new("f"), FIXTURE).unwrap();
+            j.job = job;
+            j.disk2 = serial.map(|s| crate::disk::DiskId {
+                path: format!("/dev/{s}"),
+                name: s.into(),
+                by_id: vec![],
+                serial: Some(s.into()),
+                wwn: None,
+                model: None,
+                size_bytes: 1 << 30,
+                logical_sector: 512,
+                physical_sector: 512,
+                ptuuid: None,
+            });
+            serde_json::to_vec(&j).unwrap()
+        };
+        let serial = |d: Option<crate::disk::DiskId>| d.and_then(|d| d.serial);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(serial(last_disk2(&dir)), None);
+        for (job, s) in [(3, "old"), (12, "newest"), (9, "older")] {
+            let a = archived(&dir, job);
+            std::fs::create_dir_all(&a).unwrap();
+            std::fs::write(a.join(FILE), with(job, Some(s))).unwrap();
+        }
+        assert_eq!(serial(last_disk2(&dir)).as_deref(), Some("newest"));
+        std::fs::write(dir.join(FILE), with(13, None)).unwrap();
+        assert_eq!(serial(last_disk2(&dir)).as_deref(), Some("newest"));
+        std::fs::write(dir.join(FILE), with(13, Some("own"))).unwrap();
+        assert_eq!(serial(last_disk2(&dir)).as_deref(), Some("own"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

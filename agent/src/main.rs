@@ -71,7 +71,12 @@ fn plan(
             &p.disk1_layout,
             "running root; the target goes here",
         ),
-        (2, &p.disk2, &p.disk2_layout, "rescue OS and stash go here"),
+        (
+            2,
+            &p.disk2,
+            &p.disk2_layout,
+            &format!("{}; rescue OS and stash go here", p.disk2_from),
+        ),
     ] {
         println!(
             "disk {n}: {} ({what})\n  {} MiB, sectors {}/{}, serial {}, wwn {}, GPT {}\n  by-id: {}",

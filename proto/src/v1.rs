@@ -157,7 +157,8 @@ pub struct Host {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
     /// Whether a reinstall would go ahead on the host, as it last planned (read only, in its
-    /// source OS, at its agent's start and at `reinstall setup`).
+    /// source OS or a target it finished a job in, at its agent's start, when that job was
+    /// done, and at `reinstall setup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<Readiness>,
 }

@@ -395,7 +395,10 @@ impl Env {
 
     fn discard_disks(&mut self) {
         self.vm.kill();
-        for d in [&self.vm.disk1, &self.vm.disk2] {
+        for d in [&self.vm.disk1, &self.vm.disk2]
+            .into_iter()
+            .chain(&self.vm.data_disk)
+        {
             let _ = std::fs::remove_file(d);
         }
     }
@@ -855,18 +858,44 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
     e.row("source OS up: SSH, same address and host key, root on disk 1");
     // The operator's install command on the live machine: it calls home with the installed
     // identity, finds every file as it is, and has systemd start the (running) agent.
-    let out = e.vm.ssh("reinstall setup --json")?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("reinstall setup --json: {out}"))?;
+    let setup = |e: &Env, args: &str| -> Result<serde_json::Value> {
+        let out = e.vm.ssh(&format!("reinstall setup --json{args}"))?;
+        serde_json::from_str(&out).with_context(|| format!("reinstall setup --json{args}: {out}"))
+    };
+    let mut v = setup(e, "")?;
     ensure!(
         v["checked"]["url"].is_string()
             && v["started"] == "start"
             && ["binary", "identity", "unit"]
                 .iter()
-                .all(|f| v[f][1] == "unchanged")
-            && v["ready"]["ok"] == true
-            && v["ready"]["disk2"].is_string(),
-        "reinstall setup on the source OS: {out}"
+                .all(|f| v[f][1] == "unchanged"),
+        "reinstall setup on the source OS: {v}"
+    );
+    let mut named = String::new();
+    if e.vm.data_disk.is_some() {
+        // With a data disk too, the agent cannot tell which disk is for the rescue OS: it
+        // says so (a reinstall would be refused), and the operator names disk 2 by its
+        // stable name, which restarts the agent with it.
+        let why = v["ready"]["why"].as_str().unwrap_or_default().to_string();
+        ensure!(
+            v["ready"]["ok"] == false && why.contains("several candidates for disk 2"),
+            "reinstall setup with a data disk: {v}"
+        );
+        let by_id = e.vm.ssh("ls -d /dev/disk/by-id/*VMDISK2 | head -n1")?;
+        v = setup(e, &format!(" --disk2 {}", by_id.trim()))?;
+        ensure!(
+            v["started"] == "restart" && v["disk2"][1] == "written",
+            "reinstall setup --disk2 {}: {v}",
+            by_id.trim()
+        );
+        named = format!(
+            " (a data disk too: not ready, \"{why}\"; then --disk2 {})",
+            by_id.trim()
+        );
+    }
+    ensure!(
+        v["ready"]["ok"] == true && v["ready"]["disk2"].is_string(),
+        "reinstall setup on the source OS: {v}"
     );
     // Disk 1 offered as disk 2: refused, as a job's plan would refuse it, and nothing written.
     let refused = e.vm.ssh(
@@ -880,7 +909,7 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
         "reinstall setup --disk2 with the root disk: {refused}"
     );
     e.row(&format!(
-        "source OS: reinstall setup called home at {} in {} ms, nothing to change, agent started, ready with disk 2 {}; the root disk as --disk2 refused",
+        "source OS: reinstall setup called home at {} in {} ms, agent started, ready with disk 2 {}{named}; the root disk as --disk2 refused",
         v["checked"]["url"].as_str().unwrap_or("-"),
         v["checked"]["millis"],
         v["ready"]["disk2"].as_str().unwrap_or("-")
@@ -930,7 +959,47 @@ fn target_done(e: &mut Env, op: &mut Child, what: &str) -> Result<Facts> {
 
 pub fn full(o: &Opts) -> Result<bool> {
     let mut e = Env::new(o, "full", Extra::None)?;
+    // A data disk beside the two: never written, and disk 2 must be named.
+    let data = e.dir.join("data.img");
+    std::fs::write(&data, data_pattern())?;
+    e.vm.data_disk = Some(data.clone());
     migrate(&mut e)?;
+    // The target, the source of the next job, told the stager a reinstall would go ahead
+    // from it: with the disk its rescue OS is on (no --disk2 in the target: the last job's
+    // disk 2, found again by its serial).
+    let plan: serde_json::Value = serde_json::from_str(&e.vm.ssh("reinstall plan --json")?)?;
+    ensure!(
+        plan["disk2_from"] == "last-job" && plan["disk2"]["serial"] == "VMDISK2",
+        "reinstall plan in the target: disk 2 {} ({})",
+        plan["disk2"],
+        plan["disk2_from"]
+    );
+    let done_at = e
+        .stager_view()?
+        .context("no job")?
+        .updated
+        .unwrap_or_default();
+    let t = Instant::now();
+    let ready = loop {
+        let v: serde_json::Value = serde_json::from_str(&run(e
+            .operator()
+            .args(["status", "--host", HOST, "--json"]))?)?;
+        let r = v["hosts"][0]["ready"].clone();
+        let fresh = r["at"].as_str() >= Some(done_at.as_str());
+        if (fresh && r["ok"] == true) || t.elapsed() > Duration::from_secs(60) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    ensure!(
+        ready["ok"] == true && ready["disk2"] == plan["disk2"]["path"],
+        "the target's readiness on the stager: {ready}"
+    );
+    e.row(&format!(
+        "target: a next reinstall would go ahead, disk 2 {} (the last job's, by serial; stager: ready at {})",
+        plan["disk2"]["path"].as_str().unwrap_or("-"),
+        ready["at"].as_str().unwrap_or("-")
+    ));
     // The target is the new OS, visibly.
     let marker =
         e.vm.ssh("cat /etc/reinstall-vm-target && dpkg-query -W -f '${Status}' less")?;
@@ -1028,6 +1097,7 @@ pub fn full(o: &Opts) -> Result<bool> {
     target_done(&mut e, &mut op, "target OS (second job)")?;
     if o.bios {
         e.row("second job done: target up through the new rescue OS");
+        data_untouched(&mut e, &data)?;
         e.passed("scenario full (BIOS): passed")?;
         return Ok(true);
     }
@@ -1046,8 +1116,29 @@ pub fn full(o: &Opts) -> Result<bool> {
         "second job done: target up, one entry per label (BootOrder {})",
         order.join(", ")
     ));
+    data_untouched(&mut e, &data)?;
     e.passed("scenario full (UEFI): passed")?;
     Ok(true)
+}
+
+/// The data disk's contents: 64 MiB, every 4 KiB block naming itself.
+fn data_pattern() -> Vec<u8> {
+    (0..64 * 256)
+        .flat_map(|b: u32| {
+            let mut block = format!("vm-harness data disk, block {b}\n").into_bytes();
+            block.resize(4096, b'.');
+            block
+        })
+        .collect()
+}
+
+fn data_untouched(e: &mut Env, data: &Path) -> Result<()> {
+    ensure!(
+        std::fs::read(data)? == data_pattern(),
+        "the data disk was written to"
+    );
+    e.row("data disk untouched by both jobs (64 MiB compared)");
+    Ok(())
 }
 
 /// A unit that crashes the kernel early in every boot of the target (as a bad update might):

@@ -34,6 +34,9 @@ pub struct Vm {
     pub disk2: PathBuf,
     /// Disk 2 as NVMe instead of virtio.
     pub nvme2: bool,
+    /// A third disk (virtio, serial `VMDATA`), as a machine's data disk: no reinstall may
+    /// touch it, and with it the agent cannot guess disk 2.
+    pub data_disk: Option<PathBuf>,
     /// An i6300esb watchdog on the machine (`--hang`).
     pub watchdog: bool,
     /// A second NIC (`--bond`), on a user network of its own that forwards nothing.
@@ -163,6 +166,7 @@ impl Vm {
             disk1,
             disk2,
             nvme2,
+            data_disk: None,
             watchdog: false,
             second_nic: false,
             uefi,
@@ -222,6 +226,11 @@ impl Vm {
             } else {
                 "virtio-blk-pci,drive=d2,serial=VMDISK2,bootindex=2"
             });
+        if let Some(d) = &self.data_disk {
+            c.arg("-drive")
+                .arg(format!("file={},format=raw,if=none,id=d3", d.display()))
+                .args(["-device", "virtio-blk-pci,drive=d3,serial=VMDATA"]);
+        }
         let relay = format!(
             "{} relay 127.0.0.1:{}",
             self.relay.display(),
