@@ -2913,6 +2913,139 @@ fn the_ca_is_replaced_without_cutting_off_an_agent_or_a_relay() {
 /// operator's identity, another host's identity over an installed one, a stager it cannot
 /// reach, a revoked identity, and a job under way; the installed identity is kept over the
 /// enrolment file (the agent renews into it); the installed tree runs the real agent.
+/// `scripts/install-agent`, the fleet's install over SSH, with a stand-in for `ssh` that runs
+/// the command on this machine (the VM scenarios run it over real SSH): every host's copy and
+/// `reinstall setup` (calling home to the real stager), in parallel, one line per host and a
+/// summary; an unreachable host fails alone (exit 1), its error named; run again, nothing to
+/// change. A hosts file naming a host without an identity file, or a host twice, is refused
+/// before anything is copied (exit 2), naming the file and line.
+#[test]
+fn install_agent_sets_up_a_fleet_over_ssh_and_names_the_hosts_it_could_not() {
+    let w = scratch();
+    let d = w.path();
+    let s = started(&w);
+    s.enroll("web3");
+    let ids = d.join("identities");
+    std::fs::create_dir_all(&ids).unwrap();
+    for h in ["web1", "web2", "web3"] {
+        std::fs::copy(s.identity(h), ids.join(format!("{h}.identity.toml"))).unwrap();
+    }
+    let ssh = d.join("ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/bash\n[ \"$1\" = root@web3 ] && { echo \"ssh: connect to host web3 port 22: No route to host\" >&2; exit 255; }\nexec bash -c \"$2\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let remote = d.join("remote-tmp");
+    std::fs::create_dir_all(&remote).unwrap();
+    let root = |h: &str| d.join(format!("root-{h}"));
+    let hosts = d.join("hosts");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/install-agent");
+    let install = |lines: &str, opts: &[&str]| {
+        std::fs::write(&hosts, lines).unwrap();
+        let mut c = std::process::Command::new(script);
+        c.args(opts)
+            .arg("--identities")
+            .arg(&ids)
+            .arg("--binary")
+            .arg(bin("reinstall"))
+            .arg("--ssh")
+            .arg(&ssh)
+            .arg("--remote-dir")
+            .arg(&remote)
+            .args(["--jobs", "2", "--log"])
+            .arg(d.join("log"))
+            .arg(&hosts);
+        run(&mut c)
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let fleet = format!(
+        "# the fleet\nweb1 - --root {}\nweb2 admin@10.0.0.2 --root {}  # by address\n\nweb3\n",
+        root("web1").display(),
+        root("web2").display()
+    );
+    let out = install(&fleet, &[]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for h in ["web1", "web2"] {
+        assert!(
+            said.lines().any(|l| l.starts_with(&format!("{h} ok in "))
+                && l.contains("installed binary, identity, unit")),
+            "{said}"
+        );
+        assert!(root(h).join("usr/local/sbin/reinstall").exists());
+        assert_eq!(
+            std::fs::read_to_string(root(h).join("etc/reinstall/identity.toml")).unwrap(),
+            std::fs::read_to_string(s.identity(h)).unwrap()
+        );
+        assert!(
+            host_record(&s, h)["last_seen"].is_string(),
+            "{h} called home"
+        );
+    }
+    assert!(
+        said.contains("web3 FAILED: cannot reach root@web3 over SSH (ssh: connect to host web3 port 22: No route to host)"),
+        "{said}"
+    );
+    assert!(said.contains("2 of 3 set up, 1 failed"), "{said}");
+    assert_eq!(
+        std::fs::read_dir(&remote).unwrap().count(),
+        0,
+        "the copies are removed"
+    );
+    // Again: nothing to change. `--json`: the hosts and counts on stdout, the lines on stderr.
+    let out = install(&fleet.replace("web3\n", ""), &["--json"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&v["set_up"], &v["failed"]), (&2.into(), &0.into()), "{v}");
+    for h in v["hosts"].as_array().unwrap() {
+        assert_eq!(h["ok"], true, "{h}");
+        assert_eq!(h["setup"]["binary"][1], "unchanged", "{h}");
+        assert!(
+            h["line"].as_str().unwrap().contains(": nothing to change;"),
+            "{h}"
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .matches(": nothing to change;")
+            .count(),
+        2,
+        "{said}"
+    );
+    // Refused before anything is copied: no identity file, a host twice.
+    std::fs::remove_dir_all(root("web1")).unwrap();
+    let out = install(
+        &format!("web1 - --root {}\nweb4\n", root("web1").display()),
+        &[],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains(&format!(
+            "hosts:2: {}/web4.identity.toml: no identity file for web4",
+            ids.display()
+        )),
+        "{said}"
+    );
+    assert!(!root("web1").exists(), "nothing set up");
+    let out = install("web1\nweb2\nweb1\n", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("hosts:3: web1 is listed twice"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     use std::os::unix::fs::PermissionsExt;

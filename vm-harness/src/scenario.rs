@@ -243,7 +243,8 @@ impl Env {
             args.push(&tree);
             st(&args)?;
         }
-        let agent_id = dir.join("vm1-identity.toml");
+        // Named as `stager enroll` names it, as scripts/install-agent looks for it.
+        let agent_id = dir.join(format!("{HOST}.identity.toml"));
         st(&["enroll", HOST, "--out", &agent_id.to_string_lossy()])?;
         let op = dir.join("operator.toml");
         st(&["operator", "ops", "--out", &op.to_string_lossy()])?;
@@ -849,6 +850,40 @@ const ROLLOUT: [&str; 8] = [
     "1",
 ];
 
+/// `scripts/install-agent` from this machine to the VM, `args` for its `reinstall setup`:
+/// returns setup's JSON for the host, after checking the script's line for it.
+fn install_agent(e: &Env, args: &str) -> Result<serde_json::Value> {
+    let stripped = e.dir.join("reinstall-stripped");
+    if !stripped.exists() {
+        run(Command::new("strip")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(&e.reinstall))?;
+    }
+    let hosts = e.dir.join("hosts");
+    std::fs::write(&hosts, format!("{HOST} root@127.0.0.1{args}\n"))?;
+    let log = e.dir.join("install-agent");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/install-agent");
+    let out = run(Command::new(script)
+        .arg("--identities")
+        .arg(&e.dir)
+        .arg("--binary")
+        .arg(&stripped)
+        .arg("--ssh")
+        .arg(e.vm.ssh_command().join(" "))
+        .arg("--log")
+        .arg(&log)
+        .arg(&hosts))?;
+    ensure!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("{HOST} ok in ")))
+            && out.contains("1 of 1 set up, 0 failed"),
+        "scripts/install-agent: {out}"
+    );
+    let json = std::fs::read_to_string(log.join(format!("{HOST}.json")))?;
+    serde_json::from_str(&json).with_context(|| format!("{HOST}.json of install-agent: {json}"))
+}
+
 /// operator's `reinstall --target TARGET --wait` started, and the rescue OS up and checked.
 /// Returns the rescue's facts and the operator's process.
 fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
@@ -856,13 +891,11 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
     let f = e.wait_world("source", None)?;
     e.check_boot(&f, "source OS", 1, 2)?;
     e.row("source OS up: SSH, same address and host key, root on disk 1");
-    // The operator's install command on the live machine: it calls home with the installed
-    // identity, finds every file as it is, and has systemd start the (running) agent.
-    let setup = |e: &Env, args: &str| -> Result<serde_json::Value> {
-        let out = e.vm.ssh(&format!("reinstall setup --json{args}"))?;
-        serde_json::from_str(&out).with_context(|| format!("reinstall setup --json{args}: {out}"))
-    };
-    let mut v = setup(e, "")?;
+    // The operator's fleet install over SSH (scripts/install-agent: the same binary, stripped
+    // as in the image, and the host's identity file copied over, `reinstall setup` run with
+    // them): it calls home with the identity, finds every file as it is, and has systemd start
+    // the (running) agent.
+    let mut v = install_agent(e, "")?;
     ensure!(
         v["checked"]["url"].is_string()
             && v["started"] == "start"
@@ -882,7 +915,7 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
             "reinstall setup with a data disk: {v}"
         );
         let by_id = e.vm.ssh("ls -d /dev/disk/by-id/*VMDISK2 | head -n1")?;
-        v = setup(e, &format!(" --disk2 {}", by_id.trim()))?;
+        v = install_agent(e, &format!(" --disk2 {}", by_id.trim()))?;
         ensure!(
             v["started"] == "restart" && v["disk2"][1] == "written",
             "reinstall setup --disk2 {}: {v}",
@@ -897,19 +930,23 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
         v["ready"]["ok"] == true && v["ready"]["disk2"].is_string(),
         "reinstall setup on the source OS: {v}"
     );
-    // Disk 1 offered as disk 2: refused, as a job's plan would refuse it, and nothing written.
+    // Disk 1 offered as disk 2: refused, as a job's plan would refuse it, and nothing written
+    // (no drop-in, or the one naming VMDISK2 as it was).
     let refused = e.vm.ssh(
         "reinstall setup --disk2 /dev/$(lsblk -no PKNAME $(findmnt -no SOURCE /)) 2>&1 && echo ACCEPTED; \
-         ls /etc/systemd/system/reinstall-agent.service.d 2>&1 || true",
+         cat /etc/systemd/system/reinstall-agent.service.d/* 2>&1 || true",
     )?;
+    let dropin_as_was = if e.vm.data_disk.is_some() {
+        refused.contains("--disk2 /dev/disk/by-id/") && refused.contains("VMDISK2")
+    } else {
+        refused.contains("No such file")
+    };
     ensure!(
-        refused.contains("running root")
-            && !refused.contains("ACCEPTED")
-            && refused.contains("No such file"),
+        refused.contains("running root") && !refused.contains("ACCEPTED") && dropin_as_was,
         "reinstall setup --disk2 with the root disk: {refused}"
     );
     e.row(&format!(
-        "source OS: reinstall setup called home at {} in {} ms, agent started, ready with disk 2 {}{named}; the root disk as --disk2 refused",
+        "source OS: scripts/install-agent over SSH, reinstall setup called home at {} in {} ms, agent started, ready with disk 2 {}{named}; the root disk as --disk2 refused",
         v["checked"]["url"].as_str().unwrap_or("-"),
         v["checked"]["millis"],
         v["ready"]["disk2"].as_str().unwrap_or("-")

@@ -326,20 +326,36 @@ impl Vm {
 
     /// Runs `cmd` as root over SSH, checking the host key against the known one (the
     /// source's): a changed host key fails like an unreachable machine, with the reason.
+    /// `ssh` and its options to reach this machine (its destination: `root@127.0.0.1`).
+    pub fn ssh_command(&self) -> Vec<String> {
+        let mut c: Vec<String> = [
+            "ssh",
+            "-q",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "HostKeyAlgorithms=ssh-ed25519",
+        ]
+        .map(String::from)
+        .into();
+        c.push("-o".into());
+        c.push(format!("UserKnownHostsFile={}", self.known_hosts.display()));
+        c.push("-i".into());
+        c.push(self.key.display().to_string());
+        c.push("-p".into());
+        c.push(self.ssh_port.to_string());
+        c
+    }
+
     pub fn ssh(&self, cmd: &str) -> Result<String> {
-        let out = Command::new("ssh")
-            .args(["-q", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "HostKeyAlgorithms=ssh-ed25519",
-            ])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .arg("-i")
-            .arg(&self.key)
-            .args(["-p", &self.ssh_port.to_string(), "root@127.0.0.1", cmd])
+        let ssh = self.ssh_command();
+        let out = Command::new(&ssh[0])
+            .args(&ssh[1..])
+            .args(["root@127.0.0.1", cmd])
             .stdin(Stdio::null())
             .output()
             .context("running ssh")?;
