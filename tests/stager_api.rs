@@ -3314,4 +3314,48 @@ fn the_agent_is_set_up_on_a_machine_only_once_it_has_called_home() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["disk2"], big.0.as_str(), "{r}");
     assert_eq!(stager_metric(&s, "stager_hosts_not_ready"), 0);
+
+    // A running agent plans again while it waits for work (`--ready-every`, an hour by
+    // default): the small disk grown to 6 GiB under it shows as ready with no restart.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Running(
+        reinstall()
+            .args(["agent", "--root"])
+            .arg(d.join("root-web2"))
+            .args(["--disk2", &small.0, "--fake-firmware"])
+            .arg(d.join("fw.json"))
+            .arg("--work")
+            .arg(d.join("work"))
+            .args(["--wait", "1", "--ready-every", "1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready_becomes = |ok: bool| {
+        let t = Instant::now();
+        loop {
+            let r = host_record(&s, "web2")["ready"].clone();
+            if r["ok"] == ok {
+                return r;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "still {r}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let r = ready_becomes(false);
+    assert!(r["why"].as_str().unwrap().contains("too small"), "{r}");
+    sh(&format!(
+        "truncate -s 6G {} && losetup -c {}",
+        d.join("small.img").display(),
+        small.0
+    ));
+    let r = ready_becomes(true);
+    assert_eq!(r["disk2"], small.0.as_str(), "{r}");
 }

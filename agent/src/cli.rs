@@ -233,6 +233,11 @@ pub struct AgentOpts {
     /// up but cannot be reached never keeps the machine.
     #[arg(long, default_value_t = agent::engine::CALL_HOME_FOR.as_secs())]
     pub call_home_for: u64,
+    /// Seconds between the agent's read-only plans while it waits for work (in the source
+    /// OS, or a target whose job is done): each tells the stager whether a reinstall would go
+    /// ahead here, as `reinstall status` shows. It also plans at every start.
+    #[arg(long, default_value_t = agent::engine::READY_EVERY.as_secs())]
+    pub ready_every: u64,
     /// Seconds to long-poll the stager for a job.
     #[arg(long, default_value_t = 60)]
     pub wait: u64,

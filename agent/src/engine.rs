@@ -50,6 +50,10 @@ pub const CALL_HOME_FOR: Duration = Duration::from_secs(600);
 pub const PER_BOOT: [&str; 2] = [REQUESTED, FIRST_START];
 const REQUESTED: &str = "rescue-requested";
 const FIRST_START: &str = "first-start";
+/// How often an idle agent plans again (read only) and tells the stager whether a reinstall
+/// would go ahead, so that a machine fixed since (a disk added, a partition unmounted) or
+/// broken since shows as it is in `reinstall status` without a restart.
+pub const READY_EVERY: Duration = Duration::from_secs(3600);
 /// What a new OS that gave up calling home notes in its journal.
 const GAVE_UP: &str = "could not call home";
 
@@ -92,6 +96,10 @@ pub struct Agent {
     pub grub_chooses: bool,
     /// See [`CALL_HOME_FOR`].
     pub call_home_for: Duration,
+    /// See [`READY_EVERY`].
+    pub ready_every: Duration,
+    /// When the agent last planned and told the stager (see [`Agent::say_ready`]).
+    ready_said: Option<std::time::Instant>,
     /// The identity file the client's certificate came from: renewed certificates are
     /// written there (`None`: not renewed).
     pub identity_path: Option<PathBuf>,
@@ -116,6 +124,8 @@ impl Agent {
             work: work.to_path_buf(),
             grub_chooses: false,
             call_home_for: CALL_HOME_FOR,
+            ready_every: READY_EVERY,
+            ready_said: None,
             identity_path: None,
             journal,
         };
@@ -1215,6 +1225,18 @@ impl Agent {
         }
         let plan = plan_report(&self.root, self.disk2.as_deref(), None);
         crate::setup::report_readiness(&self.client, &crate::setup::readiness(&plan));
+        self.ready_said = Some(std::time::Instant::now());
+    }
+
+    /// Between long polls while idle: plans again once [`Agent::ready_every`] has passed
+    /// since the last time (see [`READY_EVERY`]).
+    pub fn refresh_ready(&mut self) {
+        if self
+            .ready_said
+            .is_some_and(|t| t.elapsed() >= self.ready_every)
+        {
+            self.say_ready();
+        }
     }
 
     /// In the target after its job is done (any later boot: a reboot, a return from the

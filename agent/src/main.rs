@@ -396,6 +396,7 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
     let mut a = Agent::new(&o.root, client, boot, o.disk2.clone(), &o.work)?;
     a.grub_chooses = grub_chooses;
     a.call_home_for = std::time::Duration::from_secs(o.call_home_for);
+    a.ready_every = std::time::Duration::from_secs(o.ready_every);
     a.identity_path = Some(id_path);
     a.boot_checks();
     loop {
@@ -413,6 +414,7 @@ fn run_agent(o: &cli::AgentOpts, identity: Option<&std::path::Path>) -> anyhow::
             // with --once, look once without waiting.
             Outcome::Done | Outcome::Idle | Outcome::NewJob => {
                 let wait = if o.once { 0 } else { o.wait };
+                a.refresh_ready();
                 match a.idle(std::time::Duration::from_secs(wait))? {
                     Outcome::Reboot if real => {
                         eprintln!("reinstall: booting the rescue OS, as requested; rebooting");

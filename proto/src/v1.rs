@@ -158,7 +158,7 @@ pub struct Host {
     pub agent: Option<String>,
     /// Whether a reinstall would go ahead on the host, as it last planned (read only, in its
     /// source OS or a target it finished a job in, at its agent's start, when that job was
-    /// done, and at `reinstall setup`).
+    /// done, hourly while it waits for work, and at `reinstall setup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<Readiness>,
 }

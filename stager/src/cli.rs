@@ -542,7 +542,7 @@ fn issue(
     );
     if role == proto::identity::Role::Agent {
         println!(
-            "on {name}, as root, with the reinstall binary and this file copied there: reinstall setup {}",
+            "on {name}, as root, with the reinstall binary and this file copied there: reinstall setup {} (many hosts over SSH: scripts/install-agent)",
             out.file_name().map_or_else(|| out.display().to_string(), |f| f.to_string_lossy().into_owned())
         );
     }
