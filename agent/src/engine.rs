@@ -1631,8 +1631,9 @@ TimeoutStartSec=infinity
 WantedBy=multi-user.target
 ";
 
-/// Disk 1 (holding the running root `root`) and disk 2 (`hint`, or the only candidate),
-/// both identified, disk 2 checked destructible. Touches nothing.
+/// Disk 1 (holding the running root `root`) and disk 2 (`hint`, else the last job's disk 2,
+/// else the only candidate: see [`Disk2From`]), both identified, disk 2 checked
+/// destructible. Touches nothing.
 pub fn select_disks(root: &Path, hint: Option<&Path>) -> Result<(DiskId, DiskId, Disk2From)> {
     let d1 = running_root_disk(root)?;
     let (d2, from) = match hint {
