@@ -275,7 +275,7 @@ impl Locked {
     /// journal) into `archive/job-ID/`, the journal last: a crash in between leaves the
     /// journal in place, and the next call moves what is left.
     pub fn archive(&self, job: u64, names: &[&str]) -> Result<PathBuf> {
-        let to = self.archived(job);
+        let to = archived(&self.dir, job);
         std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
         for n in names.iter().chain(std::iter::once(&FILE)) {
             let from = self.dir.join(n);
@@ -293,11 +293,6 @@ impl Locked {
     /// The newest archived journal (the highest job number), if any.
     pub fn last_archived(&self) -> Result<Option<Journal>> {
         newest_archived(&self.dir)
-    }
-
-    /// Where job `job`'s state is archived.
-    fn archived(&self, job: u64) -> PathBuf {
-        archived(&self.dir, job)
     }
 
     /// Writes the journal atomically and durably.

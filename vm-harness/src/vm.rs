@@ -324,8 +324,6 @@ impl Vm {
         tail_lines(&self.serial_log(), n)
     }
 
-    /// Runs `cmd` as root over SSH, checking the host key against the known one (the
-    /// source's): a changed host key fails like an unreachable machine, with the reason.
     /// `ssh` and its options to reach this machine (its destination: `root@127.0.0.1`).
     pub fn ssh_command(&self) -> Vec<String> {
         let mut c: Vec<String> = [
@@ -351,6 +349,8 @@ impl Vm {
         c
     }
 
+    /// Runs `cmd` as root over SSH, checking the host key against the known one (the
+    /// source's): a changed host key fails like an unreachable machine, with the reason.
     pub fn ssh(&self, cmd: &str) -> Result<String> {
         let ssh = self.ssh_command();
         let out = Command::new(&ssh[0])
