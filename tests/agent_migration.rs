@@ -769,6 +769,88 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
     env.power_cycle();
     assert_eq!(env.current_label(), "reinstall-rescue");
     assert_eq!(env.boot_linux().0, 0);
+    // Waiting for work, the rescue OS planned a job taken there and told the stager: a
+    // reinstall would go ahead, said by the rescue OS, disk 2 being the one it runs from.
+    let canon = |d: &str| std::fs::canonicalize(d).unwrap().display().to_string();
+    let ready = || {
+        let (code, body) = env.stager.curl(Some("alice"), &[], "/v1/hosts");
+        assert_eq!(code, 200, "{body}");
+        let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        hosts[0]["ready"].clone()
+    };
+    let r = ready();
+    assert_eq!(
+        (&r["ok"], &r["os"], &r["disk2"]),
+        (&true.into(), &"rescue".into(), &canon(&env.disk2.0).into()),
+        "{r}"
+    );
+    // `reinstall plan` there shows that job: the last job's disk 1, disk 2 kept as it is
+    // (its partitions read back, the stash's room), no new rescue entry.
+    {
+        let root = env.w.path().join("mnt-plan");
+        let _m = mount(&env.root_part("reinstall-rescue"), &root, true);
+        let plan = |json: bool| {
+            let mut c = Command::new(bin("reinstall"));
+            c.arg("plan").arg("--root").arg(&root);
+            if json {
+                c.arg("--json");
+            }
+            ok(&mut c)
+        };
+        let p: serde_json::Value = serde_json::from_str(&plan(true)).unwrap();
+        assert_eq!(p["disk2_from"], "rescue-root", "{p}");
+        assert_eq!(p["disk1"]["path"], canon(&env.disk1.0), "{p}");
+        assert_eq!(p["disk2"]["path"], canon(&env.disk2.0), "{p}");
+        let labels: Vec<&str> = p["disk2_layout"]["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["label"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            labels,
+            ["reinstall-esp", "reinstall-rescue", "reinstall-stash"],
+            "{p}"
+        );
+        let stash = sh(&format!("blockdev --getsize64 {}p3", env.disk2.0));
+        assert_eq!(p["stash_bytes"].to_string(), stash.trim(), "{p}");
+        assert!(
+            !p["boot_changes"].to_string().contains("reinstall-rescue"),
+            "{p}"
+        );
+        let text = plan(false);
+        assert!(
+            text.contains("the running rescue OS's disk, kept as it is")
+                && text.contains(&format!("  is {}p3: reinstall-stash", canon(&env.disk2.0))),
+            "{text}"
+        );
+    }
+    // Disk 1 mounted (a repair under way): the next plan (the agent's next start) says a
+    // reinstall would be refused, and why, in `reinstall status`; unmounted, ready again.
+    {
+        let at = env.w.path().join("mnt-repair");
+        let _m = mount(&env.root_part("reinstall-target"), &at, true);
+        assert_eq!(env.boot_linux().0, 0);
+        let r = ready();
+        assert_eq!(
+            (&r["ok"], &r["os"]),
+            (&false.into(), &"rescue".into()),
+            "{r}"
+        );
+        let why = r["why"].as_str().unwrap_or("");
+        assert!(why.contains("is mounted on"), "{r}");
+        let out = ok(env
+            .stager
+            .reinstall("alice")
+            .args(["status", "--host", "web1"]));
+        assert!(
+            out.contains("web1: a reinstall would be refused (planned in its rescue OS at ")
+                && out.contains(why),
+            "{out}"
+        );
+    }
+    assert_eq!(env.boot_linux().0, 0);
+    assert_eq!(ready()["ok"], true);
     let uuid = |dev: &str| sh(&format!("blkid -s UUID -o value {dev}"));
     let rescue_fs = uuid(&env.root_part("reinstall-rescue"));
     // Too large for disk 1 (3 GiB): 4 GiB of zeros, tiny packed.

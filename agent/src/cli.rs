@@ -117,7 +117,8 @@ pub enum Command {
     /// Show what a reinstall of this machine would do, writing nothing: disk 1 (the running
     /// root) and disk 2 with their stable ids, the layouts for both, the boot mode, the
     /// network and security identity to carry, the boot entry changes. Refuses, with the
-    /// reason, a machine it would not reinstall.
+    /// reason, a machine it would not reinstall. In the rescue OS: the job it would take
+    /// there, on the last job's disk 1, with disk 2 (the one it runs from) kept as it is.
     Plan(PlanOpts),
     /// Run the agent: take this host's job from the stager and carry it through its phases,
     /// resuming from the journal after a crash or a reboot.

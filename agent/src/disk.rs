@@ -122,12 +122,44 @@ impl DiskId {
         v
     }
 
+    fn read_gpt(&self) -> Result<gptman::GPT> {
+        let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
+        gptman::GPT::read_from(&mut f, self.logical_sector)
+            .with_context(|| format!("reading the GPT of {}", self.path))
+    }
+
+    /// The partitions of the disk's GPT as they are, as a [`Layout`] (what `reinstall plan`
+    /// shows of a disk a job keeps); partitions of a type this agent does not write are left
+    /// out.
+    pub fn read_layout(&self) -> Result<Layout> {
+        let gpt = self.read_gpt()?;
+        let parts = gpt
+            .iter()
+            .filter(|(_, p)| p.is_used())
+            .filter_map(|(n, p)| {
+                let guid = bootcfg::efi::Guid(p.partition_type_guid).to_string();
+                Some(Planned {
+                    number: n,
+                    label: p.partition_name.as_str().to_string(),
+                    kind: PartKind::ALL
+                        .into_iter()
+                        .find(|k| k.type_guid().eq_ignore_ascii_case(&guid))?,
+                    first_lba: p.starting_lba,
+                    last_lba: p.ending_lba,
+                })
+            })
+            .collect();
+        Ok(Layout {
+            sector: self.logical_sector,
+            total_sectors: self.size_bytes / self.logical_sector,
+            parts,
+        })
+    }
+
     /// The (first) partition of `kind`, read from the disk's GPT: its number, unique GUID,
     /// first LBA and size in LBAs (what a UEFI hard-drive device path names).
     pub fn find_partition(&self, kind: PartKind) -> Result<PartInfo> {
-        let mut f = File::open(&self.path).with_context(|| format!("opening {}", self.path))?;
-        let gpt = gptman::GPT::read_from(&mut f, self.logical_sector)
-            .with_context(|| format!("reading the GPT of {}", self.path))?;
+        let gpt = self.read_gpt()?;
         let want = bootcfg::efi::Guid::parse(kind.type_guid())
             .expect("constant")
             .0;
@@ -310,6 +342,15 @@ pub enum PartKind {
 }
 
 impl PartKind {
+    pub const ALL: [PartKind; 6] = [
+        PartKind::Esp,
+        PartKind::BiosBoot,
+        PartKind::LinuxRoot,
+        PartKind::LinuxData,
+        PartKind::MsReserved,
+        PartKind::MsBasicData,
+    ];
+
     /// GPT partition type GUIDs (UEFI spec §5.3.3; Discoverable Partitions Specification).
     pub fn type_guid(self) -> &'static str {
         match self {

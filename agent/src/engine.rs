@@ -29,6 +29,16 @@ pub enum World {
     Target,
 }
 
+impl World {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Source => "source",
+            World::Rescue => "rescue",
+            World::Target => "target",
+        }
+    }
+}
+
 pub const WORLD_FILE: &str = "etc/reinstall/world";
 pub const JOURNAL_DIR: &str = "var/lib/reinstall";
 pub const RESCUE_LOADER: &str = "\\EFI\\reinstall\\grubx64.efi";
@@ -469,7 +479,7 @@ impl Agent {
             if j.after(j.phase) == Phase::Done {
                 self.report(&j, EventKind::Done, Some("job complete".into()), None);
                 // A target just up: whether the next reinstall would go ahead from it.
-                self.say_ready();
+                self.say_ready(false);
                 return Ok(Outcome::Done);
             }
             if matches!(todo, Phase::BootRescue | Phase::BootTarget) {
@@ -996,53 +1006,11 @@ impl Agent {
         Ok(())
     }
 
-    /// `plan` of a job taken in the rescue OS: disk 1 is the disk the last job pinned, found
-    /// again by its stable ids (not mounted: an operator's repair may have left it so);
-    /// disk 2 is the running root's, the last job's disk 2. The rescue OS and disk 2's
-    /// partitions stay as they are, so the target must fit the stash there. The identity
-    /// carried into this rescue OS (`network.json`, `carry`) is the machine's, for the new
-    /// target too. Refuses before anything is written.
+    /// `plan` of a job taken in the rescue OS: [`rescue_disks`] with the job's target, whose
+    /// disks it pins. Refuses before anything is written.
     fn plan_in_rescue(&mut self, j: &mut Journal) -> Result<()> {
-        let last1 = j
-            .disk1
-            .clone()
-            .context("no disk 1 in the last job's journal")?;
-        let last2 = j
-            .disk2
-            .clone()
-            .context("no disk 2 in the last job's journal")?;
-        let d2 = running_root_disk(&self.root)?;
-        anyhow::ensure!(
-            d2.same_disk(&last2),
-            "the rescue OS runs from {}, which is not disk 2 of the last job ({}); nothing was changed",
-            d2.path,
-            last2.path
-        );
-        let d1 = disk::find_pinned(&last1).context("disk 1 of the last job")?;
-        disk::check_destructible_for(&d1, &self.root)?;
         let (tm, _, _) = self.manifest(&j.target)?;
-        target_layout(&d1, Some(&tm), self.grub_chooses)?;
-        let stash = d2.find_partition(PartKind::LinuxData)?;
-        let room = stash.size_lba * d2.logical_sector;
-        anyhow::ensure!(
-            room >= stash_size(&tm),
-            "the stash on disk 2 ({}) holds {} MiB; target {}@{} needs {} MiB; a job taken in the rescue OS does not repartition the disk it runs from: run the job from the source or target OS instead; nothing was changed",
-            d2.partition_path(stash.number).display(),
-            room / MIB,
-            j.target.name,
-            j.target.version,
-            stash_size(&tm).div_ceil(MIB)
-        );
-        if tm.os == bundle::Os::Windows {
-            crate::windows::check_rescue_tools(&self.root).context("this rescue OS")?;
-        }
-        for carried in ["network.json", "carry"] {
-            anyhow::ensure!(
-                self.dir().join(carried).exists(),
-                "{}: the identity carried into this rescue OS is missing; nothing was changed",
-                self.dir().join(carried).display()
-            );
-        }
+        let (d1, d2, _) = rescue_disks(&self.root, j, Some(&tm), self.grub_chooses)?;
         j.target_os = Some(tm.os);
         j.disk1 = Some(d1);
         j.disk2 = Some(d2);
@@ -1205,37 +1173,43 @@ impl Agent {
             eprintln!("reinstall: disk 1's GRUB boot count: {e:#}");
         }
         self.say_up();
-        self.say_ready();
+        self.say_ready(false);
     }
 
     /// In the source OS, or a target whose job is done (the source of the next one), with no
     /// job under way: plans (read only) and tells the stager whether a reinstall would go
     /// ahead here, and if not why, so that machines that are not ready are found fleet-wide
     /// before any job (`reinstall status`). Best effort.
-    fn say_ready(&mut self) {
-        if self.world == World::Rescue
-            || self
-                .journal
+    /// In the rescue OS only while `idle` (waiting for work: its job failed, or is over, or
+    /// it runs on request), where the plan is that of a job taken there ([`rescue_disks`]).
+    fn say_ready(&mut self, idle: bool) {
+        let busy = if self.world == World::Rescue {
+            !idle
+        } else {
+            self.journal
                 .load()
                 .ok()
                 .flatten()
                 .is_some_and(|j| !j.finished())
-        {
+        };
+        if busy {
             return;
         }
         let plan = plan_report(&self.root, self.disk2.as_deref(), None);
-        crate::setup::report_readiness(&self.client, &crate::setup::readiness(&plan));
+        let ready = crate::setup::readiness(&plan, self.world);
+        crate::setup::report_readiness(&self.client, &ready);
         self.ready_said = Some(std::time::Instant::now());
     }
 
-    /// Between long polls while idle: plans again once [`Agent::ready_every`] has passed
-    /// since the last time (see [`READY_EVERY`]).
+    /// Between long polls while idle: plans once [`Agent::ready_every`] has passed since the
+    /// last time (see [`READY_EVERY`]), or at once if it has not yet this run (the rescue OS,
+    /// whose job ended in this run; a job dropped as cancelled).
     pub fn refresh_ready(&mut self) {
         if self
             .ready_said
-            .is_some_and(|t| t.elapsed() >= self.ready_every)
+            .is_none_or(|t| t.elapsed() >= self.ready_every)
         {
-            self.say_ready();
+            self.say_ready(true);
         }
     }
 
@@ -1663,6 +1637,9 @@ pub enum Disk2From {
     LastJob,
     /// The one disk besides the running root's.
     OnlyOther,
+    /// In the rescue OS: the disk it runs from, kept as it is (a job taken there installs
+    /// only the target, through the stash it has).
+    RescueRoot,
 }
 
 impl std::fmt::Display for Disk2From {
@@ -1671,22 +1648,82 @@ impl std::fmt::Display for Disk2From {
             Disk2From::Named => "named with --disk2",
             Disk2From::LastJob => "the last job's disk 2, which holds its rescue OS",
             Disk2From::OnlyOther => "the only disk besides the root's",
+            Disk2From::RescueRoot => "the running rescue OS's disk, kept as it is",
         })
     }
 }
 
-/// Disk 2 of the last job on this machine (see [`journal::last_disk2`]), as it is now:
+/// Disk 2 of the last job on this machine (see [`journal::last_with_disks`]), as it is now:
 /// only a disk with a serial or WWN to be found by (a size alone could be another disk's),
 /// still there, and not the running root's. A later job (from the target OS that job
 /// installed) thus takes the disk its rescue OS is on, as the first job was told to, on a
 /// machine with more disks than two, where nothing else would say which.
 fn last_disk2(root: &Path, d1: &DiskId) -> Option<DiskId> {
-    let last = journal::last_disk2(&root.join(JOURNAL_DIR))?;
+    let last = journal::last_with_disks(&root.join(JOURNAL_DIR))?.disk2?;
     if last.serial.is_none() && last.wwn.is_none() {
         return None;
     }
     let now = disk::find_pinned(&last).ok()?;
     (now.name != d1.name).then_some(now)
+}
+
+/// A job taken in the rescue OS that runs from `root`, planned read only from `last`, the
+/// journal of the last job through it: disk 2 is the running root's, which must be the last
+/// job's disk 2; disk 1 is the last job's, found again by its stable ids (it may have been
+/// left unmounted, or half written, by an operator's repair), and must be one a job may
+/// write. The target (`target`'s sizes, else default ones) must fit disk 1, and its payload
+/// the stash on disk 2 as it is: the rescue OS and disk 2's partitions stay. The identity
+/// carried into this rescue OS (`network.json`, `carry`) is the machine's, for the new target
+/// too, and must be there. Returns disk 1, disk 2 and the stash's room in bytes; refuses
+/// before anything is written.
+fn rescue_disks(
+    root: &Path,
+    last: &Journal,
+    target: Option<&bundle::Manifest>,
+    bios: bool,
+) -> Result<(DiskId, DiskId, u64)> {
+    let last1 = last
+        .disk1
+        .as_ref()
+        .context("no disk 1 in the last job's journal")?;
+    let last2 = last
+        .disk2
+        .as_ref()
+        .context("no disk 2 in the last job's journal")?;
+    let d2 = running_root_disk(root)?;
+    anyhow::ensure!(
+        d2.same_disk(last2),
+        "the rescue OS runs from {}, which is not disk 2 of the last job ({}); nothing was changed",
+        d2.path,
+        last2.path
+    );
+    let d1 = disk::find_pinned(last1).context("disk 1 of the last job")?;
+    disk::check_destructible_for(&d1, root)?;
+    target_layout(&d1, target, bios)?;
+    let stash = d2.find_partition(PartKind::LinuxData)?;
+    let room = stash.size_lba * d2.logical_sector;
+    if let Some(tm) = target {
+        anyhow::ensure!(
+            room >= stash_size(tm),
+            "the stash on disk 2 ({}) holds {} MiB; target {} needs {} MiB; a job taken in the rescue OS does not repartition the disk it runs from: run the job from the source or target OS instead; nothing was changed",
+            d2.partition_path(stash.number).display(),
+            room / MIB,
+            tm.id(),
+            stash_size(tm).div_ceil(MIB)
+        );
+        if tm.os == bundle::Os::Windows {
+            crate::windows::check_rescue_tools(root).context("this rescue OS")?;
+        }
+    }
+    for carried in ["network.json", "carry"] {
+        let p = root.join(JOURNAL_DIR).join(carried);
+        anyhow::ensure!(
+            p.exists(),
+            "{}: the identity carried into this rescue OS is missing; nothing was changed",
+            p.display()
+        );
+    }
+    Ok((d1, d2, room))
 }
 
 /// The one disk that holds the running root `root`, identified.
@@ -1718,22 +1755,51 @@ pub struct PlanReport {
     pub boot_changes: Vec<String>,
     /// The target bundle the disks were sized for (`NAME@VERSION`), if one was named.
     pub target: Option<String>,
-    /// The least room the stash on disk 2 must have.
+    /// The least room the stash on disk 2 must have (in the rescue OS with no target named:
+    /// 0, the stash it has decides which targets fit).
     pub stash_min_bytes: u64,
+    /// In the rescue OS: the room of the stash on disk 2, which a job taken there does not
+    /// resize (a target's payload and 64 MiB must fit in it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stash_bytes: Option<u64>,
 }
 
 /// Plans with the target bundle's sizes when given (`target`: its signed manifest), else
 /// default sizes (stash at least 1 GiB); the rescue root gets 2 GiB. A job checks the real
-/// sizes of its bundles again in its own `plan` phase.
+/// sizes of its bundles again in its own `plan` phase. In the rescue OS, plans a job taken
+/// there ([`rescue_disks`]): disk 2 stays as it is.
 pub fn plan_report(
     root: &Path,
     hint: Option<&Path>,
     target: Option<&bundle::Manifest>,
 ) -> Result<PlanReport> {
-    let (d1, d2, disk2_from) = select_disks(root, hint)?;
-    let stash = target.map(stash_size).unwrap_or(1 << 30);
-    let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, stash)?;
     let uefi = Path::new("/sys/firmware/efi").exists();
+    let in_rescue = world_of(root) == World::Rescue;
+    let (d1, d2, disk2_from, l2, stash_bytes, stash) = if in_rescue {
+        let last = journal::last_with_disks(&root.join(JOURNAL_DIR)).with_context(|| {
+            format!(
+                "{}: this rescue OS holds no journal of the job that installed it",
+                root.join(JOURNAL_DIR).display()
+            )
+        })?;
+        let (d1, d2, room) = rescue_disks(root, &last, target, !uefi)?;
+        if let Some(given) = hint {
+            anyhow::ensure!(
+                disk::identify(given)?.same_disk(&d2),
+                "--disk2 {}: in the rescue OS, disk 2 is the disk it runs from ({})",
+                given.display(),
+                d2.path
+            );
+        }
+        let l2 = d2.read_layout()?;
+        let stash = target.map(stash_size).unwrap_or(0);
+        (d1, d2, Disk2From::RescueRoot, l2, Some(room), stash)
+    } else {
+        let (d1, d2, from) = select_disks(root, hint)?;
+        let stash = target.map(stash_size).unwrap_or(1 << 30);
+        let l2 = disk::rescue_layout(d2.size_bytes, d2.logical_sector, 2 << 30, stash)?;
+        (d1, d2, from, l2, None, stash)
+    };
     let l1 = target_layout(&d1, target, !uefi)?;
     let writable = uefi
         && std::fs::read_to_string("/proc/self/mountinfo")
@@ -1743,13 +1809,24 @@ pub fn plan_report(
                 l.contains(" /sys/firmware/efi/efivars ")
                     && l.split(' ').nth(5).is_some_and(|o| o.starts_with("rw"))
             });
-    let boot_changes = if uefi {
-        vec![
+    // In the rescue OS, its own boot entry is there already.
+    let boot_changes = match (uefi, in_rescue) {
+        (true, false) => vec![
             format!(
                 "create UEFI entry reinstall-rescue -> {} partition 1 {RESCUE_LOADER}",
                 d2.path
             ),
             "boot it once (BootNext); make it first in BootOrder after it calls home".into(),
+        ],
+        (false, false) => vec![
+            "add a rescue entry to the source's GRUB (custom.cfg; reads the rescue ESP)".into(),
+            "boot it once (next_entry in the source's grubenv, as grub-reboot); make it the default after it calls home (a variable on the rescue ESP)".into(),
+        ],
+        (_, true) => Vec::new(),
+    }
+    .into_iter()
+    .chain(if uefi {
+        [
             format!(
                 "create UEFI entry reinstall-target -> {} partition 1 {TARGET_LOADER}",
                 d1.path
@@ -1757,16 +1834,15 @@ pub fn plan_report(
             "boot it once; make it first after it calls home, rescue kept second".into(),
         ]
     } else {
-        vec![
-            "add a rescue entry to the source's GRUB (custom.cfg; reads the rescue ESP)".into(),
-            "boot it once (next_entry in the source's grubenv, as grub-reboot); make it the default after it calls home (a variable on the rescue ESP)".into(),
+        [
             format!(
                 "install-target: GRUB i386-pc on {} (MBR + BIOS boot partition), reading disk 1's ESP once complete, the rescue ESP until then",
                 d1.path
             ),
             "boot the target once (next_entry); make it the default after it calls home, rescue kept".into(),
         ]
-    };
+    })
+    .collect();
     let network = crate::netid::capture()?;
     if target.is_some_and(|m| m.os == bundle::Os::Windows) {
         crate::windows::check_network(&network)?;
@@ -1774,6 +1850,7 @@ pub fn plan_report(
     Ok(PlanReport {
         target: target.map(|m| m.id()),
         stash_min_bytes: stash,
+        stash_bytes,
         boot_changes,
         disk1: d1,
         disk2: d2,

@@ -227,14 +227,13 @@ fn newest_archived(dir: &Path) -> Result<Option<Journal>> {
     read(&archived(dir, n).join(FILE))
 }
 
-/// Disk 2 of the last job in the journal directory `dir` (read only, no lock): the job's own
-/// once its plan pinned it, else the newest archived job's. The disk that holds the rescue
-/// OS this machine keeps.
-pub fn last_disk2(dir: &Path) -> Option<crate::disk::DiskId> {
-    let current = read(&dir.join(FILE)).ok().flatten();
-    match current.and_then(|j| j.disk2) {
-        Some(d) => Some(d),
-        None => newest_archived(dir).ok().flatten()?.disk2,
+/// The last job in the journal directory `dir` that has its disks (read only, no lock): the
+/// job's own once its disks are pinned (its plan, or taken from the last job in the rescue
+/// OS), else the newest archived job. Its disk 2 holds the rescue OS this machine keeps.
+pub fn last_with_disks(dir: &Path) -> Option<Journal> {
+    match read(&dir.join(FILE)).ok().flatten() {
+        Some(j) if j.disk2.is_some() => Some(j),
+        _ => newest_archived(dir).ok().flatten(),
     }
 }
 
@@ -371,6 +370,7 @@ mod tests {
             });
             serde_json::to_vec(&j).unwrap()
         };
+        let last_disk2 = |dir: &Path| last_with_disks(dir).and_then(|j| j.disk2);
         let serial = |d: Option<crate::disk::DiskId>| d.and_then(|d| d.serial);
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(serial(last_disk2(&dir)), None);

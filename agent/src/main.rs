@@ -64,19 +64,27 @@ fn plan(
         return Ok(ExitCode::SUCCESS);
     }
     let mib = |b: u64| b >> 20;
-    for (n, d, l, what) in [
+    let in_rescue = p.disk2_from == agent::engine::Disk2From::RescueRoot;
+    let (what1, what2, will2) = if in_rescue {
         (
-            1,
-            &p.disk1,
-            &p.disk1_layout,
-            "running root; the target goes here",
-        ),
+            "the last job's disk 1; the target goes here".to_string(),
+            format!(
+                "{}; the target is stashed in its stash of {} MiB",
+                p.disk2_from,
+                mib(p.stash_bytes.unwrap_or(0))
+            ),
+            "is",
+        )
+    } else {
         (
-            2,
-            &p.disk2,
-            &p.disk2_layout,
-            &format!("{}; rescue OS and stash go here", p.disk2_from),
-        ),
+            "running root; the target goes here".to_string(),
+            format!("{}; rescue OS and stash go here", p.disk2_from),
+            "will be",
+        )
+    };
+    for (n, d, l, what, will) in [
+        (1, &p.disk1, &p.disk1_layout, &what1, "will be"),
+        (2, &p.disk2, &p.disk2_layout, &what2, will2),
     ] {
         println!(
             "disk {n}: {} ({what})\n  {} MiB, sectors {}/{}, serial {}, wwn {}, GPT {}\n  by-id: {}",
@@ -91,7 +99,7 @@ fn plan(
         );
         for part in &l.parts {
             println!(
-                "  will be {}: {:<18} {:?}, {} MiB at sector {}",
+                "  {will} {}: {:<18} {:?}, {} MiB at sector {}",
                 d.partition_path(part.number).display(),
                 part.label,
                 part.kind,

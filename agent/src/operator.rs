@@ -338,13 +338,18 @@ pub fn status(g: &Global) -> Result<ExitCode> {
             }
         );
     }
-    // Hosts whose last plan (their agent's start in the source OS, `reinstall setup`) found
-    // that a reinstall would be refused: to fix before giving them a job.
+    // Hosts whose last plan (their agent's start in the source OS, `reinstall setup`, an
+    // idle rescue OS) found that a reinstall would be refused: to fix before giving them a
+    // job.
     for h in &hosts {
         if let Some(r) = h.ready.as_ref().filter(|r| !r.ok) {
             println!(
-                "{}: a reinstall would be refused (planned at {}): {}",
+                "{}: a reinstall would be refused (planned{} at {}): {}",
                 h.name,
+                match r.os.as_deref() {
+                    Some("rescue") => " in its rescue OS",
+                    _ => "",
+                },
                 r.at.as_deref().unwrap_or("-"),
                 r.why.as_deref().unwrap_or("-")
             );

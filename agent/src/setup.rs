@@ -89,7 +89,8 @@ pub fn disk2_dropin(disk2: &Path) -> Result<String> {
 /// What a plan of this machine (`reinstall plan`'s checks, read only) says of a reinstall:
 /// it would go ahead (with which disk 2), or why not. Reported to the stager
 /// (`POST /v1/agent/ready`) by `setup` and by the agent at its start in the source OS.
-pub fn readiness(plan: &Result<crate::engine::PlanReport>) -> Readiness {
+pub fn readiness(plan: &Result<crate::engine::PlanReport>, os: crate::engine::World) -> Readiness {
+    let os = Some(os.as_str().to_string());
     match plan {
         Ok(p) => Readiness {
             ok: true,
@@ -97,6 +98,7 @@ pub fn readiness(plan: &Result<crate::engine::PlanReport>) -> Readiness {
             boot_mode: Some(p.boot_mode.to_string()),
             why: None,
             at: None,
+            os,
         },
         Err(e) => Readiness {
             ok: false,
@@ -104,6 +106,7 @@ pub fn readiness(plan: &Result<crate::engine::PlanReport>) -> Readiness {
             boot_mode: None,
             why: Some(format!("{e:#}")),
             at: None,
+            os,
         },
     }
 }
@@ -307,5 +310,5 @@ fn plan_now(disk2: Option<&Path>) -> Result<Readiness> {
             ),
         }
     }
-    Ok(readiness(&plan))
+    Ok(readiness(&plan, crate::engine::world_of(Path::new("/"))))
 }

@@ -180,6 +180,10 @@ pub struct Readiness {
     /// When the stager received it (set by the stager).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
+    /// The OS that planned: `source`, `target` (a finished job's, the source of the next) or
+    /// `rescue` (a job taken there keeps disk 2 as it is and installs only the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
 }
 
 /// Agent: `GET /v1/agent/work?wait=SECONDS` (long poll).

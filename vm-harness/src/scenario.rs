@@ -437,6 +437,29 @@ impl Env {
             .and_then(|j| j.hosts.into_iter().find(|h| h.host == HOST)))
     }
 
+    /// The host's readiness record on the stager (`POST /v1/agent/ready`), once it came after
+    /// the host's last event in the newest job and says a reinstall would go ahead; else as
+    /// it is after 60 s.
+    pub fn ready_after_job(&self) -> Result<serde_json::Value> {
+        let since = self
+            .stager_view()?
+            .context("no job")?
+            .updated
+            .unwrap_or_default();
+        let t = Instant::now();
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&run(self
+                .operator()
+                .args(["status", "--host", HOST, "--json"]))?)?;
+            let r = v["hosts"][0]["ready"].clone();
+            let fresh = r["at"].as_str() >= Some(since.as_str());
+            if (fresh && r["ok"] == true) || t.elapsed() > Duration::from_secs(60) {
+                return Ok(r);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// Partition `n` of disk `d` (1 or 2) as the guest names it.
     pub fn part(&self, d: u8, n: u8) -> String {
         match (d, self.vm.nvme2) {
@@ -1011,25 +1034,9 @@ pub fn full(o: &Opts) -> Result<bool> {
         plan["disk2"],
         plan["disk2_from"]
     );
-    let done_at = e
-        .stager_view()?
-        .context("no job")?
-        .updated
-        .unwrap_or_default();
-    let t = Instant::now();
-    let ready = loop {
-        let v: serde_json::Value = serde_json::from_str(&run(e
-            .operator()
-            .args(["status", "--host", HOST, "--json"]))?)?;
-        let r = v["hosts"][0]["ready"].clone();
-        let fresh = r["at"].as_str() >= Some(done_at.as_str());
-        if (fresh && r["ok"] == true) || t.elapsed() > Duration::from_secs(60) {
-            break r;
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    };
+    let ready = e.ready_after_job()?;
     ensure!(
-        ready["ok"] == true && ready["disk2"] == plan["disk2"]["path"],
+        ready["ok"] == true && ready["disk2"] == plan["disk2"]["path"] && ready["os"] == "target",
         "the target's readiness on the stager: {ready}"
     );
     e.row(&format!(
@@ -1322,6 +1329,31 @@ pub fn bad_target(o: &Opts) -> Result<bool> {
         "reinstall --wait succeeded for a target that panics"
     );
     e.stager_failed("target did not come up")?;
+    // Waiting for work there, the rescue OS tells the stager a job taken there would go
+    // ahead: disk 1 the last job's, disk 2 its own, kept (`reinstall plan` there says so).
+    let plan: serde_json::Value = serde_json::from_str(&e.vm.ssh("reinstall plan --json")?)?;
+    ensure!(
+        plan["disk2_from"] == "rescue-root"
+            && plan["disk2"]["serial"] == "VMDISK2"
+            && plan["disk1"]["path"] == "/dev/vda"
+            && plan["stash_bytes"].as_u64() > Some(0),
+        "reinstall plan in the rescue OS: disk 1 {}, disk 2 {} ({}), stash {}",
+        plan["disk1"]["path"],
+        plan["disk2"],
+        plan["disk2_from"],
+        plan["stash_bytes"]
+    );
+    let ready = e.ready_after_job()?;
+    ensure!(
+        ready["ok"] == true && ready["os"] == "rescue" && ready["disk2"] == plan["disk2"]["path"],
+        "the rescue OS's readiness on the stager: {ready}"
+    );
+    e.row(&format!(
+        "rescue OS: a job taken here would go ahead, disk 1 /dev/vda, disk 2 {} kept, stash {} MiB (stager: ready at {})",
+        ready["disk2"].as_str().unwrap_or("-"),
+        plan["stash_bytes"].as_u64().unwrap_or(0) >> 20,
+        ready["at"].as_str().unwrap_or("-")
+    ));
     if e.vm.uefi {
         // The firmware may have reordered BootOrder (OVMF puts QEMU's bootindex order first
         // on every boot, as some real firmware does): what brought the machine back is disk
