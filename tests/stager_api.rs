@@ -2930,13 +2930,22 @@ fn install_agent_sets_up_a_fleet_over_ssh_and_names_the_hosts_it_could_not() {
     for h in ["web1", "web2", "web3"] {
         std::fs::copy(s.identity(h), ids.join(format!("{h}.identity.toml"))).unwrap();
     }
-    let ssh = d.join("ssh");
+    // The stand-ins: `ssh` runs the command here, with a `sudo` that notes what it ran.
+    let (ssh, sudo, sudo_log) = (d.join("ssh"), d.join("bin/sudo"), d.join("sudo.log"));
+    std::fs::create_dir_all(d.join("bin")).unwrap();
     std::fs::write(
         &ssh,
-        "#!/bin/bash\n[ \"$1\" = root@web3 ] && { echo \"ssh: connect to host web3 port 22: No route to host\" >&2; exit 255; }\nexec bash -c \"$2\"\n",
+        format!("#!/bin/bash\n[ \"$1\" = root@web3 ] && {{ echo \"ssh: connect to host web3 port 22: No route to host\" >&2; exit 255; }}\nPATH={}:$PATH exec bash -c \"$2\"\n", d.join("bin").display()),
     )
     .unwrap();
-    std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        &sudo,
+        format!("#!/bin/bash\n[ \"$1\" = -n ] || {{ echo 'sudo: expected -n' >&2; exit 1; }}\nshift\necho \"$*\" >> {}\nexec \"$@\"\n", sudo_log.display()),
+    )
+    .unwrap();
+    for f in [&ssh, &sudo] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let remote = d.join("remote-tmp");
     std::fs::create_dir_all(&remote).unwrap();
     let root = |h: &str| d.join(format!("root-{h}"));
@@ -3000,10 +3009,21 @@ fn install_agent_sets_up_a_fleet_over_ssh_and_names_the_hosts_it_could_not() {
         0,
         "the copies are removed"
     );
+    assert!(!sudo_log.exists(), "sudo without --sudo");
     // Again: nothing to change. `--json`: the hosts and counts on stdout, the lines on stderr.
-    let out = install(&fleet.replace("web3\n", ""), &["--json"]);
+    // `--sudo`: setup runs through `sudo -n` (an SSH user that is not root).
+    let out = install(&fleet.replace("web3\n", ""), &["--json", "--sudo"]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
+    let sudone = std::fs::read_to_string(&sudo_log).unwrap();
+    assert_eq!(
+        sudone
+            .lines()
+            .filter(|l| l.contains("/reinstall setup ") && l.contains(" --json"))
+            .count(),
+        2,
+        "{sudone}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((&v["set_up"], &v["failed"]), (&2.into(), &0.into()), "{v}");
     for h in v["hosts"].as_array().unwrap() {
