@@ -772,12 +772,7 @@ fn a_machine_left_in_its_rescue_os_takes_the_next_job_there_and_installs_its_tar
     // Waiting for work, the rescue OS planned a job taken there and told the stager: a
     // reinstall would go ahead, said by the rescue OS, disk 2 being the one it runs from.
     let canon = |d: &str| std::fs::canonicalize(d).unwrap().display().to_string();
-    let ready = || {
-        let (code, body) = env.stager.curl(Some("alice"), &[], "/v1/hosts");
-        assert_eq!(code, 200, "{body}");
-        let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
-        hosts[0]["ready"].clone()
-    };
+    let ready = || env.ready();
     let r = ready();
     assert_eq!(
         (&r["ok"], &r["os"], &r["disk2"]),
@@ -1174,12 +1169,7 @@ fn a_machine_migrates_through_rescue_into_the_target_keeping_its_identity() {
     // reinstall would go ahead, with the same disk 2 (and at every start of its agent: the
     // record replaced, the next boot of the target reports again).
     let disk2 = std::fs::canonicalize(&env.disk2.0).unwrap();
-    let ready = || {
-        let (code, body) = env.stager.curl(Some("alice"), &[], "/v1/hosts");
-        assert_eq!(code, 200, "{body}");
-        let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
-        hosts[0]["ready"].clone()
-    };
+    let ready = || env.ready();
     let r = ready();
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["disk2"], disk2.to_str().unwrap(), "{r}");
@@ -1640,6 +1630,15 @@ impl Env {
         )
         .unwrap();
         m["payload"]["sha256"].as_str().unwrap().to_string()
+    }
+
+    /// The host's readiness record on the stager (`POST /v1/agent/ready`), as `/v1/hosts`
+    /// shows it.
+    fn ready(&self) -> serde_json::Value {
+        let (code, body) = self.stager.curl(Some("alice"), &[], "/v1/hosts");
+        assert_eq!(code, 200, "{body}");
+        let hosts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        hosts[0]["ready"].clone()
     }
 
     fn last_message(&self) -> String {
