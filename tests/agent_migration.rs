@@ -1392,7 +1392,20 @@ fn the_migration_works_on_4096_byte_sector_disks() {
 #[test]
 fn the_agent_waits_out_a_stager_outage() {
     let mut env = Env::new();
-    create_job(&env.stager);
+    // The operator follows the job (`--wait`) through the outage too.
+    let follower = env
+        .stager
+        .reinstall("alice")
+        .args(["--host", "web1", "--target", "target", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while env.stager.curl(Some("alice"), &[], "/v1/jobs").1.trim() == "[]" {
+        assert!(t.elapsed().as_secs() < 30, "no job created");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     env.stager.kill();
     let root = env.w.path().join("mnt-source");
     let m = mount(&env.root_part("source"), &root, false);
@@ -1420,6 +1433,16 @@ fn the_agent_waits_out_a_stager_outage() {
     env.power_cycle();
     env.migrate(None, false);
     assert_eq!(job_state(&env.stager)["state"], "done");
+    let out = follower.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("job 1: cannot reach the stager at ")
+            && said.contains("still following for up to 3600 s")
+            && said.contains("job 1: the stager answers again, after ")
+            && said.contains("job 1: Done"),
+        "{said}"
+    );
 }
 
 /// The machine reaches its stager through a site relay (its identity names the relay, as

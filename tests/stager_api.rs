@@ -492,6 +492,39 @@ fn reinstall_wait_follows_the_job_and_exits_by_its_outcome() {
         err.contains("operator commands need an operator identity"),
         "{err}"
     );
+    // A stager away for longer than --wait-outage: said, and exit 3 (the job did not fail;
+    // it goes on), not at the first refused connection.
+    let mut s = s;
+    s.enroll("web3");
+    let child = s
+        .reinstall("alice")
+        .args(["--host", "web3", "--target", "target", "--wait"])
+        .args(["--wait-outage", "3"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !s.curl(Some("alice"), &[], "/v1/jobs").1.contains("web3") {
+        assert!(t.elapsed() < Duration::from_secs(30), "no job for web3");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.kill();
+    let t = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(3) && t.elapsed() < Duration::from_secs(20),
+        "gave up after {:?}: {said}",
+        t.elapsed()
+    );
+    assert!(
+        said.contains("cannot reach the stager at ")
+            && said.contains("still following for up to 3 s")
+            && said.contains("the stager has not answered for 3 s; no longer following"),
+        "{said}"
+    );
+    s.start();
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 #[command(
     name = "reinstall",
     version,
-    after_help = "The agent reboots UEFI machines through their firmware variables and legacy BIOS machines through GRUB on disk 1. Exit status: 0 ok, 1 failed, 2 usage."
+    after_help = "The agent reboots UEFI machines through their firmware variables and legacy BIOS machines through GRUB on disk 1. Exit status: 0 ok, 1 failed, 2 usage, 3 --wait lost the stager for longer than --wait-outage (the job goes on)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -91,9 +91,14 @@ pub struct JobOpts {
     #[arg(long)]
     pub skip_done: bool,
     /// Follow the job (phase, bytes, rate per host) until it is done or failed; exit 1 if it
-    /// failed or was cancelled.
+    /// failed or was cancelled. A stager that cannot be reached (a restart, an upgrade) is
+    /// waited out for --wait-outage seconds, saying so: the job goes on without it.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: how long to keep following through a stager outage before giving up
+    /// with exit 3 (the job goes on; `reinstall status` shows it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub wait_outage: u64,
 }
 
 #[derive(Subcommand)]

@@ -30,6 +30,24 @@ pub struct Client {
     using: Arc<std::sync::Mutex<(usize, std::time::Instant)>>,
 }
 
+/// A request that failed because the stager could not be reached, or failed (5xx): an
+/// outage, which may pass, not a refusal. Its text is the error's.
+#[derive(Debug)]
+pub struct Outage(String);
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Outage {}
+
+/// Whether `e` is an [`Outage`] (the stager unreachable or failing), not a refusal.
+pub fn is_outage(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Outage>().is_some()
+}
+
 /// How long requests stay on a fallback URL before the identity's `stager` is tried again.
 pub const BACK_TO_FIRST: Duration = Duration::from_secs(300);
 
@@ -233,7 +251,7 @@ impl Client {
     }
 
     /// The error for a request that failed: the stager's own reason for a refusal, or that
-    /// it could not be reached.
+    /// it could not be reached (an [`Outage`], as is a 5xx).
     fn failure(&self, path: &str, e: ureq::Error) -> anyhow::Error {
         match e {
             ureq::Error::Status(code, resp) => {
@@ -241,12 +259,18 @@ impl Client {
                     .into_json::<proto::v1::ErrorBody>()
                     .map(|b| b.error)
                     .unwrap_or_else(|_| "(no error message)".into());
-                anyhow!("stager refused {path} ({code}): {msg}")
+                let text = format!("stager refused {path} ({code}): {msg}");
+                if code >= 500 {
+                    Outage(text).into()
+                } else {
+                    anyhow!(text)
+                }
             }
-            e => anyhow!(
+            e => Outage(format!(
                 "cannot reach the stager at {}: {e}",
                 self.bases().join(" or ")
-            ),
+            ))
+            .into(),
         }
     }
 

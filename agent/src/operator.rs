@@ -104,8 +104,12 @@ pub fn create(g: &Global, o: &JobOpts) -> Result<ExitCode> {
             job.id
         );
     }
-    follow(&c, job.id, g.json)
+    follow(&c, job.id, g.json, Duration::from_secs(o.wait_outage))
 }
+
+/// `--wait`'s exit status when the stager stayed out of reach for longer than
+/// `--wait-outage`: the job goes on without anyone following it.
+const EXIT_LOST: u8 = 3;
 
 /// `hosts` without those whose latest job is for `target` (`NAME` is its newest version) and
 /// is done or still under way, and a note naming what was left out.
@@ -169,13 +173,46 @@ fn rollout(job: &Job) -> String {
 }
 
 /// Polls the job until every host finished, showing each change.
-fn follow(c: &Client, id: u64, json: bool) -> Result<ExitCode> {
+fn follow(c: &Client, id: u64, json: bool, outage_for: Duration) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal() && !json;
     let mut last_lines: Vec<String> = Vec::new();
     let mut drawn = 0usize;
     let mut halt_shown = false;
+    // Since when the stager has been out of reach, and how many retries since.
+    let mut outage: Option<(std::time::Instant, u32)> = None;
     loop {
-        let job: Job = c.get(&format!("/v1/jobs/{id}"))?;
+        let job: Job = match c.get(&format!("/v1/jobs/{id}")) {
+            Ok(job) => job,
+            Err(e) if agent::client::is_outage(&e) => {
+                let (since, n) = *outage.get_or_insert_with(|| {
+                    eprintln!(
+                        "job {id}: {e:#}; still following for up to {} s (the job goes on without the stager)",
+                        outage_for.as_secs()
+                    );
+                    (std::time::Instant::now(), 0)
+                });
+                if since.elapsed() >= outage_for {
+                    eprintln!(
+                        "job {id}: the stager has not answered for {} s; no longer following (the job goes on: `reinstall status` shows it)",
+                        since.elapsed().as_secs()
+                    );
+                    return Ok(ExitCode::from(EXIT_LOST));
+                }
+                // The message broke the block being redrawn: draw it afresh below.
+                drawn = 0;
+                std::thread::sleep(agent::client::backoff(n).min(outage_for));
+                outage = Some((since, n + 1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some((since, _)) = outage.take() {
+            eprintln!(
+                "job {id}: the stager answers again, after {} s",
+                since.elapsed().as_secs()
+            );
+            drawn = 0;
+        }
         let mut lines: Vec<String> = job.hosts.iter().map(host_line).collect();
         if job.hosts.len() > 1 {
             // A fleet's progress in one line: the block's last, printed when it changes.
