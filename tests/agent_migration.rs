@@ -541,6 +541,11 @@ impl Env {
         failpoint: Option<&str>,
         extra: &[&str],
     ) -> std::process::Output {
+        run(&mut self.agent_command(root, failpoint, extra))
+    }
+
+    /// The agent as [`Env::agent_with`] runs it, not started.
+    fn agent_command(&self, root: &Path, failpoint: Option<&str>, extra: &[&str]) -> Command {
         let mut c = Command::new(bin("reinstall"));
         c.arg("agent")
             .arg("--root")
@@ -557,7 +562,7 @@ impl Env {
         if let Some(fp) = failpoint {
             c.env("REINSTALL_FAILPOINTS", fp);
         }
-        run(&mut c)
+        c
     }
 
     /// Boots and runs agents until the job is over. Returns the firmware log and what
@@ -568,6 +573,12 @@ impl Env {
     /// `relay` instead of the stager, as `stager enroll --via` writes it: with the stager as
     /// its `fallback` when `fallback`.
     fn identity_via(&self, relay: &integration_tests::stager::Relay, fallback: bool) {
+        self.identity_at(&relay.url(""), fallback);
+    }
+
+    /// Points the source's identity file (and the copy the carry is checked against) at
+    /// `url` instead of the stager, with the stager as its fallback if `fallback`.
+    fn identity_at(&self, url: &str, fallback: bool) {
         let src = self.w.path().join("mnt-source");
         let _m = mount(&self.root_part("source"), &src, false);
         for f in [
@@ -579,7 +590,7 @@ impl Env {
             let text = std::fs::read_to_string(&f).unwrap();
             let direct = format!("stager = \"{}\"", self.stager.url(""));
             assert!(text.contains(&direct), "{text}");
-            let mut via = text.replace(&direct, &format!("stager = \"{}\"", relay.url("")));
+            let mut via = text.replace(&direct, &format!("stager = \"{url}\""));
             if fallback {
                 via += &format!("fallback = [\"{}\"]\n", self.stager.url(""));
             }
@@ -1443,6 +1454,65 @@ fn the_agent_waits_out_a_stager_outage() {
             && said.contains("job 1: Done"),
         "{said}"
     );
+}
+
+/// The stager goes silent in the middle of the job, as a pulled cable or a network partition
+/// makes it (no FIN, no RST: every connection open then just stops; new ones are closed at
+/// once), and comes back 3 s later: what the agent was waiting for on those connections gives
+/// up after the client's read timeout (60 s), it asks again on new connections, and the job
+/// carries on. Found in the VM: a progress report sent on a kept-alive connection waited for
+/// its answer forever, with no read timeout on a reused connection, and the job with it.
+#[test]
+fn a_stager_gone_silent_mid_job_is_waited_out_once_it_answers_again() {
+    let env = Env::new();
+    // Cut once 256 KiB have come from the stager: during the rescue's download.
+    let link = integration_tests::stager::Partition::start(
+        env.stager.port,
+        256 << 10,
+        std::time::Duration::from_secs(3),
+    );
+    env.identity_at(&format!("https://127.0.0.1:{}", link.port), false);
+    create_job(&env.stager);
+    let root = env.w.path().join("mnt-source");
+    let m = mount(&env.root_part("source"), &root, false);
+    let log = env.w.path().join("agent-silent.log");
+    let mut child = env
+        .agent_command(&root, None, &[])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(240) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the agent still waits {:?} after the link went silent ({:?} in): {}",
+                link.cut_at().map(|c| c.elapsed()),
+                t.elapsed(),
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(100), "{err}");
+    assert!(
+        err.contains("failed (") && err.contains("asking for the rest from there"),
+        "{err}"
+    );
+    let cut = link.cut_at().expect("the link never went silent");
+    assert!(
+        cut.elapsed() < t.elapsed(),
+        "cut before the agent started: {err}"
+    );
+    drop(m);
+    env.power_cycle();
+    env.migrate(None, false);
+    assert_eq!(job_state(&env.stager)["state"], "done");
 }
 
 /// The machine reaches its stager through a site relay (its identity names the relay, as

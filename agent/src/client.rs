@@ -87,6 +87,14 @@ impl Client {
             // says nothing must not hold the agent for long: no read waits more than a minute,
             // except a long poll's (`work`), which has its own deadline.
             .timeout_read(Duration::from_secs(60))
+            .timeout_write(Duration::from_secs(60))
+            // No kept-alive connections: ureq sets the read timeout when it connects and
+            // clears it when a connection goes back to its pool, so a request on a reused
+            // connection waited for its answer forever once the stager had gone silent (a
+            // pulled cable, a partition: no FIN, no RST). Found in the VM; see
+            // `tests/agent_migration.rs::a_stager_gone_silent_mid_job_...`. A new TLS
+            // connection per request costs a handshake, at most one every second or two.
+            .max_idle_connections(0)
             .user_agent(&user_agent())
             .build();
         Ok(Client {

@@ -35,6 +35,15 @@ impl Resuming {
     }
 }
 
+impl Resuming {
+    fn say(&self, what: &str) {
+        eprintln!(
+            "reinstall: {} {what} at byte {} of {}; asking for the rest from there",
+            self.path, self.offset, self.total
+        );
+    }
+}
+
 impl Read for Resuming {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.offset >= self.total {
@@ -53,6 +62,9 @@ impl Read for Resuming {
             match self.inner.as_mut().expect("set above").read(buf) {
                 Ok(0) => {
                     // The server ended early: ask for the rest.
+                    if attempt == 0 {
+                        self.say("ended early");
+                    }
                     self.inner = None;
                     if start.elapsed() >= RETRY_FOR {
                         return Err(std::io::Error::new(
@@ -68,7 +80,10 @@ impl Read for Resuming {
                     self.offset += n as u64;
                     return Ok(n);
                 }
-                Err(_) if start.elapsed() < RETRY_FOR => {
+                Err(e) if start.elapsed() < RETRY_FOR => {
+                    if attempt == 0 {
+                        self.say(&format!("failed ({e})"));
+                    }
                     self.inner = None;
                     std::thread::sleep(backoff(attempt));
                     attempt += 1;

@@ -384,6 +384,100 @@ impl WanProxy {
     }
 }
 
+/// A TCP proxy on 127.0.0.1 to `127.0.0.1:to` whose link goes silent, as a pulled cable or a
+/// network partition makes it: nothing more passes, either way, on any connection open then
+/// (no FIN, no RST: a peer hears nothing, and those connections stay so), and new connections
+/// are closed at once, for `for_`; after that new connections pass again. It goes silent at
+/// the first of: more than `after` bytes gone towards the clients; a client sending on a
+/// connection that has answered and then been quiet for 300 ms (a kept-alive connection
+/// used again: that request is the one lost).
+pub struct Partition {
+    pub port: u16,
+    /// When the link went silent, once it has.
+    cut_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl Partition {
+    pub fn start(to: u16, after: u64, for_: std::time::Duration) -> Partition {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::time::Instant;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let sent = Arc::new(AtomicU64::new(0));
+        let state = cut_at.clone();
+        // Whether a connection accepted at `born` may carry data now.
+        let passes = move |born: Instant| match *state.lock().unwrap() {
+            None => true,
+            Some(t) => born > t && t.elapsed() >= for_,
+        };
+        let cut = cut_at.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let born = Instant::now();
+                if !passes(born) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                // When this connection last carried data towards the client, if it has.
+                let answered: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+                for (from, into, counted) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        false,
+                    ),
+                    (server, client, true),
+                ] {
+                    let (passes, sent, cut) = (passes.clone(), sent.clone(), cut.clone());
+                    let answered = answered.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        // Reads on after the cut (what comes is dropped); an end passes on
+                        // only while the link passes: after the cut neither peer hears one.
+                        while let Ok(n @ 1..) = std::io::Read::read(&mut &from, &mut buf) {
+                            let mut last = answered.lock().unwrap();
+                            let reused = !counted
+                                && last.is_some_and(|t| {
+                                    t.elapsed() >= std::time::Duration::from_millis(300)
+                                });
+                            if counted {
+                                *last = Some(Instant::now());
+                            }
+                            drop(last);
+                            if reused
+                                || counted
+                                    && sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > after
+                            {
+                                cut.lock().unwrap().get_or_insert_with(Instant::now);
+                            }
+                            if passes(born)
+                                && std::io::Write::write_all(&mut &into, &buf[..n]).is_err()
+                            {
+                                break;
+                            }
+                        }
+                        if passes(born) {
+                            let _ = into.shutdown(std::net::Shutdown::Write);
+                        }
+                    });
+                }
+            }
+        });
+        Partition { port, cut_at }
+    }
+
+    /// When the link went silent, if it has.
+    pub fn cut_at(&self) -> Option<std::time::Instant> {
+        *self.cut_at.lock().unwrap()
+    }
+}
+
 /// Starts a server and waits for its first line, which must say it is listening; what it
 /// says afterwards (progress lines) is read and dropped, so it never writes to a closed pipe.
 fn listening(cmd: &mut Command) -> Child {

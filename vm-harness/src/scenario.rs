@@ -59,6 +59,8 @@ pub enum Extra {
 }
 const DISK1_MIB: u64 = 3072;
 const DISK2_MIB: u64 = 4096;
+/// How long `full` unplugs the stager for, mid-download.
+const OUTAGE: Duration = Duration::from_secs(20);
 /// One boot plus what the agent does in it, under software emulation.
 const BOOT_LIMIT: Duration = Duration::from_secs(25 * 60);
 
@@ -69,6 +71,10 @@ pub struct Env {
     pub op: PathBuf,
     pub release_pub: String,
     stager: Child,
+    /// How the stager was started: its binary, home and port (to start it again).
+    stager_serve: (PathBuf, PathBuf, u16),
+    /// Cut the stager off for [`OUTAGE`] in the middle of the source's rescue download.
+    pub outage: bool,
     /// The site relay between the VM and the stager, and its log (`--relay`).
     relay: Option<(Child, PathBuf)>,
     pub vm: Vm,
@@ -357,6 +363,8 @@ impl Env {
             op,
             release_pub,
             stager: stager_child,
+            stager_serve: (stager, home, port),
+            outage: false,
             relay,
             vm,
             t0: now,
@@ -697,6 +705,79 @@ impl Env {
         )
     }
 
+    /// The stager unplugged in the middle of the source's rescue download (streamed into the
+    /// rescue partition as it comes): SIGKILL once the stager shows bytes of stage-rescue,
+    /// started again after [`OUTAGE`]. The agent waits it out and asks for the rest of the
+    /// blob from where it stopped (the bytes on the stager never go back), and the operator's
+    /// `reinstall --wait` follows through.
+    fn stager_outage(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let (before, total) = loop {
+            if let Some(v) = self.stager_view()? {
+                if v.phase.as_deref() == Some("stage-rescue") && v.bytes_done > 0 {
+                    break (v.bytes_done, v.bytes_total.unwrap_or(0));
+                }
+                ensure!(
+                    !matches!(v.phase.as_deref(), Some("boot-rescue" | "rescue-up")),
+                    "stage-rescue ended before the stager showed any of its bytes"
+                );
+            }
+            ensure!(
+                t.elapsed() < BOOT_LIMIT,
+                "the stager never showed the source's rescue download"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        let _ = self.stager.kill();
+        let _ = self.stager.wait();
+        self.row(&format!(
+            "stager killed (SIGKILL) at {} of {} MiB of stage-rescue",
+            before >> 20,
+            total >> 20
+        ));
+        std::thread::sleep(OUTAGE);
+        let (bin, home, port) = self.stager_serve.clone();
+        self.stager = listening(
+            &bin,
+            &["serve"],
+            ("STAGER_DIR", &home),
+            &self.dir.join("stager-after-outage.log"),
+            port,
+        )?;
+        let t = Instant::now();
+        let after = loop {
+            let v = self.stager_view()?.context("the job is gone")?;
+            if v.bytes_done != before || v.phase.as_deref() != Some("stage-rescue") {
+                break v;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(600),
+                "no word from the agent 10 min after the stager came back"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        ensure!(
+            after.phase.as_deref() != Some("stage-rescue") || after.bytes_done >= before,
+            "after the outage the download went back to {} bytes (from {before}): not resumed",
+            after.bytes_done
+        );
+        let waited = self.vm.ssh(
+            "journalctl -u reinstall-agent -o cat --no-pager | grep -c 'unreachable; retrying' || true",
+        )?;
+        ensure!(
+            waited.trim().parse::<u32>().unwrap_or(0) > 0,
+            "the agent's log does not say it waited for the stager"
+        );
+        self.row(&format!(
+            "stager back after {} s: the agent waited it out (\"unreachable; retrying\") and went on from byte {} (stager: {} at {} MiB)",
+            OUTAGE.as_secs(),
+            before,
+            after.phase.as_deref().unwrap_or("-"),
+            after.bytes_done >> 20
+        ));
+        Ok(())
+    }
+
     /// The operator's job for the VM, created as a fleet's would be: with every rollout
     /// limit (the one host is its own canary and takes the only slot, of the job and of its
     /// site), so that every scenario runs a real agent through them.
@@ -979,6 +1060,9 @@ fn to_rescue(e: &mut Env, target: &str) -> Result<(Facts, Child)> {
         "operator: reinstall --target {target} --wait {}",
         ROLLOUT.join(" ")
     ));
+    if e.outage {
+        e.stager_outage()?;
+    }
     let f = e.wait_world("rescue", None)?;
     e.check_boot(&f, "rescue OS", 2, 2)?;
     let v = e
@@ -1023,7 +1107,17 @@ pub fn full(o: &Opts) -> Result<bool> {
     let data = e.dir.join("data.img");
     std::fs::write(&data, data_pattern())?;
     e.vm.data_disk = Some(data.clone());
+    // Through a relay, the relay's cache would serve the download: the outage is the
+    // stager's, on the direct path.
+    e.outage = !o.relay;
     migrate(&mut e)?;
+    if e.outage {
+        let log = e.operator_log();
+        ensure!(
+            log.contains("still following") && log.contains("the stager answers again"),
+            "reinstall --wait through the outage:\n{log}"
+        );
+    }
     // The target, the source of the next job, told the stager a reinstall would go ahead
     // from it: with the disk its rescue OS is on (no --disk2 in the target: the last job's
     // disk 2, found again by its serial).
