@@ -1492,6 +1492,43 @@ fn a_site_relay_whose_cache_disk_fills_mid_download_still_serves_the_blob() {
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
 }
 
+/// The WAN under a site relay goes silent in the middle of a blob (no FIN, no RST: a proxy
+/// that holds the connection for good, as a partition would): the relay's download gives up
+/// on it after `upstream_stall_secs` (2 s here) and goes on from the byte it had on a new
+/// connection, so the agent reading along gets the whole blob, and the WAN carries it once.
+/// Without the stall timeout the download, and every agent waiting on it, waited for good.
+#[test]
+fn a_site_relay_whose_upstream_goes_silent_mid_download_goes_on_over_a_new_connection() {
+    let w = scratch();
+    let (s, mut relay) = stager_and_relay(&w, 24 << 20);
+    let wan = integration_tests::stager::WanProxy::holding(s.port, 8 << 20);
+    relay.set("upstream", &format!("\"https://127.0.0.1:{}\"", wan.port));
+    relay.set("upstream_stall_secs", "2");
+    relay.start();
+    create_job(&s, "web1");
+    let sha = s.sha_of("target");
+    let size = s.blob_len(&sha);
+    let out = w.path().join("blob");
+    let t = std::time::Instant::now();
+    let (code, body) = s.curl_at(
+        &relay.url(&format!("/v1/blobs/{sha}")),
+        Some("web1"),
+        &["-o", out.to_str().unwrap()],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(wan.hits(), 1, "the WAN never went silent");
+    let got = sh(&format!("sha256sum {} | cut -d' ' -f1", out.display()));
+    assert_eq!(got.trim(), sha, "after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    let (_, h) = s.curl_at(&relay.url("/healthz"), Some("web1"), &[]);
+    let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["bytes_from_upstream"].as_u64(), Some(size), "{h}");
+}
+
 /// A site relay's cache keeps within `cache_max_mib`: three 8 MiB blobs with room for two.
 /// A blob served from the cache counts as used, so the third blob's download deletes the
 /// least recently served one, not the oldest download; a deleted blob asked for again

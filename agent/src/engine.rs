@@ -1180,6 +1180,7 @@ impl Agent {
     /// job under way: plans (read only) and tells the stager whether a reinstall would go
     /// ahead here, and if not why, so that machines that are not ready are found fleet-wide
     /// before any job (`reinstall status`). Best effort.
+    ///
     /// In the rescue OS only while `idle` (waiting for work: its job failed, or is over, or
     /// it runs on request), where the plan is that of a job taken there ([`rescue_disks`]).
     fn say_ready(&mut self, idle: bool) {

@@ -33,9 +33,7 @@ impl Resuming {
             inner: None,
         }
     }
-}
 
-impl Resuming {
     fn say(&self, what: &str) {
         eprintln!(
             "reinstall: {} {what} at byte {} of {}; asking for the rest from there",

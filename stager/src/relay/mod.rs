@@ -98,6 +98,14 @@ pub struct RelayConfig {
     /// Share of the cache's filesystem the cache leaves free for everything else.
     #[serde(default = "default_keep_free")]
     pub cache_keep_free_percent: u8,
+    /// A blob download from upstream that receives nothing for this long goes on from
+    /// where it stopped on a new connection (an upstream gone silent: no FIN, no RST).
+    #[serde(default = "default_upstream_stall")]
+    pub upstream_stall_secs: u64,
+}
+
+fn default_upstream_stall() -> u64 {
+    60
 }
 
 fn default_max_connections() -> usize {
@@ -116,6 +124,8 @@ pub const SETTINGS: &str = "relay.toml (in --dir; written by `stager relay init`
   max_connections = N            agent connections served at once (default 10000)
   cache_max_mib = N              most MiB its blob cache holds (default: no cap but the disk's)
   cache_keep_free_percent = P    share of the cache's disk left free (default 10)
+  upstream_stall_secs = S        a blob download from upstream silent this long resumes on a
+                                 new connection (default 60)
 Before a blob is fetched, the least recently served blobs are deleted until both limits
 hold; a blob that cannot fit even so passes through uncached.";
 
@@ -128,6 +138,7 @@ impl RelayConfig {
             max_connections: default_max_connections(),
             cache_max_mib: None,
             cache_keep_free_percent: default_keep_free(),
+            upstream_stall_secs: default_upstream_stall(),
         }
     }
 
@@ -142,6 +153,11 @@ impl RelayConfig {
             "{}: cache_keep_free_percent = {} leaves the cache less than 10% of its disk (at most 90)",
             p.display(),
             c.cache_keep_free_percent
+        );
+        anyhow::ensure!(
+            c.upstream_stall_secs > 0,
+            "{}: upstream_stall_secs = 0 would give up on every download at once",
+            p.display()
         );
         anyhow::ensure!(
             c.cache_max_mib != Some(0),
@@ -831,7 +847,16 @@ impl Relay {
                     resp.status()
                 );
                 let mut body = resp.into_body();
-                while let Some(frame) = body.frame().await {
+                // An upstream gone silent (a partition: no FIN, no RST) must not hold the
+                // fill, and every agent waiting on it, for good.
+                let stall = Duration::from_secs(self.config.upstream_stall_secs);
+                while let Some(frame) =
+                    tokio::time::timeout(stall, body.frame())
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("upstream sent nothing for {} s", stall.as_secs())
+                        })?
+                {
                     let Ok(data) = frame?.into_data() else {
                         continue;
                     };
