@@ -48,6 +48,15 @@ pub fn is_outage(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Outage>().is_some()
 }
 
+/// Whether a request's failure is an outage (unreachable, or a 5xx): what [`Client::call`]
+/// retries and [`Client::failure`] reports as an [`Outage`].
+fn outage(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Transport(_) => true,
+        ureq::Error::Status(code, _) => *code >= 500,
+    }
+}
+
 /// How long requests stay on a fallback URL before the identity's `stager` is tried again.
 pub const BACK_TO_FIRST: Duration = Duration::from_secs(300);
 
@@ -222,11 +231,7 @@ impl Client {
             let i = self.using().0 % bases.len();
             let r = f(bases[i]);
             let unreachable = matches!(&r, Err(ureq::Error::Transport(_)));
-            let retryable = match &r {
-                Err(ureq::Error::Transport(_)) => true,
-                Err(ureq::Error::Status(code, _)) => *code >= 500,
-                Ok(_) => false,
-            };
+            let retryable = r.as_ref().is_err_and(outage);
             if unreachable && bases.len() > 1 {
                 let next = (i + 1) % bases.len();
                 if attempt == 0 {
@@ -261,6 +266,7 @@ impl Client {
     /// The error for a request that failed: the stager's own reason for a refusal, or that
     /// it could not be reached (an [`Outage`], as is a 5xx).
     fn failure(&self, path: &str, e: ureq::Error) -> anyhow::Error {
+        let is_outage = outage(&e);
         match e {
             ureq::Error::Status(code, resp) => {
                 let msg = resp
@@ -268,7 +274,7 @@ impl Client {
                     .map(|b| b.error)
                     .unwrap_or_else(|_| "(no error message)".into());
                 let text = format!("stager refused {path} ({code}): {msg}");
-                if code >= 500 {
+                if is_outage {
                     Outage(text).into()
                 } else {
                     anyhow!(text)
